@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make train` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/shakespeare_char.py
+WORKDIR ?= runs/shakespeare_char
+# Offline copy of the tiny_shakespeare corpus (DESIGN.md §4); used only when the file exists.
+SHAKESPEARE_TXT ?= ../shared/data/tiny_shakespeare/input.txt
+# Keep pytest's workers at the machine's cores (2 here).
+PYTEST_WORKERS ?= 2
+
+.PHONY: install data train test bench clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Builds TFDS tiny_shakespeare into $$TFDS_DATA_DIR (default ~/tensorflow_datasets). With the
+# offline copy present it is placed at <data_dir>/downloads/manual/input.txt so nothing is
+# downloaded; without it TFDS downloads the file itself.
+data: install
+	$(PY) -m rag_jax.data.prepare --dataset=tiny_shakespeare --manual_file=$(SHAKESPEARE_TXT)
+
+train: data
+	$(PY) -m rag_jax.train --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(PY) -m rag_jax.evaluate --workdir=$(WORKDIR) --split=test
+	$(PY) -m rag_jax.sample --workdir=$(WORKDIR) --prompt="ROMEO:" --num_tokens=300
+
+test: install
+	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
+
+bench: install
+	$(PY) experiments/bench_train.py --config=$(CONFIG) --out=results/bench_train.json
+
+clean:
+	rm -rf $(VENV) runs

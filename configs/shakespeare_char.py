@@ -1,0 +1,79 @@
+"""Character-level GPT on tiny_shakespeare.
+
+The default is nanoGPT's published CPU recipe; `:gpu` is its GPU recipe (config/
+train_shakespeare_char.py); `:smoke` is tiny and trains, compile included, in well under a minute
+on 2 CPU cores.
+
+    python -m rag_jax.train --config=configs/shakespeare_char.py[:smoke|:gpu] --workdir=DIR
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = arg or ''
+  if arg not in ('', 'smoke', 'gpu'):
+    raise ValueError(f"configs/shakespeare_char.py: unknown variant {arg!r}; use '', 'smoke' or 'gpu'.")
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = 'tiny_shakespeare'  # a TFDS name, or 'text_files' (then set `paths`).
+  config.data.paths = ''                    # text_files: comma-separated files or globs.
+  config.data.tokenizer = 'char'            # 'char' (built from the train split) or 'byte'.
+  config.data.data_dir = ''                 # TFDS data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  config.data.eval_split = 'validation'
+
+  config.model = ml_collections.ConfigDict()
+  config.model.num_layers = 4     # L: residual blocks.
+  config.model.num_heads = 4      # H: attention heads.
+  config.model.embed_dim = 128    # D: residual width.
+  config.model.mlp_dim = 512      # F: MLP hidden width (4·D).
+  config.model.block_size = 64    # T: context length.
+  config.model.dropout = 0.0
+  config.model.use_bias = False   # biases in linears and LayerNorms (nanoGPT: False).
+
+  config.opt = ml_collections.ConfigDict()
+  config.opt.learning_rate = 1e-3
+  config.opt.min_learning_rate = 1e-4  # cosine decay ends here at `num_steps`.
+  config.opt.warmup_steps = 100
+  config.opt.b1 = 0.9
+  config.opt.b2 = 0.99
+  config.opt.weight_decay = 0.1        # on matrices and embeddings only.
+  config.opt.grad_clip = 1.0           # global norm; 0 disables.
+
+  config.batch_size = 12
+  config.num_steps = 2000
+  config.log_every = 25
+  config.eval_every = 250
+  config.eval_batch_size = 128   # windows per eval batch.
+  config.eval_batches = -1       # -1: the whole eval split.
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 3
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1          # devices on the `data` axis; -1 = all.
+
+  if arg == 'gpu':
+    config.model.num_layers = 6
+    config.model.num_heads = 6
+    config.model.embed_dim = 384
+    config.model.mlp_dim = 1536
+    config.model.block_size = 256
+    config.model.dropout = 0.2
+    config.batch_size = 64
+    config.num_steps = 5000
+  elif arg == 'smoke':
+    config.model.num_layers = 2
+    config.model.num_heads = 2
+    config.model.embed_dim = 32
+    config.model.mlp_dim = 128
+    config.model.block_size = 32
+    config.batch_size = 8
+    config.num_steps = 60
+    config.opt.warmup_steps = 10
+    config.log_every = 10
+    config.eval_every = 30
+    config.eval_batch_size = 32
+    config.eval_batches = 4
+    config.checkpoint_every = 30
+  return config

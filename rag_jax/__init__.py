@@ -1,0 +1,1 @@
+"""rag_jax: Random Activations for Generation (not retrieval-augmented generation)."""

@@ -1,0 +1,78 @@
+"""Validation of a run's ConfigDict: one clear message per problem, before anything compiles."""
+import numbers
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and what to do."""
+
+
+_POSITIVE_INTS = (
+    'model.num_layers', 'model.num_heads', 'model.embed_dim', 'model.mlp_dim',
+    'model.block_size', 'batch_size', 'num_steps', 'log_every', 'eval_every', 'eval_batch_size',
+    'checkpoint_every', 'keep_checkpoints')
+_NON_NEGATIVE_FLOATS = (
+    'opt.learning_rate', 'opt.min_learning_rate', 'opt.weight_decay', 'opt.grad_clip')
+TOKENIZERS = ('char', 'byte')
+# The fields that fix the shapes of the parameters; a workdir's checkpoint must agree on them.
+MODEL_FIELDS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'block_size', 'use_bias')
+
+
+def get(config: ml_collections.ConfigDict, dotted: str):
+  value = config
+  for part in dotted.split('.'):
+    if part not in value:
+      raise ConfigError(f'config has no field `{dotted}`; start from a file under configs/.')
+    value = value[part]
+  return value
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first field that cannot work."""
+  for name in _POSITIVE_INTS:
+    value = get(config, name)
+    if not _is_int(value) or value <= 0:
+      raise ConfigError(f'config.{name} must be a positive integer, got {value!r}.')
+  for name in _NON_NEGATIVE_FLOATS:
+    value = get(config, name)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or value < 0:
+      raise ConfigError(f'config.{name} must be a non-negative number, got {value!r}.')
+  for name in ('opt.b1', 'opt.b2'):
+    value = get(config, name)
+    if not isinstance(value, numbers.Real) or not 0 <= value < 1:
+      raise ConfigError(f'config.{name} must be in [0, 1), got {value!r}.')
+  warmup = get(config, 'opt.warmup_steps')
+  if not _is_int(warmup) or warmup < 0:
+    raise ConfigError(f'config.opt.warmup_steps must be a non-negative integer, got {warmup!r}.')
+  if warmup >= config.num_steps:
+    raise ConfigError(
+        f'config.opt.warmup_steps ({warmup}) must be smaller than config.num_steps '
+        f'({config.num_steps}).')
+  m = config.model
+  if m.embed_dim % m.num_heads:
+    raise ConfigError(
+        f'config.model.num_heads ({m.num_heads}) must divide config.model.embed_dim '
+        f'({m.embed_dim}); pick a head count that divides the width.')
+  if not isinstance(m.dropout, numbers.Real) or not 0 <= m.dropout < 1:
+    raise ConfigError(f'config.model.dropout must be in [0, 1), got {m.dropout!r}.')
+  d = config.data
+  if d.tokenizer not in TOKENIZERS:
+    raise ConfigError(f'config.data.tokenizer must be one of {TOKENIZERS}, got {d.tokenizer!r}.')
+  if d.dataset == 'text_files' and not d.paths:
+    raise ConfigError(
+        "config.data.dataset='text_files' needs config.data.paths (comma-separated files or "
+        'globs of plain text).')
+  if d.eval_split not in ('train', 'validation', 'test'):
+    raise ConfigError(
+        f"config.data.eval_split must be 'train', 'validation' or 'test', got {d.eval_split!r}.")
+  eval_batches = get(config, 'eval_batches')
+  if not _is_int(eval_batches) or (eval_batches <= 0 and eval_batches != -1):
+    raise ConfigError(f'config.eval_batches must be a positive integer or -1, got {eval_batches!r}.')
+  mesh_data = get(config, 'mesh.data')
+  if not _is_int(mesh_data) or (mesh_data <= 0 and mesh_data != -1):
+    raise ConfigError(f'config.mesh.data must be a positive integer or -1, got {mesh_data!r}.')

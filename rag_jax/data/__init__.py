@@ -1,0 +1,150 @@
+"""TFDS datasets -> token arrays -> batches.
+
+Every split of the corpora used here is small enough to hold as one token array in host memory
+(tiny_shakespeare: 1M characters). Training batches are random windows of `block_size + 1` tokens
+drawn by a generator seeded with (seed, step): a batch is a pure function of the step, so a
+resumed run sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+import ml_collections
+import numpy as np
+
+from rag_jax.data import tokenizers
+
+SPLITS = ('train', 'validation', 'test')
+
+
+class DataError(ValueError):
+  """Data that is missing or unusable; the message says what to do."""
+
+
+def data_dir(config: ml_collections.ConfigDict) -> str:
+  return os.path.expanduser(
+      config.data.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets')
+
+
+def place_manual_file(source: str, data_dir_: str, name: str = 'input.txt') -> str | None:
+  """Copies an offline copy of a corpus to where the stock TFDS builder looks for it."""
+  if not source or not os.path.isfile(source):
+    return None
+  manual_dir = os.path.join(data_dir_, 'downloads', 'manual')
+  os.makedirs(manual_dir, exist_ok=True)
+  target = os.path.join(manual_dir, name)
+  if not os.path.exists(target):
+    shutil.copyfile(source, target + '.tmp')
+    os.replace(target + '.tmp', target)
+  return target
+
+
+def _builder(config: ml_collections.ConfigDict):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if config.data.dataset == 'text_files':
+    from rag_jax.data import text_files  # pylint: disable=g-import-not-at-top
+    try:
+      return text_files.builder(config.data.paths, data_dir(config))
+    except text_files.TextFilesError as e:
+      raise DataError(str(e)) from None
+  try:
+    return tfds.builder(config.data.dataset, data_dir=data_dir(config), file_format='array_record')
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DataError(
+        f'config.data.dataset={config.data.dataset!r} is not a TFDS dataset; use a TFDS name '
+        "such as 'tiny_shakespeare', or 'text_files' with config.data.paths.") from None
+
+
+def _is_prepared(builder) -> bool:
+  return os.path.exists(os.path.join(str(builder.data_dir), 'dataset_info.json'))
+
+
+def prepare(config: ml_collections.ConfigDict):
+  """Builds the dataset once (offline from <data_dir>/downloads/manual when the file is there)."""
+  builder = _builder(config)
+  if _is_prepared(builder):
+    return builder
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  manual_dir = os.path.join(data_dir(config), 'downloads', 'manual')
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(
+        f'could not prepare dataset {config.data.dataset!r} in {data_dir(config)}: '
+        f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}\n'
+        f'Offline, put the corpus at {manual_dir}/input.txt (for tiny_shakespeare: '
+        '`make data` copies ../shared/data/tiny_shakespeare/input.txt there).') from None
+  return builder
+
+
+def load_texts(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """The text of each split, from the prepared array_record files (no TensorFlow needed)."""
+  builder = prepare(config)
+  try:
+    source = builder.as_data_source()
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(
+        f'dataset {config.data.dataset!r} in {builder.data_dir} cannot be read as array_record '
+        f'({type(e).__name__}: {e}); delete that folder to rebuild it.') from None
+  texts = {}
+  for split in SPLITS:
+    if split not in source:
+      raise DataError(f'dataset {config.data.dataset!r} has no {split!r} split.')
+    parts = [ex['text'] for ex in source[split]]
+    texts[split] = '\n'.join(p.decode('utf-8') if isinstance(p, bytes) else p for p in parts)
+  return texts
+
+
+@dataclasses.dataclass
+class Dataset:
+  tokenizer: tokenizers.Tokenizer
+  splits: dict[str, np.ndarray]  # split -> int32 tokens
+
+
+def load(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer | None = None) -> Dataset:
+  """Tokenized splits; builds the tokenizer from the train split unless one is given."""
+  texts = load_texts(config)
+  if tokenizer is None:
+    tokenizer = tokenizers.build(config.data.tokenizer, texts['train'])
+  splits = {}
+  for split, text in texts.items():
+    try:
+      splits[split] = tokenizer.encode(text)
+    except tokenizers.TokenizerError as e:
+      raise DataError(f'{split} split: {e}') from None
+  need = config.model.block_size + 1
+  for split, tokens in splits.items():
+    if len(tokens) < need:
+      raise DataError(
+          f'the {split} split has {len(tokens)} tokens, fewer than block_size + 1 = {need}; '
+          'use more text or a smaller config.model.block_size.')
+  return Dataset(tokenizer, splits)
+
+
+def train_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int,
+                step: int) -> np.ndarray:
+  """`batch_size` random windows of `block_size + 1` tokens; a pure function of (seed, step)."""
+  rng = np.random.default_rng((seed, step))
+  starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
+  return tokens[starts[:, None] + np.arange(block_size + 1)]
+
+
+def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, max_batches: int = -1):
+  """Non-overlapping windows covering the split once; yields (tokens_Bx(T+1), weights_B).
+
+  Every token after the first is predicted exactly once. The last batch is padded with
+  zero-weight windows so one compiled eval step serves all batches.
+  """
+  num_windows = (len(tokens) - 1) // block_size
+  starts = np.arange(num_windows) * block_size
+  for b, i in enumerate(range(0, num_windows, batch_size)):
+    if max_batches != -1 and b >= max_batches:
+      return
+    chunk = starts[i:i + batch_size]
+    weights = np.zeros(batch_size, np.float32)
+    weights[:len(chunk)] = 1.0
+    chunk = np.pad(chunk, (0, batch_size - len(chunk)))
+    yield tokens[chunk[:, None] + np.arange(block_size + 1)], weights

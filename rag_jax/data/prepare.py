@@ -1,0 +1,34 @@
+"""Prepares a dataset ahead of training (what `make data` runs).
+
+    python -m rag_jax.data.prepare --dataset=tiny_shakespeare \
+        --manual_file=../shared/data/tiny_shakespeare/input.txt [--data_dir=DIR]
+
+With `--manual_file` present, it is copied to <data_dir>/downloads/manual/input.txt, where the
+stock TFDS builder reads it offline (sha256 checked); otherwise TFDS downloads the corpus.
+"""
+from absl import app, flags
+import ml_collections
+
+from rag_jax import data
+
+_DATASET = flags.DEFINE_string('dataset', 'tiny_shakespeare', 'TFDS dataset name.')
+_MANUAL = flags.DEFINE_string('manual_file', '', 'Offline copy of the corpus, if any.')
+_DATA_DIR = flags.DEFINE_string('data_dir', '', "TFDS data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets).")
+
+
+def main(argv):
+  del argv
+  config = ml_collections.ConfigDict({'data': {'dataset': _DATASET.value, 'paths': '',
+                                               'data_dir': _DATA_DIR.value}})
+  placed = data.place_manual_file(_MANUAL.value, data.data_dir(config))
+  if placed:
+    print(f'offline copy placed at {placed}')
+  try:
+    builder = data.prepare(config)
+  except data.DataError as e:
+    raise SystemExit(f'error: {e}')
+  print(f'{_DATASET.value} ready in {builder.data_dir}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,101 @@
+"""Tokenizers: characters (vocabulary built from the train split) and raw UTF-8 bytes.
+
+A tokenizer is saved in the workdir as `tokenizer.json` so evaluate/sample decode exactly what
+training saw.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+class TokenizerError(ValueError):
+  """Text the tokenizer cannot encode, or a tokenizer file that cannot be read."""
+
+
+class CharTokenizer:
+  kind = 'char'
+
+  def __init__(self, chars: str):
+    if len(set(chars)) != len(chars):
+      raise TokenizerError('a character vocabulary must not repeat characters.')
+    self.chars = chars
+    self._index = {c: i for i, c in enumerate(chars)}
+
+  @classmethod
+  def from_text(cls, text: str) -> 'CharTokenizer':
+    return cls(''.join(sorted(set(text))))
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.chars)
+
+  def unknown(self, text: str) -> list[str]:
+    return sorted(set(text) - self._index.keys())
+
+  def encode(self, text: str) -> np.ndarray:
+    unknown = self.unknown(text)
+    if unknown:
+      raise TokenizerError(
+          f'text has {len(unknown)} character(s) the tokenizer does not know: '
+          f'{"".join(unknown)!r}; the vocabulary holds only the characters of the training split.')
+    return np.fromiter((self._index[c] for c in text), dtype=np.int32, count=len(text))
+
+  def decode(self, ids) -> str:
+    return ''.join(self.chars[int(i)] for i in ids)
+
+  def to_json(self) -> dict:
+    return {'kind': self.kind, 'chars': self.chars}
+
+
+class ByteTokenizer:
+  """UTF-8 bytes; decoding replaces incomplete sequences."""
+  kind = 'byte'
+  vocab_size = 256
+
+  def unknown(self, text: str) -> list[str]:
+    return []
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.frombuffer(text.encode('utf-8'), dtype=np.uint8).astype(np.int32)
+
+  def decode(self, ids) -> str:
+    return bytes(int(i) for i in ids).decode('utf-8', errors='replace')
+
+  def to_json(self) -> dict:
+    return {'kind': self.kind}
+
+
+Tokenizer = CharTokenizer | ByteTokenizer
+
+
+def build(kind: str, train_text: str) -> Tokenizer:
+  if kind == 'char':
+    return CharTokenizer.from_text(train_text)
+  if kind == 'byte':
+    return ByteTokenizer()
+  raise TokenizerError(f"unknown tokenizer {kind!r}; use 'char' or 'byte'.")
+
+
+def save(tokenizer: Tokenizer, path: str) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(tokenizer.to_json(), f)
+  os.replace(tmp, path)
+
+
+def load(path: str) -> Tokenizer:
+  try:
+    with open(path) as f:
+      spec = json.load(f)
+  except FileNotFoundError:
+    raise TokenizerError(f'no tokenizer at {path}; was this workdir trained with rag_jax.train?')
+  except json.JSONDecodeError as e:
+    raise TokenizerError(f'tokenizer file {path} is damaged: {e}')
+  if spec.get('kind') == 'char':
+    return CharTokenizer(spec['chars'])
+  if spec.get('kind') == 'byte':
+    return ByteTokenizer()
+  raise TokenizerError(f'tokenizer file {path} names an unknown kind {spec.get("kind")!r}.')

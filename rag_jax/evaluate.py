@@ -1,0 +1,143 @@
+"""Loss and bits per token of a trained run, written to `eval_curve.json`.
+
+    python -m rag_jax.evaluate --workdir=DIR [--active_fractions=1.0] [--policy=fixed] [--split=test]
+
+Each entry of eval_curve.json: active_fraction, policy, loss (nats per token), bits_per_token,
+flops_per_token (analytic forward count, models.gpt.flops_per_token), plus split, step and
+the number of tokens scored. Entries of other (active_fraction, policy, split) are kept.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rag_jax import data as data_lib
+from rag_jax import workdir as workdir_lib
+from rag_jax.models import gpt
+
+POLICIES = ('fixed',)
+
+
+def make_eval_step(model: gpt.GPT):
+  """(params, tokens_Bx(T+1), weights_B) -> (summed loss, number of scored tokens)."""
+
+  def eval_step(params, tokens, weights_B):
+    logits_BxTxV, _ = model.apply({'params': params}, tokens[:, :-1])
+    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxTxV.astype(jnp.float32), tokens[:, 1:])
+    return (losses_BxT.sum(-1) * weights_B).sum(), weights_B.sum() * losses_BxT.shape[1]
+
+  return eval_step
+
+
+def mean_loss(eval_step, params, tokens: np.ndarray, config, batch_sharding=None) -> tuple[float, int]:
+  """Mean next-token loss over a split (windows from data.eval_batches); returns (loss, count)."""
+  total, count = 0.0, 0.0
+  for batch, weights in data_lib.eval_batches(tokens, config.model.block_size,
+                                              config.eval_batch_size, config.eval_batches):
+    if batch_sharding is not None:
+      batch, weights = jax.device_put((batch, weights), batch_sharding)
+    s, n = eval_step(params, batch, weights)
+    total, count = total + float(s), count + float(n)
+  return total / count, int(count)
+
+
+def load_run(workdir: str):
+  """(config, tokenizer, model, params, step) of the newest checkpoint in `workdir`."""
+  from rag_jax import train  # pylint: disable=g-import-not-at-top
+  config = workdir_lib.load_config(workdir)
+  tokenizer = data_lib.tokenizers.load(os.path.join(workdir, workdir_lib.TOKENIZER_FILE))
+  step = workdir_lib.latest_step(workdir)
+  if step is None:
+    raise workdir_lib.WorkdirError(f'{workdir} holds no checkpoint; train it first.')
+  model, tx = train.make_model(config, tokenizer.vocab_size), train.make_optimizer(config)
+  abstract = jax.eval_shape(lambda k: train.init_state(model, tx, k, config),
+                            workdir_lib.root_keys(config.seed)['init'])
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          abstract)
+  mngr = workdir_lib.checkpoint_manager(workdir)
+  state = workdir_lib.restore(mngr, step, abstract, workdir)
+  mngr.close()
+  return config, tokenizer, model, state.params, step
+
+
+def update_eval_curve(workdir: str, entries: list[dict]) -> list[dict]:
+  path = os.path.join(workdir, workdir_lib.EVAL_CURVE_FILE)
+  key = lambda e: (e['active_fraction'], e['policy'], e.get('split'))
+  old = []
+  if os.path.exists(path):
+    import json  # pylint: disable=g-import-not-at-top
+    try:
+      with open(path) as f:
+        old = json.load(f)
+    except json.JSONDecodeError:
+      os.replace(path, path + '.damaged')  # keep it for inspection; write a fresh curve.
+  new_keys = {key(e) for e in entries}
+  curve = [e for e in old if key(e) not in new_keys] + entries
+  curve.sort(key=lambda e: (e.get('split') or '', e['policy'], -e['active_fraction']))
+  workdir_lib.write_json(path, curve)
+  return curve
+
+
+def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
+             split: str = 'validation') -> list[dict]:
+  if policy not in POLICIES:
+    raise ValueError(f'--policy must be one of {POLICIES}, got {policy!r}.')
+  for a in active_fractions:
+    if a != 1.0:
+      raise ValueError(
+          f'active fraction {a}: this run has no random activation, so only 1.0 is defined.')
+  config, tokenizer, model, params, step = load_run(workdir)
+  dataset = data_lib.load(config, tokenizer)
+  if split not in dataset.splits:
+    raise ValueError(f'--split must be one of {tuple(dataset.splits)}, got {split!r}.')
+  eval_step = jax.jit(make_eval_step(model))
+  cfg = model.cfg
+  entries = []
+  for a in active_fractions:
+    loss, count = mean_loss(eval_step, params, dataset.splits[split], config)
+    entries.append({'active_fraction': float(a), 'policy': policy, 'loss': loss,
+                    'bits_per_token': loss / math.log(2),
+                    'flops_per_token': gpt.flops_per_token(cfg), 'split': split, 'step': int(step),
+                    'tokens': count})
+  update_eval_curve(workdir, entries)
+  return entries
+
+
+def _define_flags():
+  flags.DEFINE_string('workdir', None, 'Workdir of a trained run.', required=True)
+  flags.DEFINE_list('active_fractions', ['1.0'], 'Active fractions to evaluate.')
+  flags.DEFINE_enum('policy', 'fixed', ['fixed', 'random'], 'Activation policy.')
+  flags.DEFINE_enum('split', 'validation', list(data_lib.SPLITS), 'Split to score.')
+
+
+def main(argv):
+  workdir_lib.quiet_logs()
+  del argv
+  f = flags.FLAGS
+  try:
+    fractions = [float(a) for a in f.active_fractions]
+  except ValueError:
+    sys.exit(f'error: --active_fractions must be numbers, got {",".join(f.active_fractions)!r}.')
+  try:
+    entries = evaluate(f.workdir, fractions, f.policy, f.split)
+  except (ValueError, data_lib.DataError) as e:
+    sys.exit(f'error: {e}')
+  for e in entries:
+    print(f"{e['split']} step {e['step']}: active_fraction={e['active_fraction']:.2f} "
+          f"policy={e['policy']} loss={e['loss']:.4f} bits/token={e['bits_per_token']:.4f} "
+          f"flops/token={e['flops_per_token']:.3g}")
+  print(f'wrote {os.path.join(f.workdir, workdir_lib.EVAL_CURVE_FILE)}')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

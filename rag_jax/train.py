@@ -1,0 +1,257 @@
+"""Training: one jitted pure `train_step(state, batch, key)` over a device mesh.
+
+    python -m rag_jax.train --config=configs/shakespeare_char.py[:ARG] --workdir=DIR [--config.F=V]
+
+Resumes from the newest checkpoint in DIR. Everything that can be wrong with the input (config,
+data, workdir) is checked before anything is compiled, and a saved checkpoint is never replaced
+by a different model or by NaNs.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+from rag_jax import configuration
+from rag_jax import data as data_lib
+from rag_jax import evaluate as evaluate_lib
+from rag_jax import workdir as workdir_lib
+from rag_jax.models import gpt
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> gpt.GPT:
+  return gpt.GPT(gpt.GPTConfig.from_config(config.model, vocab_size))
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW, linear warmup then cosine decay to min_learning_rate, global-norm clipping.
+
+  Weight decay applies to matrices and embeddings only (ndim >= 2), as in nanoGPT.
+  """
+  o = config.opt
+  adamw = optax.adamw(make_lr_schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                      mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+  if o.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw)
+  return adamw
+
+
+def init_state(model: gpt.GPT, tx: optax.GradientTransformation, key: jax.Array,
+               config: ml_collections.ConfigDict) -> TrainState:
+  tokens = jnp.zeros((1, config.model.block_size), jnp.int32)
+  params = model.init(key, tokens)['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def loss_fn(params, model: gpt.GPT, tokens_BxT1: jax.Array, dropout_key: jax.Array | None):
+  """Mean next-token cross-entropy (float32) of windows of T+1 tokens."""
+  logits_BxTxV, _ = model.apply(
+      {'params': params}, tokens_BxT1[:, :-1], deterministic=dropout_key is None,
+      rngs=None if dropout_key is None else {'dropout': dropout_key})
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxTxV.astype(jnp.float32), tokens_BxT1[:, 1:]).mean()
+
+
+def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation):
+  """The pure step: (state, batch, train_key) -> (state, metrics)."""
+  use_dropout = model.cfg.dropout > 0
+
+  def train_step(state: TrainState, batch: jax.Array, key: jax.Array):
+    step_key = jax.random.fold_in(key, state.step)
+    # Split by purpose (DESIGN.md §1): dropout, and the random activation's draws.
+    dropout_key, _ = jax.random.split(step_key)
+    loss, grads = jax.value_and_grad(loss_fn)(
+        state.params, model, batch, dropout_key if use_dropout else None)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'train_loss': loss, 'grad_norm': optax.global_norm(grads)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  devices = jax.devices()
+  n = len(devices) if config.mesh.data == -1 else config.mesh.data
+  if n > len(devices):
+    raise configuration.ConfigError(
+        f'config.mesh.data={n} but only {len(devices)} device(s) are visible.')
+  if config.batch_size % n or config.eval_batch_size % n:
+    raise configuration.ConfigError(
+        f'config.batch_size ({config.batch_size}) and config.eval_batch_size '
+        f'({config.eval_batch_size}) must be divisible by the {n} device(s) on the data axis; '
+        'change them or set config.mesh.data.')
+  return jax.make_mesh((n,), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices[:n])
+
+
+class MetricsLog:
+  """metrics.jsonl and TensorBoard, written by process 0 only."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, workdir_lib.METRICS_FILE)
+    self.tb = None
+    if not self.enabled:
+      return
+    if os.path.exists(self.path):  # drop lines logged after the checkpoint we resume from.
+      with open(self.path) as f:
+        lines = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
+      with open(self.path + '.tmp', 'w') as f:
+        f.writelines(lines)
+      os.replace(self.path + '.tmp', self.path)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self.tb = SummaryWriter(workdir)
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({'step': step, **metrics}) + '\n')
+    for k, v in metrics.items():
+      self.tb.add_scalar(k, v, step)
+    self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+  # 1. Check every input before compiling anything.
+  configuration.validate(config)
+  mesh = make_mesh(config)
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer_path = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
+  resume = workdir_lib.latest_step(workdir)
+  if resume is not None or os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+    if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+      workdir_lib.check_same_model(workdir_lib.load_config(workdir), config, workdir)
+  tokenizer = data_lib.tokenizers.load(tokenizer_path) if resume is not None else None
+  dataset = data_lib.load(config, tokenizer)
+  tokenizer = dataset.tokenizer
+
+  model, tx = make_model(config, tokenizer.vocab_size), make_optimizer(config)
+  keys = workdir_lib.root_keys(config.seed)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  init_fn = functools.partial(init_state, model, tx, config=config)
+  abstract = jax.eval_shape(init_fn, keys['init'])
+  state_sharding = jax.tree.map(lambda _: replicated, abstract)
+  mngr = workdir_lib.checkpoint_manager(workdir, config.keep_checkpoints)
+  if resume is not None:
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sharding)
+    state = workdir_lib.restore(mngr, resume, abstract, workdir)
+  else:
+    state = jax.jit(init_fn, out_shardings=state_sharding)(keys['init'])
+    resume = 0
+  if jax.process_index() == 0:
+    workdir_lib.save_config(config, workdir)
+    data_lib.tokenizers.save(tokenizer, tokenizer_path)
+
+  # 2. Compile once; run.
+  train_step = jax.jit(make_train_step(model, tx), donate_argnums=0,
+                       in_shardings=(state_sharding, batch_sharding, replicated),
+                       out_shardings=(state_sharding, replicated))
+  eval_step = jax.jit(evaluate_lib.make_eval_step(model),
+                      in_shardings=(state_sharding.params, batch_sharding, batch_sharding))
+  log = MetricsLog(workdir, resume)
+  train_tokens = dataset.splits['train']
+  eval_tokens = dataset.splits[config.data.eval_split]
+  T, B = config.model.block_size, config.batch_size
+  pending, last, t_last, step_last = [], {}, None, resume
+  bar = tqdm.tqdm(total=config.num_steps, initial=resume, desc='train', unit='step',
+                  disable=jax.process_index() != 0, dynamic_ncols=True)
+  lr = make_lr_schedule(config)
+  with mesh:
+    for step in range(resume + 1, config.num_steps + 1):
+      batch = jax.device_put(data_lib.train_batch(train_tokens, B, T, config.seed, step - 1),
+                             batch_sharding)
+      state, metrics = train_step(state, batch, keys['train'])
+      pending.append(metrics['train_loss'])
+      bar.update(1)
+      if t_last is None:  # exclude the first step (compilation) from throughput.
+        jax.block_until_ready(state)
+        t_last, step_last = time.perf_counter(), step
+      is_eval = step % config.eval_every == 0 or step == config.num_steps
+      is_ckpt = step % config.checkpoint_every == 0 or step == config.num_steps
+      if step % config.log_every and not (is_eval or is_ckpt):
+        continue
+      train_loss = float(np.mean(jax.device_get(pending)))
+      pending = []
+      if not math.isfinite(train_loss):
+        mngr.wait_until_finished()
+        raise FloatingPointError(
+            f'train loss is {train_loss} at step {step}; stopping without saving it. The newest '
+            f'checkpoint in {workdir} is step {mngr.latest_step()}. Lower '
+            'config.opt.learning_rate or check the data.')
+      now = time.perf_counter()
+      last = {'train_loss': train_loss, 'learning_rate': float(lr(step - 1))}
+      if step > step_last:
+        last['tokens_per_sec'] = (step - step_last) * B * T / (now - t_last)
+      if is_eval:
+        last['eval_loss'], _ = evaluate_lib.mean_loss(eval_step, state.params, eval_tokens,
+                                                      config, batch_sharding)
+      log.write(step, last)
+      bar.set_postfix({k: f'{v:.4g}' for k, v in last.items() if k != 'learning_rate'})
+      if is_ckpt:
+        mngr.save(step, args=ocp.args.StandardSave(state))
+      t_last, step_last = time.perf_counter(), step
+  bar.close()
+  mngr.wait_until_finished()
+  mngr.close()
+  log.close()
+  return last
+
+
+def make_lr_schedule(config: ml_collections.ConfigDict):
+  o = config.opt
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=o.learning_rate, warmup_steps=o.warmup_steps,
+      decay_steps=config.num_steps, end_value=o.min_learning_rate)
+
+
+def _define_flags():
+  config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  workdir_lib.quiet_logs()
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}')
+  try:
+    last = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  except (ValueError, FloatingPointError) as e:
+    sys.exit(f'error: {e}')
+  print(json.dumps(last))
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
