@@ -71,6 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 8
     config.num_steps = 60
     config.opt.warmup_steps = 10
+    config.opt.learning_rate = 3e-3
     config.log_every = 10
     config.eval_every = 30
     config.eval_batch_size = 32

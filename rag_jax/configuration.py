@@ -76,3 +76,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   mesh_data = get(config, 'mesh.data')
   if not _is_int(mesh_data) or (mesh_data <= 0 and mesh_data != -1):
     raise ConfigError(f'config.mesh.data must be a positive integer or -1, got {mesh_data!r}.')
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl `flags_parser` for the CLIs: a bad `--config.FIELD=VALUE` gives one line, no traceback."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {e}')
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field.
+    missing = str(e).strip('"\'')
+    culprits = [a.split('=')[0] for a in argv[1:]
+                if a.startswith('--config.') and missing in a.split('=')[0].split('.')]
+    where = culprits[0] if culprits else 'a --config.* override'
+    sys.exit(f'error: {where}: the config has no field {missing!r}; the fields are those set in '
+             'the config file (unknown fields are errors).')

@@ -71,8 +71,9 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array, *, n
                       logits=logits_BxPxV[:, -1], done=jnp.zeros(B, bool))
 
   def refill(s: DecodeState):
-    """Cache full: rebuild it from the last `window` tokens at positions 0..window-1."""
-    recent_BxW = jax.lax.dynamic_slice_in_dim(s.tokens, s.t - window, window, axis=1)
+    """Cache full: rebuild it from the last `window` tokens (ending with the one just sampled,
+    tokens[t], which the caller feeds at position window-1)."""
+    recent_BxW = jax.lax.dynamic_slice_in_dim(s.tokens, s.t - window + 1, window, axis=1)
     _, cache = apply(recent_BxW[:, :-1], gpt.init_cache(cfg, B), 0)
     return cache, jnp.array(window - 1)
 

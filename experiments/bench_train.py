@@ -1,0 +1,173 @@
+"""Steady-state train-step benchmark, built exactly as `rag_jax.train` builds its step.
+
+    python experiments/bench_train.py --config=configs/shakespeare_char.py[:ARG] \
+        [--config.FIELD=VALUE ...] [--steps=100] [--warmup=10] [--feed] --out=FILE.json
+
+Times each step with `block_until_ready` and writes one JSON object: median/p10/p90 step time,
+tokens/s, compile time, peak host memory, XLA's FLOP count of the compiled step, versions and
+XLA_FLAGS. Step timings:
+  - `step_fresh_ms`: a fresh batch each step, `data.train_batch` + `device_put` + step, as the
+    training loop does (the headline number);
+  - `step_fixed_ms` (with --feed): the step alone on one pre-placed batch;
+  - `feed_ms` (with --feed): `data.train_batch` + `device_put` alone;
+  - `pipelined_ms_per_step`: fresh batches with no sync between steps (what `train.py`'s loop,
+    which dispatches asynchronously, sees), total time / steps.
+The variants run interleaved in rounds so that load from other processes hits them alike.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+from absl import app, flags
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from rag_jax import configuration
+from rag_jax import data as data_lib
+from rag_jax import train
+from rag_jax import workdir as workdir_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer('steps', 100, 'Timed steps per variant.')
+_WARMUP = flags.DEFINE_integer('warmup', 10, 'Untimed steps after compilation.')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed steps are split into this many interleaved rounds.')
+_FEED = flags.DEFINE_bool('feed', True, 'Also time input feeding alone and the step on a fixed batch.')
+_OUT = flags.DEFINE_string('out', None, 'Where to write the JSON result (also printed).')
+
+
+def _stats(ms: list[float]) -> dict[str, float]:
+  a = np.asarray(ms)
+  return {'median': float(np.median(a)), 'p10': float(np.percentile(a, 10)),
+          'p90': float(np.percentile(a, 90)), 'mean': float(a.mean()), 'n': int(a.size)}
+
+
+def _flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost['flops']) if cost and 'flops' in cost else None
+
+
+def benchmark(config, steps: int, warmup: int, rounds: int, feed: bool) -> dict:
+  configuration.validate(config)
+  mesh = train.make_mesh(config)
+  dataset = data_lib.load(config)
+  model = train.make_model(config, dataset.tokenizer.vocab_size)
+  tx = train.make_optimizer(config)
+  keys = workdir_lib.root_keys(config.seed)
+  # The same shardings and jit options as train.train_and_evaluate.
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  init_fn = functools.partial(train.init_state, model, tx, config=config)
+  state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init_fn, keys['init']))
+  state = jax.jit(init_fn, out_shardings=state_sharding)(keys['init'])
+  train_step = jax.jit(train.make_train_step(model, tx), donate_argnums=0,
+                       in_shardings=(state_sharding, batch_sharding, replicated),
+                       out_shardings=(state_sharding, replicated))
+  tokens, B, T = dataset.splits['train'], config.batch_size, config.model.block_size
+  step_no = 0
+
+  def fresh_batch():
+    nonlocal step_no
+    step_no += 1
+    return jax.device_put(data_lib.train_batch(tokens, B, T, config.seed, step_no - 1),
+                          batch_sharding)
+
+  result = {}
+  with mesh:
+    batch0 = fresh_batch()
+    t0 = time.perf_counter()
+    lowered = train_step.lower(state, batch0, keys['train'])
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    result.update(trace_lower_s=t1 - t0, compile_s=t2 - t1, flops_per_step=_flops(compiled))
+    t0 = time.perf_counter()
+    state, metrics = train_step(state, batch0, keys['train'])  # jit's own compile, if not cached.
+    jax.block_until_ready((state, metrics))
+    result['first_call_s'] = time.perf_counter() - t0
+    first_loss = float(metrics['train_loss'])
+    for _ in range(warmup):
+      state, metrics = train_step(state, fresh_batch(), keys['train'])
+    jax.block_until_ready((state, metrics))
+
+    fixed = fresh_batch()
+    times = {'step_fresh_ms': [], 'pipelined_ms_per_step': []}
+    if feed:
+      times.update(step_fixed_ms=[], feed_ms=[])
+    per_round = max(1, steps // rounds)
+    for _ in range(rounds):
+      for _ in range(per_round):  # fresh batch each step, synchronous.
+        t0 = time.perf_counter()
+        state, metrics = train_step(state, fresh_batch(), keys['train'])
+        jax.block_until_ready((state, metrics))
+        times['step_fresh_ms'].append(1e3 * (time.perf_counter() - t0))
+      t0 = time.perf_counter()  # fresh batches, asynchronous dispatch as in train.py.
+      for _ in range(per_round):
+        state, metrics = train_step(state, fresh_batch(), keys['train'])
+      jax.block_until_ready((state, metrics))
+      times['pipelined_ms_per_step'].append(1e3 * (time.perf_counter() - t0) / per_round)
+      if not feed:
+        continue
+      for _ in range(per_round):  # the step alone on a pre-placed batch.
+        t0 = time.perf_counter()
+        state, metrics = train_step(state, fixed, keys['train'])
+        jax.block_until_ready((state, metrics))
+        times['step_fixed_ms'].append(1e3 * (time.perf_counter() - t0))
+      for _ in range(per_round):  # input feeding alone.
+        t0 = time.perf_counter()
+        jax.block_until_ready(fresh_batch())
+        times['feed_ms'].append(1e3 * (time.perf_counter() - t0))
+    last_loss = float(metrics['train_loss'])
+
+  stats = {k: _stats(v) for k, v in times.items()}
+  result.update(
+      step_ms=stats['step_fresh_ms'], timings=stats,
+      tokens_per_sec=B * T / (stats['step_fresh_ms']['median'] / 1e3),
+      tokens_per_sec_pipelined=B * T / (stats['pipelined_ms_per_step']['median'] / 1e3),
+      first_loss=first_loss, last_loss=last_loss, steps_run=step_no)
+  return result
+
+
+def main(argv):
+  workdir_lib.quiet_logs()
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}')
+  config = _CONFIG.value
+  result = {
+      'config': config_flags.get_config_filename(flags.FLAGS['config']),
+      'overrides': {k: str(v) for k, v in config_flags.get_override_values(flags.FLAGS['config']).items()},
+      'model': dict(config.model), 'batch_size': config.batch_size,
+      'devices': [str(d) for d in jax.devices()], 'platform': jax.devices()[0].platform,
+      'host_cpus': os.cpu_count(), 'python': platform.python_version(),
+      'jax': jax.__version__, 'jaxlib': jax.lib.__version__ if hasattr(jax.lib, '__version__')
+      else __import__('jaxlib').__version__,
+      'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
+      'matmul_precision': str(jax.config.jax_default_matmul_precision),
+  }
+  try:
+    result.update(benchmark(config, _STEPS.value, _WARMUP.value, _ROUNDS.value, _FEED.value))
+  except (ValueError, FloatingPointError) as e:
+    sys.exit(f'error: {e}')
+  result['peak_host_rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  text = json.dumps(result, indent=2)
+  print(text)
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    workdir_lib.write_json(_OUT.value, result)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)

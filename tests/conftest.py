@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny_shakespeare built offline into a temporary TFDS data_dir, smoke configs."""
+import importlib.util
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHAKESPEARE_TXT = ROOT.parent / 'shared' / 'data' / 'tiny_shakespeare' / 'input.txt'
+
+
+def load_config(name: str, arg: str | None = None):
+  """get_config(arg) of configs/<name>.py, as the CLI's config_flags would load it."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope='session')
+def tfds_dir(tmp_path_factory):
+  """A TFDS data_dir holding tiny_shakespeare, built from the offline copy (no download)."""
+  if not SHAKESPEARE_TXT.exists():
+    pytest.skip(f'offline corpus {SHAKESPEARE_TXT} not present')
+  import ml_collections
+  from rag_jax import data
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  data.place_manual_file(str(SHAKESPEARE_TXT), data_dir)
+  data.prepare(ml_collections.ConfigDict({'data': {'dataset': 'tiny_shakespeare', 'paths': '',
+                                                   'data_dir': data_dir}}))
+  return data_dir
+
+
+@pytest.fixture
+def smoke_config(tfds_dir):
+  config = load_config('shakespeare_char', 'smoke')
+  config.data.data_dir = tfds_dir
+  return config
+
+
+@pytest.fixture
+def tfds_env(tfds_dir):
+  """Environment for CLI subprocesses: the prepared data and a quiet TensorFlow."""
+  return {**os.environ, 'TFDS_DATA_DIR': tfds_dir, 'TF_CPP_MIN_LOG_LEVEL': '3',
+          'JAX_PLATFORMS': 'cpu'}

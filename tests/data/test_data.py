@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+
+from rag_jax import data
+from rag_jax.data import text_files
+from tests.conftest import SHAKESPEARE_TXT
+
+
+def test_tiny_shakespeare_splits_partition_the_corpus(smoke_config):
+  """The three splits are consecutive, disjoint pieces that together are the whole corpus."""
+  texts = data.load_texts(smoke_config)
+  corpus = SHAKESPEARE_TXT.read_text()
+  assert texts['train'] + texts['validation'] + texts['test'] == corpus
+  assert len(texts['train']) > 0.89 * len(corpus)
+  # No 100-character window of validation or test occurs in train.
+  for split in ('validation', 'test'):
+    for start in range(0, len(texts[split]) - 100, 5000):
+      assert texts[split][start:start + 100] not in texts['train']
+
+
+def test_load_tokenizes_with_train_vocabulary(smoke_config):
+  ds = data.load(smoke_config)
+  assert ds.tokenizer.vocab_size == 65
+  assert ds.splits['train'].dtype == np.int32
+  assert ds.tokenizer.decode(ds.splits['train'][:14]) == 'First Citizen:'
+
+
+def test_train_batch_is_a_pure_function_of_seed_and_step():
+  tokens = np.arange(1000, dtype=np.int32)
+  a = data.train_batch(tokens, 4, 16, seed=0, step=3)
+  assert a.shape == (4, 17)
+  np.testing.assert_array_equal(a[:, 1:], a[:, :-1] + 1)  # contiguous windows
+  np.testing.assert_array_equal(a, data.train_batch(tokens, 4, 16, seed=0, step=3))
+  assert not np.array_equal(a, data.train_batch(tokens, 4, 16, seed=0, step=4))
+  assert not np.array_equal(a, data.train_batch(tokens, 4, 16, seed=1, step=3))
+
+
+def test_eval_batches_predict_every_token_once():
+  tokens = np.arange(1001, dtype=np.int32)
+  targets, total = [], 0
+  for batch, weights in data.eval_batches(tokens, block_size=10, batch_size=8):
+    assert batch.shape == (8, 11)
+    for row, w in zip(batch, weights):
+      if w:
+        targets.extend(row[1:])
+        total += 1
+  assert total == 100
+  np.testing.assert_array_equal(np.sort(targets), np.arange(1, 1001))
+
+
+def test_eval_batches_respect_max_batches():
+  tokens = np.arange(1001, dtype=np.int32)
+  assert len(list(data.eval_batches(tokens, 10, 8, max_batches=2))) == 2
+
+
+def _text_files_config(smoke_config, paths):
+  smoke_config.data.dataset = 'text_files'
+  smoke_config.data.paths = paths
+  return smoke_config
+
+
+def test_text_files_builder(tmp_path, smoke_config):
+  (tmp_path / 'a.txt').write_text('alpha beta gamma\n' * 200)
+  (tmp_path / 'b.txt').write_text('delta epsilon\n' * 200)
+  config = _text_files_config(smoke_config, f'{tmp_path}/*.txt')
+  config.data.data_dir = str(tmp_path / 'tfds')
+  texts = data.load_texts(config)
+  whole = (tmp_path / 'a.txt').read_text() + (tmp_path / 'b.txt').read_text()
+  assert texts['train'] + texts['validation'] + texts['test'] == whole
+  assert len(texts['train']) == int(0.9 * len(whole))
+  ds = data.load(config)
+  assert ds.tokenizer.decode(ds.splits['test']) == texts['test']
+
+
+def test_text_files_rebuilds_when_a_file_changes(tmp_path, smoke_config):
+  f = tmp_path / 'a.txt'
+  f.write_text('one two three\n' * 300)
+  config = _text_files_config(smoke_config, str(f))
+  config.data.data_dir = str(tmp_path / 'tfds')
+  first = data.load_texts(config)['train']
+  f.write_text('four five six\n' * 300)
+  assert data.load_texts(config)['train'] != first
+
+
+def test_text_files_missing_file_is_named(tmp_path, smoke_config):
+  config = _text_files_config(smoke_config, str(tmp_path / 'nope.txt'))
+  with pytest.raises(data.DataError, match='nope.txt.*matches no file'):
+    data.load(config)
+
+
+def test_unknown_tfds_name(smoke_config):
+  smoke_config.data.dataset = 'no_such_dataset_xyz'
+  with pytest.raises(data.DataError, match='not a TFDS dataset'):
+    data.load(smoke_config)
+
+
+def test_split_shorter_than_a_block(tmp_path, smoke_config):
+  (tmp_path / 'a.txt').write_text('tiny corpus ' * 20)
+  config = _text_files_config(smoke_config, str(tmp_path / 'a.txt'))
+  config.data.data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(data.DataError, match='fewer than block_size'):
+    data.load(config)

@@ -1,0 +1,162 @@
+"""Each bad input stops with one message naming the problem, before compiling, saving nothing."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from rag_jax import configuration
+from rag_jax import data
+from rag_jax import train
+from rag_jax import workdir as workdir_lib
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+  """Fails the test if anything is jitted."""
+  def refuse(*args, **kwargs):
+    raise AssertionError('compiled before the input was checked')
+  monkeypatch.setattr(jax, 'jit', refuse)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('batch_size', -4, 'config.batch_size must be a positive integer, got -4'),
+    ('model.num_layers', 0, 'config.model.num_layers must be a positive integer'),
+    ('model.embed_dim', 33, r'num_heads \(2\) must divide config.model.embed_dim \(33\)'),
+    ('model.dropout', 1.5, r'config.model.dropout must be in \[0, 1\)'),
+    ('opt.learning_rate', -1.0, 'config.opt.learning_rate must be a non-negative number'),
+    ('opt.warmup_steps', 60, r'warmup_steps \(60\) must be smaller than config.num_steps'),
+    ('data.tokenizer', 'bpe', 'config.data.tokenizer must be one of'),
+    ('mesh.data', 64, 'config.mesh.data=64 but only'),
+])
+def test_bad_config_values(smoke_config, tmp_path, no_compile, field, value, message):
+  section, _, name = field.rpartition('.')
+  target = smoke_config[section] if section else smoke_config
+  with target.ignore_type():
+    target[name] = value
+  with pytest.raises(configuration.ConfigError, match=message):
+    train.train_and_evaluate(smoke_config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+
+
+def test_wrong_type_in_python_config(smoke_config, tmp_path, no_compile):
+  with smoke_config.ignore_type():
+    smoke_config.batch_size = '12'
+  with pytest.raises(configuration.ConfigError, match="batch_size must be a positive integer, got '12'"):
+    train.train_and_evaluate(smoke_config, str(tmp_path))
+
+
+def test_missing_dataset_file(smoke_config, tmp_path, no_compile):
+  smoke_config.data.dataset = 'text_files'
+  smoke_config.data.paths = str(tmp_path / 'missing.txt')
+  with pytest.raises(data.DataError, match='missing.txt.*matches no file'):
+    train.train_and_evaluate(smoke_config, str(tmp_path / 'run'))
+
+
+@pytest.fixture(scope='module')
+def good_run(tmp_path_factory, tfds_dir):
+  from tests.conftest import load_config
+  config = load_config('shakespeare_char', 'smoke')
+  config.data.data_dir = tfds_dir
+  config.num_steps = 20
+  config.checkpoint_every = 10
+  workdir = str(tmp_path_factory.mktemp('good'))
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def _snapshot(workdir):
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for f in files:
+      path = os.path.join(root, f)
+      with open(path, 'rb') as fh:
+        out[os.path.relpath(path, workdir)] = fh.read()
+  return out
+
+
+def test_workdir_of_a_different_model(good_run, tmp_path, no_compile):
+  config, workdir = good_run
+  run = str(tmp_path / 'run')
+  shutil.copytree(workdir, run)
+  before = _snapshot(run)
+  other = config.copy_and_resolve_references()
+  other.model.embed_dim = 64
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match=r'different model \(model.embed_dim: 32 in the workdir, 64 now\)'):
+    train.train_and_evaluate(other, run)
+  assert _snapshot(run) == before
+
+
+def test_damaged_checkpoint(good_run, tmp_path):
+  config, workdir = good_run
+  run = str(tmp_path / 'run')
+  shutil.copytree(workdir, run)
+  damaged = 0
+  for root, _, files in os.walk(os.path.join(run, 'checkpoints', '20')):
+    if os.path.basename(root) == 'd':  # the array data files
+      for f in files:
+        with open(os.path.join(root, f), 'wb') as fh:
+          fh.write(b'garbage')
+        damaged += 1
+  assert damaged
+  before = _snapshot(run)
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match='checkpoint of step 20 .* cannot be restored.*Nothing was changed'):
+    train.train_and_evaluate(config, run)
+  assert _snapshot(run) == before
+
+
+def _cli(module, *args, env):
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_unknown_field_and_wrong_type(tfds_env, tmp_path):
+  base = ['--config=configs/shakespeare_char.py:smoke', f'--workdir={tmp_path}']
+  proc = _cli('rag_jax.train', *base, '--config.model.heads=3', env=tfds_env)
+  assert proc.returncode != 0
+  assert "--config.model.heads: the config has no field 'heads'" in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  proc = _cli('rag_jax.train', *base, '--config.batch_size=many', env=tfds_env)
+  assert proc.returncode != 0
+  assert 'flag --config.batch_size=many' in proc.stderr and 'Traceback' not in proc.stderr
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_cli_prompt_errors(good_run, tfds_env):
+  _, workdir = good_run
+  proc = _cli('rag_jax.sample', f'--workdir={workdir}', '--prompt=ROMEO: ☃', env=tfds_env)
+  assert proc.returncode != 0 and "does not know: '☃'" in proc.stderr
+  proc = _cli('rag_jax.sample', f'--workdir={workdir}', '--prompt=' + 'a' * 40, env=tfds_env)
+  assert proc.returncode != 0 and "40 tokens but the model's context is 32" in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def test_cli_evaluate_and_sample(good_run, tfds_env):
+  _, workdir = good_run
+  proc = _cli('rag_jax.evaluate', f'--workdir={workdir}', '--split=test', env=tfds_env)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(os.path.join(workdir, 'eval_curve.json')) as f:
+    curve = json.load(f)
+  assert len(curve) == 1
+  entry = curve[0]
+  assert {'active_fraction', 'policy', 'loss', 'bits_per_token', 'flops_per_token'} <= entry.keys()
+  assert entry['active_fraction'] == 1.0 and entry['policy'] == 'fixed'
+  assert abs(entry['bits_per_token'] * 0.6931471805599453 - entry['loss']) < 1e-9
+  proc = _cli('rag_jax.sample', f'--workdir={workdir}', '--prompt=ROMEO:', '--num_tokens=50',
+              '--seed=3', env=tfds_env)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.startswith('ROMEO:') and 'tokens/s' in proc.stdout
+  again = _cli('rag_jax.sample', f'--workdir={workdir}', '--prompt=ROMEO:', '--num_tokens=50',
+               '--seed=3', env=tfds_env)
+  assert again.stdout.split('-' * 40)[0] == proc.stdout.split('-' * 40)[0]
+
+
+def test_evaluate_workdir_without_checkpoint(tmp_path, tfds_env):
+  proc = _cli('rag_jax.evaluate', f'--workdir={tmp_path}', env=tfds_env)
+  assert proc.returncode != 0 and 'config.json does not exist' in proc.stderr
