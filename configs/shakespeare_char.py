@@ -8,6 +8,8 @@ on 2 CPU cores.
 """
 import ml_collections
 
+from rag_jax import activation
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = arg or ''
@@ -50,6 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every = 500
   config.keep_checkpoints = 3
 
+  # Random activation (DESIGN.md §1); off here: this is the dense baseline.
+  config.activation = activation.default_config()
+
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1          # devices on the `data` axis; -1 = all.
 
@@ -64,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.num_steps = 5000
   elif arg == 'smoke':
     config.model.num_layers = 2
-    config.model.num_heads = 2
+    config.model.num_heads = 4
     config.model.embed_dim = 32
     config.model.mlp_dim = 128
     config.model.block_size = 32

@@ -73,6 +73,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   eval_batches = get(config, 'eval_batches')
   if not _is_int(eval_batches) or (eval_batches <= 0 and eval_batches != -1):
     raise ConfigError(f'config.eval_batches must be a positive integer or -1, got {eval_batches!r}.')
+  from rag_jax import activation  # pylint: disable=g-import-not-at-top
+  if get(config, 'activation').enabled:
+    activation.validate(config.activation, m)
   mesh_data = get(config, 'mesh.data')
   if not _is_int(mesh_data) or (mesh_data <= 0 and mesh_data != -1):
     raise ConfigError(f'config.mesh.data must be a positive integer or -1, got {mesh_data!r}.')

@@ -18,18 +18,38 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rag_jax import activation
 from rag_jax import data as data_lib
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import gpt
 
-POLICIES = ('fixed',)
+POLICIES = ('fixed', 'random')
 
 
-def make_eval_step(model: gpt.GPT):
-  """(params, tokens_Bx(T+1), weights_B) -> (summed loss, number of scored tokens)."""
+def plan_fn(act, model_cfg, policy: str = 'fixed', fraction: float | None = None):
+  """(key, batch shape) -> activation plan for an eval batch, or None for the dense model.
 
-  def eval_step(params, tokens, weights_B):
-    logits_BxTxV, _ = model.apply({'params': params}, tokens[:, :-1])
+  `fixed`: static widths at `fraction` (units chosen by the key for random/bernoulli).
+  `random`: a fresh draw at every position of every window, as masks; the loss is what
+  token-by-token generation with per-token draws computes (see activation.per_position_plan).
+  """
+  if policy == 'fixed':
+    if fraction is None or (fraction == 1.0 and act.structure == 'nested'):
+      return None
+    return lambda key, shape: activation.make_plan(key, act, model_cfg, fraction=fraction)
+  if policy == 'random':
+    return lambda key, shape: jax.vmap(
+        lambda k: activation.per_position_plan(k, act, model_cfg, shape[1] - 1))(
+            jax.random.split(key, shape[0]))
+  raise ValueError(f'--policy must be one of {POLICIES}, got {policy!r}.')
+
+
+def make_eval_step(model: gpt.GPT, plan_for=None):
+  """(params, tokens_Bx(T+1), weights_B, key) -> (summed loss, number of scored tokens)."""
+
+  def eval_step(params, tokens, weights_B, key):
+    plan = None if plan_for is None else plan_for(key, tokens.shape)
+    logits_BxTxV, _ = model.apply({'params': params}, tokens[:, :-1], plan=plan)
     losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
         logits_BxTxV.astype(jnp.float32), tokens[:, 1:])
     return (losses_BxT.sum(-1) * weights_B).sum(), weights_B.sum() * losses_BxT.shape[1]
@@ -37,14 +57,17 @@ def make_eval_step(model: gpt.GPT):
   return eval_step
 
 
-def mean_loss(eval_step, params, tokens: np.ndarray, config, batch_sharding=None) -> tuple[float, int]:
-  """Mean next-token loss over a split (windows from data.eval_batches); returns (loss, count)."""
+def mean_loss(eval_step, params, tokens: np.ndarray, config, batch_sharding=None,
+              key: jax.Array | None = None) -> tuple[float, int]:
+  """Mean next-token loss over a split (windows from data.eval_batches); returns (loss, count).
+  Batch i gets the activation key fold_in(key, i)."""
+  key = jax.random.key(0) if key is None else key
   total, count = 0.0, 0.0
-  for batch, weights in data_lib.eval_batches(tokens, config.model.block_size,
-                                              config.eval_batch_size, config.eval_batches):
+  for i, (batch, weights) in enumerate(data_lib.eval_batches(
+      tokens, config.model.block_size, config.eval_batch_size, config.eval_batches)):
     if batch_sharding is not None:
       batch, weights = jax.device_put((batch, weights), batch_sharding)
-    s, n = eval_step(params, batch, weights)
+    s, n = eval_step(params, batch, weights, jax.random.fold_in(key, i))
     total, count = total + float(s), count + float(n)
   return total / count, int(count)
 
@@ -88,26 +111,44 @@ def update_eval_curve(workdir: str, entries: list[dict]) -> list[dict]:
 
 
 def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
-             split: str = 'validation') -> list[dict]:
+             split: str = 'validation', overrides: dict | None = None) -> list[dict]:
+  """Scores the newest checkpoint at each fixed fraction, or under the random policy.
+
+  The activation settings are the run's `config.activation` updated by `overrides` (e.g.
+  alpha/beta/lam for the random policy, or structure/sites); on a dense run, fixed fractions
+  below 1 score the dense model truncated to those widths (nested prefixes by default).
+  """
   if policy not in POLICIES:
     raise ValueError(f'--policy must be one of {POLICIES}, got {policy!r}.')
   for a in active_fractions:
-    if a != 1.0:
-      raise ValueError(
-          f'active fraction {a}: this run has no random activation, so only 1.0 is defined.')
+    if not 0 < a <= 1:
+      raise ValueError(f'active fractions must be in (0, 1], got {a}.')
   config, tokenizer, model, params, step = load_run(workdir)
+  act = config.activation
+  if overrides:
+    act.update({k: v for k, v in overrides.items() if v is not None})
+  activation.validate(act, config.model)
   dataset = data_lib.load(config, tokenizer)
   if split not in dataset.splits:
     raise ValueError(f'--split must be one of {tuple(dataset.splits)}, got {split!r}.')
-  eval_step = jax.jit(make_eval_step(model))
   cfg = model.cfg
+  eval_key = jax.random.fold_in(workdir_lib.root_keys(config.seed)['sample'], 1)
   entries = []
-  for a in active_fractions:
-    loss, count = mean_loss(eval_step, params, dataset.splits[split], config)
-    entries.append({'active_fraction': float(a), 'policy': policy, 'loss': loss,
-                    'bits_per_token': loss / math.log(2),
-                    'flops_per_token': gpt.flops_per_token(cfg), 'split': split, 'step': int(step),
-                    'tokens': count})
+  for fraction in (active_fractions if policy == 'fixed' else [None]):
+    eval_step = jax.jit(make_eval_step(model, plan_fn(act, cfg, policy, fraction)))
+    loss, count = mean_loss(eval_step, params, dataset.splits[split], config, key=eval_key)
+    compute = activation.compute_fractions(act, cfg, fraction)
+    sites = activation.parse_sites(act.sites)
+    realized = [compute[s] for s in sites] or [1.0]
+    entry = {'active_fraction': float(fraction) if fraction is not None else
+             float(np.mean(realized)), 'policy': policy, 'loss': loss,
+             'bits_per_token': loss / math.log(2),
+             'flops_per_token': gpt.flops_per_token(cfg, **compute), 'split': split,
+             'step': int(step), 'tokens': count, 'structure': act.structure,
+             'sites': act.sites}
+    if policy == 'random':
+      entry.update(alpha=act.alpha, beta=act.beta, lam=act.lam)
+    entries.append(entry)
   update_eval_curve(workdir, entries)
   return entries
 
@@ -117,6 +158,11 @@ def _define_flags():
   flags.DEFINE_list('active_fractions', ['1.0'], 'Active fractions to evaluate.')
   flags.DEFINE_enum('policy', 'fixed', ['fixed', 'random'], 'Activation policy.')
   flags.DEFINE_enum('split', 'validation', list(data_lib.SPLITS), 'Split to score.')
+  flags.DEFINE_float('alpha', None, 'Override the run\'s activation alpha.')
+  flags.DEFINE_float('beta', None, 'Override the run\'s activation beta.')
+  flags.DEFINE_float('lam', None, 'Override the run\'s activation lam.')
+  flags.DEFINE_string('structure', None, 'Override: nested, random or bernoulli.')
+  flags.DEFINE_string('sites', None, 'Override: comma-separated mlp,heads,layers.')
 
 
 def main(argv):
@@ -128,13 +174,14 @@ def main(argv):
   except ValueError:
     sys.exit(f'error: --active_fractions must be numbers, got {",".join(f.active_fractions)!r}.')
   try:
-    entries = evaluate(f.workdir, fractions, f.policy, f.split)
+    overrides = {k: f[k].value for k in ('alpha', 'beta', 'lam', 'structure', 'sites')}
+    entries = evaluate(f.workdir, fractions, f.policy, f.split, overrides)
   except (ValueError, data_lib.DataError) as e:
     sys.exit(f'error: {e}')
   for e in entries:
     print(f"{e['split']} step {e['step']}: active_fraction={e['active_fraction']:.2f} "
           f"policy={e['policy']} loss={e['loss']:.4f} bits/token={e['bits_per_token']:.4f} "
-          f"flops/token={e['flops_per_token']:.3g}")
+          f"flops/token={e['flops_per_token']:.4g}")
   print(f'wrote {os.path.join(f.workdir, workdir_lib.EVAL_CURVE_FILE)}')
 
 

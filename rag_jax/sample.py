@@ -18,8 +18,10 @@ from absl import app, flags
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from rag_jax import activation
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import gpt
 
@@ -52,47 +54,84 @@ class DecodeState:
   t: jax.Array            # index in `tokens` of the next token to generate
   pos: jax.Array          # position in the cache of the last token fed in (tokens[t-1])
   logits: jax.Array       # B x V: prediction for tokens[t]
+  fraction: jax.Array     # active fraction of the forward pass that gave `logits`
+  fractions: jax.Array    # num_tokens: the active fraction behind each generated token
   done: jax.Array         # B: an end token was generated
 
 
+POLICIES = ('dense', 'fixed', 'random')
+
+
+def _mean_fraction(plan) -> jax.Array:
+  if plan is None:
+    return jnp.float32(1.0)
+  fractions = list(activation.active_fractions(plan).values())
+  return jnp.mean(jnp.stack(fractions)).astype(jnp.float32) if fractions else jnp.float32(1.0)
+
+
 @functools.partial(jax.jit, static_argnames=(
-    'model', 'num_tokens', 'temperature', 'top_k', 'top_p', 'greedy', 'end_token'))
+    'model', 'num_tokens', 'temperature', 'top_k', 'top_p', 'greedy', 'end_token', 'policy',
+    'active_fraction', 'act'))
 def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array, *, num_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-             end_token: int | None = None) -> jax.Array:
-  """Prompt plus `num_tokens` generated tokens, B x (P + num_tokens)."""
+             end_token: int | None = None, policy: str = 'dense',
+             active_fraction: float | None = None,
+             act: ml_collections.FrozenConfigDict | None = None) -> tuple[jax.Array, jax.Array]:
+  """Prompt plus `num_tokens` generated tokens, B x (P + num_tokens), and the active fraction
+  behind each generated token.
+
+  Activation `policy`: `dense`; `fixed` (`active_fraction` with `act`'s sites and structure);
+  `random` (a fresh draw a = 1 - lam*B at every time step, B ~ Beta(alpha, beta) from `act`).
+  The forward pass of the token at position t uses the activation key fold_in(act_key, t); the
+  token at index t is sampled with fold_in(token_key, t). The batch shares each step's draw.
+  """
   cfg = model.cfg
   B, P = prompt_BxP.shape
   T, window = cfg.block_size, max(cfg.block_size // 2, 1)
-  apply = lambda tokens, cache, pos: model.apply({'params': params}, tokens, cache=cache, pos=pos)
+  token_key, act_key = jax.random.split(key)
+
+  def plan_at(t):
+    if policy == 'dense':
+      return None
+    return activation.make_plan(jax.random.fold_in(act_key, t), act, cfg,
+                                fraction=active_fraction if policy == 'fixed' else None)
+
+  def apply(tokens, cache, pos, plan):
+    return model.apply({'params': params}, tokens, cache=cache, pos=pos, plan=plan)
+
   tokens_BxN = jnp.zeros((B, P + num_tokens), jnp.int32).at[:, :P].set(prompt_BxP)
-  logits_BxPxV, cache = apply(prompt_BxP, gpt.init_cache(cfg, B), 0)
+  plan = plan_at(P - 1)
+  logits_BxPxV, cache = apply(prompt_BxP, gpt.init_cache(cfg, B), 0, plan)
   state = DecodeState(tokens=tokens_BxN, cache=cache, t=jnp.array(P), pos=jnp.array(P - 1),
-                      logits=logits_BxPxV[:, -1], done=jnp.zeros(B, bool))
+                      logits=logits_BxPxV[:, -1], fraction=_mean_fraction(plan),
+                      fractions=jnp.zeros(num_tokens, jnp.float32), done=jnp.zeros(B, bool))
 
   def refill(s: DecodeState):
     """Cache full: rebuild it from the last `window` tokens (ending with the one just sampled,
     tokens[t], which the caller feeds at position window-1)."""
     recent_BxW = jax.lax.dynamic_slice_in_dim(s.tokens, s.t - window + 1, window, axis=1)
-    _, cache = apply(recent_BxW[:, :-1], gpt.init_cache(cfg, B), 0)
+    _, cache = apply(recent_BxW[:, :-1], gpt.init_cache(cfg, B), 0, plan_at(s.t - 1))
     return cache, jnp.array(window - 1)
 
   def body(s: DecodeState) -> DecodeState:
-    token_B = sample_token(s.logits, jax.random.fold_in(key, s.t), temperature, top_k, top_p,
-                           greedy)
+    token_B = sample_token(s.logits, jax.random.fold_in(token_key, s.t), temperature, top_k,
+                           top_p, greedy)
     token_B = jnp.where(s.done, 0 if end_token is None else end_token, token_B)
     tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token_B[:, None], s.t, axis=1)
+    fractions = s.fractions.at[s.t - P].set(s.fraction)
     done = s.done if end_token is None else s.done | (token_B == end_token)
     cache, pos = jax.lax.cond(s.pos + 1 >= T, refill, lambda s: (s.cache, s.pos + 1),
                               s.replace(tokens=tokens))
-    logits_Bx1xV, cache = apply(token_B[:, None], cache, pos)
-    return DecodeState(tokens=tokens, cache=cache, t=s.t + 1, pos=pos,
-                       logits=logits_Bx1xV[:, 0], done=done)
+    plan = plan_at(s.t)
+    logits_Bx1xV, cache = apply(token_B[:, None], cache, pos, plan)
+    return DecodeState(tokens=tokens, cache=cache, t=s.t + 1, pos=pos, logits=logits_Bx1xV[:, 0],
+                       fraction=_mean_fraction(plan), fractions=fractions, done=done)
 
   def cond(s: DecodeState):
     return (s.t < P + num_tokens) & ~jnp.all(s.done)
 
-  return jax.lax.while_loop(cond, body, state).tokens
+  final = jax.lax.while_loop(cond, body, state)
+  return final.tokens, final.fractions
 
 
 def encode_prompt(tokenizer, prompt: str, cfg: gpt.GPTConfig) -> np.ndarray:
@@ -111,14 +150,19 @@ def encode_prompt(tokenizer, prompt: str, cfg: gpt.GPTConfig) -> np.ndarray:
 
 
 def sample(params, model: gpt.GPT, tokenizer, prompts: list[str], num_tokens: int,
-           key: jax.Array, **knobs) -> dict:
-  """Notebook API: tokens and text of each prompt's continuation (prompts of equal length)."""
+           key: jax.Array, *, act: ml_collections.ConfigDict | None = None, **knobs) -> dict:
+  """Notebook API: `tokens`, `text` and per-step active `fractions` of each prompt's
+  continuation (prompts of equal length). `knobs`: temperature, top_k, top_p, greedy,
+  end_token, policy, active_fraction (see `generate`)."""
   encoded = [encode_prompt(tokenizer, p, model.cfg) for p in prompts]
   if len({len(e) for e in encoded}) != 1:
     raise ValueError('prompts of different lengths are not supported yet; pad them yourself.')
-  tokens = np.asarray(generate(params, model, jnp.asarray(np.stack(encoded)), key,
-                               num_tokens=num_tokens, **knobs))
-  return {'tokens': tokens, 'text': [tokenizer.decode(row) for row in tokens]}
+  frozen = None if act is None else ml_collections.FrozenConfigDict(act)
+  tokens, fractions = generate(params, model, jnp.asarray(np.stack(encoded)), key,
+                               num_tokens=num_tokens, act=frozen, **knobs)
+  tokens = np.asarray(tokens)
+  return {'tokens': tokens, 'text': [tokenizer.decode(row) for row in tokens],
+          'fractions': np.asarray(fractions)}
 
 
 def _define_flags():
@@ -132,6 +176,13 @@ def _define_flags():
   flags.DEFINE_float('top_p', 1.0, 'Nucleus: smallest set with this much mass.', lower_bound=0,
                      upper_bound=1)
   flags.DEFINE_bool('greedy', False, 'Take the most likely token.')
+  flags.DEFINE_float('active_fraction', None, 'Generate at this fixed active fraction.')
+  flags.DEFINE_enum('policy', None, list(POLICIES),
+                    'dense (default), fixed (with --active_fraction) or random (a fresh draw '
+                    'at every time step from the run\'s alpha, beta, lam or the flags below).')
+  flags.DEFINE_float('alpha', None, 'Override the run\'s activation alpha.')
+  flags.DEFINE_float('beta', None, 'Override the run\'s activation beta.')
+  flags.DEFINE_float('lam', None, 'Override the run\'s activation lam.')
 
 
 def main(argv):
@@ -142,21 +193,32 @@ def main(argv):
   try:
     config, tokenizer, model, params, _ = evaluate.load_run(f.workdir)
     prompt_BxP = jnp.asarray(np.stack([encode_prompt(tokenizer, f.prompt, model.cfg)] * f.batch))
+    policy = f.policy or ('fixed' if f.active_fraction is not None else 'dense')
+    if policy == 'fixed' and not (f.active_fraction is not None and 0 < f.active_fraction <= 1):
+      raise ValueError('--policy=fixed needs --active_fraction in (0, 1].')
+    if policy != 'fixed' and f.active_fraction is not None:
+      raise ValueError(f'--active_fraction goes with --policy=fixed, not {policy}.')
+    act = config.activation
+    act.update({k: f[k].value for k in ('alpha', 'beta', 'lam') if f[k].value is not None})
+    if policy != 'dense':
+      activation.validate(act, config.model)
   except ValueError as e:
     sys.exit(f'error: {e}')
   key = jax.random.fold_in(workdir_lib.root_keys(config.seed)['sample'], f.seed)
   knobs = dict(num_tokens=f.num_tokens, temperature=f.temperature,
-               top_k=min(f.top_k, tokenizer.vocab_size), top_p=f.top_p, greedy=f.greedy)
+               top_k=min(f.top_k, tokenizer.vocab_size), top_p=f.top_p, greedy=f.greedy,
+               policy=policy, active_fraction=f.active_fraction,
+               act=ml_collections.FrozenConfigDict(act))
   compiled = generate.lower(params, model, prompt_BxP, key, **knobs).compile()
   start = time.perf_counter()
-  tokens = np.asarray(compiled(params, prompt_BxP, key))
+  tokens, fractions = jax.device_get(compiled(params, prompt_BxP, key))
   seconds = time.perf_counter() - start
   out = {'text': [tokenizer.decode(row) for row in tokens]}
   for text in out['text']:
     print(text)
     print('-' * 40)
   print(f'{f.batch * f.num_tokens / seconds:.1f} tokens/s ({f.batch} x {f.num_tokens} tokens '
-        f'in {seconds:.2f} s); active fraction 1.00 (dense)')
+        f'in {seconds:.2f} s); policy {policy}, mean active fraction {np.mean(fractions):.3f}')
 
 
 if __name__ == '__main__':

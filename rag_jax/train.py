@@ -27,6 +27,7 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
+from rag_jax import activation
 from rag_jax import configuration
 from rag_jax import data as data_lib
 from rag_jax import evaluate as evaluate_lib
@@ -65,28 +66,50 @@ def init_state(model: gpt.GPT, tx: optax.GradientTransformation, key: jax.Array,
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def loss_fn(params, model: gpt.GPT, tokens_BxT1: jax.Array, dropout_key: jax.Array | None):
+def loss_fn(params, model: gpt.GPT, tokens_BxT1: jax.Array, dropout_key: jax.Array | None,
+            plan: activation.Plan | None = None):
   """Mean next-token cross-entropy (float32) of windows of T+1 tokens."""
   logits_BxTxV, _ = model.apply(
       {'params': params}, tokens_BxT1[:, :-1], deterministic=dropout_key is None,
-      rngs=None if dropout_key is None else {'dropout': dropout_key})
+      rngs=None if dropout_key is None else {'dropout': dropout_key}, plan=plan)
   return optax.softmax_cross_entropy_with_integer_labels(
       logits_BxTxV.astype(jnp.float32), tokens_BxT1[:, 1:]).mean()
 
 
-def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation):
-  """The pure step: (state, batch, train_key) -> (state, metrics)."""
+def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
+                    act: ml_collections.ConfigDict | None = None):
+  """The pure step: (state, batch, train_key) -> (state, metrics).
+
+  With random activation on (`act.enabled`), the step draws which part of the network is on
+  from its activation key (shared by the batch; per layer if `act.per_layer`). `single` trains
+  that sub-network; `sandwich` adds the full network's loss in the same step.
+  """
   use_dropout = model.cfg.dropout > 0
+  random_activation = act is not None and act.enabled and act.lam > 0
 
   def train_step(state: TrainState, batch: jax.Array, key: jax.Array):
     step_key = jax.random.fold_in(key, state.step)
-    # Split by purpose (DESIGN.md §1): dropout, and the random activation's draws.
-    dropout_key, _ = jax.random.split(step_key)
-    loss, grads = jax.value_and_grad(loss_fn)(
-        state.params, model, batch, dropout_key if use_dropout else None)
+    dropout_key, act_key = jax.random.split(step_key)  # split by purpose (DESIGN.md §1)
+    dropout_key = dropout_key if use_dropout else None
+    metrics = {}
+    if random_activation:
+      plan = activation.make_plan(act_key, act, model.cfg)
+      metrics.update({f'active_{k}': v for k, v in activation.active_fractions(plan).items()})
+
+      def total_loss(params):
+        drawn = loss_fn(params, model, batch, dropout_key, plan)
+        if act.train_mode == 'sandwich':
+          full = loss_fn(params, model, batch, dropout_key)
+          return full + drawn, (full, drawn)
+        return drawn, (drawn, drawn)
+
+      (_, (loss, drawn_loss)), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)
+      metrics['train_loss_drawn'] = drawn_loss
+    else:
+      loss, grads = jax.value_and_grad(loss_fn)(state.params, model, batch, dropout_key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'train_loss': loss, 'grad_norm': optax.global_norm(grads)}
+    metrics.update({'train_loss': loss, 'grad_norm': optax.global_norm(grads)})
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
@@ -174,11 +197,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data_lib.tokenizers.save(tokenizer, tokenizer_path)
 
   # 2. Compile once; run.
-  train_step = jax.jit(make_train_step(model, tx), donate_argnums=0,
+  train_step = jax.jit(make_train_step(model, tx, config.activation), donate_argnums=0,
                        in_shardings=(state_sharding, batch_sharding, replicated),
                        out_shardings=(state_sharding, replicated))
   eval_step = jax.jit(evaluate_lib.make_eval_step(model),
-                      in_shardings=(state_sharding.params, batch_sharding, batch_sharding))
+                      in_shardings=(state_sharding.params, batch_sharding, batch_sharding,
+                                    replicated))
   log = MetricsLog(workdir, resume)
   train_tokens = dataset.splits['train']
   eval_tokens = dataset.splits[config.data.eval_split]
@@ -192,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch = jax.device_put(data_lib.train_batch(train_tokens, B, T, config.seed, step - 1),
                              batch_sharding)
       state, metrics = train_step(state, batch, keys['train'])
-      pending.append(metrics['train_loss'])
+      pending.append(metrics)
       bar.update(1)
       if t_last is None:  # exclude the first step (compilation) from throughput.
         jax.block_until_ready(state)
@@ -201,8 +225,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       is_ckpt = step % config.checkpoint_every == 0 or step == config.num_steps
       if step % config.log_every and not (is_eval or is_ckpt):
         continue
-      train_loss = float(np.mean(jax.device_get(pending)))
-      pending = []
+      means = {k: float(np.mean(v)) for k, v in
+               jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(pending)).items()}
+      train_loss, pending = means['train_loss'], []
       if not math.isfinite(train_loss):
         mngr.wait_until_finished()
         raise FloatingPointError(
@@ -210,14 +235,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f'checkpoint in {workdir} is step {mngr.latest_step()}. Lower '
             'config.opt.learning_rate or check the data.')
       now = time.perf_counter()
-      last = {'train_loss': train_loss, 'learning_rate': float(lr(step - 1))}
+      last = {**means, 'learning_rate': float(lr(step - 1))}
       if step > step_last:
         last['tokens_per_sec'] = (step - step_last) * B * T / (now - t_last)
       if is_eval:
         last['eval_loss'], _ = evaluate_lib.mean_loss(eval_step, state.params, eval_tokens,
                                                       config, batch_sharding)
       log.write(step, last)
-      bar.set_postfix({k: f'{v:.4g}' for k, v in last.items() if k != 'learning_rate'})
+      bar.set_postfix({k: f'{last[k]:.4g}' for k in ('train_loss', 'eval_loss', 'tokens_per_sec')
+                       if k in last})
       if is_ckpt:
         mngr.save(step, args=ocp.args.StandardSave(state))
       t_last, step_last = time.perf_counter(), step

@@ -26,7 +26,7 @@ def no_compile(monkeypatch):
 @pytest.mark.parametrize('field,value,message', [
     ('batch_size', -4, 'config.batch_size must be a positive integer, got -4'),
     ('model.num_layers', 0, 'config.model.num_layers must be a positive integer'),
-    ('model.embed_dim', 33, r'num_heads \(2\) must divide config.model.embed_dim \(33\)'),
+    ('model.embed_dim', 34, r'num_heads \(4\) must divide config.model.embed_dim \(34\)'),
     ('model.dropout', 1.5, r'config.model.dropout must be in \[0, 1\)'),
     ('opt.learning_rate', -1.0, 'config.opt.learning_rate must be a non-negative number'),
     ('opt.warmup_steps', 60, r'warmup_steps \(60\) must be smaller than config.num_steps'),

@@ -38,8 +38,8 @@ def reference_greedy(model, params, prompt, num_tokens):
 def test_cached_greedy_equals_full_rerun(model_params, prompt_len, num_tokens):
   model, params = model_params
   prompt = list(range(1, prompt_len + 1))
-  out = sample_lib.generate(params, model, jnp.asarray([prompt]), jax.random.key(0),
-                            num_tokens=num_tokens, greedy=True)
+  out, _ = sample_lib.generate(params, model, jnp.asarray([prompt]), jax.random.key(0),
+                               num_tokens=num_tokens, greedy=True)
   assert out.shape == (1, prompt_len + num_tokens)
   assert list(np.asarray(out[0])) == reference_greedy(model, params, prompt, num_tokens)
 
@@ -47,9 +47,9 @@ def test_cached_greedy_equals_full_rerun(model_params, prompt_len, num_tokens):
 def test_top_k_1_equals_greedy(model_params):
   model, params = model_params
   prompt = jnp.asarray([[3, 4, 5]])
-  greedy = sample_lib.generate(params, model, prompt, jax.random.key(1), num_tokens=10,
-                               greedy=True)
-  top1 = sample_lib.generate(params, model, prompt, jax.random.key(1), num_tokens=10, top_k=1)
+  greedy, _ = sample_lib.generate(params, model, prompt, jax.random.key(1), num_tokens=10,
+                                  greedy=True)
+  top1, _ = sample_lib.generate(params, model, prompt, jax.random.key(1), num_tokens=10, top_k=1)
   np.testing.assert_array_equal(greedy, top1)
 
 
@@ -82,7 +82,7 @@ def test_same_seed_same_text_other_seed_other_text(model_params):
   model, params = model_params
   prompt = jnp.asarray([[1, 2]])
   run = lambda seed: np.asarray(sample_lib.generate(
-      params, model, prompt, jax.random.key(seed), num_tokens=20, temperature=1.5))
+      params, model, prompt, jax.random.key(seed), num_tokens=20, temperature=1.5)[0])
   np.testing.assert_array_equal(run(0), run(0))
   assert not np.array_equal(run(0), run(1))
 
@@ -91,10 +91,10 @@ def test_end_token_stops_and_pads(model_params):
   model, params = model_params
   prompt = jnp.asarray([[1, 2, 3]])
   free = np.asarray(sample_lib.generate(params, model, prompt, jax.random.key(0), num_tokens=10,
-                                        greedy=True))[0]
+                                        greedy=True)[0])[0]
   end = int(free[5])  # the third generated token
   out = np.asarray(sample_lib.generate(params, model, prompt, jax.random.key(0), num_tokens=10,
-                                       greedy=True, end_token=end))[0]
+                                       greedy=True, end_token=end)[0])[0]
   first = 3 + list(free[3:]).index(end)
   np.testing.assert_array_equal(out[:first + 1], free[:first + 1])
   assert np.all(out[first + 1:] == 0)  # the loop stopped; the rest stays unwritten

@@ -1,0 +1,266 @@
+"""Random activation (DESIGN.md §1): which part of the network is on, as pure functions of keys.
+
+A draw gives the active fraction
+
+    a = max(1 - lam * B, min_active),   B ~ Beta(alpha, beta),
+
+which is rounded *up* to one of `buckets` widths k = d * j / buckets (j = 1..buckets) of a
+width-d site (`mlp`: hidden units; `heads`: attention heads). For `layers`, a fraction keeps
+ceil(a * num_layers) whole blocks. Which units are on:
+
+  nested     the first k (any prefix is a valid smaller model);
+  random     a uniformly random k-subset (units perm[:k] of a random permutation);
+  bernoulli  each unit independently with probability a, as a 0/1 mask (no compute saved).
+
+A `Plan` says, for every layer, what is on. It takes one of three forms per site, and the model
+(models/gpt.py) computes each differently:
+
+  Site(bucket=python int)   a static width: only that width is compiled (fixed-fraction eval,
+                            fixed-fraction decode);
+  Site(bucket=traced int)   a drawn width: one `lax.switch` branch per bucket, only the chosen
+                            one runs (training, per-token draws at decode);
+  Site(mask=...)            a 0/1 mask over units, optionally per position (bernoulli, the
+                            reference the others are tested against, and the `random`
+                            evaluation policy where every position has its own draw).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+SITES = ('mlp', 'heads', 'layers')
+STRUCTURES = ('nested', 'random', 'bernoulli')
+TRAIN_MODES = ('single', 'sandwich')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """config.activation; `enabled=False` is the dense model."""
+  c = ml_collections.ConfigDict()
+  c.enabled = False
+  c.alpha = 1.0          # Beta(alpha, beta) shape of the switched-off fraction B.
+  c.beta = 1.0
+  c.lam = 0.0            # the fraction switched off is lam * B; 0 = dense.
+  c.sites = 'mlp,heads'  # any of mlp, heads, layers, comma-separated.
+  c.structure = 'nested'
+  c.buckets = 4          # static widths d/buckets, 2d/buckets, ..., d.
+  c.per_layer = True     # one draw per layer (True) or one per step for all layers.
+  c.rescale = False      # scale a site's output by d/k (inverted-dropout style).
+  c.min_active = 0.0     # floor on the drawn fraction.
+  c.train_mode = 'single'  # 'single': one drawn width per step; 'sandwich': full + drawn.
+  return c
+
+
+def parse_sites(sites: str) -> tuple[str, ...]:
+  return tuple(s.strip() for s in sites.split(',') if s.strip())
+
+
+def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -> None:
+  from rag_jax.configuration import ConfigError  # pylint: disable=g-import-not-at-top
+  for name in ('alpha', 'beta'):
+    value = act[name]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+      raise ConfigError(f'config.activation.{name} must be > 0 (a Beta shape), got {value!r}.')
+  if not isinstance(act.lam, (int, float)) or not 0 <= act.lam <= 1:
+    raise ConfigError(f'config.activation.lam must be in [0, 1], got {act.lam!r}.')
+  if not isinstance(act.min_active, (int, float)) or not 0 <= act.min_active <= 1:
+    raise ConfigError(f'config.activation.min_active must be in [0, 1], got {act.min_active!r}.')
+  sites = parse_sites(act.sites)
+  unknown = [s for s in sites if s not in SITES]
+  if unknown or not sites:
+    raise ConfigError(f'config.activation.sites={act.sites!r}: unknown site(s) {unknown}; '
+                      f'use a comma-separated subset of {SITES}.')
+  if act.structure not in STRUCTURES:
+    raise ConfigError(f'config.activation.structure must be one of {STRUCTURES}, '
+                      f'got {act.structure!r}.')
+  if act.train_mode not in TRAIN_MODES:
+    raise ConfigError(f'config.activation.train_mode must be one of {TRAIN_MODES}, '
+                      f'got {act.train_mode!r}.')
+  b = act.buckets
+  if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
+    raise ConfigError(f'config.activation.buckets must be a positive integer, got {b!r}.')
+  widths = {'mlp': ('model.mlp_dim', model.mlp_dim), 'heads': ('model.num_heads', model.num_heads)}
+  for site in sites:
+    if site in widths and widths[site][1] % b:
+      name, d = widths[site]
+      raise ConfigError(f'config.activation.buckets={b} does not divide config.{name}={d} '
+                        f'(site {site!r}); choose buckets that divide every width.')
+
+
+# --- Draws ---------------------------------------------------------------------------------
+
+
+def draw_fraction(key: jax.Array, act: ml_collections.ConfigDict, shape=()) -> jax.Array:
+  """a = max(1 - lam * B, min_active), B ~ Beta(alpha, beta)."""
+  b = jax.random.beta(key, act.alpha, act.beta, shape)
+  return jnp.maximum(1.0 - act.lam * b, act.min_active)
+
+
+def bucket_index(a, buckets: int):
+  """Index j-1 of the smallest width d*j/buckets that holds a fraction `a` (rounding up).
+
+  Works on Python floats (a static index) and on traced arrays.
+  """
+  if isinstance(a, (int, float)):
+    return min(max(math.ceil(a * buckets - 1e-6), 1), buckets) - 1
+  return jnp.clip(jnp.ceil(a * buckets - 1e-6), 1, buckets).astype(jnp.int32) - 1
+
+
+def num_layers_on(a, num_layers: int):
+  if isinstance(a, (int, float)):
+    return min(max(math.ceil(a * num_layers - 1e-6), 1), num_layers)
+  return jnp.clip(jnp.ceil(a * num_layers - 1e-6), 1, num_layers).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class Site:
+  """What is on at one site (mlp units or heads) of one layer; see the module docstring."""
+  bucket: Any = None         # int (static) or int32 scalar (drawn): width d*(bucket+1)/buckets
+  perm: Any = None           # `random`: a permutation of the d units; perm[:k] are on
+  mask: Any = None           # 0/1 float mask [..., d] (bernoulli, reference, per position)
+  d: int = flax.struct.field(pytree_node=False, default=0)
+  buckets: int = flax.struct.field(pytree_node=False, default=1)
+  rescale: bool = flax.struct.field(pytree_node=False, default=False)
+
+  def width(self, bucket: int) -> int:
+    return self.d * (bucket + 1) // self.buckets
+
+  def units(self, bucket: int):
+    """The active units of a static bucket: a slice (nested) or an index array (random)."""
+    k = self.width(bucket)
+    return slice(0, k) if self.perm is None else self.perm[:k]
+
+  def to_mask(self) -> jax.Array:
+    """The same units as a 0/1 mask over the d units."""
+    if self.mask is not None:
+      return self.mask
+    k = self.d * (jnp.asarray(self.bucket) + 1) // self.buckets
+    rank = jnp.arange(self.d) if self.perm is None else jnp.argsort(self.perm)
+    return (rank < k).astype(jnp.float32)
+
+  def scale(self, k_or_mask) -> Any:
+    """d/k for `rescale`, k the number of active units (static int, or from a mask)."""
+    if not self.rescale:
+      return 1.0
+    if isinstance(k_or_mask, int):
+      return self.d / k_or_mask
+    return self.d / jnp.maximum(k_or_mask.sum(-1, keepdims=True), 1.0)
+
+
+# A plan is a list with one dict per layer: {'mlp': Site | None, 'heads': Site | None,
+# 'layer': None | bool | bool scalar | float mask over positions}.
+Plan = list
+
+
+def _site(kind: str, a, key, act, d: int, static: bool) -> Site:
+  common = dict(d=d, buckets=act.buckets, rescale=act.rescale)
+  if act.structure == 'bernoulli':
+    return Site(mask=jax.random.bernoulli(key, a, (d,)).astype(jnp.float32), **common)
+  bucket = bucket_index(a, act.buckets) if static else bucket_index(jnp.asarray(a), act.buckets)
+  perm = jax.random.permutation(key, d) if act.structure == 'random' else None
+  del kind
+  return Site(bucket=bucket, perm=perm, **common)
+
+
+def _layers_on(a, key, act, num_layers: int, static: bool):
+  if act.structure == 'bernoulli':  # a float mask: the block is computed, its output zeroed.
+    return list(jax.random.bernoulli(key, a, (num_layers,)).astype(jnp.float32))
+  k = num_layers_on(a, num_layers) if static else num_layers_on(jnp.asarray(a), num_layers)
+  if act.structure == 'nested':
+    return [l < k for l in range(num_layers)]
+  rank = jnp.argsort(jax.random.permutation(key, num_layers))
+  return [rank[l] < k for l in range(num_layers)]
+
+
+def make_plan(key: jax.Array, act: ml_collections.ConfigDict, model_cfg,
+              fraction: float | None = None) -> Plan:
+  """What is on in every layer for one step.
+
+  `fraction=None` draws it (`per_layer`: one draw per layer, folded in by layer index); a float
+  fixes it, giving static widths. `key` still chooses the units of `random` and `bernoulli`.
+  """
+  sites = parse_sites(act.sites)
+  static = fraction is not None
+  k_frac, k_layers, k_units = jax.random.split(key, 3)
+  if static:
+    layer_a = [float(fraction)] * model_cfg.num_layers
+    shared = float(fraction)
+  else:
+    shared = draw_fraction(k_frac, act)
+    layer_a = ([draw_fraction(jax.random.fold_in(k_frac, l + 1), act)
+                for l in range(model_cfg.num_layers)] if act.per_layer
+               else [shared] * model_cfg.num_layers)
+  on = (_layers_on(shared, k_layers, act, model_cfg.num_layers, static) if 'layers' in sites
+        else [None] * model_cfg.num_layers)
+  plan = []
+  for l in range(model_cfg.num_layers):
+    k_mlp, k_heads = jax.random.split(jax.random.fold_in(k_units, l))
+    plan.append({
+        'mlp': (_site('mlp', layer_a[l], k_mlp, act, model_cfg.mlp_dim, static)
+                if 'mlp' in sites else None),
+        'heads': (_site('heads', layer_a[l], k_heads, act, model_cfg.num_heads, static)
+                  if 'heads' in sites else None),
+        'layer': on[l],
+    })
+  return plan
+
+
+def as_masks(plan: Plan) -> Plan:
+  """The same units as 0/1 masks (the bernoulli-style reference computation)."""
+  out = []
+  for layer in plan:
+    out.append({
+        'mlp': None if layer['mlp'] is None else layer['mlp'].replace(
+            bucket=None, perm=None, mask=layer['mlp'].to_mask()),
+        'heads': None if layer['heads'] is None else layer['heads'].replace(
+            bucket=None, perm=None, mask=layer['heads'].to_mask()),
+        'layer': None if layer['layer'] is None else jnp.asarray(layer['layer'], jnp.float32),
+    })
+  return out
+
+
+def per_position_plan(key: jax.Array, act: ml_collections.ConfigDict, model_cfg,
+                      length: int, start: int = 0) -> Plan:
+  """A fresh draw at every position (the `random` policy), as masks over [length, d].
+
+  Position t uses `make_plan(fold_in(key, t))`, the same draw the sampler makes for the token at
+  position t, so a parallel pass scores exactly what token-by-token generation would run.
+  """
+  positions = start + jnp.arange(length)
+  return jax.vmap(lambda t: as_masks(make_plan(jax.random.fold_in(key, t), act, model_cfg)))(
+      positions)
+
+
+def active_fractions(plan: Plan) -> dict[str, jax.Array]:
+  """Realized fraction of mlp units, heads and layers that are on (means over layers)."""
+  out = {}
+  for name in ('mlp', 'heads'):
+    sites = [layer[name] for layer in plan if layer[name] is not None]
+    if sites:
+      out[name] = jnp.mean(jnp.stack([jnp.mean(s.to_mask(), axis=-1) for s in sites]), axis=0)
+  layers = [layer['layer'] for layer in plan if layer['layer'] is not None]
+  if layers:
+    out['layers'] = jnp.mean(jnp.stack([jnp.asarray(l, jnp.float32) for l in layers]), axis=0)
+  return out
+
+
+def compute_fractions(act: ml_collections.ConfigDict, model_cfg, fraction: float | None = None,
+                      num_draws: int = 4096, seed: int = 0) -> dict[str, float]:
+  """Fraction of the mlp / heads / layers compute that runs: at a fixed `fraction`, or in
+  expectation over draws (`fraction=None`, Monte Carlo). `bernoulli` masks save nothing."""
+  sites = parse_sites(act.sites) if act.enabled or fraction is not None else ()
+  if act.structure == 'bernoulli' or not sites:
+    return {'mlp': 1.0, 'heads': 1.0, 'layers': 1.0}
+  if fraction is not None:
+    a = jnp.full((1,), fraction)
+  else:
+    a = draw_fraction(jax.random.key(seed), act, (num_draws,))
+  width = (bucket_index(a, act.buckets) + 1) / act.buckets
+  layers = num_layers_on(a, model_cfg.num_layers) / model_cfg.num_layers
+  return {'mlp': float(jnp.mean(width)) if 'mlp' in sites else 1.0,
+          'heads': float(jnp.mean(width)) if 'heads' in sites else 1.0,
+          'layers': float(jnp.mean(layers)) if 'layers' in sites else 1.0}

@@ -1,0 +1,246 @@
+"""The random activation means what it says (DESIGN.md §1)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from rag_jax import activation
+from rag_jax import configuration
+from rag_jax.models import gpt
+
+CFG = gpt.GPTConfig(vocab_size=33, num_layers=3, num_heads=4, embed_dim=32, mlp_dim=64,
+                    block_size=16)
+
+
+def act_config(**overrides):
+  act = activation.default_config()
+  act.enabled, act.lam = True, 1.0
+  act.update(overrides)
+  return act
+
+
+@pytest.fixture(scope='module')
+def model_params():
+  model = gpt.GPT(CFG)
+  tokens = jax.random.randint(jax.random.key(0), (2, CFG.block_size), 0, CFG.vocab_size)
+  params = model.init(jax.random.key(1), tokens)['params']
+  return model, params, tokens
+
+
+def apply(model, params, tokens, plan):
+  return jax.jit(lambda p, t, plan: model.apply({'params': p}, t, plan=plan)[0])(
+      params, tokens, plan)
+
+
+@pytest.mark.parametrize('alpha,beta,lam', [(1.0, 1.0, 0.75), (0.5, 0.5, 0.5), (2.0, 5.0, 1.0)])
+def test_draws_follow_scaled_beta(alpha, beta, lam):
+  act = act_config(alpha=alpha, beta=beta, lam=lam)
+  a = np.asarray(activation.draw_fraction(jax.random.key(0), act, (20000,)))
+  assert a.min() >= 1 - lam - 1e-6 and a.max() <= 1.0
+  b = (1.0 - a) / lam
+  assert scipy.stats.kstest(b, scipy.stats.beta(alpha, beta).cdf).pvalue > 1e-3
+  assert abs((1 - a).mean() - lam * alpha / (alpha + beta)) < 0.01
+
+
+def test_lam_zero_is_always_dense():
+  act = act_config(lam=0.0, alpha=0.3, beta=0.3)
+  a = activation.draw_fraction(jax.random.key(0), act, (5000,))
+  assert np.all(np.asarray(a) == 1.0)
+  plan = activation.make_plan(jax.random.key(3), act, CFG)
+  assert all(int(layer['mlp'].bucket) == act.buckets - 1 for layer in plan)
+
+
+def test_min_active_floors_the_fraction():
+  act = act_config(min_active=0.6)
+  a = np.asarray(activation.draw_fraction(jax.random.key(0), act, (5000,)))
+  assert a.min() == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize('a,bucket', [(1.0, 3), (0.76, 3), (0.75, 2), (0.5, 1), (0.26, 1),
+                                      (0.25, 0), (0.01, 0), (0.0, 0)])
+def test_bucket_rounds_up(a, bucket):
+  assert activation.bucket_index(a, 4) == bucket
+  assert int(activation.bucket_index(jnp.float32(a), 4)) == bucket
+
+
+def test_same_key_same_units_other_key_other_units():
+  act = act_config(structure='random')
+  p1 = activation.make_plan(jax.random.key(7), act, CFG)
+  p2 = activation.make_plan(jax.random.key(7), act, CFG)
+  p3 = activation.make_plan(jax.random.key(8), act, CFG)
+  for l in range(CFG.num_layers):
+    np.testing.assert_array_equal(p1[l]['mlp'].to_mask(), p2[l]['mlp'].to_mask())
+  assert any(not np.array_equal(p1[l]['mlp'].perm, p3[l]['mlp'].perm) for l in range(3))
+  assert not all(int(p1[l]['mlp'].bucket) == int(p3[l]['mlp'].bucket) for l in range(3)) or \
+      any(not np.array_equal(p1[l]['heads'].to_mask(), p3[l]['heads'].to_mask()) for l in range(3))
+
+
+def test_per_layer_draws_differ_across_layers():
+  act = act_config(buckets=16, sites='mlp')
+  act16 = act
+  cfg = gpt.GPTConfig(**{**CFG.__dict__, 'num_layers': 6})
+  buckets = [int(l['mlp'].bucket) for l in activation.make_plan(jax.random.key(1), act16, cfg)]
+  assert len(set(buckets)) > 1
+  act.per_layer = False
+  buckets = [int(l['mlp'].bucket) for l in activation.make_plan(jax.random.key(1), act16, cfg)]
+  assert len(set(buckets)) == 1
+
+
+def _partial(plan):
+  return any(int(l['mlp'].bucket) < 3 for l in plan if l['mlp'] is not None)
+
+
+@pytest.mark.parametrize('structure', ['nested', 'random'])
+@pytest.mark.parametrize('sites', ['mlp', 'heads', 'layers', 'mlp,heads,layers'])
+@pytest.mark.parametrize('rescale', [False, True])
+def test_switch_equals_mask_reference(model_params, structure, sites, rescale):
+  """Computing only the active units (lax.switch over buckets) equals masking the same units."""
+  model, params, tokens = model_params
+  act = act_config(structure=structure, sites=sites, rescale=rescale)
+  for seed in range(3):
+    plan = activation.make_plan(jax.random.key(seed), act, CFG)
+    got = apply(model, params, tokens, plan)
+    want = apply(model, params, tokens, activation.as_masks(plan))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  dense = apply(model, params, tokens, None)
+  assert not np.allclose(got, dense, atol=1e-3)  # something was switched off
+
+
+@pytest.mark.parametrize('structure', ['nested', 'random'])
+@pytest.mark.parametrize('fraction', [0.25, 0.5, 0.75])
+def test_static_width_equals_mask_reference(model_params, structure, fraction):
+  model, params, tokens = model_params
+  act = act_config(structure=structure, sites='mlp,heads,layers')
+  plan = activation.make_plan(jax.random.key(0), act, CFG, fraction=fraction)
+  assert isinstance(plan[0]['mlp'].bucket, int)
+  np.testing.assert_allclose(apply(model, params, tokens, plan),
+                             apply(model, params, tokens, activation.as_masks(plan)),
+                             atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('structure', ['nested', 'random', 'bernoulli'])
+def test_fraction_one_equals_dense(model_params, structure):
+  model, params, tokens = model_params
+  act = act_config(structure=structure, sites='mlp,heads,layers')
+  plan = activation.make_plan(jax.random.key(0), act, CFG, fraction=1.0)
+  np.testing.assert_allclose(apply(model, params, tokens, plan),
+                             apply(model, params, tokens, None), atol=1e-5, rtol=1e-5)
+
+
+def test_bernoulli_keeps_each_unit_with_probability_a():
+  act = act_config(structure='bernoulli', sites='mlp')
+  cfg = gpt.GPTConfig(**{**CFG.__dict__, 'mlp_dim': 4096})
+  masks = [l['mlp'].mask for l in activation.make_plan(jax.random.key(0), act, cfg, fraction=0.3)]
+  assert abs(float(jnp.mean(jnp.stack(masks))) - 0.3) < 0.02
+
+
+@pytest.mark.parametrize('structure', ['nested', 'random'])
+def test_gradients_reach_only_active_units(model_params, structure):
+  model, params, tokens = model_params
+  act = act_config(structure=structure, sites='mlp,heads')
+  plan = activation.make_plan(jax.random.key(0), act, CFG, fraction=0.5)
+
+  def loss(p):
+    return model.apply({'params': p}, tokens, plan=plan)[0].sum()
+
+  grads = jax.grad(loss)(params)
+  for l in range(CFG.num_layers):
+    mlp_on = np.asarray(plan[l]['mlp'].to_mask()) > 0
+    heads_on = np.asarray(plan[l]['heads'].to_mask()) > 0
+    g = grads[f'block_{l}']
+    assert np.all(np.abs(g['mlp']['w_in'])[:, mlp_on].sum(0) > 0)
+    assert np.all(g['mlp']['w_in'][:, ~mlp_on] == 0)
+    assert np.all(g['mlp']['w_out'][~mlp_on] == 0)
+    assert np.all(g['attn']['qkv'][:, 0][:, heads_on].reshape(-1) != 0)
+    assert np.all(g['attn']['qkv'][:, 0][:, ~heads_on] == 0)
+    assert np.all(g['attn']['out'][~heads_on] == 0)
+
+
+DEFAULT = gpt.GPTConfig(vocab_size=65, num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512,
+                        block_size=64)
+
+
+@pytest.mark.parametrize('sites', ['mlp,heads', 'mlp,heads,layers'])
+def test_flops_fall_with_the_fraction_and_match_xla(sites):
+  """XLA's cost analysis of the compiled static-width forward pass falls strictly with the
+  fraction and agrees with the analytic count within 5%."""
+  model = gpt.GPT(DEFAULT)
+  tokens = jnp.zeros((1, DEFAULT.block_size), jnp.int32)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)['params'])
+  act = act_config(sites=sites)
+  xla = []
+  for a in (1.0, 0.75, 0.5, 0.25):
+    plan = activation.make_plan(jax.random.key(0), act, DEFAULT, fraction=a)
+    compiled = jax.jit(lambda p, t: model.apply({'params': p}, t, plan=plan)[0]).lower(
+        params, tokens).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla.append(cost['flops'] / DEFAULT.block_size)
+    analytic = gpt.flops_per_token(DEFAULT, **activation.compute_fractions(act, DEFAULT, a))
+    assert abs(xla[-1] - analytic) / analytic < 0.05, (a, xla[-1], analytic)
+  assert all(x > y for x, y in zip(xla, xla[1:])), xla
+
+
+@pytest.mark.parametrize('structure', ['nested', 'random'])
+def test_kv_cache_decode_at_fixed_fraction_equals_full_forward(model_params, structure):
+  model, params, tokens = model_params
+  act = act_config(structure=structure, sites='mlp,heads,layers')
+  plan = activation.make_plan(jax.random.key(0), act, CFG, fraction=0.5)
+  full = apply(model, params, tokens, plan)
+  step = jax.jit(lambda p, x, c, pos: model.apply({'params': p}, x, cache=c, pos=pos, plan=plan))
+  logits, cache = model.apply({'params': params}, tokens[:, :3], cache=gpt.init_cache(CFG, 2),
+                              pos=0, plan=plan)
+  outs = [logits]
+  for t in range(3, CFG.block_size):
+    logits, cache = step(params, tokens[:, t:t + 1], cache, t)
+    outs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('structure', ['nested', 'random'])
+def test_random_policy_parallel_pass_equals_token_by_token_draws(model_params, structure):
+  """The evaluation of the `random` policy (per-position masks in one pass) scores exactly what
+  decoding with a fresh drawn width at every position computes (lax.switch, KV cache)."""
+  model, params, tokens = model_params
+  act = act_config(structure=structure, sites='mlp,heads,layers')
+  key = jax.random.key(5)
+  parallel = apply(model, params, tokens,
+                   activation.per_position_plan(key, act, CFG, CFG.block_size))
+
+  @jax.jit
+  def step(p, x, c, pos):
+    plan = activation.make_plan(jax.random.fold_in(key, pos), act, CFG)
+    return model.apply({'params': p}, x, cache=c, pos=pos, plan=plan)
+
+  cache, outs = gpt.init_cache(CFG, 2), []
+  for t in range(CFG.block_size):
+    logits, cache = step(params, tokens[:, t:t + 1], cache, t)
+    outs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), parallel, atol=1e-5, rtol=1e-5)
+
+
+def test_expected_compute_under_random_policy():
+  act = act_config(lam=0.5, sites='mlp')  # a ~ U[0.5, 1]; buckets of 4 round up to 0.75 or 1
+  fr = activation.compute_fractions(act, CFG)
+  assert fr['heads'] == 1.0 and fr['layers'] == 1.0
+  assert abs(fr['mlp'] - (0.5 * 0.75 + 0.5 * 1.0)) < 0.02
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('alpha', 0.0, 'alpha must be > 0'),
+    ('beta', -1.0, 'beta must be > 0'),
+    ('lam', 1.5, r'lam must be in \[0, 1\]'),
+    ('sites', 'mlp,neurons', r"unknown site\(s\) \['neurons'\]"),
+    ('structure', 'topk', 'structure must be one of'),
+    ('buckets', 3, 'buckets=3 does not divide config.model.mlp_dim=64'),
+    ('train_mode', 'both', 'train_mode must be one of'),
+])
+def test_validation_messages(field, value, message):
+  import ml_collections
+  act = act_config()
+  with act.ignore_type():
+    act[field] = value
+  model = ml_collections.ConfigDict({'mlp_dim': 64, 'num_heads': 4})
+  with pytest.raises(configuration.ConfigError, match=message):
+    activation.validate(act, model)
