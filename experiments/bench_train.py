@@ -72,7 +72,9 @@ def benchmark(config, steps: int, warmup: int, rounds: int, feed: bool) -> dict:
   init_fn = functools.partial(train.init_state, model, tx, config=config)
   state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init_fn, keys['init']))
   state = jax.jit(init_fn, out_shardings=state_sharding)(keys['init'])
-  train_step = jax.jit(train.make_train_step(model, tx), donate_argnums=0,
+  # config.activation (random activation) is passed when the config has it, as train.py does.
+  step_args = (config.activation,) if 'activation' in config else ()
+  train_step = jax.jit(train.make_train_step(model, tx, *step_args), donate_argnums=0,
                        in_shardings=(state_sharding, batch_sharding, replicated),
                        out_shardings=(state_sharding, replicated))
   tokens, B, T = dataset.splits['train'], config.batch_size, config.model.block_size
@@ -136,6 +138,7 @@ def benchmark(config, steps: int, warmup: int, rounds: int, feed: bool) -> dict:
       step_ms=stats['step_fresh_ms'], timings=stats,
       tokens_per_sec=B * T / (stats['step_fresh_ms']['median'] / 1e3),
       tokens_per_sec_pipelined=B * T / (stats['pipelined_ms_per_step']['median'] / 1e3),
+      # last_loss follows warmup + all timed steps, including those repeating the fixed batch.
       first_loss=first_loss, last_loss=last_loss, steps_run=step_no)
   return result
 
