@@ -19,15 +19,14 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
-import resource
 import sys
 import time
 
 from absl import app, flags
 import jax
-import numpy as np
 from ml_collections import config_flags
+
+import bench_common
 
 from rag_jax import configuration
 from rag_jax import data as data_lib
@@ -43,22 +42,6 @@ _FEED = flags.DEFINE_bool('feed', True, 'Also time input feeding alone and the s
 _OUT = flags.DEFINE_string('out', None, 'Where to write the JSON result (also printed).')
 
 
-def _stats(ms: list[float]) -> dict[str, float]:
-  a = np.asarray(ms)
-  return {'median': float(np.median(a)), 'p10': float(np.percentile(a, 10)),
-          'p90': float(np.percentile(a, 90)), 'mean': float(a.mean()), 'n': int(a.size)}
-
-
-def _flops(compiled) -> float | None:
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost['flops']) if cost and 'flops' in cost else None
-
-
 def benchmark(config, steps: int, warmup: int, rounds: int, feed: bool) -> dict:
   configuration.validate(config)
   mesh = train.make_mesh(config)
@@ -66,17 +49,11 @@ def benchmark(config, steps: int, warmup: int, rounds: int, feed: bool) -> dict:
   model = train.make_model(config, dataset.tokenizer.vocab_size)
   tx = train.make_optimizer(config)
   keys = workdir_lib.root_keys(config.seed)
-  # The same shardings and jit options as train.train_and_evaluate.
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   init_fn = functools.partial(train.init_state, model, tx, config=config)
-  state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init_fn, keys['init']))
-  state = jax.jit(init_fn, out_shardings=state_sharding)(keys['init'])
-  # config.activation (random activation) is passed when the config has it, as train.py does.
-  step_args = (config.activation,) if 'activation' in config else ()
-  train_step = jax.jit(train.make_train_step(model, tx, *step_args), donate_argnums=0,
-                       in_shardings=(state_sharding, batch_sharding, replicated),
-                       out_shardings=(state_sharding, replicated))
+  shard = train.Shardings.of(mesh, jax.eval_shape(init_fn, keys['init']))
+  state = jax.jit(init_fn, out_shardings=shard.state)(keys['init'])
+  train_step = train.jit_train_step(model, tx, config, shard)
+  batch_sharding = shard.batch
   tokens, B, T = dataset.splits['train'], config.batch_size, config.model.block_size
   step_no = 0
 
@@ -94,7 +71,7 @@ def benchmark(config, steps: int, warmup: int, rounds: int, feed: bool) -> dict:
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    result.update(trace_lower_s=t1 - t0, compile_s=t2 - t1, flops_per_step=_flops(compiled))
+    result.update(trace_lower_s=t1 - t0, compile_s=t2 - t1, flops_per_step=bench_common.xla_flops(compiled))
     t0 = time.perf_counter()
     state, metrics = train_step(state, batch0, keys['train'])  # jit's own compile, if not cached.
     jax.block_until_ready((state, metrics))
@@ -133,7 +110,7 @@ def benchmark(config, steps: int, warmup: int, rounds: int, feed: bool) -> dict:
         times['feed_ms'].append(1e3 * (time.perf_counter() - t0))
     last_loss = float(metrics['train_loss'])
 
-  stats = {k: _stats(v) for k, v in times.items()}
+  stats = {k: bench_common.stats(v) for k, v in times.items()}
   result.update(
       step_ms=stats['step_fresh_ms'], timings=stats,
       tokens_per_sec=B * T / (stats['step_fresh_ms']['median'] / 1e3),
@@ -150,20 +127,17 @@ def main(argv):
   config = _CONFIG.value
   result = {
       'config': config_flags.get_config_filename(flags.FLAGS['config']),
-      'overrides': {k: str(v) for k, v in config_flags.get_override_values(flags.FLAGS['config']).items()},
+      'overrides': {k: str(v) for k, v in
+                    config_flags.get_override_values(flags.FLAGS['config']).items()},
       'model': dict(config.model), 'batch_size': config.batch_size,
-      'devices': [str(d) for d in jax.devices()], 'platform': jax.devices()[0].platform,
-      'host_cpus': os.cpu_count(), 'python': platform.python_version(),
-      'jax': jax.__version__, 'jaxlib': jax.lib.__version__ if hasattr(jax.lib, '__version__')
-      else __import__('jaxlib').__version__,
-      'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
       'matmul_precision': str(jax.config.jax_default_matmul_precision),
+      **bench_common.environment(),
   }
   try:
     result.update(benchmark(config, _STEPS.value, _WARMUP.value, _ROUNDS.value, _FEED.value))
   except (ValueError, FloatingPointError) as e:
     sys.exit(f'error: {e}')
-  result['peak_host_rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  result['peak_host_rss_mib'] = bench_common.peak_rss_mib()
   text = json.dumps(result, indent=2)
   print(text)
   if _OUT.value:

@@ -8,6 +8,7 @@ by a different model or by NaNs.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -130,6 +131,29 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
                        devices=devices[:n])
 
 
+@dataclasses.dataclass(frozen=True)
+class Shardings:
+  """Parameters and optimizer state replicated over the mesh; batches split on `data`."""
+  state: Any
+  batch: jax.sharding.NamedSharding
+  replicated: jax.sharding.NamedSharding
+
+  @classmethod
+  def of(cls, mesh: jax.sharding.Mesh, abstract_state: Any) -> 'Shardings':
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return cls(state=jax.tree.map(lambda _: replicated, abstract_state),
+               batch=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')),
+               replicated=replicated)
+
+
+def jit_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
+                   config: ml_collections.ConfigDict, shard: Shardings):
+  """The train step jitted over the mesh, its state donated."""
+  return jax.jit(make_train_step(model, tx, config.activation), donate_argnums=0,
+                 in_shardings=(shard.state, shard.batch, shard.replicated),
+                 out_shardings=(shard.state, shard.replicated))
+
+
 class MetricsLog:
   """metrics.jsonl and TensorBoard, written by process 0 only."""
 
@@ -179,30 +203,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   model, tx = make_model(config, tokenizer.vocab_size), make_optimizer(config)
   keys = workdir_lib.root_keys(config.seed)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   init_fn = functools.partial(init_state, model, tx, config=config)
   abstract = jax.eval_shape(init_fn, keys['init'])
-  state_sharding = jax.tree.map(lambda _: replicated, abstract)
+  shard = Shardings.of(mesh, abstract)
   mngr = workdir_lib.checkpoint_manager(workdir, config.keep_checkpoints)
   if resume is not None:
     abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sharding)
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shard.state)
     state = workdir_lib.restore(mngr, resume, abstract, workdir)
   else:
-    state = jax.jit(init_fn, out_shardings=state_sharding)(keys['init'])
+    state = jax.jit(init_fn, out_shardings=shard.state)(keys['init'])
     resume = 0
   if jax.process_index() == 0:
     workdir_lib.save_config(config, workdir)
     data_lib.tokenizers.save(tokenizer, tokenizer_path)
 
   # 2. Compile once; run.
-  train_step = jax.jit(make_train_step(model, tx, config.activation), donate_argnums=0,
-                       in_shardings=(state_sharding, batch_sharding, replicated),
-                       out_shardings=(state_sharding, replicated))
+  train_step = jit_train_step(model, tx, config, shard)
   eval_step = jax.jit(evaluate_lib.make_eval_step(model),
-                      in_shardings=(state_sharding.params, batch_sharding, batch_sharding,
-                                    replicated))
+                      in_shardings=(shard.state.params, shard.batch, shard.batch, shard.replicated))
+  batch_sharding = shard.batch
   log = MetricsLog(workdir, resume)
   train_tokens = dataset.splits['train']
   eval_tokens = dataset.splits[config.data.eval_split]

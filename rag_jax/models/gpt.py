@@ -262,12 +262,13 @@ class GPT(nn.Module):
 
 
 def flops_per_token(cfg: GPTConfig, context: int | None = None, mlp: float = 1.0,
-                    heads: float = 1.0, layers: float = 1.0) -> float:
+                    heads: float = 1.0, layers: float = 1.0, decode: bool = False) -> float:
   """Analytic forward FLOPs per token (2 per multiply-add) of the matrix products.
 
   `mlp`, `heads`, `layers`: the fraction of MLP units, heads and blocks that are computed. Keys
   and values are computed for every head of a running block; a skipped block costs nothing in
-  the parallel forward pass. Attention is counted over the whole `context` (default: block_size)
+  the parallel forward pass, and only its keys and values when `decode` (it still writes them
+  into the cache). Attention is counted over the whole `context` (default: block_size)
   because the XLA kernel computes the full causal score matrix and masks it. Element-wise work
   (LayerNorm, GELU, softmax) is left out; tests hold this count against XLA's cost analysis.
   """
@@ -276,4 +277,5 @@ def flops_per_token(cfg: GPTConfig, context: int | None = None, mlp: float = 1.0
   kv = 2 * D * 2 * D
   q_attn_out = 2 * D * D + 2 * 2 * T * D + 2 * D * D
   per_layer = kv + heads * q_attn_out + mlp * 2 * 2 * D * F
-  return float(layers * cfg.num_layers * per_layer + 2 * D * V)
+  skipped = (1 - layers) * cfg.num_layers * (kv if decode else 0)
+  return float(layers * cfg.num_layers * per_layer + skipped + 2 * D * V)

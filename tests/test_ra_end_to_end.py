@@ -1,0 +1,116 @@
+"""Random activation through the command-line contract: train, evaluate, sample."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rag_jax import activation
+from rag_jax import evaluate
+from rag_jax import sample as sample_lib
+from rag_jax import train
+from tests.conftest import ROOT, load_config
+
+
+@pytest.fixture(scope='module')
+def ra_run(tmp_path_factory, tfds_dir):
+  config = load_config('ra_shakespeare_char', 'smoke')
+  config.data.data_dir = tfds_dir
+  workdir = str(tmp_path_factory.mktemp('ra'))
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(l) for l in f]
+
+
+def test_ra_training_draws_widths_and_learns(ra_run):
+  config, workdir = ra_run
+  rows = _metrics(workdir)
+  assert rows[-1]['train_loss'] < rows[0]['train_loss'] - 0.5
+  active = [r['active_mlp'] for r in rows]
+  # a ~ U[0.25, 1] rounded up to quarters: the mean realized width is about 0.69.
+  assert all(0.25 <= a <= 1.0 for a in active) and len(set(active)) > 1
+  assert abs(np.mean(active) - 0.69) < 0.1
+
+
+def test_sandwich_trains_full_and_drawn_width(smoke_config, tmp_path):
+  smoke_config.activation.update(enabled=True, lam=0.75, train_mode='sandwich')
+  smoke_config.num_steps = 20
+  train.train_and_evaluate(smoke_config, str(tmp_path))
+  rows = _metrics(str(tmp_path))
+  assert all('train_loss_drawn' in r for r in rows)
+  assert any(r['train_loss_drawn'] > r['train_loss'] for r in rows)  # narrower is worse
+
+
+def test_evaluate_curve_over_fractions_and_random_policy(ra_run):
+  _, workdir = ra_run
+  fixed = evaluate.evaluate(workdir, (1.0, 0.75, 0.5, 0.25), 'fixed', 'validation')
+  flops = [e['flops_per_token'] for e in fixed]
+  assert all(a > b for a, b in zip(flops, flops[1:]))
+  losses = [e['loss'] for e in fixed]
+  assert losses[0] < losses[-1]
+  rand = evaluate.evaluate(workdir, (), 'random', 'validation')[0]
+  assert flops[-1] < rand['flops_per_token'] < flops[0]
+  assert 0.25 < rand['active_fraction'] < 1.0 and rand['lam'] == 0.75
+  with open(os.path.join(workdir, 'eval_curve.json')) as f:
+    curve = json.load(f)
+  assert {(e['policy'], e['active_fraction']) for e in curve} >= {
+      ('fixed', 1.0), ('fixed', 0.5), ('random', rand['active_fraction'])}
+
+
+def test_dense_run_is_truncated_for_the_baseline(tmp_path, smoke_config):
+  smoke_config.num_steps = 20
+  train.train_and_evaluate(smoke_config, str(tmp_path))
+  entries = evaluate.evaluate(str(tmp_path), (1.0, 0.5), 'fixed', 'validation')
+  # A barely trained model need not get worse; the truncation must change what is computed.
+  assert entries[0]['loss'] != entries[1]['loss']
+  assert entries[1]['flops_per_token'] < entries[0]['flops_per_token']
+  assert entries[1]['structure'] == 'nested'
+
+
+def test_sampling_policies(ra_run):
+  config, workdir = ra_run
+  _, tokenizer, model, params, _ = evaluate.load_run(workdir)
+  key = jax.random.key(0)
+  run = lambda **kw: sample_lib.sample(params, model, tokenizer, ['ROMEO:'], 40, key,
+                                       act=config.activation, **kw)
+  dense = run(policy='dense')
+  assert np.all(dense['fractions'] == 1.0)
+  half = run(policy='fixed', active_fraction=0.5)
+  assert np.allclose(half['fractions'], 0.5)
+  rand = run(policy='random')
+  assert len(set(np.round(rand['fractions'], 4))) > 2  # varies from step to step
+  assert 0.25 <= rand['fractions'].min() and rand['fractions'].max() <= 1.0
+  np.testing.assert_array_equal(rand['tokens'], run(policy='random')['tokens'])
+  assert rand['text'][0].startswith('ROMEO:')
+
+
+def test_random_policy_fractions_follow_the_distribution(ra_run):
+  """The per-step fractions recorded under `random` average to the expected realized width of
+  a = 1 - 0.75 B, B ~ U(0, 1), rounded up to quarters (about 0.69)."""
+  config, workdir = ra_run
+  _, tokenizer, model, params, _ = evaluate.load_run(workdir)
+  out = sample_lib.sample(params, model, tokenizer, ['\n'], 300, jax.random.key(3),
+                          act=config.activation, policy='random')
+  want = activation.compute_fractions(config.activation, model.cfg)['mlp']
+  assert abs(out['fractions'].mean() - want) < 0.03
+
+
+def test_cli_sample_random_policy(ra_run, tfds_env):
+  _, workdir = ra_run
+  proc = subprocess.run(
+      [sys.executable, '-m', 'rag_jax.sample', f'--workdir={workdir}', '--prompt=ROMEO:',
+       '--num_tokens=30', '--policy=random'], cwd=ROOT, env=tfds_env, capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'policy random, mean active fraction' in proc.stdout
+  proc = subprocess.run(
+      [sys.executable, '-m', 'rag_jax.sample', f'--workdir={workdir}', '--prompt=ROMEO:',
+       '--policy=fixed'], cwd=ROOT, env=tfds_env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and 'needs --active_fraction' in proc.stderr
