@@ -1,0 +1,284 @@
+"""Collects a sweep into one table and draws its answer: quality against compute.
+
+    python experiments/collect.py --sweep_dir=DIR [--split=validation]
+
+Reads every DIR/RUN/config.json and DIR/RUN/eval_curve.json (DESIGN.md §3) and writes to DIR:
+
+  results.csv, results.json  one row per run and evaluation entry: the run's activation settings
+                             (alpha, beta, lam, sites, structure, buckets, ...; a dense run has
+                             lam = 0), the policy, active fraction, loss, bits and FLOPs per
+                             token, and `pareto` (no other point is cheaper and better);
+  summary.md                 one row per run: loss at each fixed fraction and under `random`;
+  pareto.png                 loss against FLOPs per token of every run, the quality-compute
+                             Pareto front, the dense baseline in black;
+  heatmaps.png               when the sweep varies alpha and beta: loss over (alpha, beta) at
+                             each lam, at a = 1 and a = 0.5.
+
+The functions are the notebook's API too (notebooks/analysis.ipynb).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+
+from absl import app, flags
+import matplotlib
+from matplotlib import figure
+import numpy as np
+import pandas as pd
+
+ACTIVATION_COLUMNS = ('alpha', 'beta', 'lam', 'sites', 'structure', 'buckets', 'per_layer',
+                      'rescale', 'min_active', 'train_mode')
+ENTRY_COLUMNS = ('policy', 'split', 'active_fraction', 'loss', 'bits_per_token',
+                 'flops_per_token', 'step', 'tokens')
+HEATMAP_FRACTIONS = (1.0, 0.5)
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_rows(workdir: str) -> list[dict]:
+  """One row per entry of a run's eval_curve.json, with the run's settings."""
+  config = _read_json(os.path.join(workdir, 'config.json'))
+  act = config['activation']
+  dense = not act['enabled'] or act['lam'] == 0
+  settings = {k: act.get(k) for k in ACTIVATION_COLUMNS}
+  if dense:  # alpha and beta mean nothing without random activation.
+    settings.update(alpha=math.nan, beta=math.nan, lam=0.0)
+  common = {'run': os.path.basename(os.path.normpath(workdir)), 'dense': dense, **settings,
+            'num_steps': config['num_steps']}
+  return [{**common, **{k: e.get(k) for k in ENTRY_COLUMNS}}
+          for e in _read_json(os.path.join(workdir, 'eval_curve.json'))]
+
+
+def pareto_mask(flops, loss) -> np.ndarray:
+  """True where no other point has flops <= and loss <= with one of them strictly smaller."""
+  flops, loss = np.asarray(flops, float), np.asarray(loss, float)
+  dominated = ((flops[None, :] <= flops[:, None]) & (loss[None, :] <= loss[:, None]) &
+               ((flops[None, :] < flops[:, None]) | (loss[None, :] < loss[:, None])))
+  return ~dominated.any(axis=1)
+
+
+def load_table(sweep_dir: str) -> pd.DataFrame:
+  """Every finished run of `sweep_dir` (long format, one row per evaluation entry).
+
+  Runs without an eval_curve.json are left out and listed in `table.attrs['incomplete']`.
+  """
+  rows, incomplete = [], []
+  for config_path in sorted(glob.glob(os.path.join(sweep_dir, '*', 'config.json'))):
+    workdir = os.path.dirname(config_path)
+    if os.path.exists(os.path.join(workdir, 'eval_curve.json')):
+      rows.extend(run_rows(workdir))
+    else:
+      incomplete.append(os.path.basename(workdir))
+  if not rows:
+    raise FileNotFoundError(f'{sweep_dir} holds no run with config.json and eval_curve.json; '
+                            'run experiments/sweep.py first.')
+  table = pd.DataFrame(rows, columns=list(rows[0]))
+  table = table.sort_values(['dense', 'run', 'split', 'policy', 'active_fraction'],
+                            ascending=[False, True, True, True, False], ignore_index=True)
+  table['pareto'] = False
+  for _, group in table.groupby('split'):
+    table.loc[group.index, 'pareto'] = pareto_mask(group.flops_per_token, group.loss)
+  table.attrs['incomplete'] = incomplete
+  return table
+
+
+def summary(table: pd.DataFrame, split: str = 'validation') -> pd.DataFrame:
+  """One row per run: `loss@a` at each fixed fraction a, and the `random` policy's loss and
+  mean active fraction."""
+  rows = table[table.split == split]
+  fixed = rows[rows.policy == 'fixed'].pivot_table(index='run', columns='active_fraction',
+                                                   values='loss', aggfunc='first')
+  fixed = fixed[sorted(fixed.columns, reverse=True)]
+  fixed.columns = [f'loss@{a:g}' for a in fixed.columns]
+  random = rows[rows.policy == 'random'].set_index('run')[['loss', 'active_fraction']]
+  random.columns = ['loss@random', 'a@random']
+  settings = rows.drop_duplicates('run').set_index('run')[['dense', 'alpha', 'beta', 'lam']]
+  out = settings.join(fixed).join(random)
+  return out.sort_values(['dense', 'run'], ascending=[False, True])
+
+
+def best_at(table: pd.DataFrame, fraction: float = 0.5, split: str = 'validation') -> dict:
+  """The random-activation run with the lowest loss at a fixed `fraction`, what it gives at
+  a = 1, and the dense baseline at both (truncated to `fraction` for the dense model)."""
+  fixed = table[(table.split == split) & (table.policy == 'fixed')]
+  loss_at = lambda rows, a: rows[np.isclose(rows.active_fraction, a)].set_index('run').loss
+  ra = loss_at(fixed[~fixed.dense], fraction)
+  if ra.empty:
+    raise ValueError(f'no random-activation run was evaluated at a = {fraction:g}.')
+  run = ra.idxmin()
+  dense = fixed[fixed.dense]
+  first_dense = lambda a: float(loss_at(dense, a).iloc[0]) if len(loss_at(dense, a)) else math.nan
+  this = fixed[fixed.run == run]
+  return {'run': run, 'fraction': fraction, 'loss': float(ra[run]),
+          'loss@1': float(loss_at(this, 1.0).iloc[0]) if len(loss_at(this, 1.0)) else math.nan,
+          'dense_loss': first_dense(fraction), 'dense_loss@1': first_dense(1.0),
+          'flops_per_token': float(this[np.isclose(this.active_fraction, fraction)]
+                                   .flops_per_token.iloc[0])}
+
+
+def plot_pareto(table: pd.DataFrame, split: str = 'validation') -> figure.Figure:
+  """Loss against FLOPs per token: each run's fixed-fraction curve, `random`-policy points as
+  diamonds, the Pareto front as a red step line through ringed points, the dense baseline in
+  black. Runs with no point on the front are drawn faint."""
+  rows = table[table.split == split]
+  front = rows[pareto_mask(rows.flops_per_token, rows.loss)].sort_values('flops_per_token')
+  fig = figure.Figure(figsize=(9, 5.5), layout='constrained')
+  ax = fig.add_subplot()
+  runs = list(dict.fromkeys(rows.run))
+  colors = dict(zip(runs, _colors(len(runs))))
+  for run in runs:
+    r = rows[rows.run == run]
+    dense, on_front = bool(r.dense.iloc[0]), run in set(front.run)
+    style = (dict(color='black', marker='*', ms=10, lw=2, ls='--', zorder=3) if dense else
+             dict(color=colors[run], marker='o', ms=4, lw=1.5 if on_front else 1,
+                  alpha=1 if on_front else 0.35, zorder=2))
+    fixed = r[r.policy == 'fixed'].sort_values('flops_per_token')
+    ax.plot(fixed.flops_per_token, fixed.loss, label=f'{run} (dense baseline)' if dense else run,
+            **style)
+    random = r[r.policy == 'random']
+    ax.scatter(random.flops_per_token, random.loss, marker='D', s=25, color=style['color'],
+               alpha=style.get('alpha', 1), zorder=2)
+  ax.step(front.flops_per_token, front.loss, where='post', color='red', lw=1.2, zorder=4,
+          label='Pareto front')
+  ax.scatter(front.flops_per_token, front.loss, s=90, facecolors='none', edgecolors='red',
+             lw=1.2, zorder=4)
+  ax.set_xlabel('FLOPs per token (forward)')
+  ax.set_ylabel(f'{split} loss (nats per token)')
+  ax.set_title('Quality against compute (lines: fixed fractions; diamonds: random policy)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=6 if len(runs) > 12 else 8, loc='upper left', bbox_to_anchor=(1.01, 1),
+            ncol=2 if len(runs) > 20 else 1)
+  return fig
+
+
+def _colors(n: int):
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  cmap = colormaps['tab20' if n > 10 else 'tab10']
+  return [cmap(i % cmap.N) for i in range(n)]
+
+
+def heatmap_grids(table: pd.DataFrame, fraction: float,
+                  split: str = 'validation') -> dict[float, pd.DataFrame] | None:
+  """{lam: alpha x beta grid of the loss at a fixed `fraction`}, or None when the sweep does not
+  vary (alpha, beta) with one run per (alpha, beta, lam)."""
+  rows = table[(table.split == split) & (table.policy == 'fixed') & ~table.dense &
+               np.isclose(table.active_fraction, fraction)]
+  if rows.empty or rows.duplicated(['alpha', 'beta', 'lam']).any():
+    return None
+  if len(rows[['alpha', 'beta']].drop_duplicates()) < 2:
+    return None
+  return {lam: g.pivot(index='alpha', columns='beta', values='loss').sort_index()
+          for lam, g in rows.groupby('lam')}
+
+
+def plot_heatmaps(table: pd.DataFrame, fractions=HEATMAP_FRACTIONS,
+                  split: str = 'validation') -> figure.Figure | None:
+  """Loss over (alpha, beta): one row per fraction, one panel per lam, one color scale per row,
+  the dense baseline's loss at that fraction in each title. None without an (alpha, beta) grid."""
+  grids = {a: heatmap_grids(table, a, split) for a in fractions}
+  grids = {a: g for a, g in grids.items() if g}
+  if not grids:
+    return None
+  lams = sorted({lam for g in grids.values() for lam in g})
+  fig = figure.Figure(figsize=(3.6 * len(lams) + 1, 3.2 * len(grids)), layout='constrained')
+  axes = np.asarray(fig.subplots(len(grids), len(lams), squeeze=False))
+  dense = table[(table.split == split) & (table.policy == 'fixed') & table.dense]
+  for row, (a, by_lam) in enumerate(grids.items()):
+    values = np.concatenate([g.to_numpy().ravel() for g in by_lam.values()])
+    vmin, vmax = np.nanmin(values), np.nanmax(values)
+    base = dense[np.isclose(dense.active_fraction, a)].loss
+    for col, lam in enumerate(lams):
+      ax = axes[row, col]
+      grid = by_lam.get(lam)
+      if grid is None:
+        ax.axis('off')
+        continue
+      image = ax.imshow(grid.to_numpy(), cmap='viridis_r', vmin=vmin, vmax=vmax, origin='lower',
+                        aspect='auto')
+      for (i, j), v in np.ndenumerate(grid.to_numpy()):
+        if np.isfinite(v):
+          ax.text(j, i, f'{v:.3f}', ha='center', va='center', fontsize=8,
+                  color='white' if v > (vmin + vmax) / 2 else 'black')
+      ax.set_xticks(range(grid.shape[1]), [f'{b:g}' for b in grid.columns])
+      ax.set_yticks(range(grid.shape[0]), [f'{al:g}' for al in grid.index])
+      ax.set_xlabel('beta')
+      ax.set_ylabel('alpha')
+      dense_note = f' (dense {base.iloc[0]:.3f})' if len(base) else ''
+      ax.set_title(f'a = {a:g}, lam = {lam:g}{dense_note}', fontsize=9)
+    fig.colorbar(image, ax=list(axes[row]), label=f'loss at a = {a:g}', shrink=0.9)
+  return fig
+
+
+def markdown(frame: pd.DataFrame, digits: int = 5) -> str:
+  """A DataFrame as a GitHub markdown table (no extra dependency)."""
+  frame = frame.reset_index()
+  fmt = lambda v: ('' if isinstance(v, float) and math.isnan(v) else
+                   f'{v:.{digits}g}' if isinstance(v, float) else str(v))
+  lines = ['| ' + ' | '.join(map(str, frame.columns)) + ' |',
+           '|' + '---|' * len(frame.columns)]
+  lines += ['| ' + ' | '.join(fmt(v) for v in row) + ' |' for row in frame.itertuples(False)]
+  return '\n'.join(lines) + '\n'
+
+
+def write(table: pd.DataFrame, sweep_dir: str, split: str = 'validation') -> dict[str, str]:
+  """Writes the table, its summary and the figures into `sweep_dir`; returns {what: path}."""
+  out = {k: os.path.join(sweep_dir, f) for k, f in (
+      ('csv', 'results.csv'), ('json', 'results.json'), ('summary', 'summary.md'),
+      ('pareto', 'pareto.png'), ('heatmaps', 'heatmaps.png'))}
+  table.to_csv(out['csv'], index=False)
+  table.to_json(out['json'], orient='records', indent=1)
+  with open(out['summary'], 'w') as f:
+    f.write(markdown(summary(table, split)))
+  plot_pareto(table, split).savefig(out['pareto'], dpi=120)
+  heatmaps = plot_heatmaps(table, split=split)
+  if heatmaps is None:
+    del out['heatmaps']
+  else:
+    heatmaps.savefig(out['heatmaps'], dpi=120)
+  return out
+
+
+def _define_flags():
+  flags.DEFINE_string('sweep_dir', None, 'Directory of the sweep\'s workdirs.', required=True)
+  flags.DEFINE_enum('split', 'validation', ['train', 'validation', 'test'],
+                    'Split of the evaluation entries plotted and summarized.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}')
+  matplotlib.use('Agg')
+  sweep_dir, split = flags.FLAGS.sweep_dir, flags.FLAGS.split
+  try:
+    table = load_table(sweep_dir)
+    out = write(table, sweep_dir, split)
+  except (OSError, ValueError, KeyError) as e:
+    sys.exit(f'error: {e}')
+  runs = table.run.nunique()
+  print(f'{runs} runs, {len(table)} entries')
+  if table.attrs['incomplete']:
+    print(f'not finished (no eval_curve.json), left out: {", ".join(table.attrs["incomplete"])}')
+  print(markdown(summary(table, split)))
+  try:
+    b = best_at(table, 0.5, split)
+    print(f"best at a = 0.5: {b['run']}, loss {b['loss']:.4f} (dense truncated to 0.5: "
+          f"{b['dense_loss']:.4f}); at a = 1 it has {b['loss@1']:.4f} (dense: "
+          f"{b['dense_loss@1']:.4f}).")
+  except ValueError as e:
+    print(f'({e})')
+  for what, path in out.items():
+    print(f'wrote {what}: {path}')
+  if 'heatmaps' not in out:
+    print('no heatmaps: this sweep does not vary (alpha, beta) with one run per (alpha, beta, lam).')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

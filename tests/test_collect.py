@@ -1,0 +1,156 @@
+"""experiments/collect.py on fake runs: workdirs with a real config.json and a made-up curve."""
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rag_jax import sweeps
+from tests.conftest import ROOT
+
+FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+
+
+def _load_collect():
+  spec = importlib.util.spec_from_file_location('collect', ROOT / 'experiments' / 'collect.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+collect = _load_collect()
+
+
+def fake_loss(act, a: float) -> float:
+  """Dense: 1.5 at a = 1, +0.8 per unit of width removed. RA: pays 0.05 lam at full width and
+  loses less when narrowed, the more so with larger lam and alpha / (alpha + beta)."""
+  if not act['enabled']:
+    return 1.5 + 0.8 * (1 - a)
+  r = act['alpha'] / (act['alpha'] + act['beta'])
+  return 1.5 + 0.05 * act['lam'] + (1 - a) * (0.5 - 0.3 * act['lam'] - 0.1 * r)
+
+
+def write_fake_sweep(sweep_dir, ablation: str) -> list[sweeps.Run]:
+  runs = sweeps.expand(str(ROOT / 'configs' / 'ablations' / f'{ablation}.py'))
+  for run in runs:
+    workdir = os.path.join(sweep_dir, run.name)
+    os.makedirs(workdir)
+    act = run.config.activation.to_dict()
+    entry = lambda a, policy: {'active_fraction': a, 'policy': policy, 'loss': fake_loss(act, a),
+                               'bits_per_token': fake_loss(act, a) / math.log(2),
+                               'flops_per_token': 1000.0 * a, 'split': 'validation',
+                               'step': 60, 'tokens': 4096, 'structure': act['structure'],
+                               'sites': act['sites']}
+    curve = [entry(a, 'fixed') for a in FRACTIONS]
+    if run.random_activation:
+      curve.append(entry(1 - act['lam'] * act['alpha'] / (act['alpha'] + act['beta']), 'random'))
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(run.config.to_dict(), f)
+    with open(os.path.join(workdir, 'eval_curve.json'), 'w') as f:
+      json.dump(curve, f)
+  return runs
+
+
+@pytest.fixture(scope='module')
+def abl_dir(tmp_path_factory):
+  sweep_dir = str(tmp_path_factory.mktemp('abl'))
+  write_fake_sweep(sweep_dir, 'alpha_beta_lambda')
+  os.makedirs(os.path.join(sweep_dir, 'unfinished'))  # config.json only: still training.
+  with open(os.path.join(sweep_dir, 'unfinished', 'config.json'), 'w') as f:
+    json.dump({}, f)
+  return sweep_dir
+
+
+def test_table_has_every_entry_of_every_run(abl_dir):
+  table = collect.load_table(abl_dir)
+  assert len(table) == 27 * 5 + 4  # RA runs: 4 fixed fractions and random; dense: 4.
+  assert table.run.nunique() == 28
+  assert table.attrs['incomplete'] == ['unfinished']
+  dense = table[table.dense]
+  assert set(dense.run) == {'enabled=False'} and table.run.iloc[0] == 'enabled=False'
+  assert (dense.lam == 0).all() and dense.alpha.isna().all()
+  row = table[(table.run == 'alpha=2,beta=0.5,lam=0.25') & (table.active_fraction == 0.5)]
+  assert row[['alpha', 'beta', 'lam', 'sites', 'structure', 'buckets']].iloc[0].tolist() == [
+      2.0, 0.5, 0.25, 'mlp,heads', 'nested', 4]
+  assert row.loss.iloc[0] == pytest.approx(1.5 + 0.0125 + 0.5 * (0.5 - 0.075 - 0.08))
+  assert set(table.columns) >= {'policy', 'split', 'active_fraction', 'loss', 'bits_per_token',
+                                'flops_per_token', 'num_steps', 'pareto', 'train_mode'}
+
+
+def test_pareto_front():
+  flops = [1, 2, 2, 3, 3, 4]
+  loss = [3, 2, 2.5, 2, 1, 1]
+  np.testing.assert_array_equal(collect.pareto_mask(flops, loss),
+                                [True, True, False, False, True, False])
+
+
+def test_pareto_column_marks_exactly_the_undominated_points(abl_dir):
+  table = collect.load_table(abl_dir)
+  for row in table.itertuples():
+    dominated = ((table.flops_per_token <= row.flops_per_token) & (table.loss <= row.loss) &
+                 ((table.flops_per_token < row.flops_per_token) | (table.loss < row.loss))).any()
+    assert row.pareto == (not dominated), row
+  # Dense is best at full width; at a = 0.5 the best RA run beats it.
+  front = table[table.pareto]
+  assert front[front.active_fraction == 1.0].run.tolist() == ['enabled=False']
+  assert 'alpha=2,beta=0.5,lam=0.75' in set(front.run)
+
+
+def test_summary_and_best(abl_dir):
+  table = collect.load_table(abl_dir)
+  summary = collect.summary(table)
+  assert len(summary) == 28 and summary.index[0] == 'enabled=False'
+  assert list(summary.columns) == ['dense', 'alpha', 'beta', 'lam', 'loss@1', 'loss@0.75',
+                                   'loss@0.5', 'loss@0.25', 'loss@random', 'a@random']
+  assert np.isnan(summary.loc['enabled=False', 'loss@random'])
+  best = collect.best_at(table, 0.5)
+  assert best['run'] == 'alpha=2,beta=0.5,lam=0.75'
+  assert best['loss'] == pytest.approx(1.75 - 0.075 - 0.04)
+  assert best['loss@1'] == pytest.approx(1.5375)
+  assert best['dense_loss'] == pytest.approx(1.9) and best['dense_loss@1'] == pytest.approx(1.5)
+  assert best['flops_per_token'] == 500.0
+
+
+def test_heatmap_grids(abl_dir):
+  table = collect.load_table(abl_dir)
+  grids = collect.heatmap_grids(table, 0.5)
+  assert sorted(grids) == [0.25, 0.5, 0.75]
+  grid = grids[0.25]
+  assert grid.index.tolist() == [0.5, 1.0, 2.0] and grid.columns.tolist() == [0.5, 1.0, 2.0]
+  assert grid.loc[2.0, 0.5] == pytest.approx(1.5 + 0.0125 + 0.5 * (0.5 - 0.075 - 0.08))
+
+
+def test_write_table_and_figures(abl_dir, tmp_path):
+  table = collect.load_table(abl_dir)
+  out = collect.write(table, str(tmp_path))
+  assert set(out) == {'csv', 'json', 'summary', 'pareto', 'heatmaps'}
+  for path in out.values():
+    assert os.path.getsize(path) > 0
+  for key in ('pareto', 'heatmaps'):
+    with open(out[key], 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  csv = pd.read_csv(out['csv'])
+  assert len(csv) == len(table) and csv.loss.tolist() == pytest.approx(table.loss.tolist())
+  with open(out['json']) as f:
+    records = json.load(f)
+  assert len(records) == len(table) and records[0]['run'] == 'enabled=False'
+  with open(out['summary']) as f:
+    lines = f.read().splitlines()
+  assert len(lines) == 2 + 28 and lines[2].startswith('| enabled=False | True |  |  | 0 | 1.5 |')
+
+
+def test_a_sweep_without_an_alpha_beta_grid_has_no_heatmaps(tmp_path):
+  write_fake_sweep(str(tmp_path), 'sites')
+  table = collect.load_table(str(tmp_path))
+  assert table.run.nunique() == 8
+  assert collect.heatmap_grids(table, 0.5) is None and collect.plot_heatmaps(table) is None
+  assert 'heatmaps' not in collect.write(table, str(tmp_path))
+  assert os.path.exists(tmp_path / 'pareto.png')
+
+
+def test_empty_sweep_dir(tmp_path):
+  with pytest.raises(FileNotFoundError, match='holds no run'):
+    collect.load_table(str(tmp_path))
