@@ -52,7 +52,8 @@ def run_rows(workdir: str) -> list[dict]:
     settings.update(alpha=math.nan, beta=math.nan, lam=0.0)
   common = {'run': os.path.basename(os.path.normpath(workdir)), 'dense': dense, **settings,
             'num_steps': config['num_steps']}
-  return [{**common, **{k: e.get(k) for k in ENTRY_COLUMNS}}
+  return [{**common, **{k: e.get(k) for k in ENTRY_COLUMNS},
+           'split': e.get('split', 'validation')}  # evaluate's default split
           for e in _read_json(os.path.join(workdir, 'eval_curve.json'))]
 
 
@@ -276,7 +277,8 @@ def main(argv):
   for what, path in out.items():
     print(f'wrote {what}: {path}')
   if 'heatmaps' not in out:
-    print('no heatmaps: this sweep does not vary (alpha, beta) with one run per (alpha, beta, lam).')
+    print('no heatmaps: this sweep does not vary (alpha, beta) with one run per '
+          '(alpha, beta, lam).')
 
 
 if __name__ == '__main__':

@@ -51,6 +51,17 @@ def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   return load_module(path).get_config(arg or None)
 
 
+def config_from(here: str, relative_path: str):
+  """The get_config(arg) of the config file at `relative_path` from the file `here`; an
+  ablation file takes its base with `get_config = sweeps.config_from(__file__, '../x.py')`."""
+  path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(here)), relative_path))
+
+  def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    return load_config(path, arg)
+
+  return get_config
+
+
 def split_spec(spec: str) -> tuple[str, str | None]:
   """'configs/x.py:smoke' -> ('configs/x.py', 'smoke'); no ':' -> (spec, None)."""
   path, _, arg = spec.partition(':')
@@ -118,7 +129,8 @@ def _type_error(key: str, old, new) -> str | None:
           f'{type(new).__name__} {new!r}.')
 
 
-def apply(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+def apply(config: ml_collections.ConfigDict,
+          overrides: dict[str, Any]) -> ml_collections.ConfigDict:
   """A copy of `config` with the dotted overrides set; ConfigError for an unknown field or a
   value of another type (an int may set a float field, as on the command line)."""
   config = config.copy_and_resolve_references()

@@ -1,5 +1,4 @@
 """experiments/collect.py on fake runs: workdirs with a real config.json and a made-up curve."""
-import importlib.util
 import json
 import math
 import os
@@ -14,14 +13,7 @@ from tests.conftest import ROOT
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 
 
-def _load_collect():
-  spec = importlib.util.spec_from_file_location('collect', ROOT / 'experiments' / 'collect.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-collect = _load_collect()
+collect = sweeps.load_module(str(ROOT / 'experiments' / 'collect.py'))
 
 
 def fake_loss(act, a: float) -> float:

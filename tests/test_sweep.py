@@ -3,7 +3,6 @@
 analysis notebook read what it wrote."""
 import contextlib
 import fcntl
-import importlib.util
 import json
 import os
 import shutil
@@ -25,14 +24,7 @@ NOTEBOOK = ROOT / 'notebooks' / 'analysis.ipynb'
 pytestmark = pytest.mark.xdist_group('smoke_sweep')
 
 
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / 'experiments' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-sweep_lib = _load('sweep')
+sweep_lib = sweeps.load_module(str(ROOT / 'experiments' / 'sweep.py'))
 
 
 def launch(env, *args, script='sweep.py'):

@@ -5,17 +5,13 @@ the head count: every divisor above 1 (2 and 4 on the default model, 2, 3 and 6 
 heads). On MLP units alone, finer widths: 2 to 32 buckets. Plus the dense baseline. `:smoke` is
 the tiny model with 2 buckets on mlp and heads and 8 on mlp alone (3 runs).
 
-    python experiments/sweep.py --config=configs/ablations/buckets.py[:smoke] --sweep_dir=runs/buckets
+    python experiments/sweep.py --config=configs/ablations/buckets.py[:smoke] \
+        --sweep_dir=runs/buckets
 """
-import os
-
 from rag_jax import sweeps
 
-_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'ra_shakespeare_char.py')
-
-
-def get_config(arg=None):
-  return sweeps.load_config(_BASE, arg)
+# Every run starts from configs/ra_shakespeare_char.py[:ARG] ('', 'smoke' or 'gpu').
+get_config = sweeps.config_from(__file__, '../ra_shakespeare_char.py')
 
 
 def sweep(arg=None):

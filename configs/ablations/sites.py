@@ -7,16 +7,13 @@ tiny model on {mlp} and {layers} (3 runs).
     python experiments/sweep.py --config=configs/ablations/sites.py[:smoke] --sweep_dir=runs/sites
 """
 import itertools
-import os
 
 from rag_jax import sweeps
 
-_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'ra_shakespeare_char.py')
 SITES = ('mlp', 'heads', 'layers')
 
-
-def get_config(arg=None):
-  return sweeps.load_config(_BASE, arg)
+# Every run starts from configs/ra_shakespeare_char.py[:ARG] ('', 'smoke' or 'gpu').
+get_config = sweeps.config_from(__file__, '../ra_shakespeare_char.py')
 
 
 def sweep(arg=None):

@@ -9,16 +9,12 @@ quality only. `:smoke` is the tiny model on nested and random, no rescale, singl
         --sweep_dir=runs/structure
 """
 import itertools
-import os
 
 from rag_jax import activation
 from rag_jax import sweeps
 
-_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'ra_shakespeare_char.py')
-
-
-def get_config(arg=None):
-  return sweeps.load_config(_BASE, arg)
+# Every run starts from configs/ra_shakespeare_char.py[:ARG] ('', 'smoke' or 'gpu').
+get_config = sweeps.config_from(__file__, '../ra_shakespeare_char.py')
 
 
 def sweep(arg=None):
