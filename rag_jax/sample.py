@@ -1,18 +1,34 @@
-"""Compiled generation: a prefill of the prompt, then one `lax.while_loop` with a KV cache.
+"""Compiled generation: a prefill of the prompts, then one `lax.while_loop` with a KV cache.
 
-    python -m rag_jax.sample --workdir=DIR --prompt="ROMEO:" --num_tokens=200 [--seed=0]
-        [--temperature=0.8] [--top_k=0] [--top_p=1.0] [--greedy] [--batch=1]
+    python -m rag_jax.sample --workdir=DIR --prompt="ROMEO:" [--prompt="JULIET:" ...] --num_tokens=200
+        [--active_fraction=0.5 | --policy=random] [--seed=0] [--batch=1] [--temperature=0.8]
+        [--top_k=0] [--top_p=1.0] [--greedy] [--end=CHAR] [--alpha= --beta= --lam=]
 
-Context: positions are learned up to `block_size` (T). When prompt + generated text outgrow it,
-the cache is rebuilt from the last T//2 tokens (one prefill, inside the loop) and generation goes
-on, so every token sees between T//2 and T tokens of context; nanoGPT instead re-runs the last T
-tokens for every token. The key of the token at position t is `fold_in(key, t)`.
+The rules (docs/sampling.md explains them):
+
+* Prompts of different lengths all start at position 0 and share positions. The prefill covers
+  the padded prompt array; the loop starts at the shortest prompt's end and, while a row's prompt
+  is not finished, feeds that row its own next prompt token instead of a sampled one. Each row
+  gets `num_tokens` tokens after its own prompt and stops early at an end token.
+* Keys: `key` splits into (token_key, act_key). The token at index t of row b is drawn with
+  fold_in(fold_in(token_key, id_b), t); `sample` takes id_b from the row's prompt and sample
+  number, so a row's text does not depend on the rest of the batch.
+* Activation (`policy`): `dense`; `fixed` (one plan, make_plan(act_key, fraction=a), for the
+  whole generation: a fixed sub-model); `random` (the token at index t, prompt or generated, is
+  fed through make_plan(fold_in(act_key, t)): a fresh draw a = 1 - lam*B per time step, shared
+  by the batch; prefills use the same per-position draws as masks).
+* Context: positions are learned up to `block_size` T. When a token would land at position T,
+  the cache is rebuilt from the last T//2 tokens (one prefill, inside the loop), so every token
+  sees between T//2 and T tokens; nanoGPT instead re-runs the last T tokens for every token.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import time
+from typing import Sequence
+import zlib
 
 from absl import app, flags
 import flax
@@ -24,6 +40,12 @@ import numpy as np
 from rag_jax import activation
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import gpt
+
+POLICIES = ('dense', 'fixed', 'random')
+PAD = 0  # written after a row's last token
+MAX_TOKENS = 1 << 20  # num_tokens cap: the token buffer is batch x (prompt + num_tokens)
+MAX_PLAN_BYTES = 1 << 30  # policy random: the per-index plans of random/bernoulli units
+PROMPT_PAD = 16  # `sample` pads the prompt array to a multiple of this
 
 
 def sample_token(logits_BxV: jax.Array, key: jax.Array, temperature: float = 1.0,
@@ -49,17 +71,12 @@ def sample_token(logits_BxV: jax.Array, key: jax.Array, temperature: float = 1.0
 
 @flax.struct.dataclass
 class DecodeState:
-  tokens: jax.Array       # B x N: prompt then generated tokens
+  tokens: jax.Array       # B x N: prompts, generated tokens, then PAD
   cache: gpt.Cache
-  t: jax.Array            # index in `tokens` of the next token to generate
-  pos: jax.Array          # position in the cache of the last token fed in (tokens[t-1])
+  t: jax.Array            # index in `tokens` of the next token to choose
+  pos: jax.Array          # cache position of the last token fed in (tokens[t-1])
   logits: jax.Array       # B x V: prediction for tokens[t]
-  fraction: jax.Array     # active fraction of the forward pass that gave `logits`
-  fractions: jax.Array    # num_tokens: the active fraction behind each generated token
-  done: jax.Array         # B: an end token was generated
-
-
-POLICIES = ('dense', 'fixed', 'random')
+  done: jax.Array         # B: the row needs no more tokens
 
 
 def _mean_fraction(plan) -> jax.Array:
@@ -69,69 +86,112 @@ def _mean_fraction(plan) -> jax.Array:
   return jnp.mean(jnp.stack(fractions)).astype(jnp.float32) if fractions else jnp.float32(1.0)
 
 
+def _take(tree, start, length=None):
+  """Entries [start] (or [start:start+length]) along the leading axis of every leaf."""
+  if length is None:
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, start, 0, False), tree)
+  return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, length), tree)
+
+
 @functools.partial(jax.jit, static_argnames=(
     'model', 'num_tokens', 'temperature', 'top_k', 'top_p', 'greedy', 'end_token', 'policy',
     'active_fraction', 'act'))
-def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array, *, num_tokens: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-             end_token: int | None = None, policy: str = 'dense',
+def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
+             prompt_lengths_B: jax.Array | None = None, sample_ids_B: jax.Array | None = None, *,
+             num_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             greedy: bool = False, end_token: int | None = None, policy: str = 'dense',
              active_fraction: float | None = None,
              act: ml_collections.FrozenConfigDict | None = None) -> tuple[jax.Array, jax.Array]:
-  """Prompt plus `num_tokens` generated tokens, B x (P + num_tokens), and the active fraction
-  behind each generated token.
+  """`num_tokens` tokens after each row's prompt (see the module docstring for the rules).
 
-  Activation `policy`: `dense`; `fixed` (`active_fraction` with `act`'s sites and structure);
-  `random` (a fresh draw a = 1 - lam*B at every time step, B ~ Beta(alpha, beta) from `act`).
-  The forward pass of the token at position t uses the activation key fold_in(act_key, t); the
-  token at index t is sampled with fold_in(token_key, t). The batch shares each step's draw.
+  Row b's prompt is prompt_BxP[b, :prompt_lengths_B[b]] (default: all P tokens); its sampling
+  key folds in sample_ids_B[b] (default: b). Returns tokens B x (P + num_tokens) (prompt,
+  continuation, then PAD after the row's last token: `num_tokens` or an end token) and the mean
+  active fraction of the forward pass behind each generated token, B x num_tokens.
   """
+  if policy not in POLICIES:
+    raise ValueError(f'policy must be one of {POLICIES}, got {policy!r}.')
+  if policy != 'dense' and (act is None or (policy == 'fixed' and active_fraction is None)):
+    raise ValueError(f'policy {policy!r} needs `act` (and `active_fraction` when fixed).')
   cfg = model.cfg
   B, P = prompt_BxP.shape
+  N = P + num_tokens
   T, window = cfg.block_size, max(cfg.block_size // 2, 1)
   token_key, act_key = jax.random.split(key)
+  lengths_B = (jnp.full((B,), P, jnp.int32) if prompt_lengths_B is None
+               else jnp.asarray(prompt_lengths_B, jnp.int32))
+  ids_B = jnp.arange(B) if sample_ids_B is None else sample_ids_B
+  row_keys_B = jax.vmap(lambda i: jax.random.fold_in(token_key, i))(ids_B)
 
-  def plan_at(t):
-    if policy == 'dense':
-      return None
-    return activation.make_plan(jax.random.fold_in(act_key, t), act, cfg,
-                                fraction=active_fraction if policy == 'fixed' else None)
+  # Activation: under `random` the plans of all N indices are drawn up front (one vectorised
+  # draw, compiled once); plan_at(t) feeds the token at index t, prefills take theirs as masks.
+  if policy == 'random':
+    table = jax.vmap(lambda t: activation.make_plan(jax.random.fold_in(act_key, t), act, cfg))(
+        jnp.arange(N))
+    plan_at = lambda t: _take(table, t)
+    plans_from = lambda first, L: jax.vmap(activation.as_masks)(_take(table, first, L))
+    fraction_N = jax.vmap(_mean_fraction)(table)
+  else:
+    fixed = (activation.make_plan(act_key, act, cfg, fraction=active_fraction)
+             if policy == 'fixed' else None)
+    plan_at = lambda t: fixed
+    plans_from = lambda first, L: fixed
+    fraction_N = jnp.full((N,), _mean_fraction(fixed))
 
-  def apply(tokens, cache, pos, plan):
-    return model.apply({'params': params}, tokens, cache=cache, pos=pos, plan=plan)
+  def prefill(tokens_BxL, first):
+    """Feeds the tokens at indices first.. into a fresh cache at positions 0.. ."""
+    return model.apply({'params': params}, tokens_BxL, cache=gpt.init_cache(cfg, B), pos=0,
+                       plan=plans_from(first, tokens_BxL.shape[1]))
 
-  tokens_BxN = jnp.zeros((B, P + num_tokens), jnp.int32).at[:, :P].set(prompt_BxP)
-  plan = plan_at(P - 1)
-  logits_BxPxV, cache = apply(prompt_BxP, gpt.init_cache(cfg, B), 0, plan)
-  state = DecodeState(tokens=tokens_BxN, cache=cache, t=jnp.array(P), pos=jnp.array(P - 1),
-                      logits=logits_BxPxV[:, -1], fraction=_mean_fraction(plan),
-                      fractions=jnp.zeros(num_tokens, jnp.float32), done=jnp.zeros(B, bool))
+  def refill(tokens_BxN, t):
+    """Cache full: rebuild it from the `window - 1` tokens before index t."""
+    if window == 1:
+      return gpt.init_cache(cfg, B), jnp.int32(0)
+    recent_BxW = jax.lax.dynamic_slice_in_dim(tokens_BxN, t - window + 1, window - 1, axis=1)
+    return prefill(recent_BxW, t - window + 1)[1], jnp.int32(window - 1)
 
-  def refill(s: DecodeState):
-    """Cache full: rebuild it from the last `window` tokens (ending with the one just sampled,
-    tokens[t], which the caller feeds at position window-1)."""
-    recent_BxW = jax.lax.dynamic_slice_in_dim(s.tokens, s.t - window + 1, window, axis=1)
-    _, cache = apply(recent_BxW[:, :-1], gpt.init_cache(cfg, B), 0, plan_at(s.t - 1))
-    return cache, jnp.array(window - 1)
+  def draw(logits_BxV, t):
+    if greedy:
+      return sample_token(logits_BxV, None, greedy=True)
+    keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, t)
+    return jax.vmap(lambda l_V, k: sample_token(l_V[None], k, temperature, top_k, top_p)[0])(
+        logits_BxV, keys_B)
+
+  last_B = lengths_B + num_tokens - 1  # each row's last index
+
+  def choose(s: DecodeState):
+    """Writes the token at index s.t: the prompt's, a sampled one, or PAD when done."""
+    forced_B = s.t < lengths_B
+    prompt_B = jax.lax.dynamic_index_in_dim(prompt_BxP, jnp.minimum(s.t, P - 1), 1, False)
+    token_B = jnp.where(forced_B, prompt_B, draw(s.logits, s.t))
+    token_B = jnp.where(s.done, PAD, token_B)
+    done_B = s.done | (s.t >= last_B)
+    if end_token is not None:
+      done_B |= ~forced_B & (token_B == end_token)
+    tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token_B[:, None], s.t, axis=1)
+    return s.replace(tokens=tokens, done=done_B), token_B
 
   def body(s: DecodeState) -> DecodeState:
-    token_B = sample_token(s.logits, jax.random.fold_in(token_key, s.t), temperature, top_k,
-                           top_p, greedy)
-    token_B = jnp.where(s.done, 0 if end_token is None else end_token, token_B)
-    tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token_B[:, None], s.t, axis=1)
-    fractions = s.fractions.at[s.t - P].set(s.fraction)
-    done = s.done if end_token is None else s.done | (token_B == end_token)
-    cache, pos = jax.lax.cond(s.pos + 1 >= T, refill, lambda s: (s.cache, s.pos + 1),
-                              s.replace(tokens=tokens))
-    plan = plan_at(s.t)
-    logits_Bx1xV, cache = apply(token_B[:, None], cache, pos, plan)
-    return DecodeState(tokens=tokens, cache=cache, t=s.t + 1, pos=pos, logits=logits_Bx1xV[:, 0],
-                       fraction=_mean_fraction(plan), fractions=fractions, done=done)
+    s, token_B = choose(s)
+    cache, pos = jax.lax.cond(s.pos + 1 >= T, lambda: refill(s.tokens, s.t),
+                              lambda: (s.cache, s.pos + 1))
+    logits_Bx1xV, cache = model.apply({'params': params}, token_B[:, None], cache=cache, pos=pos,
+                                      plan=plan_at(s.t))
+    return s.replace(cache=cache, t=s.t + 1, pos=pos, logits=logits_Bx1xV[:, 0])
 
-  def cond(s: DecodeState):
-    return (s.t < P + num_tokens) & ~jnp.all(s.done)
-
-  final = jax.lax.while_loop(cond, body, state)
-  return final.tokens, final.fractions
+  t0 = jnp.min(lengths_B)  # the first index some row generates
+  logits_BxPxV, cache = prefill(prompt_BxP, 0)
+  in_prompt_BxP = jnp.arange(P)[None, :] < lengths_B[:, None]
+  tokens_BxN = jnp.full((B, N), PAD, jnp.int32).at[:, :P].set(
+      jnp.where(in_prompt_BxP, prompt_BxP, PAD))
+  state = DecodeState(tokens=tokens_BxN, cache=cache, t=t0, pos=t0 - 1,
+                      logits=jax.lax.dynamic_index_in_dim(logits_BxPxV, t0 - 1, 1, False),
+                      done=jnp.zeros(B, bool))
+  stop = jnp.max(last_B)
+  state = jax.lax.while_loop(lambda s: (s.t < stop) & ~jnp.all(s.done), body, state)
+  final, _ = choose(state)  # the last token needs no forward pass
+  # Generated token j of row b came from the pass that fed index lengths_B[b] + j - 1.
+  return final.tokens, fraction_N[lengths_B[:, None] + jnp.arange(num_tokens) - 1]
 
 
 def encode_prompt(tokenizer, prompt: str, cfg: gpt.GPTConfig) -> np.ndarray:
@@ -149,33 +209,146 @@ def encode_prompt(tokenizer, prompt: str, cfg: gpt.GPTConfig) -> np.ndarray:
   return tokens
 
 
-def sample(params, model: gpt.GPT, tokenizer, prompts: list[str], num_tokens: int,
-           key: jax.Array, *, act: ml_collections.ConfigDict | None = None, **knobs) -> dict:
-  """Notebook API: `tokens`, `text` and per-step active `fractions` of each prompt's
-  continuation (prompts of equal length). `knobs`: temperature, top_k, top_p, greedy,
-  end_token, policy, active_fraction (see `generate`)."""
-  encoded = [encode_prompt(tokenizer, p, model.cfg) for p in prompts]
-  if len({len(e) for e in encoded}) != 1:
-    raise ValueError('prompts of different lengths are not supported yet; pad them yourself.')
-  frozen = None if act is None else ml_collections.FrozenConfigDict(act)
-  tokens, fractions = generate(params, model, jnp.asarray(np.stack(encoded)), key,
-                               num_tokens=num_tokens, act=frozen, **knobs)
-  tokens = np.asarray(tokens)
-  return {'tokens': tokens, 'text': [tokenizer.decode(row) for row in tokens],
-          'fractions': np.asarray(fractions)}
+def sample_id(prompt_tokens: np.ndarray, j: int) -> int:
+  """The sampling id of sample j of a prompt: a function of the prompt's tokens and j only."""
+  data = np.asarray(prompt_tokens, np.int32).tobytes() + np.int32(j).tobytes()
+  return zlib.crc32(data) & 0x7FFFFFFF
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+  """What `sample` returns. Row r is sample r % batch of prompt r // batch."""
+  tokens: np.ndarray          # R x (P + num_tokens), P the padded prompt width: prompt,
+                              # continuation, then PAD
+  lengths: np.ndarray         # R: tokens of each row (through its end token if one came)
+  prompt_lengths: np.ndarray  # R
+  text: list[str]             # R: each row's tokens[:length], decoded
+  fractions: np.ndarray       # R x num_tokens: active fraction behind each token (NaN after end)
+  policy: str
+  seconds: float              # generation wall time, compilation excluded
+  compile_seconds: float
+
+  @property
+  def num_generated(self) -> int:
+    return int(np.sum(self.lengths - self.prompt_lengths))
+
+  @property
+  def tokens_per_sec(self) -> float:
+    return self.num_generated / self.seconds
+
+  @property
+  def mean_fraction(self) -> float:
+    return float(np.nanmean(self.fractions))
+
+
+def _knobs(config, tokenizer, num_tokens, batch, policy, active_fraction, temperature, top_k,
+           top_p, greedy, end, act) -> dict:
+  """Checks the sampling settings (ValueError naming the problem); the static knobs of
+  `generate`."""
+  if not (isinstance(num_tokens, int) and 1 <= num_tokens <= MAX_TOKENS):
+    raise ValueError(f'num_tokens must be an integer in [1, {MAX_TOKENS}], got {num_tokens!r}.')
+  if not (isinstance(batch, int) and batch >= 1):
+    raise ValueError(f'batch must be a positive integer, got {batch!r}.')
+  if not greedy and not temperature > 0:
+    raise ValueError(f'temperature must be > 0 (or use greedy), got {temperature!r}.')
+  if not (isinstance(top_k, int) and top_k >= 0):
+    raise ValueError(f'top_k must be an integer >= 0 (0: all tokens), got {top_k!r}.')
+  if not 0 < top_p <= 1:
+    raise ValueError(f'top_p must be in (0, 1], got {top_p!r}.')
+  policy = policy or ('fixed' if active_fraction is not None else 'dense')
+  if policy not in POLICIES:
+    raise ValueError(f'policy must be one of {POLICIES}, got {policy!r}.')
+  if policy == 'fixed' and not (active_fraction is not None and 0 < active_fraction <= 1):
+    raise ValueError(f'policy fixed needs --active_fraction (active_fraction=) in (0, 1], '
+                     f'got {active_fraction}.')
+  if policy != 'fixed' and active_fraction is not None:
+    raise ValueError(f'--active_fraction (active_fraction=) goes with policy fixed, not {policy}.')
+  act = config.activation if act is None else act
+  if policy != 'dense':
+    activation.validate(act, config.model)
+  m = config.model  # `random` draws a plan per index up front; random/bernoulli units are big.
+  table_bytes = 4 * (m.block_size + num_tokens) * m.num_layers * (m.mlp_dim + m.num_heads)
+  if policy == 'random' and act.structure != 'nested' and table_bytes > MAX_PLAN_BYTES:
+    raise ValueError(f'policy random with structure {act.structure} keeps every step\'s units: '
+                     f'{table_bytes / 2**30:.1f} GiB for {num_tokens} tokens; generate fewer.')
+  if end is not None and (tokenizer.unknown(end) or len(tokenizer.encode(end)) != 1):
+    raise ValueError(f'the end text {end!r} must be one token the tokenizer knows.')
+  return dict(num_tokens=num_tokens, temperature=float(temperature),
+              top_k=min(top_k, tokenizer.vocab_size), top_p=float(top_p), greedy=bool(greedy),
+              end_token=None if end is None else int(tokenizer.encode(end)[0]), policy=policy,
+              active_fraction=None if active_fraction is None else float(active_fraction),
+              act=None if policy == 'dense' else ml_collections.FrozenConfigDict(act))
+
+
+def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[str], *,
+           tokenizer, num_tokens: int = 200, seed: int = 0, batch: int = 1,
+           policy: str | None = None, active_fraction: float | None = None,
+           temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+           end: str | None = None, act: ml_collections.ConfigDict | None = None) -> Samples:
+  """Generates `batch` continuations of each prompt, compiled (the CLI calls this too).
+
+  `config` is the run's config (model, activation, seed) and `tokenizer` its tokenizer
+  (`evaluate.load_run` gives both). `policy`: dense, fixed (at `active_fraction`; the default
+  when one is given) or random (a fresh draw per time step); `act` overrides
+  `config.activation` (alpha, beta, lam, sites, structure, buckets). `end`: a one-token text
+  (e.g. '\\n') that ends a row. The key is fold_in(root_keys(config.seed)['sample'], seed).
+  Bad input raises one ValueError naming the problem, before anything compiles.
+  """
+  prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+  if not prompts:
+    raise ValueError('give at least one prompt.')
+  knobs = _knobs(config, tokenizer, num_tokens, batch, policy, active_fraction, temperature,
+                 top_k, top_p, greedy, end, act)
+  model = gpt.GPT(gpt.GPTConfig.from_config(config.model, tokenizer.vocab_size))
+  encoded = []
+  for i, prompt in enumerate(prompts):
+    try:
+      encoded.append(encode_prompt(tokenizer, prompt, model.cfg))
+    except ValueError as e:
+      raise ValueError(f'prompt {i + 1}: {e}' if len(prompts) > 1 else str(e)) from None
+  rows = [(e, j) for e in encoded for j in range(batch)]
+  # Pad to a multiple of PROMPT_PAD (at most the context): fewer shapes, fewer compilations.
+  P = min(-(-max(len(e) for e in encoded) // PROMPT_PAD) * PROMPT_PAD, model.cfg.block_size)
+  prompt_RxP = np.full((len(rows), P), PAD, np.int32)
+  for r, (e, _) in enumerate(rows):
+    prompt_RxP[r, :len(e)] = e
+  lengths_R = np.asarray([len(e) for e, _ in rows], np.int32)
+  ids_R = np.asarray([sample_id(e, j) for e, j in rows], np.int32)
+  key = jax.random.fold_in(workdir_lib.root_keys(config.seed)['sample'], seed)
+
+  args = (params, model, prompt_RxP, key, lengths_R, ids_R)
+  start = time.perf_counter()
+  compiled = generate.lower(*args, **knobs).compile()
+  compile_seconds = time.perf_counter() - start
+  start = time.perf_counter()
+  tokens_RxN, fractions_RxM = jax.device_get(compiled(*args[:1], *args[2:]))
+  seconds = time.perf_counter() - start
+
+  tokens_RxN, fractions_RxM = np.array(tokens_RxN), np.array(fractions_RxM)
+  out_lengths_R = lengths_R + num_tokens
+  if knobs['end_token'] is not None:
+    for r, length in enumerate(lengths_R):
+      hits = np.flatnonzero(tokens_RxN[r, length:length + num_tokens] == knobs['end_token'])
+      if hits.size:
+        out_lengths_R[r] = length + hits[0] + 1
+  fractions_RxM[np.arange(num_tokens)[None] >= (out_lengths_R - lengths_R)[:, None]] = np.nan
+  return Samples(tokens=tokens_RxN, lengths=out_lengths_R, prompt_lengths=lengths_R,
+                 text=[tokenizer.decode(row[:n]) for row, n in zip(tokens_RxN, out_lengths_R)],
+                 fractions=fractions_RxM, policy=knobs['policy'], seconds=seconds,
+                 compile_seconds=compile_seconds)
 
 
 def _define_flags():
   flags.DEFINE_string('workdir', None, 'Workdir of a trained run.', required=True)
-  flags.DEFINE_string('prompt', '\n', 'Text to continue.')
-  flags.DEFINE_integer('num_tokens', 200, 'Tokens to generate.', lower_bound=1)
+  flags.DEFINE_multi_string('prompt', ['\n'], 'Text to continue; repeat for several prompts.')
+  flags.DEFINE_integer('num_tokens', 200, 'Tokens to generate after each prompt.')
   flags.DEFINE_integer('seed', 0, 'Sampling seed (folded into the run\'s sample key).')
-  flags.DEFINE_integer('batch', 1, 'Samples of the same prompt.', lower_bound=1)
-  flags.DEFINE_float('temperature', 0.8, 'Softmax temperature.', lower_bound=1e-6)
-  flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens (0: all).', lower_bound=0)
-  flags.DEFINE_float('top_p', 1.0, 'Nucleus: smallest set with this much mass.', lower_bound=0,
-                     upper_bound=1)
+  flags.DEFINE_integer('batch', 1, 'Samples of each prompt.')
+  flags.DEFINE_float('temperature', 0.8, 'Softmax temperature.')
+  flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens (0: all).')
+  flags.DEFINE_float('top_p', 1.0, 'Nucleus: the smallest set of tokens with this much mass.')
   flags.DEFINE_bool('greedy', False, 'Take the most likely token.')
+  flags.DEFINE_string('end', None, 'A one-token text (e.g. a newline) that ends a sample.')
   flags.DEFINE_float('active_fraction', None, 'Generate at this fixed active fraction.')
   flags.DEFINE_enum('policy', None, list(POLICIES),
                     'dense (default), fixed (with --active_fraction) or random (a fresh draw '
@@ -186,39 +359,26 @@ def _define_flags():
 
 
 def main(argv):
-  workdir_lib.quiet_logs()
   del argv
+  workdir_lib.quiet_logs()
   from rag_jax import evaluate  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   try:
-    config, tokenizer, model, params, _ = evaluate.load_run(f.workdir)
-    prompt_BxP = jnp.asarray(np.stack([encode_prompt(tokenizer, f.prompt, model.cfg)] * f.batch))
-    policy = f.policy or ('fixed' if f.active_fraction is not None else 'dense')
-    if policy == 'fixed' and not (f.active_fraction is not None and 0 < f.active_fraction <= 1):
-      raise ValueError('--policy=fixed needs --active_fraction in (0, 1].')
-    if policy != 'fixed' and f.active_fraction is not None:
-      raise ValueError(f'--active_fraction goes with --policy=fixed, not {policy}.')
+    config, tokenizer, _, params, _ = evaluate.load_run(f.workdir)
     act = config.activation
     act.update({k: f[k].value for k in ('alpha', 'beta', 'lam') if f[k].value is not None})
-    if policy != 'dense':
-      activation.validate(act, config.model)
+    out = sample(params, config, f.prompt, tokenizer=tokenizer, num_tokens=f.num_tokens,
+                 seed=f.seed, batch=f.batch, policy=f.policy, active_fraction=f.active_fraction,
+                 temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, greedy=f.greedy,
+                 end=f.end, act=act)
   except ValueError as e:
     sys.exit(f'error: {e}')
-  key = jax.random.fold_in(workdir_lib.root_keys(config.seed)['sample'], f.seed)
-  knobs = dict(num_tokens=f.num_tokens, temperature=f.temperature,
-               top_k=min(f.top_k, tokenizer.vocab_size), top_p=f.top_p, greedy=f.greedy,
-               policy=policy, active_fraction=f.active_fraction,
-               act=ml_collections.FrozenConfigDict(act))
-  compiled = generate.lower(params, model, prompt_BxP, key, **knobs).compile()
-  start = time.perf_counter()
-  tokens, fractions = jax.device_get(compiled(params, prompt_BxP, key))
-  seconds = time.perf_counter() - start
-  out = {'text': [tokenizer.decode(row) for row in tokens]}
-  for text in out['text']:
+  for text in out.text:
     print(text)
     print('-' * 40)
-  print(f'{f.batch * f.num_tokens / seconds:.1f} tokens/s ({f.batch} x {f.num_tokens} tokens '
-        f'in {seconds:.2f} s); policy {policy}, mean active fraction {np.mean(fractions):.3f}')
+  print(f'{out.tokens_per_sec:.1f} tokens/s ({out.num_generated} tokens in {out.seconds:.2f} s, '
+        f'compile {out.compile_seconds:.1f} s not counted); policy {out.policy}, '
+        f'mean active fraction {out.mean_fraction:.3f}')
 
 
 if __name__ == '__main__':

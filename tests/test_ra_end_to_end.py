@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -76,19 +75,18 @@ def test_dense_run_is_truncated_for_the_baseline(tmp_path, smoke_config):
 
 def test_sampling_policies(ra_run):
   config, workdir = ra_run
-  _, tokenizer, model, params, _ = evaluate.load_run(workdir)
-  key = jax.random.key(0)
-  run = lambda **kw: sample_lib.sample(params, model, tokenizer, ['ROMEO:'], 40, key,
-                                       act=config.activation, **kw)
+  _, tokenizer, _, params, _ = evaluate.load_run(workdir)
+  run = lambda **kw: sample_lib.sample(params, config, ['ROMEO:'], tokenizer=tokenizer,
+                                       num_tokens=40, **kw)
   dense = run(policy='dense')
-  assert np.all(dense['fractions'] == 1.0)
+  assert np.all(dense.fractions == 1.0)
   half = run(policy='fixed', active_fraction=0.5)
-  assert np.allclose(half['fractions'], 0.5)
+  assert np.allclose(half.fractions, 0.5)
   rand = run(policy='random')
-  assert len(set(np.round(rand['fractions'], 4))) > 2  # varies from step to step
-  assert 0.25 <= rand['fractions'].min() and rand['fractions'].max() <= 1.0
-  np.testing.assert_array_equal(rand['tokens'], run(policy='random')['tokens'])
-  assert rand['text'][0].startswith('ROMEO:')
+  assert len(set(np.round(rand.fractions.ravel(), 4))) > 2  # varies from step to step
+  assert 0.25 <= rand.fractions.min() and rand.fractions.max() <= 1.0
+  np.testing.assert_array_equal(rand.tokens, run(policy='random').tokens)
+  assert rand.text[0].startswith('ROMEO:')
 
 
 def test_random_policy_fractions_follow_the_distribution(ra_run):
@@ -96,10 +94,10 @@ def test_random_policy_fractions_follow_the_distribution(ra_run):
   a = 1 - 0.75 B, B ~ U(0, 1), rounded up to quarters (about 0.69)."""
   config, workdir = ra_run
   _, tokenizer, model, params, _ = evaluate.load_run(workdir)
-  out = sample_lib.sample(params, model, tokenizer, ['\n'], 300, jax.random.key(3),
-                          act=config.activation, policy='random')
+  out = sample_lib.sample(params, config, ['\n'], tokenizer=tokenizer, num_tokens=300, seed=3,
+                          policy='random')
   want = activation.compute_fractions(config.activation, model.cfg)['mlp']
-  assert abs(out['fractions'].mean() - want) < 0.03
+  assert abs(out.fractions.mean() - want) < 0.03
 
 
 def test_cli_sample_random_policy(ra_run, tfds_env):

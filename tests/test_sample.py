@@ -1,14 +1,34 @@
+import functools
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from rag_jax import activation
 from rag_jax import sample as sample_lib
 from rag_jax.data import tokenizers
 from rag_jax.models import gpt
 
-CFG = gpt.GPTConfig(vocab_size=20, num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64,
+CFG = gpt.GPTConfig(vocab_size=20, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64,
                     block_size=12)
+TOKENIZER = tokenizers.CharTokenizer('abcdefghijklmnopqrst')
+
+
+def act_config(**overrides) -> ml_collections.ConfigDict:
+  act = activation.default_config()
+  act.update(**{'enabled': True, 'lam': 0.75, 'buckets': 4, **overrides})
+  return act
+
+
+def run_config(**act) -> ml_collections.ConfigDict:
+  """A run's config for the test model (what `sample` reads: seed, model, activation)."""
+  config = ml_collections.ConfigDict({'seed': 0, 'model': {
+      'num_layers': CFG.num_layers, 'num_heads': CFG.num_heads, 'embed_dim': CFG.embed_dim,
+      'mlp_dim': CFG.mlp_dim, 'block_size': CFG.block_size, 'dropout': 0.0, 'use_bias': False}})
+  config.activation = act_config(**act)
+  return config
 
 
 @pytest.fixture(scope='module')
@@ -20,17 +40,29 @@ def model_params():
   return model, params
 
 
-def reference_greedy(model, params, prompt, num_tokens):
+@functools.partial(jax.jit, static_argnames=('model', 'plan_for'))
+def _next_logits(params, window_1xT, start, length, *, model, plan_for=None):
+  """The full forward pass over a context window (padded to T at the end: causal attention
+  ignores the padding); the logits after its first `length` tokens."""
+  plan = None if plan_for is None else plan_for(start)
+  logits_1xTxV, _ = model.apply({'params': params}, window_1xT, plan=plan)
+  return jax.lax.dynamic_index_in_dim(logits_1xTxV[0], length - 1, 0, False)
+
+
+def reference_greedy(model, params, prompt, num_tokens, plan_for=None):
   """Re-runs the full forward pass for every token, with the sampler's documented context rule:
-  when the context would exceed T tokens it restarts from the last T//2 tokens."""
+  when the context would exceed T tokens it restarts from the last T//2 tokens. `plan_for(start)`
+  is the activation plan of the window that starts at index `start`."""
   T, window = CFG.block_size, CFG.block_size // 2
   tokens, start = list(prompt), 0
   for _ in range(num_tokens):
     u = len(tokens)
     if u - start > T:
       start = u - window
-    logits, _ = model.apply({'params': params}, jnp.asarray([tokens[start:u]]))
-    tokens.append(int(jnp.argmax(logits[0, -1])))
+    context = tokens[start:u] + [0] * (T - (u - start))
+    logits = _next_logits(params, jnp.asarray([context]), start, u - start, model=model,
+                          plan_for=plan_for)
+    tokens.append(int(jnp.argmax(logits)))
   return tokens
 
 
@@ -42,6 +74,37 @@ def test_cached_greedy_equals_full_rerun(model_params, prompt_len, num_tokens):
                                num_tokens=num_tokens, greedy=True)
   assert out.shape == (1, prompt_len + num_tokens)
   assert list(np.asarray(out[0])) == reference_greedy(model, params, prompt, num_tokens)
+
+
+@pytest.mark.parametrize('policy,structure', [('fixed', 'nested'), ('fixed', 'random'),
+                                              ('random', 'nested'), ('random', 'random')])
+def test_cached_greedy_with_activation_equals_full_rerun(model_params, policy, structure):
+  """`fixed`: one plan, make_plan(act_key, fraction=a), for the whole generation. `random`: the
+  token at index t is fed through the draw fold_in(act_key, t), so the reference re-runs each
+  window with those per-position draws (as masks); 30 tokens cross two context refills."""
+  model, params = model_params
+  act = act_config(structure=structure)
+  key = jax.random.key(4)
+  _, act_key = jax.random.split(key)
+  if policy == 'fixed':
+    plan = activation.make_plan(act_key, act, CFG, fraction=0.5)
+    assert activation.active_fractions(plan)['mlp'] == 0.5
+    plan_for = lambda start: plan
+  else:
+    plan_for = lambda start: activation.per_position_plan(act_key, act, CFG, CFG.block_size,
+                                                          start)
+  prompt = [1, 2, 3]
+  out, fractions = sample_lib.generate(
+      params, model, jnp.asarray([prompt]), key, num_tokens=30, greedy=True, policy=policy,
+      active_fraction=0.5 if policy == 'fixed' else None,
+      act=ml_collections.FrozenConfigDict(act))
+  want = reference_greedy(model, params, prompt, 30, plan_for)
+  assert list(np.asarray(out[0])) == want
+  assert want != reference_greedy(model, params, prompt, 30)  # the activation matters here
+  if policy == 'fixed':
+    np.testing.assert_allclose(fractions, 0.5)
+  else:
+    assert len(np.unique(fractions)) > 2
 
 
 def test_top_k_1_equals_greedy(model_params):
@@ -79,12 +142,12 @@ def test_top_k_restricts_to_k_most_likely():
 
 
 def test_same_seed_same_text_other_seed_other_text(model_params):
-  model, params = model_params
-  prompt = jnp.asarray([[1, 2]])
-  run = lambda seed: np.asarray(sample_lib.generate(
-      params, model, prompt, jax.random.key(seed), num_tokens=20, temperature=1.5)[0])
-  np.testing.assert_array_equal(run(0), run(0))
-  assert not np.array_equal(run(0), run(1))
+  _, params = model_params
+  config = run_config()
+  run = lambda seed: sample_lib.sample(params, config, ['ab', 'cde'], tokenizer=TOKENIZER,
+                                       num_tokens=20, seed=seed, temperature=1.5).text
+  assert run(0) == run(0)
+  assert run(0)[0] != run(1)[0] and run(0)[1] != run(1)[1]
 
 
 def test_end_token_stops_and_pads(model_params):
@@ -97,18 +160,82 @@ def test_end_token_stops_and_pads(model_params):
                                        greedy=True, end_token=end)[0])[0]
   first = 3 + list(free[3:]).index(end)
   np.testing.assert_array_equal(out[:first + 1], free[:first + 1])
-  assert np.all(out[first + 1:] == 0)  # the loop stopped; the rest stays unwritten
+  assert np.all(out[first + 1:] == sample_lib.PAD)
 
 
-def test_sample_api_and_prompt_errors(model_params):
-  model, params = model_params
-  tok = tokenizers.CharTokenizer('abcdefghijklmnopqrst')
-  out = sample_lib.sample(params, model, tok, ['abc', 'def'], 5, jax.random.key(0))
-  assert out['tokens'].shape == (2, 8)
-  assert [t[:3] for t in out['text']] == ['abc', 'def']
-  with pytest.raises(ValueError, match="does not know: 'z'"):
-    sample_lib.sample(params, model, tok, ['abz'], 5, jax.random.key(0))
-  with pytest.raises(ValueError, match='empty'):
-    sample_lib.sample(params, model, tok, [''], 5, jax.random.key(0))
-  with pytest.raises(ValueError, match='13 tokens but the model\'s context is 12'):
-    sample_lib.sample(params, model, tok, ['a' * 13], 5, jax.random.key(0))
+@pytest.mark.parametrize('knobs', [
+    dict(greedy=True, end=True),
+    dict(temperature=1.0, top_k=5, policy='random'),
+])
+def test_batched_prompts_of_different_lengths_equal_one_at_a_time(model_params, knobs):
+  """Each row's text depends on the seed, its prompt and its sample number only; 20 tokens
+  cross a context refill (block 12), and rows stop at the end token on their own."""
+  _, params = model_params
+  config = run_config()
+  prompts = ['a', 'bcdef', 'ghi']
+  run = lambda ps, **kw: sample_lib.sample(params, config, ps, tokenizer=TOKENIZER,
+                                           num_tokens=20, batch=2, **{**knobs, **kw})
+  if knobs.get('end'):  # the third generated character of 'bcdef' ends the rows
+    knobs = {**knobs, 'end': run(prompts, end=None).text[2][7]}
+  together = run(prompts)
+  alone = [run([p]) for p in prompts]
+  assert together.text == [t for out in alone for t in out.text]
+  np.testing.assert_array_equal(together.fractions,
+                                np.concatenate([out.fractions for out in alone]))
+  assert together.prompt_lengths.tolist() == [1, 1, 5, 5, 3, 3]
+  if 'end' in knobs:  # greedy: both samples of a prompt agree; some rows stop early
+    assert together.text[0] == together.text[1]
+    assert together.lengths[2] <= 8 and together.text[2].endswith(knobs['end'])
+  else:
+    assert together.text[0] != together.text[1]  # samples of a prompt differ
+  ended = together.lengths < together.prompt_lengths + 20
+  assert np.isnan(together.fractions).any() == ended.any()
+
+
+def test_random_policy_fractions_follow_the_distribution(model_params):
+  """One draw a = 1 - B, B ~ Beta(2, 5), per time step for all layers: the recorded fraction of
+  each step is its bucket width j/4, seen as often as Beta(2, 5) puts a in ((j-1)/4, j/4]."""
+  _, params = model_params
+  config = run_config(alpha=2.0, beta=5.0, lam=1.0, per_layer=False)
+  out = sample_lib.sample(params, config, ['a'], tokenizer=TOKENIZER, num_tokens=400,
+                          policy='random', greedy=True)
+  widths = np.array([0.25, 0.5, 0.75, 1.0])
+  seen = [np.mean(np.isclose(out.fractions[0], w)) for w in widths]
+  assert sum(seen) == 1.0
+  cdf = jax.scipy.special.betainc(2.0, 5.0, 1 - np.concatenate([[0.0], widths]))
+  want = np.asarray(cdf[:-1] - cdf[1:])  # P((j-1)/4 < a <= j/4)
+  np.testing.assert_allclose(seen, want, atol=0.08)
+  assert abs(out.mean_fraction - float(np.sum(widths * want))) < 0.05
+
+
+def test_sample_api_and_bad_input(model_params):
+  _, params = model_params
+  config = run_config()
+  out = sample_lib.sample(params, config, ['abc', 'de'], tokenizer=TOKENIZER, num_tokens=5,
+                          active_fraction=0.5)
+  assert out.tokens.shape == (2, 12 + 5) and out.lengths.tolist() == [8, 7]
+  assert [t[:3] for t in out.text] == ['abc', 'de' + out.text[1][2]]
+  assert out.policy == 'fixed' and out.fractions.shape == (2, 5) and out.mean_fraction == 0.5
+  assert out.tokens_per_sec > 0 and out.num_generated == 10
+  bad = {
+      "does not know: 'z'": dict(prompts=['abz']),
+      "prompt 2: the prompt is empty": dict(prompts=['a', '']),
+      "13 tokens but the model's context is 12": dict(prompts=['a' * 13]),
+      'at least one prompt': dict(prompts=[]),
+      'num_tokens must be an integer': dict(num_tokens=0),
+      r'policy fixed needs --active_fraction': dict(policy='fixed'),
+      r'goes with policy fixed, not random': dict(policy='random', active_fraction=0.5),
+      'temperature must be > 0': dict(temperature=0.0),
+      'top_p must be in': dict(top_p=0.0),
+      "end text 'ab' must be one token": dict(end='ab'),
+      'lam must be in': dict(policy='random', act=act_config(lam=2.0)),
+      'buckets=3 does not divide': dict(active_fraction=0.5, act=act_config(buckets=3)),
+  }
+  for message, kwargs in bad.items():
+    kwargs = {'prompts': ['abc'], **kwargs}
+    with pytest.raises(ValueError, match=message):
+      sample_lib.sample(params, config, kwargs.pop('prompts'), tokenizer=TOKENIZER, **kwargs)
+  config.model.mlp_dim = 1 << 16  # checked before anything runs
+  with pytest.raises(ValueError, match='keeps every step'):
+    sample_lib.sample(params, config, ['abc'], tokenizer=TOKENIZER, policy='random',
+                      num_tokens=10_000, act=act_config(structure='random'))
