@@ -28,7 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   act.lam = 0.75
   act.sites = 'mlp,heads'
   act.structure = 'nested'
-  act.buckets = 4
+  # Static widths d/4 .. d; the :gpu model's 6 heads take sixths (2/6 .. 6/6 for a in [0.25, 1]).
+  act.buckets = 6 if arg == 'gpu' else 4
   act.per_layer = True
   act.train_mode = 'single'
   return config

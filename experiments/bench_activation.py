@@ -46,6 +46,9 @@ _TRAIN_STEPS = flags.DEFINE_integer('train_steps', 5, 'Timed train steps per poi
 _DECODE_TOKENS = flags.DEFINE_integer('decode_tokens', 128, 'Tokens per timed decode run.')
 _DECODE_REPEATS = flags.DEFINE_integer('decode_repeats', 5, 'Timed decode runs per point.')
 _DECODE_BATCH = flags.DEFINE_integer('decode_batch', 1, 'Sequences decoded together.')
+_BUCKETS = flags.DEFINE_integer(
+    'buckets', 0, 'Static widths per site; 0: 4 when it divides every width, else the number of '
+    'heads (6 for :gpu, widths 1/6..6/6). Ideal speedups use the realized widths.')
 _SKIP_TRAIN = flags.DEFINE_bool('skip_train', False, 'Only time decoding.')
 _OUT = flags.DEFINE_string('out', None, 'JSON output.', required=True)
 
@@ -115,8 +118,10 @@ def main(argv):
   model, tx = gpt.GPT(cfg), train.make_optimizer(config)
   params = model.init(jax.random.key(0), jnp.zeros((1, cfg.block_size), jnp.int32))['params']
   fractions = [float(a) for a in _FRACTIONS.value]
+  buckets = _BUCKETS.value or (4 if cfg.num_heads % 4 == 0 and cfg.mlp_dim % 4 == 0
+                               else cfg.num_heads)
   result = {'config': _CONFIG.value, 'model': dict(config.model), 'train_batch': config.batch_size,
-            'decode_batch': _DECODE_BATCH.value, 'decode_tokens': _DECODE_TOKENS.value,
+            'buckets': buckets, 'decode_batch': _DECODE_BATCH.value, 'decode_tokens': _DECODE_TOKENS.value,
             **bench_common.environment(), 'points': []}
 
   def measure(sites, structure, a, act):
@@ -141,7 +146,7 @@ def main(argv):
     for structure in _STRUCTURES.value:
       for a in fractions:
         act = pinned(config.activation, a)
-        act.update(sites=sites, structure=structure)
+        act.update(sites=sites, structure=structure, buckets=buckets)
         activation.validate(act, config.model)
         result['points'].append(measure(sites, structure, a, act))
 

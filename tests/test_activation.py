@@ -1,4 +1,6 @@
 """The random activation means what it says (DESIGN.md §1)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +43,26 @@ def test_draws_follow_scaled_beta(alpha, beta, lam):
   b = (1.0 - a) / lam
   assert scipy.stats.kstest(b, scipy.stats.beta(alpha, beta).cdf).pvalue > 1e-3
   assert abs((1 - a).mean() - lam * alpha / (alpha + beta)) < 0.01
+
+
+@pytest.mark.parametrize('alpha,beta,lam,min_active', [(1.0, 1.0, 0.75, 0.0), (0.5, 2.0, 1.0, 0.3)])
+def test_drawn_widths_follow_the_rounded_distribution(alpha, beta, lam, min_active):
+  """Plans draw widths from static tables (width_cdf) instead of Beta variates; the widths must
+  be distributed as draw_fraction's draws rounded up to buckets (and to whole layers)."""
+  act = act_config(alpha=alpha, beta=beta, lam=lam, min_active=min_active, buckets=8,
+                   sites='mlp,layers', per_layer=False)
+  cfg = gpt.GPTConfig(**{**CFG.__dict__, 'num_layers': 5})
+  keys = jax.random.split(jax.random.key(0), 8000)
+  plans = jax.vmap(lambda k: activation.make_plan(k, act, cfg))(keys)
+  got_mlp = np.bincount(np.asarray(plans[0]['mlp'].bucket), minlength=8) / len(keys)
+  got_layers = np.bincount(sum(np.asarray(l['layer'], int) for l in plans) - 1,
+                           minlength=5) / len(keys)
+  a = activation.draw_fraction(jax.random.key(1), act, (8000,))
+  want_mlp = np.bincount(np.asarray(activation.bucket_index(a, 8)), minlength=8) / len(keys)
+  want_layers = np.bincount(np.asarray(activation.num_layers_on(a, 5)) - 1, minlength=5) / len(keys)
+  np.testing.assert_allclose(got_mlp, want_mlp, atol=0.02)
+  np.testing.assert_allclose(got_layers, want_layers, atol=0.02)
+  np.testing.assert_allclose(got_mlp, np.diff(activation.width_cdf(act, 8), prepend=0), atol=0.02)
 
 
 def test_lam_zero_is_always_dense():
@@ -108,6 +130,25 @@ def test_switch_equals_mask_reference(model_params, structure, sites, rescale):
 
 
 @pytest.mark.parametrize('structure', ['nested', 'random'])
+def test_switch_gradients_equal_mask_reference(model_params, structure):
+  """The backward pass of the drawn widths (switch.switch, which keeps only the taken branch's
+  residuals) gives the gradients of the mask reference on the same units."""
+  model, params, tokens = model_params
+  act = act_config(structure=structure, sites='mlp,heads,layers')
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def grads(p, key, masks):
+    plan = activation.make_plan(key, act, CFG)
+    plan = activation.as_masks(plan) if masks else plan
+    return jax.grad(lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, tokens, plan=plan)[0])))(p)
+
+  for seed in range(2):
+    key = jax.random.key(seed)
+    got, want = grads(params, key, False), grads(params, key, True)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), got, want)
+
+
+@pytest.mark.parametrize('structure', ['nested', 'random'])
 @pytest.mark.parametrize('fraction', [0.25, 0.5, 0.75])
 def test_static_width_equals_mask_reference(model_params, structure, fraction):
   model, params, tokens = model_params
@@ -152,8 +193,12 @@ def test_gradients_reach_only_active_units(model_params, structure):
     assert np.all(np.abs(g['mlp']['w_in'])[:, mlp_on].sum(0) > 0)
     assert np.all(g['mlp']['w_in'][:, ~mlp_on] == 0)
     assert np.all(g['mlp']['w_out'][~mlp_on] == 0)
-    assert np.all(g['attn']['qkv'][:, 0][:, heads_on].reshape(-1) != 0)
-    assert np.all(g['attn']['qkv'][:, 0][:, ~heads_on] == 0)
+    assert np.all(g['attn']['query'][:, heads_on].reshape(-1) != 0)
+    assert np.all(g['attn']['query'][:, ~heads_on] == 0)
+    # Keys and values are computed for every head (for the cache), but only the active heads'
+    # attention reads them.
+    assert np.all(g['attn']['key_value'][:, :, heads_on] != 0)
+    assert np.all(g['attn']['key_value'][:, :, ~heads_on] == 0)
     assert np.all(g['attn']['out'][~heads_on] == 0)
 
 

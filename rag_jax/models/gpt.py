@@ -9,7 +9,6 @@ K head width, F MLP width, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -19,11 +18,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from rag_jax import activation
+from rag_jax.models import switch
 
 LN_EPS = 1e-5  # torch's LayerNorm default, as nanoGPT
 # XLA's cost-analysis count for one exact (erf) GELU: erf lowers to a rational polynomial.
 GELU_FLOPS = 64
-Cache = list[dict[str, jax.Array]]  # one {'k': BxSxHxK, 'v': BxSxHxK} per layer.
+# One {'k': BxSxHxK, 'v': BxSxHxK} per layer. (Head-major layouts, BxHxKxS for keys, save XLA a
+# transpose per step but lose the in-place cache update: 2x slower decode on XLA:CPU.)
+Cache = list[dict[str, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +72,129 @@ def _matmul(x_BxLxD, w_DxF):
   return (x_BxLxD.reshape(-1, x_BxLxD.shape[-1]) @ w_DxF).reshape(*x_BxLxD.shape[:-1], -1)
 
 
-def _switch(site: activation.Site, branch):
-  """Runs `branch(bucket)` for the site's bucket: directly when static, else by `lax.switch`,
-  which executes only the chosen branch (the skipped widths cost nothing)."""
-  if isinstance(site.bucket, int):
-    return branch(site.bucket)
-  return jax.lax.switch(site.bucket, [functools.partial(branch, j) for j in range(site.buckets)])
+def _units(site: activation.Site, bucket: int, perm):
+  """The active units of a static bucket: a slice (nested) or an index array (random)."""
+  k = site.width(bucket)
+  return slice(0, k) if perm is None else perm[:k]
+
+
+def _switched(site: activation.Site, fn, operands):
+  """`fn(operands, units, scale)` at the site's width: static, or one `lax.switch` branch per
+  bucket (switch.switch, whose backward pass keeps only the taken branch's residuals)."""
+  def branch(bucket):
+    def run(ops):
+      ops = dict(ops)
+      units = _units(site, bucket, ops.pop('perm'))
+      return fn(ops, units, site.scale(site.width(bucket)))
+    return run
+
+  operands = {**operands, 'perm': site.perm}
+  return switch.switch(site.bucket, [branch(j) for j in range(site.buckets)], operands)
+
+
+def _blocks(w, units, axis: int) -> list[jax.Array]:
+  """`w` restricted to `units` along `axis`, as a list of arrays to use one after the other.
+
+  One array (a slice or gather) in the parameters' own layout; in the decode layout
+  (`decode_variables`), where `w` is a tuple of separate arrays of `buckets` units each, the
+  first blocks that make up the nested width. Separate arrays are read in place, where a slice
+  of one array is copied first: on XLA:CPU that copy ate the saving of a narrow decode step.
+  """
+  if isinstance(w, (tuple, list)):
+    if not isinstance(units, slice):
+      raise ValueError('the decode layout serves nested (prefix) widths only.')
+    if units.stop is None:
+      return list(w)
+    n, rest = divmod(units.stop, w[0].shape[axis])
+    assert rest == 0, (units, w[0].shape, axis)
+    return list(w[:n])
+  index = [slice(None)] * w.ndim
+  index[axis] = units
+  return [w[tuple(index)]]
+
+
+def _heads(w, x_BxLxD, k, v, mask, units, scale=1.0, head_mask=None):
+  """Queries, attention and output projection of the heads `units`. Keys and values (BxSxHxK)
+  are given for every head. `head_mask`: a 0/1 mask over heads ([H] or per position [L, H])."""
+  B, L, D = x_BxLxD.shape
+  x_NxD = x_BxLxD.reshape(B * L, D)
+  qs = [jnp.einsum('ND,DHK->NHK', x_NxD, wq) for wq in _blocks(w['query'], units, 1)]
+  q_NxhxK = qs[0] if len(qs) == 1 else jnp.concatenate(qs, axis=1)
+  if 'query_bias' in w:
+    bias = _blocks(w['query_bias'], units, 0)
+    q_NxhxK += bias[0] if len(bias) == 1 else jnp.concatenate(bias)
+  q_BxLxhxK = switch.save(q_NxhxK.reshape(B, L, *q_NxhxK.shape[1:]))
+  o_BxLxhxK = switch.save(_attend(q_BxLxhxK, k, v, mask, units))
+  if head_mask is not None:
+    o_BxLxhxK = o_BxLxhxK * head_mask[..., None]
+  o_NxhxK = (o_BxLxhxK * scale).reshape(B * L, *o_BxLxhxK.shape[2:])
+  y_NxD, start = 0.0, 0
+  for wo in _blocks(w['out'], units, 0):
+    y_NxD += jnp.einsum('NHK,HKD->ND', o_NxhxK[:, start:start + wo.shape[0]], wo)
+    start += wo.shape[0]
+  y_BxLxD = y_NxD.reshape(B, L, D)
+  return y_BxLxD + w['out_bias'] if 'out_bias' in w else y_BxLxD
+
+
+def _attend(q_BxLxhxK, k_BxSxHxK, v_BxSxHxK, mask_LxS, units):
+  """Attention of the heads `units`: causal over positions 0..L-1 when `mask_LxS` is None."""
+  k_BxSxhxK, v_BxSxhxK = k_BxSxHxK[:, :, units], v_BxSxHxK[:, :, units]
+  if mask_LxS is None:
+    return jax.nn.dot_product_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, is_causal=True)
+  return jax.nn.dot_product_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask=mask_LxS[None, None])
+
+
+def _mlp(w, x_BxLxD, units, scale=1.0, unit_mask=None):
+  """GELU MLP over the hidden `units`; `unit_mask`: a 0/1 mask over units ([F] or [L, F])."""
+  w_in, w_out = _blocks(w['w_in'], units, 1), _blocks(w['w_out'], units, 0)
+  b_in = _blocks(w['b_in'], units, 0) if 'b_in' in w else [None] * len(w_in)
+  y = 0.0
+  for wi, bi, wo in zip(w_in, b_in, w_out):
+    h = _matmul(x_BxLxD, wi)
+    # Exact (erf) GELU, as nanoGPT / torch.nn.GELU().
+    h = jax.nn.gelu(switch.save(h if bi is None else h + bi), approximate=False)
+    if unit_mask is not None:
+      h = h * unit_mask
+    y += _matmul(h * scale, wo)
+  return y + w['b_out'] if 'b_out' in w else y
+
+
+def _weights(module: nn.Module, names) -> dict[str, jax.Array]:
+  return {n: getattr(module, n) for n in names if hasattr(module, n)}
+
+
+# The weights a nested width takes a prefix of, by module: (name, axis of the units).
+SWITCHED = {'attn': (('query', 1), ('query_bias', 0), ('out', 0)),
+            'mlp': (('w_in', 1), ('b_in', 0), ('w_out', 0))}
+
+
+def _param(module: nn.Module, name: str, init, shape):
+  """A parameter, or its tuple of blocks when the decode layout provides one."""
+  if module.has_variable('blocks', name):
+    return tuple(module.get_variable('blocks', name))
+  return module.param(name, init, shape)
+
+
+def decode_variables(params, buckets: int) -> dict:
+  """The variables for decoding nested widths in a loop: `params` without the weights in
+  SWITCHED, which go, each split into `buckets` separate arrays along its units, into a
+  `blocks` collection. `model.apply(decode_variables(p, b), ...)` computes what
+  `model.apply({'params': p}, ...)` does; a width of j blocks then reads j arrays in place.
+  Build it once, outside the decode loop (it copies those weights once).
+  """
+  params = jax.tree.map(lambda x: x, dict(params))  # a copy to edit
+  blocks = {}
+  for layer, modules in params.items():
+    if not layer.startswith('block_'):
+      continue
+    modules = params[layer] = {m: dict(v) for m, v in modules.items()}
+    for module, names in SWITCHED.items():
+      for name, axis in names:
+        if name in modules[module]:
+          w = modules[module].pop(name)
+          blocks.setdefault(layer, {}).setdefault(module, {})[name] = tuple(
+              jnp.split(w, buckets, axis=axis))
+  return {'params': params, 'blocks': blocks}
 
 
 class Attention(nn.Module):
@@ -89,28 +208,22 @@ class Attention(nn.Module):
   def setup(self):
     cfg = self.cfg
     D, H, K = cfg.embed_dim, cfg.num_heads, cfg.head_dim
-    self.qkv = self.param('qkv', _dense_init(cfg), (D, 3, H, K))
-    self.out = self.param('out', _dense_init(cfg, residual=True), (H, K, D))
+    self.query = _param(self, 'query', _dense_init(cfg), (D, H, K))
+    self.key_value = self.param('key_value', _dense_init(cfg), (D, 2, H, K))
+    self.out = _param(self, 'out', _dense_init(cfg, residual=True), (H, K, D))
     if cfg.use_bias:
-      self.qkv_bias = self.param('qkv_bias', nn.initializers.zeros, (3, H, K))
+      self.query_bias = _param(self, 'query_bias', nn.initializers.zeros, (H, K))
+      self.key_value_bias = self.param('key_value_bias', nn.initializers.zeros, (2, H, K))
       self.out_bias = self.param('out_bias', nn.initializers.zeros, (D,))
 
-  def _project(self, x_BxLxD, which, heads=slice(None)):
-    """Projections `which` (0 q, 1 k, 2 v; an int or slice) for the given heads."""
-    w = self.qkv[:, which][..., heads, :] if isinstance(which, int) else self.qkv[:, which]
+  def write_kv(self, x_BxLxD, cache, pos):
+    """Keys and values of every head, written into the cache at `pos` when there is one;
+    returns (keys, values, new cache)."""
     B, L, D = x_BxLxD.shape
-    y = jnp.einsum('ND,D...HK->N...HK', x_BxLxD.reshape(B * L, D), w)
-    y = y.reshape(B, L, *y.shape[1:])
+    kv = jnp.einsum('ND,DCHK->NCHK', x_BxLxD.reshape(B * L, D), self.key_value)
     if self.cfg.use_bias:
-      b = self.qkv_bias[which]
-      y += b[..., heads, :] if isinstance(which, int) else b
-    return y
-
-  def write_kv(self, x_BxLxD, cache, pos, kv_BxLx2xHxK=None):
-    """Keys and values of every head (projected unless given), written into the cache at `pos`
-    when there is one; returns (keys, values, new cache)."""
-    if kv_BxLx2xHxK is None:
-      kv_BxLx2xHxK = self._project(x_BxLxD, slice(1, 3))
+      kv += self.key_value_bias
+    kv_BxLx2xHxK = kv.reshape(B, L, *kv.shape[1:])
     k_BxLxHxK, v_BxLxHxK = kv_BxLx2xHxK[:, :, 0], kv_BxLx2xHxK[:, :, 1]
     if cache is None:
       return k_BxLxHxK, v_BxLxHxK, None
@@ -119,40 +232,21 @@ class Attention(nn.Module):
     return k, v, {'k': k, 'v': v}
 
   def __call__(self, x_BxLxD, cache=None, pos=0, heads: activation.Site | None = None):
-    L = x_BxLxD.shape[1]
-    if heads is None or heads.mask is not None:
-      qkv_BxLx3xHxK = self._project(x_BxLxD, slice(0, 3))
-      k_BxSxHxK, v_BxSxHxK, new_cache = self.write_kv(x_BxLxD, cache, pos, qkv_BxLx3xHxK[:, :, 1:])
-      q_BxLxHxK = qkv_BxLx3xHxK[:, :, 0]
-      o_BxLxHxK = _attend(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, cache is not None, pos, L)
-      if heads is not None:  # mask over heads, [H] or per position [L, H]
-        o_BxLxHxK = o_BxLxHxK * (heads.mask * heads.scale(heads.mask))[..., None]
-      return self._output(o_BxLxHxK, slice(None)), new_cache
-
-    k_BxSxHxK, v_BxSxHxK, new_cache = self.write_kv(x_BxLxD, cache, pos)
-
-    def branch(bucket):
-      units, h = heads.units(bucket), heads.width(bucket)
-      q_BxLxhxK = self._project(x_BxLxD, 0, units)
-      o = _attend(q_BxLxhxK, k_BxSxHxK[:, :, units], v_BxSxHxK[:, :, units], cache is not None,
-                  pos, L)
-      return self._output(o * heads.scale(h), units)
-
-    return _switch(heads, branch), new_cache
-
-  def _output(self, o_BxLxhxK, units):
-    B, L, h, K = o_BxLxhxK.shape
-    y_BxLxD = jnp.einsum('NHK,HKD->ND', o_BxLxhxK.reshape(B * L, h, K),
-                         self.out[units]).reshape(B, L, -1)
-    return y_BxLxD + self.out_bias if self.cfg.use_bias else y_BxLxD
-
-
-def _attend(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, cached: bool, pos, L: int):
-  if not cached:
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=True)
-  S = k_BxSxHxK.shape[1]
-  mask_LxS = jnp.arange(S)[None, :] <= (pos + jnp.arange(L))[:, None]
-  return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_LxS[None, None])
+    k, v, new_cache = self.write_kv(x_BxLxD, cache, pos)
+    mask_LxS = None
+    if cache is not None:
+      L, S = x_BxLxD.shape[1], v.shape[1]
+      mask_LxS = jnp.arange(S)[None, :] <= (pos + jnp.arange(L))[:, None]
+    w = _weights(self, ('query', 'out', 'query_bias', 'out_bias'))
+    if heads is None:
+      return _heads(w, x_BxLxD, k, v, mask_LxS, slice(None)), new_cache
+    if heads.mask is not None:  # over heads, [H] or per position [L, H]
+      return _heads(w, x_BxLxD, k, v, mask_LxS, slice(None),
+                    head_mask=heads.mask * heads.scale(heads.mask)), new_cache
+    fn = lambda ops, units, scale: _heads(ops['w'], ops['x'], ops['k'], ops['v'], ops['mask'],
+                                          units, scale)
+    ops = {'w': w, 'x': x_BxLxD, 'k': k, 'v': v, 'mask': mask_LxS}
+    return _switched(heads, fn, ops), new_cache
 
 
 class MLP(nn.Module):
@@ -162,32 +256,20 @@ class MLP(nn.Module):
   def setup(self):
     cfg = self.cfg
     D, F = cfg.embed_dim, cfg.mlp_dim
-    self.w_in = self.param('w_in', _dense_init(cfg), (D, F))
-    self.w_out = self.param('w_out', _dense_init(cfg, residual=True), (F, D))
+    self.w_in = _param(self, 'w_in', _dense_init(cfg), (D, F))
+    self.w_out = _param(self, 'w_out', _dense_init(cfg, residual=True), (F, D))
     if cfg.use_bias:
-      self.b_in = self.param('b_in', nn.initializers.zeros, (F,))
+      self.b_in = _param(self, 'b_in', nn.initializers.zeros, (F,))
       self.b_out = self.param('b_out', nn.initializers.zeros, (D,))
 
-  def _hidden(self, x_BxLxD, units=slice(None)):
-    h = _matmul(x_BxLxD, self.w_in[:, units])
-    # Exact (erf) GELU, as nanoGPT / torch.nn.GELU().
-    return jax.nn.gelu(h + self.b_in[units] if self.cfg.use_bias else h, approximate=False)
-
-  def _output(self, h_BxLxk, units=slice(None)):
-    y = _matmul(h_BxLxk, self.w_out[units])
-    return y + self.b_out if self.cfg.use_bias else y
-
   def __call__(self, x_BxLxD, site: activation.Site | None = None):
+    w = _weights(self, ('w_in', 'w_out', 'b_in', 'b_out'))
     if site is None:
-      return self._output(self._hidden(x_BxLxD))
+      return _mlp(w, x_BxLxD, slice(None))
     if site.mask is not None:  # [F] or per position [L, F]
-      return self._output(self._hidden(x_BxLxD) * site.mask * site.scale(site.mask))
-
-    def branch(bucket):
-      units = site.units(bucket)
-      return self._output(self._hidden(x_BxLxD, units) * site.scale(site.width(bucket)), units)
-
-    return _switch(site, branch)
+      return _mlp(w, x_BxLxD, slice(None), unit_mask=site.mask * site.scale(site.mask))
+    fn = lambda ops, units, scale: _mlp(ops['w'], ops['x'], units, scale)
+    return _switched(site, fn, {'w': w, 'x': x_BxLxD})
 
 
 class Block(nn.Module):

@@ -20,7 +20,9 @@ def test_param_shapes_follow_config():
   _, params, _ = _init()
   assert params['wte'].shape == (65, 32)
   assert params['wpe'].shape == (16, 32)
-  assert params['block_0']['attn']['qkv'].shape == (32, 3, 4, 8)
+  assert params['block_0']['attn']['query'].shape == (32, 4, 8)
+  assert params['block_0']['attn']['key_value'].shape == (32, 2, 4, 8)
+  assert params['block_0']['attn']['out'].shape == (4, 8, 32)
   assert params['block_1']['mlp']['w_in'].shape == (32, 128)
   assert 'lm_head' not in params  # the output head is tied to wte
 
