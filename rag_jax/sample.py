@@ -1,6 +1,6 @@
 """Compiled generation: a prefill of the prompts, then one `lax.while_loop` with a KV cache.
 
-    python -m rag_jax.sample --workdir=DIR --prompt="ROMEO:" [--prompt="JULIET:" ...] --num_tokens=200
+    python -m rag_jax.sample --workdir=DIR --prompt="ROMEO:" [--prompt="JULIET:"] --num_tokens=200
         [--active_fraction=0.5 | --policy=random] [--seed=0] [--batch=1] [--temperature=0.8]
         [--top_k=0] [--top_p=1.0] [--greedy] [--end=CHAR] [--alpha= --beta= --lam=]
 
