@@ -241,17 +241,23 @@ class Samples:
     return float(np.nanmean(self.fractions))
 
 
-def _knobs(config, tokenizer, num_tokens, batch, policy, active_fraction, temperature, top_k,
-           top_p, greedy, end, act) -> dict:
+def _is_int(x, low: int, high: int) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and low <= x <= high
+
+
+def _knobs(config, tokenizer, num_tokens, seed, batch, policy, active_fraction, temperature,
+           top_k, top_p, greedy, end, act) -> dict:
   """Checks the sampling settings (ValueError naming the problem); the static knobs of
   `generate`."""
-  if not (isinstance(num_tokens, int) and 1 <= num_tokens <= MAX_TOKENS):
+  if not _is_int(num_tokens, 1, MAX_TOKENS):
     raise ValueError(f'num_tokens must be an integer in [1, {MAX_TOKENS}], got {num_tokens!r}.')
-  if not (isinstance(batch, int) and batch >= 1):
+  if not _is_int(seed, 0, 2**32 - 1):
+    raise ValueError(f'seed must be an integer in [0, 2**32), got {seed!r}.')
+  if not _is_int(batch, 1, MAX_TOKENS):
     raise ValueError(f'batch must be a positive integer, got {batch!r}.')
   if not greedy and not temperature > 0:
     raise ValueError(f'temperature must be > 0 (or use greedy), got {temperature!r}.')
-  if not (isinstance(top_k, int) and top_k >= 0):
+  if not _is_int(top_k, 0, 2**31 - 1):
     raise ValueError(f'top_k must be an integer >= 0 (0: all tokens), got {top_k!r}.')
   if not 0 < top_p <= 1:
     raise ValueError(f'top_p must be in (0, 1], got {top_p!r}.')
@@ -297,8 +303,8 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
   if not prompts:
     raise ValueError('give at least one prompt.')
-  knobs = _knobs(config, tokenizer, num_tokens, batch, policy, active_fraction, temperature,
-                 top_k, top_p, greedy, end, act)
+  knobs = _knobs(config, tokenizer, num_tokens, seed, batch, policy, active_fraction,
+                 temperature, top_k, top_p, greedy, end, act)
   model = gpt.GPT(gpt.GPTConfig.from_config(config.model, tokenizer.vocab_size))
   encoded = []
   for i, prompt in enumerate(prompts):
@@ -316,12 +322,11 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
   ids_R = np.asarray([sample_id(e, j) for e, j in rows], np.int32)
   key = jax.random.fold_in(workdir_lib.root_keys(config.seed)['sample'], seed)
 
-  args = (params, model, prompt_RxP, key, lengths_R, ids_R)
   start = time.perf_counter()
-  compiled = generate.lower(*args, **knobs).compile()
+  compiled = generate.lower(params, model, prompt_RxP, key, lengths_R, ids_R, **knobs).compile()
   compile_seconds = time.perf_counter() - start
   start = time.perf_counter()
-  tokens_RxN, fractions_RxM = jax.device_get(compiled(*args[:1], *args[2:]))
+  tokens_RxN, fractions_RxM = jax.device_get(compiled(params, prompt_RxP, key, lengths_R, ids_R))
   seconds = time.perf_counter() - start
 
   tokens_RxN, fractions_RxM = np.array(tokens_RxN), np.array(fractions_RxM)

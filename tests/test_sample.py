@@ -223,6 +223,7 @@ def test_sample_api_and_bad_input(model_params):
       "13 tokens but the model's context is 12": dict(prompts=['a' * 13]),
       'at least one prompt': dict(prompts=[]),
       'num_tokens must be an integer': dict(num_tokens=0),
+      'seed must be an integer': dict(seed=-1),
       r'policy fixed needs --active_fraction': dict(policy='fixed'),
       r'goes with policy fixed, not random': dict(policy='random', active_fraction=0.5),
       'temperature must be > 0': dict(temperature=0.0),
