@@ -31,7 +31,7 @@ train: data
 	$(PY) -m rag_jax.sample --workdir=$(WORKDIR) --prompt="ROMEO:" --num_tokens=300
 
 test: install
-	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup tests
 
 bench: install
 	$(PY) experiments/bench_train.py --config=$(CONFIG) --out=results/bench_train.json

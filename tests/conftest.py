@@ -38,7 +38,7 @@ def smoke_config(tfds_dir):
   return config
 
 
-@pytest.fixture
+@pytest.fixture(scope='session')
 def tfds_env(tfds_dir):
   """Environment for CLI subprocesses: the prepared data and a quiet TensorFlow."""
   return {**os.environ, 'TFDS_DATA_DIR': tfds_dir, 'TF_CPP_MIN_LOG_LEVEL': '3',

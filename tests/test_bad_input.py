@@ -122,6 +122,9 @@ def test_cli_unknown_field_and_wrong_type(tfds_env, tmp_path):
   assert proc.returncode != 0
   assert "--config.model.heads: the config has no field 'heads'" in proc.stderr
   assert 'Traceback' not in proc.stderr
+  proc = _cli('rag_jax.train', *base, '--config.activation.alhpa=1', env=tfds_env)
+  assert ("--config.activation.alhpa: the config has no field 'alhpa' (did you mean 'alpha'?)"
+          in proc.stderr), proc.stderr
   proc = _cli('rag_jax.train', *base, '--config.batch_size=many', env=tfds_env)
   assert proc.returncode != 0
   assert 'flag --config.batch_size=many' in proc.stderr and 'Traceback' not in proc.stderr

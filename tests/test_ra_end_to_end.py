@@ -13,6 +13,9 @@ from rag_jax import sample as sample_lib
 from rag_jax import train
 from tests.conftest import ROOT, load_config
 
+# One worker trains the module's shared run (make test: pytest -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('ra_run')
+
 
 @pytest.fixture(scope='module')
 def ra_run(tmp_path_factory, tfds_dir):

@@ -16,6 +16,9 @@ from rag_jax import train
 from rag_jax import workdir as workdir_lib
 from tests.conftest import ROOT
 
+# One worker trains the module's shared run (make test: pytest -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('smoke_run')
+
 
 def read_metrics(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
