@@ -138,9 +138,14 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
     plans_from = lambda first, L: fixed
     fraction_N = jnp.full((N,), _mean_fraction(fixed))
 
+  # Nested widths read their weights as separate per-bucket arrays (gpt.decode_variables,
+  # split once here): a slice of one array inside the loop would be copied at every step.
+  variables = ({'params': params} if policy == 'dense' or act.structure != 'nested'
+               else gpt.decode_variables(params, act.buckets))
+
   def prefill(tokens_BxL, first):
     """Feeds the tokens at indices first.. into a fresh cache at positions 0.. ."""
-    return model.apply({'params': params}, tokens_BxL, cache=gpt.init_cache(cfg, B), pos=0,
+    return model.apply(variables, tokens_BxL, cache=gpt.init_cache(cfg, B), pos=0,
                        plan=plans_from(first, tokens_BxL.shape[1]))
 
   def refill(tokens_BxN, t):
@@ -175,7 +180,7 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
     s, token_B = choose(s)
     cache, pos = jax.lax.cond(s.pos + 1 >= T, lambda: refill(s.tokens, s.t),
                               lambda: (s.cache, s.pos + 1))
-    logits_Bx1xV, cache = model.apply({'params': params}, token_B[:, None], cache=cache, pos=pos,
+    logits_Bx1xV, cache = model.apply(variables, token_B[:, None], cache=cache, pos=pos,
                                       plan=plan_at(s.t))
     return s.replace(cache=cache, t=s.t + 1, pos=pos, logits=logits_Bx1xV[:, 0])
 

@@ -169,6 +169,24 @@ def test_fraction_one_equals_dense(model_params, structure):
                              apply(model, params, tokens, None), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('plan_kind', ['dense', 'static', 'drawn', 'masks'])
+def test_decode_layout_equals_parameters(model_params, plan_kind):
+  """gpt.decode_variables (weights split into separate per-bucket arrays, for decode loops)
+  computes what the parameters compute, for every kind of plan of nested widths."""
+  model, params, tokens = model_params
+  act = act_config(sites='mlp,heads,layers')
+  key = jax.random.key(3)
+  plan = {'dense': None,
+          'static': activation.make_plan(key, act, CFG, fraction=0.5),
+          'drawn': activation.make_plan(key, act, CFG),
+          'masks': activation.per_position_plan(key, act, CFG, CFG.block_size)}[plan_kind]
+  variables = gpt.decode_variables(params, act.buckets)
+  assert 'w_in' not in variables['params']['block_0']['mlp']
+  assert len(variables['blocks']['block_0']['mlp']['w_in']) == act.buckets
+  got = jax.jit(lambda v, t, plan: model.apply(v, t, plan=plan)[0])(variables, tokens, plan)
+  np.testing.assert_allclose(got, apply(model, params, tokens, plan), atol=1e-5, rtol=1e-5)
+
+
 def test_bernoulli_keeps_each_unit_with_probability_a():
   act = act_config(structure='bernoulli', sites='mlp')
   cfg = gpt.GPTConfig(**{**CFG.__dict__, 'mlp_dim': 4096})

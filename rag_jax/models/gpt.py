@@ -148,13 +148,14 @@ def _mlp(w, x_BxLxD, units, scale=1.0, unit_mask=None):
   """GELU MLP over the hidden `units`; `unit_mask`: a 0/1 mask over units ([F] or [L, F])."""
   w_in, w_out = _blocks(w['w_in'], units, 1), _blocks(w['w_out'], units, 0)
   b_in = _blocks(w['b_in'], units, 0) if 'b_in' in w else [None] * len(w_in)
-  y = 0.0
+  y, start = 0.0, 0
   for wi, bi, wo in zip(w_in, b_in, w_out):
     h = _matmul(x_BxLxD, wi)
     # Exact (erf) GELU, as nanoGPT / torch.nn.GELU().
     h = jax.nn.gelu(switch.save(h if bi is None else h + bi), approximate=False)
-    if unit_mask is not None:
-      h = h * unit_mask
+    if unit_mask is not None:  # this block's units of the mask
+      h = h * unit_mask[..., start:start + h.shape[-1]]
+    start += h.shape[-1]
     y += _matmul(h * scale, wo)
   return y + w['b_out'] if 'b_out' in w else y
 
