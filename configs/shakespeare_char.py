@@ -24,6 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.tokenizer = 'char'            # 'char' (built from the train split) or 'byte'.
   config.data.data_dir = ''                 # TFDS data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
   config.data.eval_split = 'validation'
+  # Our train/validation/test splits as TFDS split expressions (e.g. 'train[:90%]').
+  config.data.splits = ml_collections.ConfigDict(
+      {'train': 'train', 'validation': 'validation', 'test': 'test'})
 
   config.model = ml_collections.ConfigDict()
   config.model.num_layers = 4     # L: residual blocks.
@@ -33,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.block_size = 64    # T: context length.
   config.model.dropout = 0.0
   config.model.use_bias = False   # biases in linears and LayerNorms (nanoGPT: False).
+  config.model.attention = 'auto'  # 'auto': cuDNN's fused kernel on GPU in bfloat16, else XLA.
 
   config.opt = ml_collections.ConfigDict()
   config.opt.learning_rate = 1e-3
@@ -55,8 +59,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Random activation (DESIGN.md §1); off here: this is the dense baseline.
   config.activation = activation.default_config()
 
+  # Activations and matmuls: 'float32' or 'bfloat16' (parameters, softmax and loss stay float32).
+  config.dtype = 'float32'
+
+  # Device mesh (data, fsdp, tensor); -1 = the devices the other axes leave. A batch is split
+  # over data x fsdp; parameters and optimizer state by their logical axes (models/gpt.py
+  # PARAM_AXES) through `rules`: logical name -> mesh axes ('' = kept whole).
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1          # devices on the `data` axis; -1 = all.
+  config.mesh.fsdp = 1           # devices splitting parameters and optimizer state (ZeRO-3).
+  config.mesh.tensor = 1         # devices splitting heads, MLP units and vocabulary.
+  config.mesh.rules = ml_collections.ConfigDict(
+      {'embed': 'fsdp', 'heads': 'tensor', 'mlp': 'tensor', 'vocab': 'tensor'})
 
   if arg == 'gpu':
     config.model.num_layers = 6

@@ -17,6 +17,9 @@ _NON_NEGATIVE_FLOATS = (
 TOKENIZERS = ('char', 'byte')
 # The fields that fix the shapes of the parameters; a workdir's checkpoint must agree on them.
 MODEL_FIELDS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'block_size', 'use_bias')
+DTYPES = ('float32', 'bfloat16')  # config.dtype: activations and matmuls (parameters: float32).
+ATTENTION = ('auto', 'xla', 'cudnn')  # config.model.attention (see models.gpt.attention_impl).
+MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
 def get(config: ml_collections.ConfigDict, dotted: str):
@@ -76,9 +79,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from rag_jax import activation  # pylint: disable=g-import-not-at-top
   if get(config, 'activation').enabled:
     activation.validate(config.activation, m)
-  mesh_data = get(config, 'mesh.data')
-  if not _is_int(mesh_data) or (mesh_data <= 0 and mesh_data != -1):
-    raise ConfigError(f'config.mesh.data must be a positive integer or -1, got {mesh_data!r}.')
+  _validate_mesh(get(config, 'mesh'))
+  dtype = config.get('dtype', 'float32')
+  if dtype not in DTYPES:
+    raise ConfigError(f'config.dtype must be one of {DTYPES}, got {dtype!r}.')
+  attention = m.get('attention', 'auto')
+  if attention not in ATTENTION:
+    raise ConfigError(f'config.model.attention must be one of {ATTENTION}, got {attention!r}.')
+
+
+def _validate_mesh(mesh: ml_collections.ConfigDict) -> None:
+  sizes = []
+  for axis in MESH_AXES:
+    n = mesh.get(axis, 1)
+    if not _is_int(n) or (n <= 0 and n != -1):
+      raise ConfigError(f'config.mesh.{axis} must be a positive integer or -1, got {n!r}.')
+    sizes.append(n)
+  if sizes.count(-1) > 1:
+    raise ConfigError('config.mesh: at most one of data, fsdp, tensor may be -1 (the rest).')
+  for name, target in (mesh.get('rules') or {}).items():
+    unknown = [a for a in str(target or '').split(',') if a and a not in MESH_AXES]
+    if unknown:
+      raise ConfigError(f'config.mesh.rules.{name}={target!r}: {unknown} not a mesh axis; use a '
+                        f"comma-separated subset of {MESH_AXES}, or '' to keep {name} whole.")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

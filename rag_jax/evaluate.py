@@ -66,7 +66,7 @@ def mean_loss(eval_step, params, tokens: np.ndarray, config, batch_sharding=None
   for i, (batch, weights) in enumerate(data_lib.eval_batches(
       tokens, config.model.block_size, config.eval_batch_size, config.eval_batches)):
     if batch_sharding is not None:
-      batch, weights = jax.device_put((batch, weights), batch_sharding)
+      batch, weights = data_lib.put((batch, weights), batch_sharding)
     s, n = eval_step(params, batch, weights, jax.random.fold_in(key, i))
     total, count = total + float(s), count + float(n)
   return total / count, int(count)

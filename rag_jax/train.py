@@ -44,7 +44,8 @@ class TrainState:
 
 
 def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> gpt.GPT:
-  return gpt.GPT(gpt.GPTConfig.from_config(config.model, vocab_size))
+  return gpt.GPT(gpt.GPTConfig.from_config(config.model, vocab_size,
+                                           dtype=config.get('dtype', 'float32')))
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -116,33 +117,89 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  devices = jax.devices()
-  n = len(devices) if config.mesh.data == -1 else config.mesh.data
-  if n > len(devices):
+MESH_AXES = configuration.MESH_AXES
+BATCH_AXES = ('data', 'fsdp')  # a batch is split over both: FSDP is data parallelism too.
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Sizes of the MESH_AXES from `config.mesh` (-1: the devices the others leave; a missing
+  axis is 1). Their product may be below `num_devices` (then the first devices are used)."""
+  sizes = [config.mesh.get(a, 1) for a in MESH_AXES]  # checked by configuration.validate
+  fixed = math.prod(n for n in sizes if n != -1)
+  if -1 in sizes:
+    if num_devices % fixed:
+      raise configuration.ConfigError(
+          f'config.mesh: {num_devices} device(s) do not split into the fixed axis sizes '
+          f'(product {fixed}); set the sizes explicitly.')
+    sizes[sizes.index(-1)] = num_devices // fixed
+  if math.prod(sizes) > num_devices:
+    name = 'config.mesh.data' if sizes[1:] == [1, 1] else 'config.mesh'
+    value = sizes[0] if sizes[1:] == [1, 1] else dict(zip(MESH_AXES, sizes))
     raise configuration.ConfigError(
-        f'config.mesh.data={n} but only {len(devices)} device(s) are visible.')
-  if config.batch_size % n or config.eval_batch_size % n:
+        f'{name}={value} but only {num_devices} device(s) are visible.')
+  return tuple(sizes)
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The (data, fsdp, tensor) mesh of `config.mesh`, with Auto (propagated) sharding axes."""
+  devices = jax.devices()
+  shape = mesh_shape(config, len(devices))
+  n, batch_ways = math.prod(shape), shape[0] * shape[1]
+  if n < len(devices) and jax.process_count() > 1:
+    raise configuration.ConfigError(
+        f'config.mesh uses {n} of {len(devices)} devices; a multi-process run must use all.')
+  if config.batch_size % batch_ways or config.eval_batch_size % batch_ways:
     raise configuration.ConfigError(
         f'config.batch_size ({config.batch_size}) and config.eval_batch_size '
-        f'({config.eval_batch_size}) must be divisible by the {n} device(s) on the data axis; '
-        'change them or set config.mesh.data.')
-  return jax.make_mesh((n,), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
+        f'({config.eval_batch_size}) must be divisible by the {batch_ways} device(s) on the '
+        'data and fsdp axes; change them or set config.mesh.')
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                        devices=devices[:n])
+
+
+def partition_spec(axes, shape, rules, mesh: jax.sharding.Mesh) -> jax.sharding.PartitionSpec:
+  """PartitionSpec of an array with logical `axes` (None: not a parameter, replicated).
+
+  `rules` maps a logical name to mesh axes ('fsdp', 'data,fsdp', '' for none). A mesh axis
+  serves one dimension only (the first that asks for it), axes of size 1 are dropped, and a
+  dimension its mesh axes do not divide stays whole (e.g. a 65-character vocabulary).
+  """
+  if axes is None:
+    return jax.sharding.PartitionSpec()
+  used, spec = set(), []
+  for name, size in zip(axes, shape):
+    mesh_axes = tuple(a for a in str(rules.get(name, '') if name else '').split(',')
+                      if a and a not in used and mesh.shape[a] > 1)
+    if mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+      used.update(mesh_axes)
+      spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    else:
+      spec.append(None)
+  return jax.sharding.PartitionSpec(*spec)
 
 
 @dataclasses.dataclass(frozen=True)
 class Shardings:
-  """Parameters and optimizer state replicated over the mesh; batches split on `data`."""
+  """Parameters and optimizer state split by logical axes (gpt.PARAM_AXES) mapped to mesh axes
+  by `rules` (config.mesh.rules; None replicates them); batches split on (`data`, `fsdp`)."""
   state: Any
   batch: jax.sharding.NamedSharding
   replicated: jax.sharding.NamedSharding
 
   @classmethod
-  def of(cls, mesh: jax.sharding.Mesh, abstract_state: Any) -> 'Shardings':
+  def of(cls, mesh: jax.sharding.Mesh, abstract_state: Any, rules=None) -> 'Shardings':
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return cls(state=jax.tree.map(lambda _: replicated, abstract_state),
-               batch=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')),
+
+    def leaf(path, x):
+      if rules is None or not hasattr(x, 'shape'):
+        return replicated
+      spec = partition_spec(gpt.param_axes(path, len(x.shape)), x.shape, rules, mesh)
+      return jax.sharding.NamedSharding(mesh, spec)
+
+    # Adam's moments mirror the params' tree, so their leaves get the params' shardings.
+    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    return cls(state=jax.tree_util.tree_map_with_path(leaf, abstract_state),
+               batch=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes)),
                replicated=replicated)
 
 
@@ -205,13 +262,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   keys = workdir_lib.root_keys(config.seed)
   init_fn = functools.partial(init_state, model, tx, config=config)
   abstract = jax.eval_shape(init_fn, keys['init'])
-  shard = Shardings.of(mesh, abstract)
+  shard = Shardings.of(mesh, abstract, config.mesh.get('rules'))
   mngr = workdir_lib.checkpoint_manager(workdir, config.keep_checkpoints)
   if resume is not None:
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shard.state)
     state = workdir_lib.restore(mngr, resume, abstract, workdir)
-  else:
+  else:  # created already split over the mesh: no device holds more than its shard.
     state = jax.jit(init_fn, out_shardings=shard.state)(keys['init'])
     resume = 0
   if jax.process_index() == 0:
@@ -227,14 +284,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_tokens = dataset.splits['train']
   eval_tokens = dataset.splits[config.data.eval_split]
   T, B = config.model.block_size, config.batch_size
+  rows = data_lib.process_rows(batch_sharding, B)  # this process's rows of each batch
   pending, last, t_last, step_last = [], {}, None, resume
   bar = tqdm.tqdm(total=config.num_steps, initial=resume, desc='train', unit='step',
                   disable=jax.process_index() != 0, dynamic_ncols=True)
   lr = make_lr_schedule(config)
-  with mesh:
+  with jax.set_mesh(mesh):
     for step in range(resume + 1, config.num_steps + 1):
-      batch = jax.device_put(data_lib.train_batch(train_tokens, B, T, config.seed, step - 1),
-                             batch_sharding)
+      batch = data_lib.put(data_lib.train_batch(train_tokens, B, T, config.seed, step - 1, rows),
+                           batch_sharding, B)
       state, metrics = train_step(state, batch, keys['train'])
       pending.append(metrics)
       bar.update(1)
@@ -281,9 +339,30 @@ def make_lr_schedule(config: ml_collections.ConfigDict):
       decay_steps=config.num_steps, end_value=o.min_learning_rate)
 
 
+def initialize_distributed(enable: bool | None = None) -> None:
+  """`jax.distributed.initialize()` for a multi-process run, before any device is touched.
+
+  `enable=None` (the default) initializes when JAX_COORDINATOR_ADDRESS is set, taking
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID from the environment too (a cluster of your own, or
+  several processes on one machine); `True` also lets JAX find them itself (Cloud TPU pod
+  slices, SLURM, Open MPI); `False` never initializes.
+  """
+  env = os.environ
+  if enable is False or (enable is None and 'JAX_COORDINATOR_ADDRESS' not in env):
+    return
+  num = env.get('JAX_NUM_PROCESSES')
+  pid = env.get('JAX_PROCESS_ID')
+  jax.distributed.initialize(coordinator_address=env.get('JAX_COORDINATOR_ADDRESS'),
+                             num_processes=None if num is None else int(num),
+                             process_id=None if pid is None else int(pid))
+
+
 def _define_flags():
   config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+  flags.DEFINE_bool('distributed', None,
+                    'Call jax.distributed.initialize() (multi-process runs). Default: when '
+                    'JAX_COORDINATOR_ADDRESS is set; pass it on TPU pod slices.')
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -291,6 +370,7 @@ def main(argv):
   workdir_lib.quiet_logs()
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
+  initialize_distributed(flags.FLAGS.distributed)
   try:
     last = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except (ValueError, FloatingPointError) as e:

@@ -3,7 +3,9 @@
 Every split of the corpora used here is small enough to hold as one token array in host memory
 (tiny_shakespeare: 1M characters). Training batches are random windows of `block_size + 1` tokens
 drawn by a generator seeded with (seed, step): a batch is a pure function of the step, so a
-resumed run sees exactly the batches it would have seen.
+resumed run sees exactly the batches it would have seen. In a multi-process run every process
+holds the token arrays, draws the same window starts and reads only the windows of its own
+devices (`process_rows`); `put` forms the global batch from those rows.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import dataclasses
 import os
 import shutil
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -81,19 +84,27 @@ def prepare(config: ml_collections.ConfigDict):
 
 
 def load_texts(config: ml_collections.ConfigDict) -> dict[str, str]:
-  """The text of each split, from the prepared array_record files (no TensorFlow needed)."""
+  """The text of each split, from the prepared array_record files (no TensorFlow needed).
+  `config.data.splits` maps our train/validation/test to TFDS split expressions (lm1b has no
+  validation split: 'test[:50%]'); by default each is the TFDS split of its own name."""
   builder = prepare(config)
-  try:
-    source = builder.as_data_source()
-  except Exception as e:  # pylint: disable=broad-except
-    raise DataError(
-        f'dataset {config.data.dataset!r} in {builder.data_dir} cannot be read as array_record '
-        f'({type(e).__name__}: {e}); delete that folder to rebuild it.') from None
+  names = config.data.get('splits') or {}
   texts = {}
   for split in SPLITS:
-    if split not in source:
-      raise DataError(f'dataset {config.data.dataset!r} has no {split!r} split.')
-    parts = [ex['text'] for ex in source[split]]
+    name = names.get(split, split)  # a TFDS split expression, e.g. 'test[:50%]'
+    if name.split('[')[0] not in builder.info.splits:
+      raise DataError(
+          f'dataset {config.data.dataset!r} has no {name.split("[")[0]!r} split (it has '
+          f'{sorted(builder.info.splits)}); map our {split!r} split to one of those with '
+          f"config.data.splits.{split}, e.g. 'train[:1%]'.")
+    try:
+      source = builder.as_data_source(split=name)
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(
+          f'dataset {config.data.dataset!r} in {builder.data_dir}: split {name!r} cannot be read '
+          f'as array_record ({type(e).__name__}: {e}); check the split expression, or delete '
+          'that folder to rebuild it.') from None
+    parts = [ex['text'] for ex in source]
     texts[split] = '\n'.join(p.decode('utf-8') if isinstance(p, bytes) else p for p in parts)
   return texts
 
@@ -125,11 +136,41 @@ def load(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer | No
 
 
 def train_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int,
-                step: int) -> np.ndarray:
-  """`batch_size` random windows of `block_size + 1` tokens; a pure function of (seed, step)."""
+                step: int, rows: np.ndarray | None = None) -> np.ndarray:
+  """`batch_size` random windows of `block_size + 1` tokens; a pure function of (seed, step).
+  `rows`: only those windows of the batch (a process's share, `process_rows`)."""
   rng = np.random.default_rng((seed, step))
   starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
+  if rows is not None:
+    starts = starts[rows]
   return tokens[starts[:, None] + np.arange(block_size + 1)]
+
+
+def process_rows(sharding: jax.sharding.Sharding, num_rows: int) -> np.ndarray | None:
+  """The rows of a `num_rows` batch split on its first axis by `sharding` that this process's
+  devices hold, in order; None when a single process holds them all."""
+  if sharding.is_fully_addressable:
+    return None
+  index = sharding.addressable_devices_indices_map((num_rows,))
+  return np.array(sorted({r for idx in index.values() for r in range(num_rows)[idx[0]]}))
+
+
+def put(batch, sharding: jax.sharding.Sharding, num_rows: int | None = None):
+  """Numpy arrays (a batch, or a tuple of them) split on their first axis onto `sharding`.
+
+  `num_rows=None`: `batch` is the whole batch on every process (each keeps its own rows).
+  Otherwise `batch` holds this process's rows (`process_rows`) of a `num_rows` batch.
+  Across processes the global batch is formed by `jax.make_array_from_process_local_data`.
+  """
+  if sharding.is_fully_addressable:
+    return jax.device_put(batch, sharding)
+
+  def one(x):
+    n = len(x) if num_rows is None else num_rows
+    local = x[process_rows(sharding, n)] if num_rows is None else x
+    return jax.make_array_from_process_local_data(sharding, local, (n, *x.shape[1:]))
+
+  return jax.tree.map(one, batch)
 
 
 def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, max_batches: int = -1):
