@@ -102,8 +102,8 @@ def load_texts(config: ml_collections.ConfigDict) -> dict[str, str]:
     except Exception as e:  # pylint: disable=broad-except
       raise DataError(
           f'dataset {config.data.dataset!r} in {builder.data_dir}: split {name!r} cannot be read '
-          f'as array_record ({type(e).__name__}: {e}); check the split expression, or delete '
-          'that folder to rebuild it.') from None
+          f'as array_record ({type(e).__name__}: {e}); check the split expression (a slice takes '
+          'whole examples, and may hold none), or delete that folder to rebuild it.') from None
     parts = [ex['text'] for ex in source]
     texts[split] = '\n'.join(p.decode('utf-8') if isinstance(p, bytes) else p for p in parts)
   return texts
