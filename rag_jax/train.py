@@ -20,6 +20,7 @@ from typing import Any
 from absl import app, flags
 import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
@@ -255,6 +256,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
       workdir_lib.check_same_model(workdir_lib.load_config(workdir), config, workdir)
   tokenizer = data_lib.tokenizers.load(tokenizer_path) if resume is not None else None
+  if jax.process_count() > 1:  # process 0 builds a missing dataset; the others wait for it.
+    if jax.process_index() == 0:
+      data_lib.prepare(config)
+    multihost_utils.sync_global_devices('rag_jax: dataset prepared')
   dataset = data_lib.load(config, tokenizer)
   tokenizer = dataset.tokenizer
 
