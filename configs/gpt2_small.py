@@ -39,9 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.activation = sweeps.load_config(os.path.join(HERE, 'ra_shakespeare_char.py')).activation
   if smoke:  # the tiny model and schedule of shakespeare_char:smoke, on bytes, a wider model.
     config.model.update(num_layers=2, num_heads=4, embed_dim=64, mlp_dim=256, block_size=64)
-    config.num_steps = 40
-    config.eval_every = 20
-    config.checkpoint_every = 20
+    config.update(num_steps=40, eval_every=20, checkpoint_every=20)
     config.opt.warmup_steps = 5
     return config
 
@@ -51,12 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       dropout=0.0, use_bias=False)
   config.opt.update(learning_rate=6e-4, min_learning_rate=6e-5, warmup_steps=2000, b1=0.9,
                     b2=0.95, weight_decay=0.1, grad_clip=1.0)
-  config.dtype = 'bfloat16'
-  config.batch_size = 32
-  config.num_steps = 100_000     # 3.3B tokens
-  config.log_every = 100
-  config.eval_every = 2000
-  config.eval_batch_size = 32
-  config.eval_batches = 20
-  config.checkpoint_every = 2000
+  # 32 x 1024 tokens a step, 100k steps: 3.3B tokens.
+  config.update(dtype='bfloat16', batch_size=32, num_steps=100_000, log_every=100,
+                eval_every=2000, eval_batch_size=32, eval_batches=20, checkpoint_every=2000)
   return config
