@@ -113,9 +113,16 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     sys.exit(f'error: {e}')
   except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field.
-    missing = str(e).strip('"\'')
+    import re  # pylint: disable=g-import-not-at-top
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(...))
+      e = e.args[0]
+    text = str(e.args[0] if e.args else e)
+    found = re.search(r"[A-Za-z_][A-Za-z0-9_]*", text)
+    missing = found.group(0) if found else text
+    hint = re.search(r'Did you mean "([^"]+)"', text)
     culprits = [a.split('=')[0] for a in argv[1:]
                 if a.startswith('--config.') and missing in a.split('=')[0].split('.')]
     where = culprits[0] if culprits else 'a --config.* override'
-    sys.exit(f'error: {where}: the config has no field {missing!r}; the fields are those set in '
-             'the config file (unknown fields are errors).')
+    sys.exit(f'error: {where}: the config has no field {missing!r}'
+             + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
+             + '; the fields are those set in the config file (unknown fields are errors).')
