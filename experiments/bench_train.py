@@ -64,7 +64,7 @@ def benchmark(config, steps: int, warmup: int, rounds: int, feed: bool) -> dict:
                           batch_sharding)
 
   result = {}
-  with mesh:
+  with jax.set_mesh(mesh):
     batch0 = fresh_batch()
     t0 = time.perf_counter()
     lowered = train_step.lower(state, batch0, keys['train'])

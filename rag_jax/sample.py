@@ -138,10 +138,16 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
     plans_from = lambda first, L: fixed
     fraction_N = jnp.full((N,), _mean_fraction(fixed))
 
-  # Nested widths read their weights as separate per-bucket arrays (gpt.decode_variables,
-  # split once here): a slice of one array inside the loop would be copied at every step.
-  variables = ({'params': params} if policy == 'dense' or act.structure != 'nested'
-               else gpt.decode_variables(params, act.buckets))
+  # Nested widths read their weights from separate prefix arrays (gpt.decode_variables, cut
+  # once here): a slice of one array inside the loop would be copied at every step. `fixed`
+  # keeps its one width; `random` every bucket's (memory: (buckets + 1) / 2 x those weights).
+  if policy == 'dense' or act.structure != 'nested':
+    variables = {'params': params}
+  else:
+    widths = ([activation.bucket_index(float(active_fraction), act.buckets)]
+              if policy == 'fixed' else range(act.buckets))
+    variables = gpt.decode_variables(params, act.buckets, widths,
+                                     activation.parse_sites(act.sites))
 
   def prefill(tokens_BxL, first):
     """Feeds the tokens at indices first.. into a fresh cache at positions 0.. ."""

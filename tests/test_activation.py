@@ -169,22 +169,50 @@ def test_fraction_one_equals_dense(model_params, structure):
                              apply(model, params, tokens, None), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('layout', ['blocks', 'prefixes', 'one_width'])
 @pytest.mark.parametrize('plan_kind', ['dense', 'static', 'drawn', 'masks'])
-def test_decode_layout_equals_parameters(model_params, plan_kind):
-  """gpt.decode_variables (weights split into separate per-bucket arrays, for decode loops)
-  computes what the parameters compute, for every kind of plan of nested widths."""
+def test_decode_layout_equals_parameters(model_params, plan_kind, layout):
+  """gpt.decode_variables (switched weights as separate arrays for decode loops: equal blocks,
+  prefixes of every width, or the one static width of the sites in the plan) computes what
+  the parameters compute."""
   model, params, tokens = model_params
-  act = act_config(sites='mlp,heads,layers')
+  if layout == 'one_width' and plan_kind != 'static':
+    pytest.skip('one width serves only that static width')
+  act = act_config(sites='heads,layers' if layout == 'one_width' else 'mlp,heads,layers')
   key = jax.random.key(3)
   plan = {'dense': None,
           'static': activation.make_plan(key, act, CFG, fraction=0.5),
           'drawn': activation.make_plan(key, act, CFG),
           'masks': activation.per_position_plan(key, act, CFG, CFG.block_size)}[plan_kind]
-  variables = gpt.decode_variables(params, act.buckets)
-  assert 'w_in' not in variables['params']['block_0']['mlp']
-  assert len(variables['blocks']['block_0']['mlp']['w_in']) == act.buckets
-  got = jax.jit(lambda v, t, plan: model.apply(v, t, plan=plan)[0])(variables, tokens, plan)
+  widths = {'blocks': None, 'prefixes': range(act.buckets),
+            'one_width': [activation.bucket_index(0.5, act.buckets)]}[layout]
+  variables = gpt.decode_variables(params, act.buckets, widths, activation.parse_sites(act.sites))
+  mlp_moved = 'w_in' not in variables['params']['block_0']['mlp']
+  assert mlp_moved == (layout != 'one_width')
+  assert len(variables['blocks']['block_0']['attn']['query']) == (
+      1 if layout == 'one_width' else act.buckets)
+  # The plan is closed over, as the sampler makes it: static widths stay Python ints.
+  got = jax.jit(lambda v, t: model.apply(v, t, plan=plan)[0])(variables, tokens)
   np.testing.assert_allclose(got, apply(model, params, tokens, plan), atol=1e-5, rtol=1e-5)
+
+
+def test_drawn_layers_with_dropout_train():
+  """A drawn `layers` site (nn.cond over blocks) with dropout on, under jax.grad."""
+  cfg = gpt.GPTConfig(**{**CFG.__dict__, 'dropout': 0.1})
+  model = gpt.GPT(cfg)
+  tokens = jnp.zeros((2, cfg.block_size), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)['params']
+  act = act_config(sites='mlp,heads,layers')
+
+  @jax.jit
+  def loss(p, key):
+    plan = activation.make_plan(key, act, cfg)
+    logits, _ = model.apply({'params': p}, tokens, deterministic=False, plan=plan,
+                            rngs={'dropout': key})
+    return logits.sum()
+
+  grads = jax.grad(loss)(params, jax.random.key(1))
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
 def test_bernoulli_keeps_each_unit_with_probability_a():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -141,18 +141,25 @@ def _switched(site: activation.Site, fn, operands):
 def _blocks(w, units, axis: int) -> list[jax.Array]:
   """`w` restricted to `units` along `axis`, as a list of arrays to use one after the other.
 
-  One array (a slice or gather) in the parameters' own layout; in the decode layout
-  (`decode_variables`), where `w` is a tuple of separate arrays of `buckets` units each, the
-  first blocks that make up the nested width. Separate arrays are read in place, where a slice
-  of one array is copied first: on XLA:CPU that copy ate the saving of a narrow decode step.
+  One array (a slice or gather) in the parameters' own layout. In a decode layout
+  (`decode_variables`) `w` is a tuple of separate arrays: equal blocks, of which the first
+  that make up the nested width are used, or prefixes of growing width, of which the one of
+  that width is. Separate arrays are read in place, where a slice of one array is copied first:
+  on XLA:CPU that copy ate the saving of a narrow decode step.
   """
   if isinstance(w, (tuple, list)):
     if not isinstance(units, slice):
-      raise ValueError('the decode layout serves nested (prefix) widths only.')
+      raise ValueError('a decode layout serves nested (prefix) widths only.')
+    sizes = [x.shape[axis] for x in w]
+    if len(set(sizes)) > 1:  # prefixes
+      k = sizes[-1] if units.stop is None else units.stop
+      if k not in sizes:
+        raise ValueError(f'this decode layout holds widths {sizes}, not {k}.')
+      return [w[sizes.index(k)]]
     if units.stop is None:
       return list(w)
-    n, rest = divmod(units.stop, w[0].shape[axis])
-    assert rest == 0, (units, w[0].shape, axis)
+    n, rest = divmod(units.stop, sizes[0])
+    assert rest == 0, (units, sizes, axis)
     return list(w[:n])
   index = [slice(None)] * w.ndim
   index[axis] = units
@@ -241,9 +248,9 @@ def _weights(module: nn.Module, names) -> dict[str, jax.Array]:
   return {n: getattr(module, n) for n in names if hasattr(module, n)}
 
 
-# The weights a nested width takes a prefix of, by module: (name, axis of the units).
-SWITCHED = {'attn': (('query', 1), ('query_bias', 0), ('out', 0)),
-            'mlp': (('w_in', 1), ('b_in', 0), ('w_out', 0))}
+# The weights a nested width takes a prefix of, by site and module: (name, axis of the units).
+SWITCHED = {'heads': ('attn', (('query', 1), ('query_bias', 0), ('out', 0))),
+            'mlp': ('mlp', (('w_in', 1), ('b_in', 0), ('w_out', 0)))}
 
 
 def _param(module: nn.Module, name: str, init, shape):
@@ -255,12 +262,18 @@ def _param(module: nn.Module, name: str, init, shape):
   return module.param(name, init, shape)
 
 
-def decode_variables(params, buckets: int) -> dict:
-  """The variables for decoding nested widths in a loop: `params` without the weights in
-  SWITCHED, which go, each split into `buckets` separate arrays along its units, into a
-  `blocks` collection. `model.apply(decode_variables(p, b), ...)` computes what
-  `model.apply({'params': p}, ...)` does; a width of j blocks then reads j arrays in place.
-  Build it once, outside the decode loop (it copies those weights once).
+def decode_variables(params, buckets: int, widths: Sequence[int] | None = None,
+                     sites: Sequence[str] = ('mlp', 'heads')) -> dict:
+  """The variables for decoding nested widths in a loop: `params` without the weights of the
+  `sites` (SWITCHED), which go, as tuples of separate arrays along their units, into a `blocks`
+  collection. `model.apply(decode_variables(p, b), ...)` computes what
+  `model.apply({'params': p}, ...)` does.
+
+  `widths=None`: each weight split into `buckets` equal blocks; a width of j buckets reads j
+  arrays (no extra memory; j matrix products per weight). `widths` (bucket indices): one
+  prefix array per listed width (one product per weight; memory: the sum of those widths, e.g.
+  3.5x the switched weights for all of 6 buckets). Build it once, outside the decode loop (it
+  copies those weights once).
   """
   params = jax.tree.map(lambda x: x, dict(params))  # a copy to edit
   blocks = {}
@@ -268,12 +281,18 @@ def decode_variables(params, buckets: int) -> dict:
     if not layer.startswith('block_'):
       continue
     modules = params[layer] = {m: dict(v) for m, v in modules.items()}
-    for module, names in SWITCHED.items():
+    for module, names in (SWITCHED[site] for site in sites if site in SWITCHED):
       for name, axis in names:
-        if name in modules[module]:
-          w = modules[module].pop(name)
-          blocks.setdefault(layer, {}).setdefault(module, {})[name] = tuple(
-              jnp.split(w, buckets, axis=axis))
+        if name not in modules[module]:
+          continue
+        w = modules[module].pop(name)
+        if widths is None:
+          split = tuple(jnp.split(w, buckets, axis=axis))
+        else:
+          d = w.shape[axis]
+          split = tuple(jax.lax.slice_in_dim(w, 0, d * (j + 1) // buckets, axis=axis)
+                        for j in sorted(set(widths)))
+        blocks.setdefault(layer, {}).setdefault(module, {})[name] = split
   return {'params': params, 'blocks': blocks}
 
 
@@ -390,7 +409,11 @@ class Block(nn.Module):
     if on is False:
       return self.skip(*args)
     if jnp.issubdtype(jnp.asarray(on).dtype, jnp.bool_):  # drawn: run only the taken branch
-      return nn.cond(on, Block.run, Block.skip, self, *args)
+      # `deterministic` stays a Python bool (nn.cond would trace its operands).
+      run = lambda mdl, x, c, p, h, m: Block.run(mdl, x, c, p, deterministic, h, m)
+      skip = lambda mdl, x, c, p, h, m: Block.skip(mdl, x, c, p, deterministic, h, m)
+      return nn.cond(on, run, skip, self, x_BxLxD, cache, pos, plan.get('heads'),
+                     plan.get('mlp'))
     y_BxLxD, new_cache = self.run(*args)  # a float mask (bernoulli, or per position [L])
     m = jnp.asarray(on).reshape((1, -1, 1) if jnp.ndim(on) else ())
     return x_BxLxD + m * (y_BxLxD - x_BxLxD), new_cache
