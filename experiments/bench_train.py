@@ -1,7 +1,7 @@
 """Steady-state train-step benchmark, built exactly as `rag_jax.train` builds its step.
 
     python experiments/bench_train.py --config=configs/shakespeare_char.py[:ARG] \
-        [--config.FIELD=VALUE ...] [--steps=100] [--warmup=10] [--feed] --out=FILE.json
+        [--config.FIELD=VALUE ...] [--steps=100] [--warmup=10] [--feed] [--parts] --out=FILE.json
 
 Times each step with `block_until_ready` and writes one JSON object: median/p10/p90 step time,
 tokens/s, compile time, peak host memory, XLA's FLOP count of the compiled step, versions and
@@ -39,6 +39,10 @@ _STEPS = flags.DEFINE_integer('steps', 100, 'Timed steps per variant.')
 _WARMUP = flags.DEFINE_integer('warmup', 10, 'Untimed steps after compilation.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed steps are split into this many interleaved rounds.')
 _FEED = flags.DEFINE_bool('feed', True, 'Also time input feeding alone and the step on a fixed batch.')
+_PARTS = flags.DEFINE_bool(
+    'parts', False, 'Also time the pieces of a step alone: forward loss, gradient, optimizer '
+    'update, and one layer\'s attention forward+backward (jax.nn.dot_product_attention against '
+    'a plain einsum/softmax version), to see where the step time goes.')
 _OUT = flags.DEFINE_string('out', None, 'Where to write the JSON result (also printed).')
 
 
@@ -120,6 +124,45 @@ def benchmark(config, steps: int, warmup: int, rounds: int, feed: bool) -> dict:
   return result
 
 
+def time_parts(config, repeats: int = 50) -> dict:
+  """Medians (ms) of the pieces of a step, each jitted and timed alone on one random batch."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  model = train.make_model(config, 65)
+  tx = train.make_optimizer(config)
+  state = train.init_state(model, tx, jax.random.key(0), config)
+  B, T = config.batch_size, config.model.block_size
+  batch = jax.random.randint(jax.random.key(1), (B, T + 1), 0, 65)
+  loss = lambda p, b: train.loss_fn(p, model, b, None)
+  grads = jax.jit(jax.grad(loss))(state.params, batch)
+  H, K = config.model.num_heads, config.model.embed_dim // config.model.num_heads
+  q = jax.random.normal(jax.random.key(2), (B, T, H, K))
+
+  def einsum_attention(q, k, v):
+    s = jnp.einsum('BLHK,BSHK->BHLS', q, k) * K ** -0.5
+    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
+    return jnp.einsum('BHLS,BSHK->BLHK', jax.nn.softmax(s, axis=-1), v)
+
+  def attention_grad(attend):
+    return jax.grad(lambda q: jnp.sum(attend(q, 2 * q, 3 * q) * q))
+
+  pieces = {
+      'forward_loss': (loss, state.params, batch),
+      'gradient': (jax.grad(loss), state.params, batch),
+      'optimizer_update': (lambda g, s: tx.update(g, s.opt_state, s.params), grads, state),
+      'train_step': (lambda s, b: train.make_train_step(model, tx, config.activation)(
+          s, b, jax.random.key(0)), state, batch),
+      'attention_fwd_bwd_one_layer': (attention_grad(
+          lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)), q),
+      'einsum_attention_fwd_bwd_one_layer': (attention_grad(einsum_attention), q),
+  }
+  out = {}
+  for name, (fn, *args) in pieces.items():
+    fn = jax.jit(fn)
+    jax.block_until_ready(fn(*args))
+    out[name] = bench_common.stats(bench_common.time_calls(fn, *args, repeats=repeats))['median']
+  return out
+
+
 def main(argv):
   workdir_lib.quiet_logs()
   if len(argv) > 1:
@@ -137,6 +180,8 @@ def main(argv):
     result.update(benchmark(config, _STEPS.value, _WARMUP.value, _ROUNDS.value, _FEED.value))
   except (ValueError, FloatingPointError) as e:
     sys.exit(f'error: {e}')
+  if _PARTS.value:
+    result['parts_ms'] = time_parts(config)
   result['peak_host_rss_mib'] = bench_common.peak_rss_mib()
   text = json.dumps(result, indent=2)
   print(text)
