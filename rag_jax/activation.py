@@ -131,10 +131,11 @@ class Site:
   def width(self, bucket: int) -> int:
     return self.d * (bucket + 1) // self.buckets
 
-  def units(self, bucket: int):
-    """The active units of a static bucket: a slice (nested) or an index array (random)."""
-    k = self.width(bucket)
-    return slice(0, k) if self.perm is None else self.perm[:k]
+  def units(self, bucket: int, perm=None):
+    """The active units of a static bucket: a slice (nested) or an index array (random), from
+    `perm` when given (the permutation as a switch branch receives it) or the site's own."""
+    k, perm = self.width(bucket), self.perm if perm is None else perm
+    return slice(0, k) if perm is None else perm[:k]
 
   def to_mask(self) -> jax.Array:
     """The same units as a 0/1 mask over the d units."""

@@ -118,19 +118,13 @@ def _matmul(x_BxLxD, w_DxF, out_dtype=None):
   return y.reshape(*x_BxLxD.shape[:-1], -1)
 
 
-def _units(site: activation.Site, bucket: int, perm):
-  """The active units of a static bucket: a slice (nested) or an index array (random)."""
-  k = site.width(bucket)
-  return slice(0, k) if perm is None else perm[:k]
-
-
 def _switched(site: activation.Site, fn, operands):
   """`fn(operands, units, scale)` at the site's width: static, or one `lax.switch` branch per
   bucket (switch.switch, whose backward pass keeps only the taken branch's residuals)."""
   def branch(bucket):
     def run(ops):
       ops = dict(ops)
-      units = _units(site, bucket, ops.pop('perm'))
+      units = site.units(bucket, ops.pop('perm'))
       return fn(ops, units, site.scale(site.width(bucket)))
     return run
 
