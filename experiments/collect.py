@@ -124,6 +124,9 @@ def best_at(table: pd.DataFrame, fraction: float = 0.5, split: str = 'validation
                                    .flops_per_token.iloc[0])}
 
 
+_MAX_LEGEND = 12  # More runs than this: faint runs share one legend entry.
+
+
 def plot_pareto(table: pd.DataFrame, split: str = 'validation') -> figure.Figure:
   """Loss against FLOPs per token: each run's fixed-fraction curve, `random`-policy points as
   diamonds, the Pareto front as a red step line through ringed points, the dense baseline in
@@ -134,18 +137,25 @@ def plot_pareto(table: pd.DataFrame, split: str = 'validation') -> figure.Figure
   ax = fig.add_subplot()
   runs = list(dict.fromkeys(rows.run))
   colors = dict(zip(runs, _colors(len(runs))))
+  dense_runs, front_runs = set(rows[rows.dense].run), set(front.run)
   for run in runs:
     r = rows[rows.run == run]
-    dense, on_front = bool(r.dense.iloc[0]), run in set(front.run)
+    dense, on_front = run in dense_runs, run in front_runs
     style = (dict(color='black', marker='*', ms=10, lw=2, ls='--', zorder=3) if dense else
              dict(color=colors[run], marker='o', ms=4, lw=1.5 if on_front else 1,
                   alpha=1 if on_front else 0.35, zorder=2))
     fixed = r[r.policy == 'fixed'].sort_values('flops_per_token')
-    ax.plot(fixed.flops_per_token, fixed.loss, label=f'{run} (dense baseline)' if dense else run,
-            **style)
+    # Many runs: only the dense baseline and the runs on the front get a legend entry each.
+    label = (f'{run} (dense baseline)' if dense else
+             run if on_front or len(runs) <= _MAX_LEGEND else '_nolegend_')
+    ax.plot(fixed.flops_per_token, fixed.loss, label=label, **style)
     random = r[r.policy == 'random']
     ax.scatter(random.flops_per_token, random.loss, marker='D', s=25, color=style['color'],
                alpha=style.get('alpha', 1), zorder=2)
+  faint = [run for run in runs if run not in front_runs | dense_runs]
+  if len(runs) > _MAX_LEGEND and faint:
+    ax.plot([], [], color='gray', marker='o', ms=4, alpha=0.35,
+            label=f'{len(faint)} other runs (no point on the front)')
   ax.step(front.flops_per_token, front.loss, where='post', color='red', lw=1.2, zorder=4,
           label='Pareto front')
   ax.scatter(front.flops_per_token, front.loss, s=90, facecolors='none', edgecolors='red',
@@ -154,8 +164,7 @@ def plot_pareto(table: pd.DataFrame, split: str = 'validation') -> figure.Figure
   ax.set_ylabel(f'{split} loss (nats per token)')
   ax.set_title('Quality against compute (lines: fixed fractions; diamonds: random policy)')
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=6 if len(runs) > 12 else 8, loc='upper left', bbox_to_anchor=(1.01, 1),
-            ncol=2 if len(runs) > 20 else 1)
+  ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1))
   return fig
 
 
@@ -228,6 +237,17 @@ def markdown(frame: pd.DataFrame, digits: int = 5) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def best_line(table: pd.DataFrame, split: str = 'validation', fraction: float = 0.5) -> str:
+  """One sentence: the best random-activation run at `fraction` and what it costs at a = 1."""
+  try:
+    b = best_at(table, fraction, split)
+  except ValueError as e:
+    return f'({e})'
+  return (f"best at a = {fraction:g}: {b['run']}, loss {b['loss']:.4f} (dense truncated to "
+          f"{fraction:g}: {b['dense_loss']:.4f}); at a = 1 it has {b['loss@1']:.4f} (dense: "
+          f"{b['dense_loss@1']:.4f}).")
+
+
 def write(table: pd.DataFrame, sweep_dir: str, split: str = 'validation') -> dict[str, str]:
   """Writes the table, its summary and the figures into `sweep_dir`; returns {what: path}."""
   out = {k: os.path.join(sweep_dir, f) for k, f in (
@@ -236,7 +256,7 @@ def write(table: pd.DataFrame, sweep_dir: str, split: str = 'validation') -> dic
   table.to_csv(out['csv'], index=False)
   table.to_json(out['json'], orient='records', indent=1)
   with open(out['summary'], 'w') as f:
-    f.write(markdown(summary(table, split)))
+    f.write(markdown(summary(table, split)) + '\n' + best_line(table, split) + '\n')
   plot_pareto(table, split).savefig(out['pareto'], dpi=120)
   heatmaps = plot_heatmaps(table, split=split)
   if heatmaps is None:
@@ -267,13 +287,7 @@ def main(argv):
   if table.attrs['incomplete']:
     print(f'not finished (no eval_curve.json), left out: {", ".join(table.attrs["incomplete"])}')
   print(markdown(summary(table, split)))
-  try:
-    b = best_at(table, 0.5, split)
-    print(f"best at a = 0.5: {b['run']}, loss {b['loss']:.4f} (dense truncated to 0.5: "
-          f"{b['dense_loss']:.4f}); at a = 1 it has {b['loss@1']:.4f} (dense: "
-          f"{b['dense_loss@1']:.4f}).")
-  except ValueError as e:
-    print(f'({e})')
+  print(best_line(table, split))
   for what, path in out.items():
     print(f'wrote {what}: {path}')
   if 'heatmaps' not in out:
