@@ -9,6 +9,7 @@ import scipy.stats
 
 from rag_jax import activation
 from rag_jax import configuration
+from rag_jax import evaluate
 from rag_jax.models import gpt
 
 CFG = gpt.GPTConfig(vocab_size=33, num_layers=3, num_heads=4, embed_dim=32, mlp_dim=64,
@@ -334,3 +335,19 @@ def test_validation_messages(field, value, message):
   model = ml_collections.ConfigDict({'mlp_dim': 64, 'num_heads': 4})
   with pytest.raises(configuration.ConfigError, match=message):
     activation.validate(act, model)
+
+
+def test_evaluation_random_policy_draws_per_row(model_params):
+  """evaluate's `random` policy gives every row of a batch its own per-position draws ([B, L]
+  masks, every site, layers included): row b scores what per_position_plan with row b's key
+  gives that row alone."""
+  model, params, tokens = model_params
+  act = act_config(sites='mlp,heads,layers')
+  key = jax.random.key(7)
+  plan = evaluate.plan_fn(act, CFG, 'random')(key, (tokens.shape[0], tokens.shape[1] + 1))
+  assert plan[0]['layer'].shape == tokens.shape
+  batched = apply(model, params, tokens, plan)
+  for b, row_key in enumerate(jax.random.split(key, tokens.shape[0])):
+    alone = apply(model, params, tokens[b:b + 1],
+                  activation.per_position_plan(row_key, act, CFG, tokens.shape[1]))
+    np.testing.assert_allclose(batched[b:b + 1], alone, atol=1e-5, rtol=1e-5)

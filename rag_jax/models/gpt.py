@@ -408,8 +408,9 @@ class Block(nn.Module):
       skip = lambda mdl, x, c, p, h, m: Block.skip(mdl, x, c, p, deterministic, h, m)
       return nn.cond(on, run, skip, self, x_BxLxD, cache, pos, plan.get('heads'),
                      plan.get('mlp'))
-    y_BxLxD, new_cache = self.run(*args)  # a float mask (bernoulli, or per position [L])
-    m = jnp.asarray(on).reshape((1, -1, 1) if jnp.ndim(on) else ())
+    # A float mask: bernoulli (a scalar), per position [L], or per row and position [B, L].
+    y_BxLxD, new_cache = self.run(*args)
+    m = jnp.asarray(on)[..., None] if jnp.ndim(on) else jnp.asarray(on)
     return x_BxLxD + m * (y_BxLxD - x_BxLxD), new_cache
 
 
