@@ -112,7 +112,7 @@ def load_texts(config: ml_collections.ConfigDict) -> dict[str, str]:
 @dataclasses.dataclass
 class Dataset:
   tokenizer: tokenizers.Tokenizer
-  splits: dict[str, np.ndarray]  # split -> int32 tokens
+  splits: dict[str, np.ndarray]  # split -> tokens, in tokenizers.token_dtype(vocab_size)
 
 
 def load(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer | None = None) -> Dataset:
@@ -121,7 +121,8 @@ def load(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer | No
   if tokenizer is None:
     tokenizer = tokenizers.build(config.data.tokenizer, texts['train'])
   splits = {}
-  for split, text in texts.items():
+  for split in list(texts):
+    text = texts.pop(split)  # each text is freed once encoded
     try:
       splits[split] = tokenizer.encode(text)
     except tokenizers.TokenizerError as e:
@@ -143,7 +144,7 @@ def train_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int,
   starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
   if rows is not None:
     starts = starts[rows]
-  return tokens[starts[:, None] + np.arange(block_size + 1)]
+  return tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int32)
 
 
 def process_rows(sharding: jax.sharding.Sharding, num_rows: int) -> np.ndarray | None:
@@ -188,4 +189,4 @@ def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, max_batch
     weights = np.zeros(batch_size, np.float32)
     weights[:len(chunk)] = 1.0
     chunk = np.pad(chunk, (0, batch_size - len(chunk)))
-    yield tokens[chunk[:, None] + np.arange(block_size + 1)], weights
+    yield tokens[chunk[:, None] + np.arange(block_size + 1)].astype(np.int32), weights

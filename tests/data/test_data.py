@@ -21,8 +21,11 @@ def test_tiny_shakespeare_splits_partition_the_corpus(smoke_config):
 def test_load_tokenizes_with_train_vocabulary(smoke_config):
   ds = data.load(smoke_config)
   assert ds.tokenizer.vocab_size == 65
-  assert ds.splits['train'].dtype == np.int32
+  assert ds.splits['train'].dtype == np.uint8  # 65 ids: stored in a byte each
   assert ds.tokenizer.decode(ds.splits['train'][:14]) == 'First Citizen:'
+  batch = data.train_batch(ds.splits['train'], 4, 16, seed=0, step=0)
+  assert batch.dtype == np.int32 and batch.max() < 65
+  assert next(data.eval_batches(ds.splits['validation'], 16, 4))[0].dtype == np.int32
 
 
 def test_train_batch_is_a_pure_function_of_seed_and_step():

@@ -8,8 +8,23 @@ def test_char_round_trip_and_sorted_vocab():
   tok = tokenizers.CharTokenizer.from_text('hello world')
   assert tok.chars == ' dehlorw'
   ids = tok.encode('hold her')
-  assert ids.dtype == np.int32
+  assert ids.dtype == np.uint8
+  np.testing.assert_array_equal(ids, [3, 5, 4, 1, 0, 3, 2, 6])
   assert tok.decode(ids) == 'hold her'
+
+
+def test_char_ids_in_the_smallest_type_and_any_vocabulary_order():
+  """Over 256 characters the ids are uint16; a vocabulary that is not sorted (a saved one
+  edited by hand) still maps each character to its own index."""
+  chars = ''.join(chr(0x400 + i) for i in range(300))[::-1] + 'ab'
+  tok = tokenizers.CharTokenizer(chars)
+  text = 'ab' + chars[::7] + chr(0x400)
+  ids = tok.encode(text)
+  assert ids.dtype == np.uint16
+  np.testing.assert_array_equal(ids, [chars.index(c) for c in text])
+  assert tok.decode(ids) == text
+  assert tokenizers.token_dtype(256) == np.uint8 and tokenizers.token_dtype(257) == np.uint16
+  assert tokenizers.token_dtype(50304) == np.uint16 and tokenizers.token_dtype(70000) == np.int32
 
 
 def test_char_unknown_character_is_named():
@@ -21,7 +36,8 @@ def test_char_unknown_character_is_named():
 def test_byte_round_trip_unicode():
   tok = tokenizers.ByteTokenizer()
   text = 'Ümlaut — ok'
-  assert tok.decode(tok.encode(text)) == text
+  ids = tok.encode(text)
+  assert ids.dtype == np.uint8 and tok.decode(ids) == text
   assert tok.vocab_size == 256
 
 
