@@ -7,8 +7,11 @@
 For each site set, structure and active fraction a it times the production programs:
   - train: `train.make_train_step` (draws its plan inside the step and runs one `lax.switch`
     branch per site), median over `--train_steps` steps after compilation;
-  - decode: `sample.generate` (prefill + `lax.while_loop`, a fresh draw per token, policy
-    `random`), median over `--decode_repeats` runs of `--decode_tokens` tokens, per token.
+  - decode (drawn): `sample.generate` (prefill + `lax.while_loop`, a fresh draw per token,
+    policy `random`: one `lax.switch` per site and layer at every token), median over
+    `--decode_repeats` runs of `--decode_tokens` tokens, per token;
+  - decode_fixed: the same loop with policy `fixed` at a (the sub-model of width a, static
+    shapes, what `python -m rag_jax.sample --active_fraction=a` runs).
 Every draw is pinned to a: lam = 1, B ~ Beta(1000, 0.001) is 1 to float precision, and
 min_active = a floors the fraction at a (the realized fraction each program reports is
 recorded and checked). Speedups are against the dense model (activation off) in the same run;
@@ -84,9 +87,10 @@ def time_train(config, model, tx, steps: int) -> dict:
   return {'ms': bench_common.stats(ms), 'compile_s': compile_s, 'realized': realized}
 
 
-def time_decode(model, params, act, policy: str, tokens: int, repeats: int, batch: int) -> dict:
+def time_decode(model, params, act, policy: str, tokens: int, repeats: int, batch: int,
+                active_fraction: float | None = None) -> dict:
   prompt = jnp.ones((batch, 1), jnp.int32)
-  knobs = dict(num_tokens=tokens, greedy=True, policy=policy,
+  knobs = dict(num_tokens=tokens, greedy=True, policy=policy, active_fraction=active_fraction,
                act=None if act is None else ml_collections.FrozenConfigDict(act))
   t0 = time.perf_counter()
   compiled = sample_lib.generate.lower(params, model, prompt, jax.random.key(0), **knobs).compile()
@@ -135,8 +139,10 @@ def main(argv):
       c = ml_collections.ConfigDict(config.to_dict())
       c.activation = act if act is not None else c.activation
       point['train'] = time_train(c, model, tx, _TRAIN_STEPS.value)
-    point['decode'] = time_decode(model, params, act, 'dense' if act is None else 'random',
-                                  _DECODE_TOKENS.value, _DECODE_REPEATS.value, _DECODE_BATCH.value)
+    decode = lambda policy, a=None: time_decode(model, params, act, policy, _DECODE_TOKENS.value,
+                                                _DECODE_REPEATS.value, _DECODE_BATCH.value, a)
+    point['decode'] = decode('dense' if act is None else 'random')
+    point['decode_fixed'] = point['decode'] if act is None else decode('fixed', a)
     print(json.dumps({k: v for k, v in point.items()}), flush=True)
     return point
 
@@ -156,6 +162,9 @@ def main(argv):
     p['decode_speedup'] = (dense['decode']['ms_per_token']['median'] /
                            p['decode']['ms_per_token']['median'])
     p['decode_efficiency'] = p['decode_speedup'] / p['ideal_decode_speedup']
+    p['decode_fixed_speedup'] = (dense['decode']['ms_per_token']['median'] /
+                                 p['decode_fixed']['ms_per_token']['median'])
+    p['decode_fixed_efficiency'] = p['decode_fixed_speedup'] / p['ideal_decode_speedup']
     if 'train' in p:
       p['train_speedup'] = dense['train']['ms']['median'] / p['train']['ms']['median']
       p['train_efficiency'] = p['train_speedup'] / p['ideal_speedup']
@@ -166,7 +175,8 @@ def main(argv):
   for p in result['points']:
     line = (f"{p['sites']:>16} {p['structure']:>9} a={p['active_fraction']:.2f} "
             f"ideal={p['ideal_speedup']:.2f}x decode={p['decode_speedup']:.2f}x "
-            f"({p['decode_efficiency']:.0%})")
+            f"({p['decode_efficiency']:.0%}) fixed={p['decode_fixed_speedup']:.2f}x "
+            f"({p['decode_fixed_efficiency']:.0%})")
     if 'train' in p:
       line += f" train={p['train_speedup']:.2f}x ({p['train_efficiency']:.0%})"
     print(line)
