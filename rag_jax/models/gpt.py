@@ -410,7 +410,7 @@ class Block(nn.Module):
                      plan.get('mlp'))
     # A float mask: bernoulli (a scalar), per position [L], or per row and position [B, L].
     y_BxLxD, new_cache = self.run(*args)
-    m = jnp.asarray(on)[..., None] if jnp.ndim(on) else jnp.asarray(on)
+    m = jnp.asarray(on)[..., None]
     return x_BxLxD + m * (y_BxLxD - x_BxLxD), new_cache
 
 
