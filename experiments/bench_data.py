@@ -48,7 +48,9 @@ before = peak()
 t0 = time.perf_counter()
 ds = data.load(config)
 seconds = time.perf_counter() - t0
-print('RESULT', json.dumps({'load_s': seconds, 'peak_rss_growth_mib': peak() - before, 'peak_rss_mib': peak(),
+after = peak()
+print('RESULT', json.dumps({
+       'load_s': seconds, 'peak_rss_growth_mib': after - before, 'peak_rss_mib': after,
        'token_mib': sum(t.nbytes for t in ds.splits.values()) / 2**20,
        'token_dtype': str(ds.splits['train'].dtype),
        'tokens': int(sum(len(t) for t in ds.splits.values()))}))

@@ -24,6 +24,7 @@ import time
 
 from absl import app, flags
 import jax
+import jax.numpy as jnp
 from ml_collections import config_flags
 
 import bench_common
@@ -126,7 +127,6 @@ def benchmark(config, steps: int, warmup: int, rounds: int, feed: bool) -> dict:
 
 def time_parts(config, repeats: int = 50) -> dict:
   """Medians (ms) of the pieces of a step, each jitted and timed alone on one random batch."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   model = train.make_model(config, 65)
   tx = train.make_optimizer(config)
   state = train.init_state(model, tx, jax.random.key(0), config)
