@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/shakespeare_char.py
 WORKDIR ?= runs/shakespeare_char
-# Offline copy of the tiny_shakespeare corpus (DESIGN.md §4); used only when the file exists.
+# Offline copy of the tiny_shakespeare corpus (docs/design.md §6); used only when the file exists.
 SHAKESPEARE_TXT ?= ../shared/data/tiny_shakespeare/input.txt
 # Keep pytest's workers at the machine's cores (2 here).
 PYTEST_WORKERS ?= 2

@@ -22,7 +22,7 @@ import os
 
 import ml_collections
 
-from rag_jax import sweeps
+from rag_jax import configuration
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ('', 'smoke', 'ra', 'ra_smoke')
@@ -33,10 +33,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in VARIANTS:
     raise ValueError(f'configs/gpt2_small.py: unknown variant {arg!r}; use one of {VARIANTS}.')
   smoke = arg.endswith('smoke')
-  config = sweeps.load_config(os.path.join(HERE, 'shakespeare_char.py'), 'smoke' if smoke else None)
+  config = configuration.load_config(os.path.join(HERE, 'shakespeare_char.py'), 'smoke' if smoke else None)
   config.data.tokenizer = 'byte'
   if arg.startswith('ra'):
-    config.activation = sweeps.load_config(os.path.join(HERE, 'ra_shakespeare_char.py')).activation
+    config.activation = configuration.load_config(os.path.join(HERE, 'ra_shakespeare_char.py')).activation
   if smoke:  # the tiny model and schedule of shakespeare_char:smoke, on bytes, a wider model.
     config.model.update(num_layers=2, num_heads=4, embed_dim=64, mlp_dim=256, block_size=64)
     config.update(num_steps=40, eval_every=20, checkpoint_every=20)

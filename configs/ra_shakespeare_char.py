@@ -1,22 +1,15 @@
-"""The default character model trained with random activation (DESIGN.md §1).
+"""The default character model trained with random activation (docs/design.md §1).
 
 a = 1 - lam * B, B ~ Beta(alpha=1, beta=1): the active fraction is uniform on [0.25, 1], drawn
 per step and per layer, over MLP units and attention heads, nested (prefix) widths in 4 buckets.
 
     python -m rag_jax.train --config=configs/ra_shakespeare_char.py[:smoke|:gpu] --workdir=DIR
 """
-import importlib.util
-import os
-
 import ml_collections
 
+from rag_jax import configuration
 
-def _base(arg):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shakespeare_char.py')
-  spec = importlib.util.spec_from_file_location('shakespeare_char', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+_base = configuration.config_from(__file__, 'shakespeare_char.py')
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

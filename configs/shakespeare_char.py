@@ -56,14 +56,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every = 500
   config.keep_checkpoints = 3
 
-  # Random activation (DESIGN.md §1); off here: this is the dense baseline.
+  # Random activation (docs/design.md §1); off here: this is the dense baseline.
   config.activation = activation.default_config()
 
   # Activations and matmuls: 'float32' or 'bfloat16' (parameters, softmax and loss stay float32).
   config.dtype = 'float32'
 
   # Device mesh (data, fsdp, tensor); -1 = the devices the other axes leave. A batch is split
-  # over data x fsdp; parameters and optimizer state by their logical axes (models/gpt.py
+  # over data x fsdp; parameters and optimizer state by their logical axes (rag_jax/sharding.py
   # PARAM_AXES) through `rules`: logical name -> mesh axes ('' = kept whole).
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1          # devices on the `data` axis; -1 = all.

@@ -15,7 +15,7 @@ For each site set, structure and active fraction a it times the production progr
 Every draw is pinned to a: lam = 1, B ~ Beta(1000, 0.001) is 1 to float precision, and
 min_active = a floors the fraction at a (the realized fraction each program reports is
 recorded and checked). Speedups are against the dense model (activation off) in the same run;
-the ideal speedup is the ratio of analytic FLOPs per token (models.gpt.flops_per_token, which
+the ideal speedup is the ratio of analytic FLOPs per token (models.flops.flops_per_token, which
 the tests hold against XLA's cost analysis); `xla_flops_per_token` is XLA's count for the
 forward pass compiled at the static width.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app, flags
@@ -35,7 +34,11 @@ import numpy as np
 import bench_common
 
 from rag_jax import activation
+from rag_jax import files
+from rag_jax import flops
+from rag_jax import runs
 from rag_jax import sample as sample_lib
+from rag_jax import sharding
 from rag_jax import train
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import gpt
@@ -64,10 +67,10 @@ def pinned(act: ml_collections.ConfigDict, a: float) -> ml_collections.ConfigDic
 
 
 def time_train(config, model, tx, steps: int) -> dict:
-  shard = train.Shardings.of(train.make_mesh(config),
-                             jax.eval_shape(lambda k: train.init_state(model, tx, k, config),
+  shard = sharding.Shardings.of(sharding.make_mesh(config),
+                             jax.eval_shape(lambda k: runs.init_state(model, tx, k, config),
                                             jax.random.key(0)))
-  state = jax.jit(lambda k: train.init_state(model, tx, k, config),
+  state = jax.jit(lambda k: runs.init_state(model, tx, k, config),
                   out_shardings=shard.state)(jax.random.key(0))
   step = train.jit_train_step(model, tx, config, shard)
   rng = np.random.default_rng(0)
@@ -119,7 +122,7 @@ def main(argv):
   config.batch_size = _BATCH.value
   config.mesh.data = 1
   cfg = gpt.GPTConfig.from_config(config.model, 65)
-  model, tx = gpt.GPT(cfg), train.make_optimizer(config)
+  model, tx = gpt.GPT(cfg), runs.make_optimizer(config)
   params = model.init(jax.random.key(0), jnp.zeros((1, cfg.block_size), jnp.int32))['params']
   fractions = [float(a) for a in _FRACTIONS.value]
   buckets = _BUCKETS.value or (4 if cfg.num_heads % 4 == 0 and cfg.mlp_dim % 4 == 0
@@ -132,8 +135,8 @@ def main(argv):
     point = {'sites': sites, 'structure': structure, 'active_fraction': a}
     compute = (activation.compute_fractions(act, cfg, a) if act is not None
                else {'mlp': 1.0, 'heads': 1.0, 'layers': 1.0})
-    point['flops_per_token'] = gpt.flops_per_token(cfg, **compute)
-    point['decode_flops_per_token'] = gpt.flops_per_token(cfg, decode=True, **compute)
+    point['flops_per_token'] = flops.flops_per_token(cfg, **compute)
+    point['decode_flops_per_token'] = flops.flops_per_token(cfg, decode=True, **compute)
     point['xla_flops_per_token'] = xla_forward_flops(model, params, act, a)
     if not _SKIP_TRAIN.value:
       c = ml_collections.ConfigDict(config.to_dict())
@@ -170,7 +173,7 @@ def main(argv):
       p['train_efficiency'] = p['train_speedup'] / p['ideal_speedup']
   result['peak_host_rss_mib'] = bench_common.peak_rss_mib()
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  workdir_lib.write_json(_OUT.value, result)
+  files.write_json(_OUT.value, result)
   print(f'wrote {_OUT.value}')
   for p in result['points']:
     line = (f"{p['sites']:>16} {p['structure']:>9} a={p['active_fraction']:.2f} "

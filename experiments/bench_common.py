@@ -1,7 +1,6 @@
 """Helpers shared by the benchmark scripts: statistics, XLA cost analysis, the environment."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import resource
@@ -9,6 +8,8 @@ import time
 
 import jax
 import numpy as np
+
+from rag_jax import configuration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,9 +53,5 @@ def peak_rss_mib() -> float:
 
 
 def load_config(path_with_arg: str):
-  """configs/NAME.py[:ARG] -> ConfigDict, as ml_collections' config_flags loads it."""
-  path, _, arg = path_with_arg.partition(':')
-  spec = importlib.util.spec_from_file_location('bench_config', os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  """configs/NAME.py[:ARG], relative to the repository root -> ConfigDict."""
+  return configuration.load_config(os.path.join(ROOT, path_with_arg))

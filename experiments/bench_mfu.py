@@ -37,8 +37,13 @@ import bench_common
 
 from rag_jax import activation
 from rag_jax import configuration
+from rag_jax import files
+from rag_jax import flops
+from rag_jax import runs
+from rag_jax import sharding
 from rag_jax import train
 from rag_jax import workdir as workdir_lib
+from rag_jax.models import attention
 from rag_jax.models import gpt
 
 _CONFIG = flags.DEFINE_string('config', 'configs/gpt2_small.py', 'Config (dense; RA is derived).')
@@ -100,10 +105,10 @@ class Step:
 
   def __init__(self, config):
     configuration.validate(config)
-    mesh = train.make_mesh(config)
-    self.model, tx = train.make_model(config, VOCAB), train.make_optimizer(config)
-    init_fn = lambda key: train.init_state(self.model, tx, key, config)
-    shard = train.Shardings.of(mesh, jax.eval_shape(init_fn, jax.random.key(0)),
+    mesh = sharding.make_mesh(config)
+    self.model, tx = runs.make_model(config, VOCAB), runs.make_optimizer(config)
+    init_fn = lambda key: runs.init_state(self.model, tx, key, config)
+    shard = sharding.Shardings.of(mesh, jax.eval_shape(init_fn, jax.random.key(0)),
                                config.mesh.rules)
     self.mesh = mesh
     self.state = jax.jit(init_fn, out_shardings=shard.state)(jax.random.key(0))
@@ -169,7 +174,7 @@ def main(argv):
   realized = {k: float(v) for k, v in ra.metrics.items() if k.startswith('active_')}
   result = {
       'config': _CONFIG.value, 'model': dict(config.model), 'batch_size': B, 'context': T,
-      'dtype': config.dtype, 'attention': gpt.attention_impl(cfg, config.dtype, causal=True),
+      'dtype': config.dtype, 'attention': attention.implementation(cfg.attention, cfg.head_dim, config.dtype, causal=True),
       'devices_in_mesh': mesh_ways, 'num_params': dense.num_params, **bench_common.environment(),
       'dense': {
           'step_ms': dense_ms, 'compile_s': dense.compile_s, 'tokens_per_sec': tokens_per_sec,
@@ -184,7 +189,7 @@ def main(argv):
           'active_fraction': _FRACTION.value, 'realized': realized, 'step_ms': ra_ms,
           'compile_s': ra.compile_s,
           'speedup_vs_dense': dense_ms['median'] / ra_ms['median'],
-          'ideal_speedup': gpt.flops_per_token(cfg) / gpt.flops_per_token(cfg, **compute),
+          'ideal_speedup': flops.flops_per_token(cfg) / flops.flops_per_token(cfg, **compute),
           'last_loss': float(ra.metrics['train_loss'])},
   }
   if on_cpu:
@@ -193,7 +198,7 @@ def main(argv):
   result['load_average_1_5_15min_at_end'] = os.getloadavg()  # other processes on the host
   result['peak_host_rss_mib'] = bench_common.peak_rss_mib()
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  workdir_lib.write_json(_OUT.value, result)
+  files.write_json(_OUT.value, result)
   print(json.dumps(result, indent=2))
   d, r = result['dense'], result['ra']
   mfu = 'n/a' if d['mfu'] is None else f"{d['mfu']:.1%}"

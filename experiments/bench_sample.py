@@ -33,6 +33,7 @@ import numpy as np
 
 import bench_common
 
+from rag_jax import files
 from rag_jax import sample as sample_lib
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import gpt
@@ -166,7 +167,7 @@ def main(argv):
             'peak_host_rss_mib': bench_common.peak_rss_mib(),
             'load_average': {'start': load_start, 'end': os.getloadavg()}}
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  workdir_lib.write_json(_OUT.value, result)
+  files.write_json(_OUT.value, result)
   print(f'wrote {_OUT.value}')
   print(f"{'policy':>10} {'a':>5} {'batch':>5} {'ms/step':>8} {'tokens/s':>9} {'vs dense':>8}")
   for p in result['points'] + baseline:

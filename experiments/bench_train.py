@@ -31,6 +31,9 @@ import bench_common
 
 from rag_jax import configuration
 from rag_jax import data as data_lib
+from rag_jax import files
+from rag_jax import runs
+from rag_jax import sharding
 from rag_jax import train
 from rag_jax import workdir as workdir_lib
 
@@ -49,13 +52,13 @@ _OUT = flags.DEFINE_string('out', None, 'Where to write the JSON result (also pr
 
 def benchmark(config, steps: int, warmup: int, rounds: int, feed: bool) -> dict:
   configuration.validate(config)
-  mesh = train.make_mesh(config)
+  mesh = sharding.make_mesh(config)
   dataset = data_lib.load(config)
-  model = train.make_model(config, dataset.tokenizer.vocab_size)
-  tx = train.make_optimizer(config)
+  model = runs.make_model(config, dataset.tokenizer.vocab_size)
+  tx = runs.make_optimizer(config)
   keys = workdir_lib.root_keys(config.seed)
-  init_fn = functools.partial(train.init_state, model, tx, config=config)
-  shard = train.Shardings.of(mesh, jax.eval_shape(init_fn, keys['init']))
+  init_fn = functools.partial(runs.init_state, model, tx, config=config)
+  shard = sharding.Shardings.of(mesh, jax.eval_shape(init_fn, keys['init']))
   state = jax.jit(init_fn, out_shardings=shard.state)(keys['init'])
   train_step = train.jit_train_step(model, tx, config, shard)
   batch_sharding = shard.batch
@@ -127,9 +130,9 @@ def benchmark(config, steps: int, warmup: int, rounds: int, feed: bool) -> dict:
 
 def time_parts(config, repeats: int = 50) -> dict:
   """Medians (ms) of the pieces of a step, each jitted and timed alone on one random batch."""
-  model = train.make_model(config, 65)
-  tx = train.make_optimizer(config)
-  state = train.init_state(model, tx, jax.random.key(0), config)
+  model = runs.make_model(config, 65)
+  tx = runs.make_optimizer(config)
+  state = runs.init_state(model, tx, jax.random.key(0), config)
   B, T = config.batch_size, config.model.block_size
   batch = jax.random.randint(jax.random.key(1), (B, T + 1), 0, 65)
   loss = lambda p, b: train.loss_fn(p, model, b, None)
@@ -187,7 +190,7 @@ def main(argv):
   print(text)
   if _OUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    workdir_lib.write_json(_OUT.value, result)
+    files.write_json(_OUT.value, result)
 
 
 if __name__ == '__main__':

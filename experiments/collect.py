@@ -2,7 +2,7 @@
 
     python experiments/collect.py --sweep_dir=DIR [--split=validation]
 
-Reads every DIR/RUN/config.json and DIR/RUN/eval_curve.json (DESIGN.md §3) and writes to DIR:
+Reads every DIR/RUN/config.json and DIR/RUN/eval_curve.json (docs/design.md §7) and writes to DIR:
 
   results.csv, results.json  one row per run and evaluation entry: the run's activation settings
                              (alpha, beta, lam, sites, structure, buckets, ...; a dense run has

@@ -29,6 +29,7 @@ import time
 from absl import app, flags
 import tqdm
 
+from rag_jax import errors
 from rag_jax import sweeps
 from rag_jax import workdir as workdir_lib
 
@@ -93,7 +94,7 @@ def check_workdir(run: sweeps.Run, workdir: str) -> None:
 
   diffs = list(diff(saved, want))
   if diffs:
-    raise workdir_lib.WorkdirError(
+    raise errors.WorkdirError(
         f'{workdir} holds a run of another config ({"; ".join(diffs[:4])}). Use another '
         '--sweep_dir, or move that workdir away.')
 
@@ -212,7 +213,7 @@ def main(argv):
     if not sweep_dir and not f.list:
       raise ValueError('--sweep_dir is required to run or --emit a sweep.')
     runs = prepare(spec, sweep_dir, fractions, f.only)
-  except ValueError as e:  # configuration.ConfigError and workdir.WorkdirError among them.
+  except ValueError as e:  # errors.ConfigError and workdir.WorkdirError among them.
     sys.exit(f'error: {spec}: {e}')
   done = {r.name for r in runs
           if sweep_dir and finished(r, os.path.join(sweep_dir, r.name), fractions, split)}

@@ -48,7 +48,7 @@ ROOT = next(p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents)
 sys.path.insert(0, str(ROOT / 'experiments'))
 import collect  # noqa: E402  (experiments/collect.py)
 
-from rag_jax import evaluate  # noqa: E402
+from rag_jax import runs  # noqa: E402
 from rag_jax import sample as sample_lib  # noqa: E402
 
 sweep_dir = pathlib.Path(SWEEP_DIR)
@@ -109,7 +109,7 @@ print(f"the same run at a = 1: {best['loss@1']:.4f} (dense: {best['dense_loss@1'
 # time step). Keys as in `python -m rag_jax.sample --seed=SEED`.
 
 # %%
-config, tokenizer, _, params, step = evaluate.load_run(str(sweep_dir / best['run']))
+config, tokenizer, _, params, step = runs.load_run(str(sweep_dir / best['run']))
 for a in (1.0, FRACTION):
   out = sample_lib.sample(params, config, PROMPT, tokenizer=tokenizer, num_tokens=NUM_TOKENS,
                           seed=SEED, policy='fixed', active_fraction=a)

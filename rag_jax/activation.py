@@ -1,4 +1,4 @@
-"""Random activation (DESIGN.md §1): which part of the network is on, as pure functions of keys.
+"""Random activation (docs/design.md §1): which part of the network is on, as pure functions of keys.
 
 A draw gives the active fraction
 
@@ -12,32 +12,30 @@ ceil(a * num_layers) whole blocks. Which units are on:
   random     a uniformly random k-subset (units perm[:k] of a random permutation);
   bernoulli  each unit independently with probability a, as a 0/1 mask (no compute saved).
 
-A `Plan` says, for every layer, what is on. It takes one of three forms per site, and the model
-(models/gpt.py) computes each differently:
-
-  Site(bucket=python int)   a static width: only that width is compiled (fixed-fraction eval,
-                            fixed-fraction decode);
-  Site(bucket=traced int)   a drawn width: one `lax.switch` branch per bucket, only the chosen
-                            one runs (training, per-token draws at decode);
-  Site(mask=...)            a 0/1 mask over units, optionally per position (bernoulli, the
-                            reference the others are tested against, and the `random`
-                            evaluation policy where every position has its own draw).
+`make_plan` turns a key (and optionally a fixed fraction) into a typed `plan.Plan`: static
+widths for a fixed fraction, drawn widths for a draw, masks for `bernoulli`; `per_position_plan`
+gives every position its own draw, as masks. `compute_fractions` is the compute that runs.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import scipy.special
 
+from rag_jax import plan as plan_lib
+from rag_jax.errors import ConfigError
+
 SITES = ('mlp', 'heads', 'layers')
 STRUCTURES = ('nested', 'random', 'bernoulli')
 TRAIN_MODES = ('single', 'sandwich')
+# How a forward pass chooses what is on: `dense` (everything), `fixed` (one static fraction for
+# the whole pass or generation), `random` (a fresh draw at every time step). `evaluate` scores
+# `fixed` and `random` (a dense run at fraction 1 is the dense model); `sample` takes all three.
+POLICIES = ('dense', 'fixed', 'random')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -62,7 +60,6 @@ def parse_sites(sites: str) -> tuple[str, ...]:
 
 
 def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -> None:
-  from rag_jax.configuration import ConfigError  # pylint: disable=g-import-not-at-top
   for name in ('alpha', 'beta'):
     value = act[name]
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
@@ -118,45 +115,6 @@ def num_layers_on(a, num_layers: int):
   return jnp.clip(jnp.ceil(a * num_layers - 1e-6), 1, num_layers).astype(jnp.int32)
 
 
-@flax.struct.dataclass
-class Site:
-  """What is on at one site (mlp units or heads) of one layer; see the module docstring."""
-  bucket: Any = None         # int (static) or int32 scalar (drawn): width d*(bucket+1)/buckets
-  perm: Any = None           # `random`: a permutation of the d units; perm[:k] are on
-  mask: Any = None           # 0/1 float mask [..., d] (bernoulli, reference, per position)
-  d: int = flax.struct.field(pytree_node=False, default=0)
-  buckets: int = flax.struct.field(pytree_node=False, default=1)
-  rescale: bool = flax.struct.field(pytree_node=False, default=False)
-
-  def width(self, bucket: int) -> int:
-    return self.d * (bucket + 1) // self.buckets
-
-  def units(self, bucket: int, perm=None):
-    """The active units of a static bucket: a slice (nested) or an index array (random), from
-    `perm` when given (the permutation as a switch branch receives it) or the site's own."""
-    k, perm = self.width(bucket), self.perm if perm is None else perm
-    return slice(0, k) if perm is None else perm[:k]
-
-  def to_mask(self) -> jax.Array:
-    """The same units as a 0/1 mask over the d units."""
-    if self.mask is not None:
-      return self.mask
-    k = self.d * (jnp.asarray(self.bucket) + 1) // self.buckets
-    rank = jnp.arange(self.d) if self.perm is None else jnp.argsort(self.perm)
-    return (rank < k).astype(jnp.float32)
-
-  def scale(self, k_or_mask) -> Any:
-    """d/k for `rescale`, k the number of active units (static int, or from a mask)."""
-    if not self.rescale:
-      return 1.0
-    if isinstance(k_or_mask, int):
-      return self.d / k_or_mask
-    return self.d / jnp.maximum(k_or_mask.sum(-1, keepdims=True), 1.0)
-
-
-# A plan is a list with one dict per layer: {'mlp': Site | None, 'heads': Site | None,
-# 'layer': None | bool | bool scalar | float mask over positions}.
-Plan = list
 
 
 def fraction_cdf(act: ml_collections.ConfigDict, t: float) -> float:
@@ -184,27 +142,32 @@ def draw_width(u: jax.Array, cdf: np.ndarray) -> jax.Array:
   return jnp.sum(u > jnp.asarray(cdf[:-1], jnp.float32), axis=-1).astype(jnp.int32)
 
 
-def _site(bucket, key, act, d: int, a=None) -> Site:
-  """Site of width bucket (static or drawn); `bernoulli` masks each unit with probability a."""
-  common = dict(d=d, buckets=act.buckets, rescale=act.rescale)
+def _site(bucket, key, act, d: int, a=None) -> plan_lib.Site:
+  """The site of a static (Python int) or drawn (traced) bucket; `bernoulli` masks each unit
+  with probability a instead."""
   if act.structure == 'bernoulli':
-    return Site(mask=jax.random.bernoulli(key, a, (d,)).astype(jnp.float32), **common)
+    mask = jax.random.bernoulli(key, a, (d,)).astype(jnp.float32)
+    return plan_lib.UnitMask(mask, d=d, rescale=act.rescale)
   perm = jax.random.permutation(key, d) if act.structure == 'random' else None
-  return Site(bucket=bucket, perm=perm, **common)
+  kind = plan_lib.StaticWidth if isinstance(bucket, int) else plan_lib.DrawnWidth
+  return kind(bucket=bucket, perm=perm, d=d, buckets=act.buckets, rescale=act.rescale)
 
 
-def _layers_on(k, key, act, num_layers: int, a=None):
-  """Which blocks run when k of them do (`bernoulli`: each with probability a)."""
-  if act.structure == 'bernoulli':  # a float mask: the block is computed, its output zeroed.
-    return list(jax.random.bernoulli(key, a, (num_layers,)).astype(jnp.float32))
+def _blocks(k, key, act, num_layers: int, a=None) -> list[plan_lib.Block]:
+  """Which blocks run when k of them do (`bernoulli`: each with probability a, as gates)."""
+  if act.structure == 'bernoulli':  # the block is computed, its output gated.
+    gates = jax.random.bernoulli(key, a, (num_layers,)).astype(jnp.float32)
+    return [plan_lib.BlockMask(g) for g in gates]
   if act.structure == 'nested':
-    return [l < k for l in range(num_layers)]
-  rank = jnp.argsort(jax.random.permutation(key, num_layers))
-  return [rank[l] < k for l in range(num_layers)]
+    on = [l < k for l in range(num_layers)]
+  else:
+    rank = jnp.argsort(jax.random.permutation(key, num_layers))
+    on = [rank[l] < k for l in range(num_layers)]
+  return [plan_lib.StaticBlock(o) if isinstance(o, bool) else plan_lib.DrawnBlock(o) for o in on]
 
 
 def make_plan(key: jax.Array, act: ml_collections.ConfigDict, model_cfg,
-              fraction: float | None = None) -> Plan:
+              fraction: float | None = None) -> plan_lib.Plan:
   """What is on in every layer for one step.
 
   `fraction=None` draws it: one quantile u for the step (and with `per_layer` one more for each
@@ -232,57 +195,30 @@ def make_plan(key: jax.Array, act: ml_collections.ConfigDict, model_cfg,
                                     (L,)))
     layers_on = draw_width(u, width_cdf(act, L)) + 1
   shared = shared[0] if isinstance(shared, list) else shared
-  on = _layers_on(layers_on, k_layers, act, L, shared) if 'layers' in sites else [None] * L
+  blocks = _blocks(layers_on, k_layers, act, L, shared) if 'layers' in sites else [None] * L
   plan = []
   for l in range(L):
     k_mlp, k_heads = jax.random.split(jax.random.fold_in(k_units, l))
     a = None if layer_a is None else layer_a[l]
-    plan.append({
-        'mlp': (_site(buckets[l], k_mlp, act, model_cfg.mlp_dim, a) if 'mlp' in sites else None),
-        'heads': (_site(buckets[l], k_heads, act, model_cfg.num_heads, a)
-                  if 'heads' in sites else None),
-        'layer': on[l],
-    })
-  return plan
-
-
-def as_masks(plan: Plan) -> Plan:
-  """The same units as 0/1 masks (the bernoulli-style reference computation)."""
-  out = []
-  for layer in plan:
-    out.append({
-        'mlp': None if layer['mlp'] is None else layer['mlp'].replace(
-            bucket=None, perm=None, mask=layer['mlp'].to_mask()),
-        'heads': None if layer['heads'] is None else layer['heads'].replace(
-            bucket=None, perm=None, mask=layer['heads'].to_mask()),
-        'layer': None if layer['layer'] is None else jnp.asarray(layer['layer'], jnp.float32),
-    })
-  return out
+    plan.append(plan_lib.LayerPlan(
+        mlp=_site(buckets[l], k_mlp, act, model_cfg.mlp_dim, a) if 'mlp' in sites else None,
+        heads=(_site(buckets[l], k_heads, act, model_cfg.num_heads, a)
+               if 'heads' in sites else None),
+        block=blocks[l]))
+  return tuple(plan)
 
 
 def per_position_plan(key: jax.Array, act: ml_collections.ConfigDict, model_cfg,
-                      length: int, start: int = 0) -> Plan:
+                      length: int, start: int = 0) -> plan_lib.Plan:
   """A fresh draw at every position (the `random` policy), as masks over [length, d].
 
   Position t uses `make_plan(fold_in(key, t))`, the same draw the sampler makes for the token at
   position t, so a parallel pass scores exactly what token-by-token generation would run.
   """
   positions = start + jnp.arange(length)
-  return jax.vmap(lambda t: as_masks(make_plan(jax.random.fold_in(key, t), act, model_cfg)))(
-      positions)
-
-
-def active_fractions(plan: Plan) -> dict[str, jax.Array]:
-  """Realized fraction of mlp units, heads and layers that are on (means over layers)."""
-  out = {}
-  for name in ('mlp', 'heads'):
-    sites = [layer[name] for layer in plan if layer[name] is not None]
-    if sites:
-      out[name] = jnp.mean(jnp.stack([jnp.mean(s.to_mask(), axis=-1) for s in sites]), axis=0)
-  layers = [layer['layer'] for layer in plan if layer['layer'] is not None]
-  if layers:
-    out['layers'] = jnp.mean(jnp.stack([jnp.asarray(l, jnp.float32) for l in layers]), axis=0)
-  return out
+  return jax.vmap(
+      lambda t: plan_lib.as_masks(make_plan(jax.random.fold_in(key, t), act, model_cfg)))(
+          positions)
 
 
 def compute_fractions(act: ml_collections.ConfigDict, model_cfg,

@@ -1,12 +1,20 @@
-"""Validation of a run's ConfigDict: one clear message per problem, before anything compiles."""
+"""Config files and their validation: one clear message per problem, before anything compiles.
+
+A config file is Python with `get_config(arg)` returning a ConfigDict (`configs/`); the command
+lines load it with ml_collections' `config_flags`, and everything else (sweeps, ablation files
+that take another file as their base, benchmarks, tests) with `load_config` here.
+"""
+from __future__ import annotations
+
+import importlib.util
 import numbers
+import os
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the field and what to do."""
-
+from rag_jax import activation
+from rag_jax.errors import ConfigError
+from rag_jax.sharding import MESH_AXES
 
 _POSITIVE_INTS = (
     'model.num_layers', 'model.num_heads', 'model.embed_dim', 'model.mlp_dim',
@@ -18,8 +26,43 @@ TOKENIZERS = ('char', 'byte')
 # The fields that fix the shapes of the parameters; a workdir's checkpoint must agree on them.
 MODEL_FIELDS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'block_size', 'use_bias')
 DTYPES = ('float32', 'bfloat16')  # config.dtype: activations and matmuls (parameters: float32).
-ATTENTION = ('auto', 'xla', 'cudnn')  # config.model.attention (see models.gpt.attention_impl).
-MESH_AXES = ('data', 'fsdp', 'tensor')
+ATTENTION = ('auto', 'xla', 'cudnn')  # config.model.attention (see models/attention.py).
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+  """'configs/x.py:smoke' -> ('configs/x.py', 'smoke'); no ':' -> (spec, None)."""
+  path, _, arg = spec.partition(':')
+  return path, arg or None
+
+
+def load_module(path: str):
+  """The Python module of a file, loaded by path as ml_collections' config_flags loads a config
+  file (also used for the scripts under experiments/)."""
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path} does not exist.')
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(spec: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file `spec` ('path.py' or 'path.py:ARG')."""
+  path, spec_arg = split_spec(spec)
+  return load_module(path).get_config((arg if arg is not None else spec_arg) or None)
+
+
+def config_from(here: str, relative_path: str):
+  """The get_config(arg) of the config file at `relative_path` from the file `here`: a config
+  file takes its base with `get_config = configuration.config_from(__file__, '../x.py')`, or
+  calls it and edits the result."""
+  path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(here)), relative_path))
+
+  def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    return load_config(path, arg)
+
+  return get_config
 
 
 def get(config: ml_collections.ConfigDict, dotted: str):
@@ -76,7 +119,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   eval_batches = get(config, 'eval_batches')
   if not _is_int(eval_batches) or (eval_batches <= 0 and eval_batches != -1):
     raise ConfigError(f'config.eval_batches must be a positive integer or -1, got {eval_batches!r}.')
-  from rag_jax import activation  # pylint: disable=g-import-not-at-top
   if get(config, 'activation').enabled:
     activation.validate(config.activation, m)
   _validate_mesh(get(config, 'mesh'))
@@ -102,27 +144,3 @@ def _validate_mesh(mesh: ml_collections.ConfigDict) -> None:
     if unknown:
       raise ConfigError(f'config.mesh.rules.{name}={target!r}: {unknown} not a mesh axis; use a '
                         f"comma-separated subset of {MESH_AXES}, or '' to keep {name} whole.")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl `flags_parser` for the CLIs: a bad `--config.FIELD=VALUE` gives one line, no traceback."""
-  import sys  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f'error: {e}')
-  except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field.
-    import re  # pylint: disable=g-import-not-at-top
-    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(...))
-      e = e.args[0]
-    text = str(e.args[0] if e.args else e)
-    found = re.search(r"[A-Za-z_][A-Za-z0-9_]*", text)
-    missing = found.group(0) if found else text
-    hint = re.search(r'Did you mean "([^"]+)"', text)
-    culprits = [a.split('=')[0] for a in argv[1:]
-                if a.startswith('--config.') and missing in a.split('=')[0].split('.')]
-    where = culprits[0] if culprits else 'a --config.* override'
-    sys.exit(f'error: {where}: the config has no field {missing!r}'
-             + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
-             + '; the fields are those set in the config file (unknown fields are errors).')

@@ -3,11 +3,12 @@
     python -m rag_jax.evaluate --workdir=DIR [--active_fractions=1.0] [--policy=fixed] [--split=test]
 
 Each entry of eval_curve.json: active_fraction, policy, loss (nats per token), bits_per_token,
-flops_per_token (analytic forward count, models.gpt.flops_per_token), plus split, step and
+flops_per_token (analytic forward count, flops.flops_per_token), plus split, step and
 the number of tokens scored. Entries of other (active_fraction, policy, split) are kept.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -19,11 +20,16 @@ import numpy as np
 import optax
 
 from rag_jax import activation
+from rag_jax import cli
 from rag_jax import data as data_lib
+from rag_jax import files
+from rag_jax import flops
+from rag_jax import runs
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import gpt
 
-POLICIES = ('fixed', 'random')
+# The policies a parallel pass scores (activation.POLICIES; `dense` is `fixed` at 1.0).
+POLICIES = tuple(p for p in activation.POLICIES if p != 'dense')
 
 
 def plan_fn(act, model_cfg, policy: str = 'fixed', fraction: float | None = None):
@@ -72,32 +78,11 @@ def mean_loss(eval_step, params, tokens: np.ndarray, config, batch_sharding=None
   return total / count, int(count)
 
 
-def load_run(workdir: str):
-  """(config, tokenizer, model, params, step) of the newest checkpoint in `workdir`."""
-  from rag_jax import train  # pylint: disable=g-import-not-at-top
-  config = workdir_lib.load_config(workdir)
-  tokenizer = data_lib.tokenizers.load(os.path.join(workdir, workdir_lib.TOKENIZER_FILE))
-  step = workdir_lib.latest_step(workdir)
-  if step is None:
-    raise workdir_lib.WorkdirError(f'{workdir} holds no checkpoint; train it first.')
-  model, tx = train.make_model(config, tokenizer.vocab_size), train.make_optimizer(config)
-  abstract = jax.eval_shape(lambda k: train.init_state(model, tx, k, config),
-                            workdir_lib.root_keys(config.seed)['init'])
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          abstract)
-  mngr = workdir_lib.checkpoint_manager(workdir)
-  state = workdir_lib.restore(mngr, step, abstract, workdir)
-  mngr.close()
-  return config, tokenizer, model, state.params, step
-
-
 def update_eval_curve(workdir: str, entries: list[dict]) -> list[dict]:
   path = os.path.join(workdir, workdir_lib.EVAL_CURVE_FILE)
   key = lambda e: (e['active_fraction'], e['policy'], e.get('split'))
   old = []
   if os.path.exists(path):
-    import json  # pylint: disable=g-import-not-at-top
     try:
       with open(path) as f:
         old = json.load(f)
@@ -106,7 +91,7 @@ def update_eval_curve(workdir: str, entries: list[dict]) -> list[dict]:
   new_keys = {key(e) for e in entries}
   curve = [e for e in old if key(e) not in new_keys] + entries
   curve.sort(key=lambda e: (e.get('split') or '', e['policy'], -e['active_fraction']))
-  workdir_lib.write_json(path, curve)
+  files.write_json(path, curve)
   return curve
 
 
@@ -123,7 +108,7 @@ def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
   for a in active_fractions:
     if not 0 < a <= 1:
       raise ValueError(f'active fractions must be in (0, 1], got {a}.')
-  config, tokenizer, model, params, step = load_run(workdir)
+  config, tokenizer, model, params, step = runs.load_run(workdir)
   act = config.activation
   if overrides:
     act.update({k: v for k, v in overrides.items() if v is not None})
@@ -143,7 +128,7 @@ def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
     entry = {'active_fraction': float(fraction) if fraction is not None else
              float(np.mean(realized)), 'policy': policy, 'loss': loss,
              'bits_per_token': loss / math.log(2),
-             'flops_per_token': gpt.flops_per_token(cfg, **compute), 'split': split,
+             'flops_per_token': flops.flops_per_token(cfg, **compute), 'split': split,
              'step': int(step), 'tokens': count, 'structure': act.structure,
              'sites': act.sites}
     if policy == 'random':
@@ -156,13 +141,9 @@ def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
 def _define_flags():
   flags.DEFINE_string('workdir', None, 'Workdir of a trained run.', required=True)
   flags.DEFINE_list('active_fractions', ['1.0'], 'Active fractions to evaluate.')
-  flags.DEFINE_enum('policy', 'fixed', ['fixed', 'random'], 'Activation policy.')
+  flags.DEFINE_enum('policy', 'fixed', list(POLICIES), 'Activation policy.')
   flags.DEFINE_enum('split', 'validation', list(data_lib.SPLITS), 'Split to score.')
-  flags.DEFINE_float('alpha', None, 'Override the run\'s activation alpha.')
-  flags.DEFINE_float('beta', None, 'Override the run\'s activation beta.')
-  flags.DEFINE_float('lam', None, 'Override the run\'s activation lam.')
-  flags.DEFINE_string('structure', None, 'Override: nested, random or bernoulli.')
-  flags.DEFINE_string('sites', None, 'Override: comma-separated mlp,heads,layers.')
+  cli.define_activation_flags(structure=True)
 
 
 def main(argv):
@@ -174,9 +155,9 @@ def main(argv):
   except ValueError:
     sys.exit(f'error: --active_fractions must be numbers, got {",".join(f.active_fractions)!r}.')
   try:
-    overrides = {k: f[k].value for k in ('alpha', 'beta', 'lam', 'structure', 'sites')}
+    overrides = cli.activation_overrides(cli.ACTIVATION_FLAGS + ('structure', 'sites'))
     entries = evaluate(f.workdir, fractions, f.policy, f.split, overrides)
-  except (ValueError, data_lib.DataError) as e:
+  except ValueError as e:
     sys.exit(f'error: {e}')
   for e in entries:
     print(f"{e['split']} step {e['step']}: active_fraction={e['active_fraction']:.2f} "

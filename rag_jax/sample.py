@@ -38,10 +38,14 @@ import ml_collections
 import numpy as np
 
 from rag_jax import activation
+from rag_jax import cli
+from rag_jax import plan as plan_lib
+from rag_jax import runs
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import gpt
+from rag_jax.models import widths as widths_lib
 
-POLICIES = ('dense', 'fixed', 'random')
+POLICIES = activation.POLICIES
 PAD = 0  # written after a row's last token
 MAX_TOKENS = 1 << 20  # num_tokens cap: the token buffer is batch x (prompt + num_tokens)
 MAX_PLAN_BYTES = 1 << 30  # policy random: the per-index plans of random/bernoulli units
@@ -82,7 +86,7 @@ class DecodeState:
 def _mean_fraction(plan) -> jax.Array:
   if plan is None:
     return jnp.float32(1.0)
-  fractions = list(activation.active_fractions(plan).values())
+  fractions = list(plan_lib.active_fractions(plan).values())
   return jnp.mean(jnp.stack(fractions)).astype(jnp.float32) if fractions else jnp.float32(1.0)
 
 
@@ -129,7 +133,7 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
     table = jax.vmap(lambda t: activation.make_plan(jax.random.fold_in(act_key, t), act, cfg))(
         jnp.arange(N))
     plan_at = lambda t: _take(table, t)
-    plans_from = lambda first, L: jax.vmap(activation.as_masks)(_take(table, first, L))
+    plans_from = lambda first, L: jax.vmap(plan_lib.as_masks)(_take(table, first, L))
     fraction_N = jax.vmap(_mean_fraction)(table)
   else:
     fixed = (activation.make_plan(act_key, act, cfg, fraction=active_fraction)
@@ -138,7 +142,7 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
     plans_from = lambda first, L: fixed
     fraction_N = jnp.full((N,), _mean_fraction(fixed))
 
-  # Nested widths read their weights from separate prefix arrays (gpt.decode_variables, cut
+  # Nested widths read their weights from separate prefix arrays (widths.decode_variables, cut
   # once here): a slice of one array inside the loop would be copied at every step. `fixed`
   # keeps its one width; `random` every bucket's (memory: (buckets + 1) / 2 x those weights).
   if policy == 'dense' or act.structure != 'nested':
@@ -146,8 +150,8 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
   else:
     widths = ([activation.bucket_index(float(active_fraction), act.buckets)]
               if policy == 'fixed' else range(act.buckets))
-    variables = gpt.decode_variables(params, act.buckets, widths,
-                                     activation.parse_sites(act.sites))
+    variables = widths_lib.decode_variables(params, act.buckets, widths,
+                                            activation.parse_sites(act.sites))
 
   def prefill(tokens_BxL, first):
     """Feeds the tokens at indices first.. into a fresh cache at positions 0.. ."""
@@ -305,7 +309,7 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
   """Generates `batch` continuations of each prompt, compiled (the CLI calls this too).
 
   `config` is the run's config (model, activation, seed) and `tokenizer` its tokenizer
-  (`evaluate.load_run` gives both). `policy`: dense, fixed (at `active_fraction`; the default
+  (`runs.load_run` gives both); the model runs in the run's `config.dtype`. `policy`: dense, fixed (at `active_fraction`; the default
   when one is given) or random (a fresh draw per time step); `act` overrides
   `config.activation` (alpha, beta, lam, sites, structure, buckets). `end`: a one-token text
   (e.g. '\\n') that ends a row. The key is fold_in(root_keys(config.seed)['sample'], seed).
@@ -316,7 +320,7 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
     raise ValueError('give at least one prompt.')
   knobs = _knobs(config, tokenizer, num_tokens, seed, batch, policy, active_fraction,
                  temperature, top_k, top_p, greedy, end, act)
-  model = gpt.GPT(gpt.GPTConfig.from_config(config.model, tokenizer.vocab_size))
+  model = runs.make_model(config, tokenizer.vocab_size)
   encoded = []
   for i, prompt in enumerate(prompts):
     try:
@@ -369,20 +373,17 @@ def _define_flags():
   flags.DEFINE_enum('policy', None, list(POLICIES),
                     'dense (default), fixed (with --active_fraction) or random (a fresh draw '
                     'at every time step from the run\'s alpha, beta, lam or the flags below).')
-  flags.DEFINE_float('alpha', None, 'Override the run\'s activation alpha.')
-  flags.DEFINE_float('beta', None, 'Override the run\'s activation beta.')
-  flags.DEFINE_float('lam', None, 'Override the run\'s activation lam.')
+  cli.define_activation_flags()
 
 
 def main(argv):
   del argv
   workdir_lib.quiet_logs()
-  from rag_jax import evaluate  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   try:
-    config, tokenizer, _, params, _ = evaluate.load_run(f.workdir)
+    config, tokenizer, _, params, _ = runs.load_run(f.workdir)
     act = config.activation
-    act.update({k: f[k].value for k in ('alpha', 'beta', 'lam') if f[k].value is not None})
+    act.update(cli.activation_overrides())
     out = sample(params, config, f.prompt, tokenizer=tokenizer, num_tokens=f.num_tokens,
                  seed=f.seed, batch=f.batch, policy=f.policy, active_fraction=f.active_fraction,
                  temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, greedy=f.greedy,

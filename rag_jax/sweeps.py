@@ -21,51 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
-import os
 import re
 from typing import Any, Iterable
 
 import ml_collections
 
 from rag_jax import configuration
+from rag_jax.errors import ConfigError
 
 DENSE = {'activation.enabled': False}  # the baseline every ablation includes
 _MAX_NAME = 120
 _UNSAFE = re.compile(r'[^A-Za-z0-9._+=-]')
-
-
-def load_module(path: str):
-  """The Python module of a config file, loaded by path as ml_collections' config_flags does."""
-  if not os.path.isfile(path):
-    raise configuration.ConfigError(f'config file {path} does not exist.')
-  name = os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """get_config(arg) of the config file at `path` (for ablation files to load their base)."""
-  return load_module(path).get_config(arg or None)
-
-
-def config_from(here: str, relative_path: str):
-  """The get_config(arg) of the config file at `relative_path` from the file `here`; an
-  ablation file takes its base with `get_config = sweeps.config_from(__file__, '../x.py')`."""
-  path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(here)), relative_path))
-
-  def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return load_config(path, arg)
-
-  return get_config
-
-
-def split_spec(spec: str) -> tuple[str, str | None]:
-  """'configs/x.py:smoke' -> ('configs/x.py', 'smoke'); no ':' -> (spec, None)."""
-  path, _, arg = spec.partition(':')
-  return path, arg or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,14 +104,14 @@ def apply(config: ml_collections.ConfigDict,
     parent_key, _, leaf = key.rpartition('.')
     parent = configuration.get(config, parent_key) if parent_key else config
     if not isinstance(parent, ml_collections.ConfigDict) or leaf not in parent:
-      raise configuration.ConfigError(f'the config has no field `{key}`.')
+      raise ConfigError(f'the config has no field `{key}`.')
     old = parent[leaf]
     if isinstance(old, ml_collections.ConfigDict):
-      raise configuration.ConfigError(
+      raise ConfigError(
           f'`{key}` is a group of fields; override its fields one by one ({key}.FIELD).')
     problem = _type_error(key, old, value)
     if problem:
-      raise configuration.ConfigError(problem)
+      raise ConfigError(problem)
     parent[leaf] = float(value) if isinstance(old, float) else value
   return config
 
@@ -156,28 +122,28 @@ def make_runs(base: ml_collections.ConfigDict, sweep: Iterable[dict[str, Any]]) 
   for i, overrides in enumerate(sweep):
     where = f'sweep entry {i} {overrides!r}'
     if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
-      raise configuration.ConfigError(f'{where}: sweep() must yield dicts with dotted keys.')
+      raise ConfigError(f'{where}: sweep() must yield dicts with dotted keys.')
     name = run_name(overrides)
     if name in seen:
-      raise configuration.ConfigError(
+      raise ConfigError(
           f'{where} has the same name {name!r} as entry {seen[name]}; every run must differ.')
     seen[name] = i
     try:
       config = apply(base, overrides)
       configuration.validate(config)
-    except configuration.ConfigError as e:
-      raise configuration.ConfigError(f'{where}: {e}') from None
+    except ConfigError as e:
+      raise ConfigError(f'{where}: {e}') from None
     runs.append(Run(name=name, overrides=dict(overrides), config=config))
   if not runs:
-    raise configuration.ConfigError('the sweep yields no runs.')
+    raise ConfigError('the sweep yields no runs.')
   return runs
 
 
 def expand(spec: str) -> list[Run]:
   """The runs of the ablation file `spec` ('configs/ablations/x.py[:ARG]'), validated."""
-  path, arg = split_spec(spec)
-  module = load_module(path)
+  path, arg = configuration.split_spec(spec)
+  module = configuration.load_module(path)
   if not hasattr(module, 'sweep'):
-    raise configuration.ConfigError(f'{path} has no sweep(arg) function; it is not a sweep file.')
+    raise ConfigError(f'{path} has no sweep(arg) function; it is not a sweep file.')
   base = module.get_config(arg)
   return make_runs(base, module.sweep(arg))

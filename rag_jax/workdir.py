@@ -13,11 +13,14 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 from rag_jax import configuration
+from rag_jax import files
+from rag_jax.errors import ConfigError, WorkdirError
 
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.json'
@@ -26,31 +29,19 @@ EVAL_CURVE_FILE = 'eval_curve.json'
 CHECKPOINT_DIR = 'checkpoints'
 
 
-class WorkdirError(ValueError):
-  """A workdir whose saved files do not fit the request; nothing in it was changed."""
-
-
 def quiet_logs() -> None:
   """Keeps absl INFO lines (orbax logs every save) off the terminal of the CLIs."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
 
 
 def root_keys(seed: int) -> dict[str, jax.Array]:
-  """The root key of a run, split once by purpose (DESIGN.md §1, Keys)."""
+  """The root key of a run, split once by purpose (docs/design.md §5)."""
   init, train, sample = jax.random.split(jax.random.key(seed), 3)
   return {'init': init, 'train': train, 'sample': sample}
 
 
-def write_json(path: str, obj: Any) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
+  files.write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -72,7 +63,7 @@ def check_same_model(saved: ml_collections.ConfigDict, config: ml_collections.Co
   for name in fields:
     try:
       old = configuration.get(saved, name)
-    except configuration.ConfigError:
+    except ConfigError:
       old = '<missing>'
     new = configuration.get(config, name)
     if old != new:
@@ -100,9 +91,15 @@ def latest_step(workdir: str) -> int | None:
   return step
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, workdir: str) -> Any:
-  """Restores `step` onto `abstract_state` (ShapeDtypeStructs carrying shardings)."""
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, workdir: str,
+            partial: bool = False) -> Any:
+  """Restores `step` onto `abstract_state` (ShapeDtypeStructs carrying shardings); `partial`:
+  only the entries `abstract_state` names (e.g. {'params': ...}: no optimizer state is read)."""
   try:
+    if partial:
+      return mngr.restore(step, args=ocp.args.PyTreeRestore(
+          item=abstract_state, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()[0] if str(e).strip() else ''

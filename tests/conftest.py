@@ -1,20 +1,18 @@
 """Shared fixtures: tiny_shakespeare built offline into a temporary TFDS data_dir, smoke configs."""
-import importlib.util
 import os
 import pathlib
 
 import pytest
+
+from rag_jax import configuration
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAKESPEARE_TXT = ROOT.parent / 'shared' / 'data' / 'tiny_shakespeare' / 'input.txt'
 
 
 def load_config(name: str, arg: str | None = None):
-  """get_config(arg) of configs/<name>.py, as the CLI's config_flags would load it."""
-  spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """get_config(arg) of configs/<name>.py."""
+  return configuration.load_config(str(ROOT / 'configs' / f'{name}.py'), arg)
 
 
 @pytest.fixture(scope='session')

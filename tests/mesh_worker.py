@@ -7,7 +7,7 @@
 
 `losses`: on each mesh, a few train steps of the dense and the random-activation :smoke models
 from the same initial parameters on the same batches, with the production pieces
-(train.make_mesh, Shardings, jit_train_step); reports the losses and how many parameter arrays
+(sharding.make_mesh, Shardings, jit_train_step); reports the losses and how many parameter arrays
 the mesh really splits. `restore`: trains on an fsdp mesh, then resumes its first checkpoint
 on a data x fsdp x tensor mesh. Both print one JSON object.
 """
@@ -20,6 +20,8 @@ import jax
 import numpy as np
 
 from rag_jax import data as data_lib
+from rag_jax import runs
+from rag_jax import sharding
 from rag_jax import train
 from tests.conftest import load_config
 
@@ -35,16 +37,16 @@ def set_mesh(config, **sizes):
 def initial_state(config):
   """One initial state for every mesh (compiling a sharded init per mesh is slower on CPU than
   the training steps; train_and_evaluate's sharded init runs in `restore`)."""
-  model, tx = train.make_model(config, VOCAB), train.make_optimizer(config)
+  model, tx = runs.make_model(config, VOCAB), runs.make_optimizer(config)
   return jax.device_get(
-      jax.jit(lambda key: train.init_state(model, tx, key, config))(jax.random.key(0)))
+      jax.jit(lambda key: runs.init_state(model, tx, key, config))(jax.random.key(0)))
 
 
 def losses(config, mesh_sizes: dict, state) -> dict:
   """`state`: numpy arrays, placed afresh (the step donates its input)."""
-  mesh = train.make_mesh(set_mesh(config, **mesh_sizes))
-  model, tx = train.make_model(config, VOCAB), train.make_optimizer(config)
-  shard = train.Shardings.of(mesh, state, config.mesh.rules)
+  mesh = sharding.make_mesh(set_mesh(config, **mesh_sizes))
+  model, tx = runs.make_model(config, VOCAB), runs.make_optimizer(config)
+  shard = sharding.Shardings.of(mesh, state, config.mesh.rules)
   state = jax.device_put(state, shard.state)
   split = [x for x in jax.tree.leaves(state.params)
            if x.addressable_shards[0].data.shape != x.shape]

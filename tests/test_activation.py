@@ -1,4 +1,4 @@
-"""The random activation means what it says (DESIGN.md §1)."""
+"""The random activation means what it says (docs/design.md §1-§3)."""
 import functools
 
 import jax
@@ -8,9 +8,12 @@ import pytest
 import scipy.stats
 
 from rag_jax import activation
-from rag_jax import configuration
+from rag_jax import errors
 from rag_jax import evaluate
+from rag_jax import flops
+from rag_jax import plan as plan_lib
 from rag_jax.models import gpt
+from rag_jax.models import widths
 
 CFG = gpt.GPTConfig(vocab_size=33, num_layers=3, num_heads=4, embed_dim=32, mlp_dim=64,
                     block_size=16)
@@ -55,8 +58,8 @@ def test_drawn_widths_follow_the_rounded_distribution(alpha, beta, lam, min_acti
   cfg = gpt.GPTConfig(**{**CFG.__dict__, 'num_layers': 5})
   keys = jax.random.split(jax.random.key(0), 8000)
   plans = jax.vmap(lambda k: activation.make_plan(k, act, cfg))(keys)
-  got_mlp = np.bincount(np.asarray(plans[0]['mlp'].bucket), minlength=8) / len(keys)
-  got_layers = np.bincount(sum(np.asarray(l['layer'], int) for l in plans) - 1,
+  got_mlp = np.bincount(np.asarray(plans[0].mlp.bucket), minlength=8) / len(keys)
+  got_layers = np.bincount(sum(np.asarray(l.block.on, int) for l in plans) - 1,
                            minlength=5) / len(keys)
   a = activation.draw_fraction(jax.random.key(1), act, (8000,))
   want_mlp = np.bincount(np.asarray(activation.bucket_index(a, 8)), minlength=8) / len(keys)
@@ -71,7 +74,7 @@ def test_lam_zero_is_always_dense():
   a = activation.draw_fraction(jax.random.key(0), act, (5000,))
   assert np.all(np.asarray(a) == 1.0)
   plan = activation.make_plan(jax.random.key(3), act, CFG)
-  assert all(int(layer['mlp'].bucket) == act.buckets - 1 for layer in plan)
+  assert all(int(layer.mlp.bucket) == act.buckets - 1 for layer in plan)
 
 
 def test_min_active_floors_the_fraction():
@@ -93,25 +96,25 @@ def test_same_key_same_units_other_key_other_units():
   p2 = activation.make_plan(jax.random.key(7), act, CFG)
   p3 = activation.make_plan(jax.random.key(8), act, CFG)
   for l in range(CFG.num_layers):
-    np.testing.assert_array_equal(p1[l]['mlp'].to_mask(), p2[l]['mlp'].to_mask())
-  assert any(not np.array_equal(p1[l]['mlp'].perm, p3[l]['mlp'].perm) for l in range(3))
-  assert not all(int(p1[l]['mlp'].bucket) == int(p3[l]['mlp'].bucket) for l in range(3)) or \
-      any(not np.array_equal(p1[l]['heads'].to_mask(), p3[l]['heads'].to_mask()) for l in range(3))
+    np.testing.assert_array_equal(p1[l].mlp.to_mask(), p2[l].mlp.to_mask())
+  assert any(not np.array_equal(p1[l].mlp.perm, p3[l].mlp.perm) for l in range(3))
+  assert not all(int(p1[l].mlp.bucket) == int(p3[l].mlp.bucket) for l in range(3)) or \
+      any(not np.array_equal(p1[l].heads.to_mask(), p3[l].heads.to_mask()) for l in range(3))
 
 
 def test_per_layer_draws_differ_across_layers():
   act = act_config(buckets=16, sites='mlp')
   act16 = act
   cfg = gpt.GPTConfig(**{**CFG.__dict__, 'num_layers': 6})
-  buckets = [int(l['mlp'].bucket) for l in activation.make_plan(jax.random.key(1), act16, cfg)]
+  buckets = [int(l.mlp.bucket) for l in activation.make_plan(jax.random.key(1), act16, cfg)]
   assert len(set(buckets)) > 1
   act.per_layer = False
-  buckets = [int(l['mlp'].bucket) for l in activation.make_plan(jax.random.key(1), act16, cfg)]
+  buckets = [int(l.mlp.bucket) for l in activation.make_plan(jax.random.key(1), act16, cfg)]
   assert len(set(buckets)) == 1
 
 
 def _partial(plan):
-  return any(int(l['mlp'].bucket) < 3 for l in plan if l['mlp'] is not None)
+  return any(int(l.mlp.bucket) < 3 for l in plan if l.mlp is not None)
 
 
 @pytest.mark.parametrize('structure', ['nested', 'random'])
@@ -124,7 +127,7 @@ def test_switch_equals_mask_reference(model_params, structure, sites, rescale):
   for seed in range(3):
     plan = activation.make_plan(jax.random.key(seed), act, CFG)
     got = apply(model, params, tokens, plan)
-    want = apply(model, params, tokens, activation.as_masks(plan))
+    want = apply(model, params, tokens, plan_lib.as_masks(plan))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   dense = apply(model, params, tokens, None)
   assert not np.allclose(got, dense, atol=1e-3)  # something was switched off
@@ -140,7 +143,7 @@ def test_switch_gradients_equal_mask_reference(model_params, structure):
   @functools.partial(jax.jit, static_argnums=2)
   def grads(p, key, masks):
     plan = activation.make_plan(key, act, CFG)
-    plan = activation.as_masks(plan) if masks else plan
+    plan = plan_lib.as_masks(plan) if masks else plan
     return jax.grad(lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, tokens, plan=plan)[0])))(p)
 
   for seed in range(2):
@@ -155,9 +158,10 @@ def test_static_width_equals_mask_reference(model_params, structure, fraction):
   model, params, tokens = model_params
   act = act_config(structure=structure, sites='mlp,heads,layers')
   plan = activation.make_plan(jax.random.key(0), act, CFG, fraction=fraction)
-  assert isinstance(plan[0]['mlp'].bucket, int)
+  assert isinstance(plan[0].mlp.bucket, int)
+  assert all(isinstance(l.mlp, plan_lib.StaticWidth) for l in plan)
   np.testing.assert_allclose(apply(model, params, tokens, plan),
-                             apply(model, params, tokens, activation.as_masks(plan)),
+                             apply(model, params, tokens, plan_lib.as_masks(plan)),
                              atol=1e-5, rtol=1e-5)
 
 
@@ -171,12 +175,12 @@ def test_fraction_one_equals_dense(model_params, structure):
 
 
 @pytest.mark.parametrize('plan_kind,layout', [
-    (kind, layout) for kind in ('dense', 'static', 'drawn', 'masks')
-    for layout in ('blocks', 'prefixes')] + [('static', 'one_width')])
+    (kind, 'prefixes') for kind in ('dense', 'static', 'drawn', 'masks')] + [
+    ('static', 'one_width')])
 def test_decode_layout_equals_parameters(model_params, plan_kind, layout):
-  """gpt.decode_variables (switched weights as separate arrays for decode loops: equal blocks,
-  prefixes of every width, or the one static width of the sites in the plan) computes what
-  the parameters compute."""
+  """widths.decode_variables (switched weights as separate prefix arrays for decode loops:
+  every width, or the one static width of the sites in the plan) computes what the parameters
+  compute."""
   model, params, tokens = model_params
   act = act_config(sites='heads,layers' if layout == 'one_width' else 'mlp,heads,layers')
   key = jax.random.key(3)
@@ -184,16 +188,27 @@ def test_decode_layout_equals_parameters(model_params, plan_kind, layout):
           'static': activation.make_plan(key, act, CFG, fraction=0.5),
           'drawn': activation.make_plan(key, act, CFG),
           'masks': activation.per_position_plan(key, act, CFG, CFG.block_size)}[plan_kind]
-  widths = {'blocks': None, 'prefixes': range(act.buckets),
-            'one_width': [activation.bucket_index(0.5, act.buckets)]}[layout]
-  variables = gpt.decode_variables(params, act.buckets, widths, activation.parse_sites(act.sites))
+  kept = {'prefixes': range(act.buckets),
+          'one_width': [activation.bucket_index(0.5, act.buckets)]}[layout]
+  variables = widths.decode_variables(params, act.buckets, kept, activation.parse_sites(act.sites))
   mlp_moved = 'w_in' not in variables['params']['block_0']['mlp']
   assert mlp_moved == (layout != 'one_width')
-  assert len(variables['blocks']['block_0']['attn']['query']) == (
-      1 if layout == 'one_width' else act.buckets)
+  query = variables['decode']['block_0']['attn']['query']
+  assert isinstance(query, widths.Prefixes)
+  assert len(query.arrays) == (1 if layout == 'one_width' else act.buckets)
   # The plan is closed over, as the sampler makes it: static widths stay Python ints.
   got = jax.jit(lambda v, t: model.apply(v, t, plan=plan)[0])(variables, tokens)
   np.testing.assert_allclose(got, apply(model, params, tokens, plan), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_layout_refuses_widths_it_does_not_hold(model_params):
+  """A layout cut for one width says so when a plan asks it for another."""
+  model, params, tokens = model_params
+  act = act_config(sites='mlp')
+  variables = widths.decode_variables(params, act.buckets, [1], ('mlp',))
+  plan = activation.make_plan(jax.random.key(0), act, CFG, fraction=1.0)
+  with pytest.raises(ValueError, match=r'holds widths \[32\], not 64'):
+    model.apply(variables, tokens, plan=plan)
 
 
 def test_drawn_layers_with_dropout_train():
@@ -218,7 +233,7 @@ def test_drawn_layers_with_dropout_train():
 def test_bernoulli_keeps_each_unit_with_probability_a():
   act = act_config(structure='bernoulli', sites='mlp')
   cfg = gpt.GPTConfig(**{**CFG.__dict__, 'mlp_dim': 4096})
-  masks = [l['mlp'].mask for l in activation.make_plan(jax.random.key(0), act, cfg, fraction=0.3)]
+  masks = [l.mlp.mask for l in activation.make_plan(jax.random.key(0), act, cfg, fraction=0.3)]
   assert abs(float(jnp.mean(jnp.stack(masks))) - 0.3) < 0.02
 
 
@@ -233,8 +248,8 @@ def test_gradients_reach_only_active_units(model_params, structure):
 
   grads = jax.grad(loss)(params)
   for l in range(CFG.num_layers):
-    mlp_on = np.asarray(plan[l]['mlp'].to_mask()) > 0
-    heads_on = np.asarray(plan[l]['heads'].to_mask()) > 0
+    mlp_on = np.asarray(plan[l].mlp.to_mask()) > 0
+    heads_on = np.asarray(plan[l].heads.to_mask()) > 0
     g = grads[f'block_{l}']
     assert np.all(np.abs(g['mlp']['w_in'])[:, mlp_on].sum(0) > 0)
     assert np.all(g['mlp']['w_in'][:, ~mlp_on] == 0)
@@ -268,7 +283,7 @@ def test_flops_fall_with_the_fraction_and_match_xla(sites):
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla.append(cost['flops'] / DEFAULT.block_size)
-    analytic = gpt.flops_per_token(DEFAULT, **activation.compute_fractions(act, DEFAULT, a))
+    analytic = flops.flops_per_token(DEFAULT, **activation.compute_fractions(act, DEFAULT, a))
     assert abs(xla[-1] - analytic) / analytic < 0.05, (a, xla[-1], analytic)
   assert all(x > y for x, y in zip(xla, xla[1:])), xla
 
@@ -333,7 +348,7 @@ def test_validation_messages(field, value, message):
   with act.ignore_type():
     act[field] = value
   model = ml_collections.ConfigDict({'mlp_dim': 64, 'num_heads': 4})
-  with pytest.raises(configuration.ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     activation.validate(act, model)
 
 
@@ -345,7 +360,7 @@ def test_evaluation_random_policy_draws_per_row(model_params):
   act = act_config(sites='mlp,heads,layers')
   key = jax.random.key(7)
   plan = evaluate.plan_fn(act, CFG, 'random')(key, (tokens.shape[0], tokens.shape[1] + 1))
-  assert plan[0]['layer'].shape == tokens.shape
+  assert plan[0].block.mask.shape == tokens.shape
   batched = apply(model, params, tokens, plan)
   for b, row_key in enumerate(jax.random.split(key, tokens.shape[0])):
     alone = apply(model, params, tokens[b:b + 1],

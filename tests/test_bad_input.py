@@ -8,10 +8,9 @@ import sys
 import jax
 import pytest
 
-from rag_jax import configuration
 from rag_jax import data
+from rag_jax import errors
 from rag_jax import train
-from rag_jax import workdir as workdir_lib
 from tests.conftest import ROOT
 
 
@@ -38,7 +37,7 @@ def test_bad_config_values(smoke_config, tmp_path, no_compile, field, value, mes
   target = smoke_config[section] if section else smoke_config
   with target.ignore_type():
     target[name] = value
-  with pytest.raises(configuration.ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     train.train_and_evaluate(smoke_config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 
@@ -46,7 +45,7 @@ def test_bad_config_values(smoke_config, tmp_path, no_compile, field, value, mes
 def test_wrong_type_in_python_config(smoke_config, tmp_path, no_compile):
   with smoke_config.ignore_type():
     smoke_config.batch_size = '12'
-  with pytest.raises(configuration.ConfigError, match="batch_size must be a positive integer, got '12'"):
+  with pytest.raises(errors.ConfigError, match="batch_size must be a positive integer, got '12'"):
     train.train_and_evaluate(smoke_config, str(tmp_path))
 
 
@@ -86,7 +85,7 @@ def test_workdir_of_a_different_model(good_run, tmp_path, no_compile):
   before = _snapshot(run)
   other = config.copy_and_resolve_references()
   other.model.embed_dim = 64
-  with pytest.raises(workdir_lib.WorkdirError,
+  with pytest.raises(errors.WorkdirError,
                      match=r'different model \(model.embed_dim: 32 in the workdir, 64 now\)'):
     train.train_and_evaluate(other, run)
   assert _snapshot(run) == before
@@ -105,7 +104,7 @@ def test_damaged_checkpoint(good_run, tmp_path):
         damaged += 1
   assert damaged
   before = _snapshot(run)
-  with pytest.raises(workdir_lib.WorkdirError,
+  with pytest.raises(errors.WorkdirError,
                      match='checkpoint of step 20 .* cannot be restored.*Nothing was changed'):
     train.train_and_evaluate(config, run)
   assert _snapshot(run) == before

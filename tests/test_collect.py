@@ -7,13 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from rag_jax import configuration
 from rag_jax import sweeps
 from tests.conftest import ROOT
 
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 
 
-collect = sweeps.load_module(str(ROOT / 'experiments' / 'collect.py'))
+collect = configuration.load_module(str(ROOT / 'experiments' / 'collect.py'))
 
 
 def fake_loss(act, a: float) -> float:

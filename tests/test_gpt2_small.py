@@ -7,6 +7,7 @@ import pytest
 
 from rag_jax import configuration
 from rag_jax import data as data_lib
+from rag_jax import runs
 from rag_jax import train
 from tests.conftest import load_config
 
@@ -25,7 +26,7 @@ def test_gpt2_small_shape():
   assert (m.num_layers, m.num_heads, m.embed_dim, m.mlp_dim, m.block_size) == (12, 12, 768, 3072, 1024)
   assert m.num_heads % config.activation.buckets == 0 and m.mlp_dim % config.activation.buckets == 0
   assert config.dtype == 'bfloat16' and config.data.dataset == 'lm1b'
-  model = train.make_model(config, 256)
+  model = runs.make_model(config, 256)
   params = jax.eval_shape(lambda k: model.init(k, jax.numpy.zeros((1, 8), jax.numpy.int32)),
                           jax.random.key(0))['params']
   n = sum(x.size for x in jax.tree.leaves(params))

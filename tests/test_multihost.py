@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from rag_jax import evaluate
+from rag_jax import runs
 from rag_jax import train
 from tests.conftest import ROOT, load_config
 
@@ -65,7 +65,7 @@ def test_two_processes_agree_with_one(tfds_dir, tfds_env, tmp_path):
   np.testing.assert_allclose(b[-1]['eval_loss'], a[-1]['eval_loss'], rtol=2e-4)
   assert len([n for n in os.listdir(two) if n.startswith('events.out.tfevents')]) == 1
   # The checkpoint the two processes wrote together restores onto this one device.
-  _, _, _, params_two, step = evaluate.load_run(two)
-  _, _, _, params_one, _ = evaluate.load_run(one)
+  _, _, _, params_two, step = runs.load_run(two)
+  _, _, _, params_one, _ = runs.load_run(one)
   assert step == 20
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5), params_two, params_one)

@@ -9,6 +9,7 @@ import pytest
 
 from rag_jax import activation
 from rag_jax import evaluate
+from rag_jax import runs
 from rag_jax import sample as sample_lib
 from rag_jax import train
 from tests.conftest import ROOT, load_config
@@ -78,7 +79,7 @@ def test_dense_run_is_truncated_for_the_baseline(tmp_path, smoke_config):
 
 def test_sampling_policies(ra_run):
   config, workdir = ra_run
-  _, tokenizer, _, params, _ = evaluate.load_run(workdir)
+  _, tokenizer, _, params, _ = runs.load_run(workdir)
   run = lambda **kw: sample_lib.sample(params, config, ['ROMEO:'], tokenizer=tokenizer,
                                        num_tokens=40, **kw)
   dense = run(policy='dense')
@@ -96,7 +97,7 @@ def test_random_policy_fractions_follow_the_distribution(ra_run):
   """The per-step fractions recorded under `random` average to the expected realized width of
   a = 1 - 0.75 B, B ~ U(0, 1), rounded up to quarters (about 0.69)."""
   config, workdir = ra_run
-  _, tokenizer, model, params, _ = evaluate.load_run(workdir)
+  _, tokenizer, model, params, _ = runs.load_run(workdir)
   out = sample_lib.sample(params, config, ['\n'], tokenizer=tokenizer, num_tokens=300, seed=3,
                           policy='random')
   want = activation.compute_fractions(config.activation, model.cfg)['mlp']

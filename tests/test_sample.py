@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rag_jax import activation
+from rag_jax import plan as plan_lib
 from rag_jax import sample as sample_lib
 from rag_jax.data import tokenizers
 from rag_jax.models import gpt
@@ -88,7 +89,7 @@ def test_cached_greedy_with_activation_equals_full_rerun(model_params, policy, s
   _, act_key = jax.random.split(key)
   if policy == 'fixed':
     plan = activation.make_plan(act_key, act, CFG, fraction=0.5)
-    assert activation.active_fractions(plan)['mlp'] == 0.5
+    assert plan_lib.active_fractions(plan)['mlp'] == 0.5
     plan_for = lambda start: plan
   else:
     plan_for = lambda start: activation.per_position_plan(act_key, act, CFG, CFG.block_size,
@@ -240,3 +241,23 @@ def test_sample_api_and_bad_input(model_params):
   with pytest.raises(ValueError, match='keeps every step'):
     sample_lib.sample(params, config, ['abc'], tokenizer=TOKENIZER, policy='random',
                       num_tokens=10_000, act=act_config(structure='random'))
+
+
+def test_sample_runs_the_model_in_the_runs_dtype(model_params, monkeypatch):
+  """`sample` builds its model as every command does (runs.make_model): a bfloat16 run decodes
+  with bfloat16 activations and KV cache, a float32 run in float32."""
+  _, params = model_params
+  seen, generate = [], sample_lib.generate
+
+  class Spy:
+    def lower(self, params, model, *args, **kwargs):
+      seen.append(model.cfg.dtype)
+      return generate.lower(params, model, *args, **kwargs)
+
+  monkeypatch.setattr(sample_lib, 'generate', Spy())
+  for dtype in ('bfloat16', 'float32'):
+    config = run_config()
+    config.dtype = dtype
+    out = sample_lib.sample(params, config, 'abc', tokenizer=TOKENIZER, num_tokens=4, greedy=True)
+    assert len(out.text[0]) == 7
+  assert seen == ['bfloat16', 'float32']

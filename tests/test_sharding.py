@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from rag_jax import evaluate
+from rag_jax import runs
+from rag_jax import sharding
 from rag_jax import train
 from tests.conftest import ROOT, load_config
 
@@ -25,31 +27,30 @@ def _worker(env, *args):
 
 def test_rules_map_logical_axes_to_mesh_axes():
   config = load_config('shakespeare_char', 'smoke')
-  mesh = jax.sharding.AbstractMesh((2, 2, 2), train.MESH_AXES)
-  spec = lambda axes, shape: train.partition_spec(axes, shape, config.mesh.rules, mesh)
+  mesh = jax.sharding.AbstractMesh((2, 2, 2), sharding.MESH_AXES)
+  spec = lambda axes, shape: sharding.partition_spec(axes, shape, config.mesh.rules, mesh)
   P = jax.sharding.PartitionSpec
   assert spec(('embed', 'mlp'), (32, 128)) == P('fsdp', 'tensor')
   assert spec(('vocab', 'embed'), (65, 32)) == P(None, 'fsdp')  # 65 does not split in two
   assert spec(('embed', None, 'heads', 'head_dim'), (32, 2, 4, 8)) == P('fsdp', None, 'tensor', None)
   assert spec(None, (3,)) == P()
   # A mesh axis serves one dimension; size-1 axes are dropped.
-  assert train.partition_spec(('embed', 'mlp'), (32, 128), {'embed': 'fsdp', 'mlp': 'fsdp'},
+  assert sharding.partition_spec(('embed', 'mlp'), (32, 128), {'embed': 'fsdp', 'mlp': 'fsdp'},
                                mesh) == P('fsdp', None)
-  assert train.partition_spec(('embed',), (32,), {'embed': 'data,fsdp'},
-                              jax.sharding.AbstractMesh((1, 4, 1), train.MESH_AXES)) == P('fsdp')
+  assert sharding.partition_spec(('embed',), (32,), {'embed': 'data,fsdp'},
+                              jax.sharding.AbstractMesh((1, 4, 1), sharding.MESH_AXES)) == P('fsdp')
 
 
 def test_every_parameter_has_logical_axes():
   config = load_config('shakespeare_char', 'smoke')
   config.model.use_bias = True
-  model, tx = train.make_model(config, 65), train.make_optimizer(config)
-  state = jax.eval_shape(lambda k: train.init_state(model, tx, k, config), jax.random.key(0))
-  from rag_jax.models import gpt
+  model, tx = runs.make_model(config, 65), runs.make_optimizer(config)
+  state = jax.eval_shape(lambda k: runs.init_state(model, tx, k, config), jax.random.key(0))
   missing = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(state.params)
-             if gpt.param_axes(p, x.ndim) is None]
+             if sharding.param_axes(p, x.ndim) is None]
   assert not missing
   # Adam's moments get their parameter's axes; the step counters none.
-  axes = [gpt.param_axes(p, x.ndim) for p, x in jax.tree_util.tree_leaves_with_path(state.opt_state)]
+  axes = [sharding.param_axes(p, x.ndim) for p, x in jax.tree_util.tree_leaves_with_path(state.opt_state)]
   assert any(a == ('embed', 'mlp') for a in axes) and None in axes
 
 
@@ -80,8 +81,8 @@ def test_checkpoint_moves_between_meshes(tfds_env, tfds_dir, tmp_path):
   for a, b in zip(first, resumed):
     np.testing.assert_allclose(b['train_loss'], a['train_loss'], rtol=2e-5)
   np.testing.assert_allclose(resumed[-1]['eval_loss'], first[-1]['eval_loss'], rtol=2e-5)
-  # evaluate.load_run restores the mesh-split checkpoint onto this process's one device.
-  _, _, _, params, step = evaluate.load_run(str(tmp_path / 'resumed'))
+  # runs.load_run restores the mesh-split checkpoint onto this process's one device.
+  _, _, _, params, step = runs.load_run(str(tmp_path / 'resumed'))
   assert step == 20 and all(len(x.devices()) == 1 for x in jax.tree.leaves(params))
   entry = evaluate.evaluate(str(tmp_path / 'resumed'), (1.0,))[0]
   np.testing.assert_allclose(entry['loss'], resumed[-1]['eval_loss'], rtol=1e-4)
@@ -106,7 +107,7 @@ def test_bfloat16_loss_falls_like_float32(smoke_config, tmp_path):
 def test_bfloat16_keeps_float32_params_and_logits():
   config = load_config('shakespeare_char', 'smoke')
   config.dtype = 'bfloat16'
-  model = train.make_model(config, 65)
+  model = runs.make_model(config, 65)
   tokens = np.zeros((2, config.model.block_size), np.int32)
   params = jax.jit(model.init)(jax.random.key(0), tokens)['params']
   assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype('float32')}

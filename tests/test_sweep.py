@@ -13,6 +13,7 @@ import nbclient
 import nbformat
 import pytest
 
+from rag_jax import configuration
 from rag_jax import sweeps
 from tests.conftest import ROOT
 
@@ -24,7 +25,7 @@ NOTEBOOK = ROOT / 'notebooks' / 'analysis.ipynb'
 pytestmark = pytest.mark.xdist_group('smoke_sweep')
 
 
-sweep_lib = sweeps.load_module(str(ROOT / 'experiments' / 'sweep.py'))
+sweep_lib = configuration.load_module(str(ROOT / 'experiments' / 'sweep.py'))
 
 
 def launch(env, *args, script='sweep.py'):
@@ -35,9 +36,9 @@ def launch(env, *args, script='sweep.py'):
 def write_sweep_file(path, body: str) -> str:
   """A sweep file on the smoke base (the same config as SMOKE's runs) with its own sweep()."""
   path.write_text(
-      'from rag_jax import sweeps\n\n\n'
+      'from rag_jax import configuration\nfrom rag_jax import sweeps\n\n\n'
       'def get_config(arg=None):\n'
-      f'  return sweeps.load_config({str(ROOT / SMOKE.split(":")[0])!r}, "smoke")\n\n\n'
+      f'  return configuration.load_config({str(ROOT / SMOKE.split(":")[0])!r}, "smoke")\n\n\n'
       f'def sweep(arg=None):\n{body}')
   return str(path)
 

@@ -4,6 +4,7 @@ from ml_collections import config_flags
 import pytest
 
 from rag_jax import configuration
+from rag_jax import errors
 from rag_jax import sweeps
 from tests.conftest import ROOT
 
@@ -36,7 +37,7 @@ def test_every_ablation_expands_to_valid_unique_runs(name, arg, count):
   assert len({r.name for r in runs}) == count
   assert runs[0].overrides == sweeps.DENSE and not runs[0].random_activation
   assert all(r.random_activation for r in runs[1:])
-  base = sweeps.load_module(spec(name).partition(':')[0]).get_config(arg or None)
+  base = configuration.load_module(spec(name).partition(':')[0]).get_config(arg or None)
   small = {'': 4, 'smoke': 4, 'gpu': 6}[arg]
   assert base.model.num_heads == small
   for run in runs:
@@ -78,7 +79,7 @@ def test_flags_give_train_the_same_config(name, arg):
     assert parsed.to_dict() == run.config.to_dict(), run.name
 
 
-BASE = sweeps.load_config(spec('alpha_beta_lambda'), 'smoke')
+BASE = configuration.load_config(spec('alpha_beta_lambda'), 'smoke')
 
 
 @pytest.mark.parametrize('overrides,message', [
@@ -95,20 +96,20 @@ BASE = sweeps.load_config(spec('alpha_beta_lambda'), 'smoke')
 ])
 def test_bad_overrides_are_rejected_naming_the_run(overrides, message):
   sweep = [dict(sweeps.DENSE), overrides]
-  with pytest.raises(configuration.ConfigError, match=f'sweep entry 1 .*{message}'):
+  with pytest.raises(errors.ConfigError, match=f'sweep entry 1 .*{message}'):
     sweeps.make_runs(BASE, sweep)
 
 
 def test_bad_sweeps_are_rejected():
-  with pytest.raises(configuration.ConfigError, match="same name 'lam=0.5' as entry 0"):
+  with pytest.raises(errors.ConfigError, match="same name 'lam=0.5' as entry 0"):
     sweeps.make_runs(BASE, [{'activation.lam': 0.5}, {'activation.lam': 0.5}])
-  with pytest.raises(configuration.ConfigError, match='yields no runs'):
+  with pytest.raises(errors.ConfigError, match='yields no runs'):
     sweeps.make_runs(BASE, [])
-  with pytest.raises(configuration.ConfigError, match='must yield dicts'):
+  with pytest.raises(errors.ConfigError, match='must yield dicts'):
     sweeps.make_runs(BASE, [('activation.lam', 0.5)])
-  with pytest.raises(configuration.ConfigError, match='has no sweep'):
+  with pytest.raises(errors.ConfigError, match='has no sweep'):
     sweeps.expand(str(ROOT / 'configs' / 'shakespeare_char.py'))
-  with pytest.raises(configuration.ConfigError, match='does not exist'):
+  with pytest.raises(errors.ConfigError, match='does not exist'):
     sweeps.expand(spec('no_such_ablation'))
 
 
@@ -116,5 +117,5 @@ def test_buckets_on_the_gpu_model_divide_its_six_heads():
   runs = sweeps.expand(spec('buckets', 'gpu'))
   both = [r.config.activation.buckets for r in runs[1:] if r.config.activation.sites != 'mlp']
   assert both == [2, 3, 6]
-  with pytest.raises(configuration.ConfigError, match='buckets=4 does not divide'):
-    sweeps.make_runs(sweeps.load_config(spec('buckets'), 'gpu'), [{'activation.buckets': 4}])
+  with pytest.raises(errors.ConfigError, match='buckets=4 does not divide'):
+    sweeps.make_runs(configuration.load_config(spec('buckets'), 'gpu'), [{'activation.buckets': 4}])

@@ -1,5 +1,5 @@
 """End-to-end training on the :smoke config: loss falls, resume is exact, 8 devices agree with 1,
-NaN stops without saving, workdir files follow DESIGN.md §3."""
+NaN stops without saving, workdir files follow docs/design.md §7."""
 import json
 import os
 import shutil
@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from rag_jax import runs
 from rag_jax import train
 from rag_jax import workdir as workdir_lib
 from tests.conftest import ROOT
@@ -86,8 +87,8 @@ def test_resume_gives_the_same_losses(trained, tmp_path):
 
 def test_train_step_is_pure_and_keyed_by_step(smoke_config):
   smoke_config.model.dropout = 0.1
-  model, tx = train.make_model(smoke_config, 65), train.make_optimizer(smoke_config)
-  state = train.init_state(model, tx, jax.random.key(0), smoke_config)
+  model, tx = runs.make_model(smoke_config, 65), runs.make_optimizer(smoke_config)
+  state = runs.init_state(model, tx, jax.random.key(0), smoke_config)
   step = jax.jit(train.make_train_step(model, tx))
   batch = jnp.asarray(np.random.default_rng(0).integers(0, 65, (8, 33)), jnp.int32)
   s1, m1 = step(state, batch, jax.random.key(1))

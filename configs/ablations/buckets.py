@@ -8,10 +8,11 @@ the tiny model with 2 buckets on mlp and heads and 8 on mlp alone (3 runs).
     python experiments/sweep.py --config=configs/ablations/buckets.py[:smoke] \
         --sweep_dir=runs/buckets
 """
+from rag_jax import configuration
 from rag_jax import sweeps
 
 # Every run starts from configs/ra_shakespeare_char.py[:ARG] ('', 'smoke' or 'gpu').
-get_config = sweeps.config_from(__file__, '../ra_shakespeare_char.py')
+get_config = configuration.config_from(__file__, '../ra_shakespeare_char.py')
 
 
 def sweep(arg=None):

@@ -8,12 +8,13 @@ tiny model on {mlp} and {layers} (3 runs).
 """
 import itertools
 
+from rag_jax import configuration
 from rag_jax import sweeps
 
 SITES = ('mlp', 'heads', 'layers')
 
 # Every run starts from configs/ra_shakespeare_char.py[:ARG] ('', 'smoke' or 'gpu').
-get_config = sweeps.config_from(__file__, '../ra_shakespeare_char.py')
+get_config = configuration.config_from(__file__, '../ra_shakespeare_char.py')
 
 
 def sweep(arg=None):

@@ -11,10 +11,11 @@ quality only. `:smoke` is the tiny model on nested and random, no rescale, singl
 import itertools
 
 from rag_jax import activation
+from rag_jax import configuration
 from rag_jax import sweeps
 
 # Every run starts from configs/ra_shakespeare_char.py[:ARG] ('', 'smoke' or 'gpu').
-get_config = sweeps.config_from(__file__, '../ra_shakespeare_char.py')
+get_config = configuration.config_from(__file__, '../ra_shakespeare_char.py')
 
 
 def sweep(arg=None):

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 
 import jax
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
+from rag_jax import files
+from rag_jax.data import text_files
 from rag_jax.data import tokenizers
+from rag_jax.errors import DataError
 
 SPLITS = ('train', 'validation', 'test')
-
-
-class DataError(ValueError):
-  """Data that is missing or unusable; the message says what to do."""
 
 
 def data_dir(config: ml_collections.ConfigDict) -> str:
@@ -39,15 +38,12 @@ def place_manual_file(source: str, data_dir_: str, name: str = 'input.txt') -> s
   os.makedirs(manual_dir, exist_ok=True)
   target = os.path.join(manual_dir, name)
   if not os.path.exists(target):
-    shutil.copyfile(source, target + '.tmp')
-    os.replace(target + '.tmp', target)
+    files.copy(source, target)
   return target
 
 
 def _builder(config: ml_collections.ConfigDict):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if config.data.dataset == 'text_files':
-    from rag_jax.data import text_files  # pylint: disable=g-import-not-at-top
     try:
       return text_files.builder(config.data.paths, data_dir(config))
     except text_files.TextFilesError as e:
@@ -69,7 +65,6 @@ def prepare(config: ml_collections.ConfigDict):
   builder = _builder(config)
   if _is_prepared(builder):
     return builder
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   manual_dir = os.path.join(data_dir(config), 'downloads', 'manual')
   try:
     builder.download_and_prepare(

@@ -6,9 +6,10 @@ training saw.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
+
+from rag_jax import files
 
 
 # Characters per piece when a long text is encoded (a few MiB of temporaries per piece).
@@ -107,10 +108,7 @@ def build(kind: str, train_text: str) -> Tokenizer:
 
 
 def save(tokenizer: Tokenizer, path: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(tokenizer.to_json(), f)
-  os.replace(tmp, path)
+  files.write_json(path, tokenizer.to_json(), indent=None)
 
 
 def load(path: str) -> Tokenizer:

@@ -1,0 +1,92 @@
+"""A run, built from its config or loaded from its workdir: the one place that makes the model.
+
+`train`, `evaluate` and `sample` (and the benchmarks and notebooks) build the model, the
+optimizer and the initial state here, and load a trained run here: its config, its tokenizer
+and the parameters of its newest checkpoint, restored without the optimizer state.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from rag_jax import workdir as workdir_lib
+from rag_jax.data import tokenizers
+from rag_jax.errors import WorkdirError
+from rag_jax.models import gpt
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> gpt.GPT:
+  """The run's model, in the run's `config.dtype`."""
+  return gpt.GPT(gpt.GPTConfig.from_config(config.model, vocab_size,
+                                           dtype=config.get('dtype', 'float32')))
+
+
+def make_lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to the peak, then cosine decay to min_learning_rate at num_steps."""
+  o = config.opt
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=o.learning_rate, warmup_steps=o.warmup_steps,
+      decay_steps=config.num_steps, end_value=o.min_learning_rate)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW on make_lr_schedule, global-norm clipping; weight decay on matrices and embeddings
+  only (ndim >= 2), as in nanoGPT."""
+  o = config.opt
+  adamw = optax.adamw(make_lr_schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                      mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+  if o.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw)
+  return adamw
+
+
+def init_state(model: gpt.GPT, tx: optax.GradientTransformation, key: jax.Array,
+               config: ml_collections.ConfigDict) -> TrainState:
+  tokens = jnp.zeros((1, config.model.block_size), jnp.int32)
+  params = model.init(key, tokens)['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+class Run(NamedTuple):
+  """A trained run as `load_run` gives it."""
+  config: ml_collections.ConfigDict
+  tokenizer: tokenizers.Tokenizer
+  model: gpt.GPT
+  params: Any
+  step: int
+
+
+def load_run(workdir: str) -> Run:
+  """The newest checkpoint of `workdir` with its config and tokenizer, the parameters on this
+  process's first device (orbax's partial restore reads no optimizer state). WorkdirError when
+  a file is missing or damaged; nothing is written."""
+  config = workdir_lib.load_config(workdir)
+  tokenizer = tokenizers.load(os.path.join(workdir, workdir_lib.TOKENIZER_FILE))
+  step = workdir_lib.latest_step(workdir)
+  if step is None:
+    raise WorkdirError(f'{workdir} holds no checkpoint; train it first.')
+  model = make_model(config, tokenizer.vocab_size)
+  tokens = jnp.zeros((1, config.model.block_size), jnp.int32)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          abstract)
+  mngr = workdir_lib.checkpoint_manager(workdir)
+  try:
+    restored = workdir_lib.restore(mngr, step, {'params': abstract}, workdir, partial=True)
+  finally:
+    mngr.close()
+  return Run(config, tokenizer, model, restored['params'], step)
