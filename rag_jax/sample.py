@@ -188,8 +188,11 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
 
   def body(s: DecodeState) -> DecodeState:
     s, token_B = choose(s)
-    cache, pos = jax.lax.cond(s.pos + 1 >= T, lambda: refill(s.tokens, s.t),
-                              lambda: (s.cache, s.pos + 1))
+    if N <= T:  # the cache never fills (and refill's window would not fit the buffer)
+      cache, pos = s.cache, s.pos + 1
+    else:
+      cache, pos = jax.lax.cond(s.pos + 1 >= T, lambda: refill(s.tokens, s.t),
+                                lambda: (s.cache, s.pos + 1))
     logits_Bx1xV, cache = model.apply(variables, token_B[:, None], cache=cache, pos=pos,
                                       plan=plan_at(s.t))
     return s.replace(cache=cache, t=s.t + 1, pos=pos, logits=logits_Bx1xV[:, 0])
