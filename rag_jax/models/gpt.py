@@ -106,8 +106,8 @@ def _heads(w, x_BxLxD, k_BxSxHxK, v_BxSxHxK, mask_LxS, units, scale, head_mask, 
   for every head); `head_mask`: None or a 0/1 mask over heads ([H], per position [..., L, H])."""
   B, L, D = x_BxLxD.shape
   dt = x_BxLxD.dtype
-  wq_DxhxK = widths.restrict(w['query'], units, 1).astype(dt)
-  q_NxhxK = jnp.einsum('ND,DHK->NHK', x_BxLxD.reshape(B * L, D), wq_DxhxK)
+  x_NxD = x_BxLxD.reshape(B * L, D)
+  q_NxhxK = jnp.einsum('ND,DHK->NHK', x_NxD, widths.restrict(w['query'], units, 1).astype(dt))
   if 'query_bias' in w:
     q_NxhxK += widths.restrict(w['query_bias'], units, 0).astype(dt)
   q_BxLxhxK = switch.save(q_NxhxK.reshape(B, L, *q_NxhxK.shape[1:]))
@@ -125,13 +125,14 @@ def _mlp(w, x_BxLxD, units, scale, unit_mask):
   """Exact (erf) GELU MLP, as nanoGPT / torch.nn.GELU(), over the hidden `units`;
   `unit_mask`: None or a 0/1 mask over units ([F], per position [..., L, F])."""
   dt = x_BxLxD.dtype
-  h_BxLxf = _matmul(x_BxLxD, widths.restrict(w['w_in'], units, 1).astype(dt))
+  w_in_Dxf, w_out_fxD = widths.restrict(w['w_in'], units, 1), widths.restrict(w['w_out'], units, 0)
+  h_BxLxf = _matmul(x_BxLxD, w_in_Dxf.astype(dt))
   if 'b_in' in w:
     h_BxLxf += widths.restrict(w['b_in'], units, 0).astype(dt)
   h_BxLxf = jax.nn.gelu(switch.save(h_BxLxf), approximate=False)
   if unit_mask is not None:
     h_BxLxf = h_BxLxf * unit_mask.astype(dt)
-  y_BxLxD = _matmul(h_BxLxf * scale, widths.restrict(w['w_out'], units, 0).astype(dt))
+  y_BxLxD = _matmul(h_BxLxf * scale, w_out_fxD.astype(dt))
   return y_BxLxD + w['b_out'].astype(dt) if 'b_out' in w else y_BxLxD
 
 
