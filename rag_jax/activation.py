@@ -178,9 +178,10 @@ def make_plan(key: jax.Array, act: ml_collections.ConfigDict, model_cfg,
   sites = parse_sites(act.sites)
   L = model_cfg.num_layers
   k_frac, k_layers, k_units = jax.random.split(key, 3)
-  shared = layer_a = None
+  shared = layer_a = None  # the step's fraction and each layer's (bernoulli and fixed only)
   if fraction is not None:
-    shared = layer_a = [float(fraction)] * L
+    shared = float(fraction)
+    layer_a = [shared] * L
     buckets = [bucket_index(float(fraction), act.buckets)] * L
     layers_on = num_layers_on(float(fraction), L)
   elif act.structure == 'bernoulli':
@@ -194,7 +195,6 @@ def make_plan(key: jax.Array, act: ml_collections.ConfigDict, model_cfg,
     buckets = list(jnp.broadcast_to(draw_width(u_layer[..., None], width_cdf(act, act.buckets)),
                                     (L,)))
     layers_on = draw_width(u, width_cdf(act, L)) + 1
-  shared = shared[0] if isinstance(shared, list) else shared
   blocks = _blocks(layers_on, k_layers, act, L, shared) if 'layers' in sites else [None] * L
   plan = []
   for l in range(L):

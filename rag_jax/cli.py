@@ -11,7 +11,7 @@ import sys
 
 from absl import flags
 
-ACTIVATION_FLAGS = ('alpha', 'beta', 'lam')
+ACTIVATION_FLAGS = ('alpha', 'beta', 'lam', 'structure', 'sites')
 
 
 def define_activation_flags(structure: bool = False) -> None:
@@ -25,10 +25,10 @@ def define_activation_flags(structure: bool = False) -> None:
     flags.DEFINE_string('sites', None, 'Override: comma-separated mlp,heads,layers.')
 
 
-def activation_overrides(names=ACTIVATION_FLAGS) -> dict:
-  """The activation flags that were given, as {field: value}."""
+def activation_overrides() -> dict:
+  """The activation flags this command defines and that were given, as {field: value}."""
   f = flags.FLAGS
-  return {k: f[k].value for k in names if k in f and f[k].value is not None}
+  return {k: f[k].value for k in ACTIVATION_FLAGS if k in f and f[k].value is not None}
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -155,7 +155,7 @@ def main(argv):
   except ValueError:
     sys.exit(f'error: --active_fractions must be numbers, got {",".join(f.active_fractions)!r}.')
   try:
-    overrides = cli.activation_overrides(cli.ACTIVATION_FLAGS + ('structure', 'sites'))
+    overrides = cli.activation_overrides()
     entries = evaluate(f.workdir, fractions, f.policy, f.split, overrides)
   except ValueError as e:
     sys.exit(f'error: {e}')

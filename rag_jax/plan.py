@@ -54,7 +54,7 @@ class _Width:
 
   def to_mask(self) -> jax.Array:
     """The same units as a 0/1 float mask over the d units."""
-    k = self.d * (jnp.asarray(self.bucket) + 1) // self.buckets
+    k = self.width(jnp.asarray(self.bucket))
     rank = jnp.arange(self.d) if self.perm is None else jnp.argsort(self.perm)
     return (rank < k).astype(jnp.float32)
 

@@ -53,10 +53,15 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   return adamw
 
 
+def init_params(model: gpt.GPT, key: jax.Array) -> Any:
+  """Fresh parameters (traced on one window of the context length)."""
+  return model.init(key, jnp.zeros((1, model.cfg.block_size), jnp.int32))['params']
+
+
 def init_state(model: gpt.GPT, tx: optax.GradientTransformation, key: jax.Array,
                config: ml_collections.ConfigDict) -> TrainState:
-  tokens = jnp.zeros((1, config.model.block_size), jnp.int32)
-  params = model.init(key, tokens)['params']
+  del config  # the model carries its shapes; the argument stays for the callers (train, benches)
+  params = init_params(model, key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
@@ -79,8 +84,7 @@ def load_run(workdir: str) -> Run:
   if step is None:
     raise WorkdirError(f'{workdir} holds no checkpoint; train it first.')
   model = make_model(config, tokenizer.vocab_size)
-  tokens = jnp.zeros((1, config.model.block_size), jnp.int32)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
+  abstract = jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           abstract)

@@ -94,9 +94,7 @@ def decode_variables(params, buckets: int, widths: Sequence[int],
   `model.apply({'params': p}, ...)` does at those widths. Build it once, outside the loop: it
   copies those weights once (memory: the sum of the listed widths, e.g. 3.5x the switched
   weights for all of 6 buckets)."""
-  params = {layer: dict(modules) if layer.startswith('block_') else modules
-            for layer, modules in params.items()}
-  layout = {}
+  params, layout = dict(params), {}  # a copy to edit; blocks' modules are copied below
   for layer, modules in params.items():
     if not layer.startswith('block_'):
       continue
