@@ -31,7 +31,7 @@ VARIANTS = ('', 'smoke', 'ra', 'ra_smoke')
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = arg or ''
   if arg not in VARIANTS:
-    raise ValueError(f'configs/gpt2_small.py: unknown variant {arg!r}; use one of {VARIANTS}.')
+    raise configuration.UnknownVariant(arg, VARIANTS)
   smoke = arg.endswith('smoke')
   config = configuration.load_config(os.path.join(HERE, 'shakespeare_char.py'), 'smoke' if smoke else None)
   config.data.tokenizer = 'byte'

@@ -9,12 +9,15 @@ on 2 CPU cores.
 import ml_collections
 
 from rag_jax import activation
+from rag_jax import configuration
+
+VARIANTS = ('', 'smoke', 'gpu')
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = arg or ''
-  if arg not in ('', 'smoke', 'gpu'):
-    raise ValueError(f"configs/shakespeare_char.py: unknown variant {arg!r}; use '', 'smoke' or 'gpu'.")
+  if arg not in VARIANTS:
+    raise configuration.UnknownVariant(arg, VARIANTS)
   config = ml_collections.ConfigDict()
   config.seed = 0
 

@@ -29,6 +29,7 @@ import time
 from absl import app, flags
 import tqdm
 
+from rag_jax import configuration
 from rag_jax import errors
 from rag_jax import sweeps
 from rag_jax import workdir as workdir_lib
@@ -82,17 +83,8 @@ def check_workdir(run: sweeps.Run, workdir: str) -> None:
   path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   if not os.path.exists(path):
     return
-  saved = workdir_lib.load_config(workdir).to_dict()
-  want = json.loads(json.dumps(run.config.to_dict()))
-
-  def diff(a, b, prefix=''):
-    for key in sorted(set(a) | set(b)):
-      if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-        yield from diff(a[key], b[key], f'{prefix}{key}.')
-      elif a.get(key, '<missing>') != b.get(key, '<missing>'):
-        yield f'{prefix}{key}: {a.get(key, "<missing>")!r} there, {b.get(key, "<missing>")!r} here'
-
-  diffs = list(diff(saved, want))
+  diffs = [f'{k}: {old!r} there, {new!r} here' for k, (old, new) in
+           configuration.diff(workdir_lib.load_config(workdir), run.config).items()]
   if diffs:
     raise errors.WorkdirError(
         f'{workdir} holds a run of another config ({"; ".join(diffs[:4])}). Use another '

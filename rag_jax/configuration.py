@@ -7,8 +7,10 @@ that take another file as their base, benchmarks, tests) with `load_config` here
 from __future__ import annotations
 
 import importlib.util
+import json
 import numbers
 import os
+from typing import Any
 
 import ml_collections
 
@@ -25,6 +27,13 @@ _NON_NEGATIVE_FLOATS = (
 TOKENIZERS = ('char', 'byte')
 # The fields that fix the shapes of the parameters; a workdir's checkpoint must agree on them.
 MODEL_FIELDS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'block_size', 'use_bias')
+# The fields a resumed run may change freely: where and how often it logs, evaluates and saves,
+# where the data lives, how the devices are laid out and which attention kernel runs. Nothing
+# else may change on resume without `--allow_config_change` (the model, the activation, the
+# optimizer, the data, the seed, the dtype); `num_steps` may grow (workdir.check_resume).
+RESUME_FREE_FIELDS = ('log_every', 'eval_every', 'eval_batch_size', 'eval_batches',
+                      'data.eval_split', 'checkpoint_every', 'keep_checkpoints', 'data.data_dir',
+                      'model.attention', 'mesh')
 DTYPES = ('float32', 'bfloat16')  # config.dtype: activations and matmuls (parameters: float32).
 ATTENTION = ('auto', 'xla', 'cudnn')  # config.model.attention (see models/attention.py).
 
@@ -39,7 +48,9 @@ def load_module(path: str):
   """The Python module of a file, loaded by path as ml_collections' config_flags loads a config
   file (also used for the scripts under experiments/)."""
   if not os.path.isfile(path):
-    raise ConfigError(f'config file {path} does not exist.')
+    what = 'is a directory, not' if os.path.isdir(path) else 'does not exist; give the path of'
+    raise ConfigError(f'config file {path} {what} a Python config file (e.g. '
+                      'configs/shakespeare_char.py).')
   name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
@@ -48,9 +59,37 @@ def load_module(path: str):
 
 
 def load_config(spec: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of the config file `spec` ('path.py' or 'path.py:ARG')."""
+  """`get_config(arg)` of the config file `spec` ('path.py' or 'path.py:ARG').
+
+  A config file refuses a variant it does not know with a ConfigError (`unknown_variant`); the
+  message then names the file given here, not the base file that raised it."""
   path, spec_arg = split_spec(spec)
-  return load_module(path).get_config((arg if arg is not None else spec_arg) or None)
+  module = load_module(path)
+  if not callable(getattr(module, 'get_config', None)):
+    raise ConfigError(f'config file {path} defines no get_config(arg) function.')
+  try:
+    config = module.get_config((arg if arg is not None else spec_arg) or None)
+  except UnknownVariant as e:  # the outermost file given names itself (ra_x.py builds on x.py)
+    e.path = path
+    raise
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f'config file {path}: get_config() returned {type(config).__name__}, '
+                      'not an ml_collections.ConfigDict.')
+  return config
+
+
+class UnknownVariant(ConfigError):
+  """`raise configuration.UnknownVariant(arg, VARIANTS)` in a config file's get_config for an
+  ARG it does not know; `load_config` adds the path of the file the user named."""
+
+  def __init__(self, arg, known, path: str | None = None):
+    super().__init__(arg, known)
+    self.arg, self.known, self.path = arg, tuple(known), path
+
+  def __str__(self):
+    names = ', '.join(repr(v) for v in self.known)
+    return (f'{self.path + ": " if self.path else ""}unknown variant {self.arg!r}; the variants '
+            f'are {names} (e.g. {self.path or "configs/x.py"}:{self.known[-1]}).')
 
 
 def config_from(here: str, relative_path: str):
@@ -63,6 +102,31 @@ def config_from(here: str, relative_path: str):
     return load_config(path, arg)
 
   return get_config
+
+
+def as_json(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+  """The config as config.json holds it (tuples become lists)."""
+  if isinstance(config, ml_collections.ConfigDict):
+    config = config.to_dict()
+  return json.loads(json.dumps(config))
+
+
+def diff(old: ml_collections.ConfigDict | dict, new: ml_collections.ConfigDict | dict,
+         ) -> dict[str, tuple[Any, Any]]:
+  """{dotted field: (old value, new value)} of the fields that differ ('<missing>' where a
+  config lacks one), compared as config.json holds them."""
+  out = {}
+
+  def walk(a, b, prefix):
+    for key in sorted(set(a) | set(b)):
+      x, y = a.get(key, '<missing>'), b.get(key, '<missing>')
+      if isinstance(x, dict) and isinstance(y, dict):
+        walk(x, y, f'{prefix}{key}.')
+      elif x != y:
+        out[f'{prefix}{key}'] = (x, y)
+
+  walk(as_json(old), as_json(new), '')
+  return out
 
 
 def get(config: ml_collections.ConfigDict, dotted: str):
