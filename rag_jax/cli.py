@@ -11,7 +11,14 @@ import sys
 
 from absl import flags
 
+from rag_jax import configuration
+from rag_jax.errors import ConfigError
+
 ACTIVATION_FLAGS = ('alpha', 'beta', 'lam', 'structure', 'sites')
+# What a command line prints as `error: ...` (exit status 1) instead of a traceback: the package's
+# errors (ValueErrors), a diverged run, and a file the operating system refused (the message
+# names the path).
+ERRORS = (ValueError, FloatingPointError, OSError)
 
 
 def define_activation_flags(structure: bool = False) -> None:
@@ -31,8 +38,37 @@ def activation_overrides() -> dict:
   return {k: f[k].value for k in ACTIVATION_FLAGS if k in f and f[k].value is not None}
 
 
+def _config_spec(argv: list[str]) -> str | None:
+  """The value of --config in `argv` (the last one given), or None."""
+  spec = None
+  for i, a in enumerate(argv[1:], 1):
+    if a.startswith('--config='):
+      spec = a.split('=', 1)[1]
+    elif a == '--config' and i + 1 < len(argv):
+      spec = argv[i + 1]
+  return spec
+
+
+def check_activation_overrides(argv: list[str], config) -> None:
+  """`--config.activation.F=V` on a config whose activation is off would train the dense model
+  without a word: one error instead (exit status 1)."""
+  given = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.activation.')
+           and not a.startswith('--config.activation.enabled')]
+  if given and not config.activation.enabled:
+    sys.exit(f'error: {given[0]} has no effect: config.activation.enabled is False (this config '
+             'trains the dense model); add --config.activation.enabled=True, or start from a '
+             'random-activation config (configs/ra_shakespeare_char.py).')
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl `flags_parser` for the CLIs: a bad `--config.FIELD=VALUE` gives one line, no traceback."""
+  """absl `flags_parser` for the CLIs: a missing config file, an unknown variant or a bad
+  `--config.FIELD=VALUE` gives one line, no traceback."""
+  spec = _config_spec(argv)
+  if spec is not None:  # config_flags would defer a missing file or bury the message.
+    try:
+      configuration.load_config(spec)
+    except ConfigError as e:
+      sys.exit(f'error: --config: {e}')
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

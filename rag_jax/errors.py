@@ -12,3 +12,12 @@ class WorkdirError(ValueError):
 
 class DataError(ValueError):
   """Data that is missing or unusable."""
+
+
+class Interrupted(Exception):
+  """`train` stopped by SIGTERM or SIGINT after saving the step it was on (not an error of the
+  input; the command line exits with 128 + the signal's number)."""
+
+  def __init__(self, message: str, signum: int, step: int):
+    super().__init__(message)
+    self.signum, self.step = signum, step

@@ -105,6 +105,8 @@ def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
   """
   if policy not in POLICIES:
     raise ValueError(f'--policy must be one of {POLICIES}, got {policy!r}.')
+  if policy == 'fixed' and not len(active_fractions):
+    raise ValueError('--active_fractions is empty; give the fractions to score, e.g. 1,0.5,0.25.')
   for a in active_fractions:
     if not 0 < a <= 1:
       raise ValueError(f'active fractions must be in (0, 1], got {a}.')
@@ -113,6 +115,12 @@ def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
   if overrides:
     act.update({k: v for k, v in overrides.items() if v is not None})
   activation.validate(act, config.model)
+  if policy == 'random' and act.lam == 0:
+    raise ValueError(
+        "--policy=random would score the dense model: this run's config.activation.lam is 0 "
+        '(it trained dense). Give --lam (and --alpha, --beta) to score it under random '
+        'activation, or use --policy=fixed.')
+  workdir_lib.check_writable(workdir)  # before the work, so that no result is lost
   dataset = data_lib.load(config, tokenizer)
   if split not in dataset.splits:
     raise ValueError(f'--split must be one of {tuple(dataset.splits)}, got {split!r}.')
@@ -154,10 +162,13 @@ def main(argv):
     fractions = [float(a) for a in f.active_fractions]
   except ValueError:
     sys.exit(f'error: --active_fractions must be numbers, got {",".join(f.active_fractions)!r}.')
+  if f.policy == 'random' and f['active_fractions'].present:
+    sys.exit('error: --active_fractions goes with --policy=fixed; the random policy draws its '
+             'fractions (set them with --alpha, --beta, --lam).')
   try:
     overrides = cli.activation_overrides()
     entries = evaluate(f.workdir, fractions, f.policy, f.split, overrides)
-  except ValueError as e:
+  except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   for e in entries:
     print(f"{e['split']} step {e['step']}: active_fraction={e['active_fraction']:.2f} "

@@ -65,6 +65,12 @@ def init_state(model: gpt.GPT, tx: optax.GradientTransformation, key: jax.Array,
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+  """True when every array of `tree` (e.g. parameters) holds only finite numbers."""
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 class Run(NamedTuple):
   """A trained run as `load_run` gives it."""
   config: ml_collections.ConfigDict
@@ -78,7 +84,7 @@ def load_run(workdir: str) -> Run:
   """The newest checkpoint of `workdir` with its config and tokenizer, the parameters on this
   process's first device (orbax's partial restore reads no optimizer state). WorkdirError when
   a file is missing or damaged; nothing is written."""
-  config = workdir_lib.load_config(workdir)
+  config = workdir_lib.load_config(workdir)  # checks that `workdir` is a run's directory
   tokenizer = tokenizers.load(os.path.join(workdir, workdir_lib.TOKENIZER_FILE))
   step = workdir_lib.latest_step(workdir)
   if step is None:
@@ -93,4 +99,8 @@ def load_run(workdir: str) -> Run:
     restored = workdir_lib.restore(mngr, step, {'params': abstract}, workdir, partial=True)
   finally:
     mngr.close()
+  if not all_finite(restored['params']):
+    raise WorkdirError(
+        f'the checkpoint of step {step} in {workdir} holds NaN or infinite parameters (the run '
+        f'diverged before it was saved); move checkpoints/{step} away to use an older step.')
   return Run(config, tokenizer, model, restored['params'], step)

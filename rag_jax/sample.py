@@ -290,6 +290,11 @@ def _knobs(config, tokenizer, num_tokens, seed, batch, policy, active_fraction, 
   act = config.activation if act is None else act
   if policy != 'dense':
     activation.validate(act, config.model)
+  if policy == 'random' and act.lam == 0:
+    raise ValueError(
+        "policy random would generate with the dense model: this run's config.activation.lam "
+        'is 0 (it trained dense). Give --lam (and --alpha, --beta) to draw, or use --policy=fixed '
+        'with --active_fraction.')
   m = config.model  # `random` draws a plan per index up front; random/bernoulli units are big.
   table_bytes = 4 * (m.block_size + num_tokens) * m.num_layers * (m.mlp_dim + m.num_heads)
   if policy == 'random' and act.structure != 'nested' and table_bytes > MAX_PLAN_BYTES:
@@ -391,7 +396,7 @@ def main(argv):
                  seed=f.seed, batch=f.batch, policy=f.policy, active_fraction=f.active_fraction,
                  temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, greedy=f.greedy,
                  end=f.end, act=act)
-  except ValueError as e:
+  except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   for text in out.text:
     print(text)

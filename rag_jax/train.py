@@ -2,17 +2,22 @@
 
     python -m rag_jax.train --config=configs/shakespeare_char.py[:ARG] --workdir=DIR [--config.F=V]
 
-Resumes from the newest checkpoint in DIR. Everything that can be wrong with the input (config,
-data, workdir) is checked before anything is compiled, and a saved checkpoint is never replaced
-by a different model or by NaNs.
+Resumes from the newest complete checkpoint in DIR (with the config that trained it, unless
+--allow_config_change). Everything that can be wrong with the input (config, data, workdir) is
+checked before anything is compiled; one `train` writes a workdir at a time (DIR/train.lock);
+SIGTERM or SIGINT saves the current step and stops; a saved checkpoint is never replaced by a
+different model, and parameters that are not finite are never saved.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 from absl import app, flags
@@ -37,6 +42,7 @@ from rag_jax import plan as plan_lib
 from rag_jax import runs
 from rag_jax import sharding
 from rag_jax import workdir as workdir_lib
+from rag_jax.errors import Interrupted, WorkdirError
 from rag_jax.models import gpt
 
 
@@ -159,16 +165,104 @@ def _mean_metrics(pending: list[dict]) -> dict[str, float]:
           jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(pending)).items()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
-  # 1. Check every input before compiling anything.
+class StopSignals:
+  """SIGTERM and SIGINT during training: finish the step, save it, stop (errors.Interrupted).
+
+  On one process the signals are caught here; a second SIGINT stops at once
+  (KeyboardInterrupt). On several processes JAX's preemption service receives SIGTERM and all
+  processes agree on the step to save (orbax's `reached_preemption`, asked at every step);
+  SIGINT keeps its default there, since one process cannot save alone.
+  """
+
+  def __init__(self, mngr: ocp.CheckpointManager):
+    self.mngr, self.signum, self.old = mngr, None, {}
+    self.multiprocess = jax.process_count() > 1
+
+  def __enter__(self) -> 'StopSignals':
+    if not self.multiprocess and threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self.old[s] = signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT and self.signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = self.signum or signum
+
+  def requested(self, step: int) -> bool:
+    if self.multiprocess and self.mngr.reached_preemption(step):
+      self.signum = signal.SIGTERM
+    return self.signum is not None
+
+  def __exit__(self, *exc) -> None:
+    for s, handler in self.old.items():
+      signal.signal(s, handler)
+
+
+def _newest(mngr: ocp.CheckpointManager, workdir: str) -> str:
+  step = mngr.latest_step()
+  if step is None:
+    return f'No checkpoint was saved in {workdir}.'
+  return f'The newest checkpoint in {workdir} is step {step} (its parameters were finite).'
+
+
+@contextlib.contextmanager
+def _exclusive(workdir: str):
+  """The workdir's TrainLock for the run's life, taken by process 0 for all its processes."""
+  lock = workdir_lib.TrainLock(workdir)
+  if jax.process_count() == 1:
+    with lock:
+      yield
+    return
+  error = None
+  if jax.process_index() == 0:
+    try:
+      lock.__enter__()
+    except WorkdirError as e:
+      error = e
+  held = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+  if error is not None:
+    raise error
+  if not held:
+    raise WorkdirError(f'{workdir} is being trained by another rag_jax.train (process 0 names it).')
+  try:
+    yield
+  finally:
+    lock.__exit__(None, None, None)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_change: bool = False) -> dict[str, float]:
+  """Trains (or resumes) the run in `workdir`; returns the last logged metrics.
+
+  Raises errors.Interrupted after saving the current step when SIGTERM or SIGINT arrives,
+  FloatingPointError (nothing saved) when the loss or the parameters to save are not finite,
+  and a ConfigError, DataError or WorkdirError, before anything is compiled or written, for bad
+  input. `allow_config_change`: resume with a config that differs from the workdir's in more
+  than configuration.RESUME_FREE_FIELDS (recorded in config_changes.jsonl).
+  """
   configuration.validate(config)
   mesh = sharding.make_mesh(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.check_writable(workdir, create=True)
+  with _exclusive(workdir):
+    return _train(config, workdir, mesh, allow_config_change)
+
+
+def _train(config, workdir, mesh, allow_config_change):
+  # 1. Check every input before compiling anything.
+  removed = workdir_lib.remove_unfinished_checkpoints(workdir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('rag_jax: unfinished checkpoints removed')
   tokenizer_path = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
   resume = workdir_lib.latest_step(workdir)
-  if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
-    workdir_lib.check_same_model(workdir_lib.load_config(workdir), config, workdir)
+  for step in removed:
+    workdir_lib.notice(f'removed the unfinished checkpoint of step {step} (its run stopped while '
+                       'saving it).')
+  saved, changes = None, {}
+  if resume is not None:
+    saved = workdir_lib.load_config(workdir)
+    changes = workdir_lib.check_resume(saved, config, workdir, resume, allow_config_change)
   tokenizer = data_lib.tokenizers.load(tokenizer_path) if resume is not None else None
   if jax.process_count() > 1:  # process 0 builds a missing dataset; the others wait for it.
     if jax.process_index() == 0:
@@ -183,64 +277,106 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   abstract = jax.eval_shape(init_fn, keys['init'])
   shard = sharding.Shardings.of(mesh, abstract, config.mesh.get('rules'))
   mngr = workdir_lib.checkpoint_manager(workdir, config.keep_checkpoints)
-  if resume is not None:
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shard.state)
-    state = workdir_lib.restore(mngr, resume, abstract, workdir)
-  else:  # created already split over the mesh: no device holds more than its shard.
-    state = jax.jit(init_fn, out_shardings=shard.state)(keys['init'])
-    resume = 0
-  if jax.process_index() == 0:
-    workdir_lib.save_config(config, workdir)
-    data_lib.tokenizers.save(tokenizer, tokenizer_path)
+  log = bar = None
+  try:
+    if resume is not None:
+      abstract = jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shard.state)
+      state = workdir_lib.restore(mngr, resume, abstract, workdir)
+      if not runs.all_finite(state.params):
+        raise WorkdirError(
+            f'the checkpoint of step {resume} in {workdir} holds NaN or infinite parameters (the '
+            f'run diverged before it was saved); move checkpoints/{resume} away to resume from '
+            'an older step. Nothing was changed.')
+      workdir_lib.notice(f'resuming from step {resume}, the newest complete checkpoint in '
+                         f'{workdir}' + (f'; config changes: {", ".join(changes)}' if changes
+                                         else '') + '.')
+    else:  # created already split over the mesh: no device holds more than its shard.
+      state = jax.jit(init_fn, out_shardings=shard.state)(keys['init'])
+      resume = 0
+    if resume >= config.num_steps:
+      workdir_lib.notice(f'the run is at step {resume} of config.num_steps={config.num_steps}: '
+                         'nothing to train (raise num_steps to go on).')
+    if jax.process_index() == 0:
+      workdir_lib.record_config_change(workdir, resume, saved, changes)
+      workdir_lib.save_config(config, workdir)
+      data_lib.tokenizers.save(tokenizer, tokenizer_path)
 
-  # 2. Compile once; run.
-  train_step = jit_train_step(model, tx, config, shard)
-  eval_step = jax.jit(evaluate_lib.make_eval_step(model),
-                      in_shardings=(shard.state.params, shard.batch, shard.batch, shard.replicated))
-  log = MetricsLog(workdir, resume)
-  train_tokens, eval_tokens = dataset.splits['train'], dataset.splits[config.data.eval_split]
-  T, B, N = config.model.block_size, config.batch_size, config.num_steps
-  rows = data_lib.process_rows(shard.batch, B)  # this process's rows of each batch
-  lr = runs.make_lr_schedule(config)
-  speed = Throughput(B * T)
-  pending, last = [], {}
-  bar = tqdm.tqdm(total=N, initial=resume, desc='train', unit='step',
-                  disable=jax.process_index() != 0, dynamic_ncols=True)
-  with jax.set_mesh(mesh):
-    for step in range(resume + 1, N + 1):
-      batch = data_lib.put(data_lib.train_batch(train_tokens, B, T, config.seed, step - 1, rows),
-                           shard.batch, B)
-      state, metrics = train_step(state, batch, keys['train'])
-      pending.append(metrics)
-      bar.update(1)
-      speed.start(state, step)
-      eval_now = itstime(step, config.eval_every, N)
-      save_now = itstime(step, config.checkpoint_every, N)
-      if not (itstime(step, config.log_every, N) or eval_now or save_now):
-        continue
-      last, pending = _mean_metrics(pending), []
-      if not math.isfinite(last['train_loss']):
+    # 2. Compile once; run.
+    train_step = jit_train_step(model, tx, config, shard)
+    eval_step = jax.jit(evaluate_lib.make_eval_step(model), in_shardings=(
+        shard.state.params, shard.batch, shard.batch, shard.replicated))
+    log = MetricsLog(workdir, resume)
+    train_tokens, eval_tokens = dataset.splits['train'], dataset.splits[config.data.eval_split]
+    T, B, N = config.model.block_size, config.batch_size, config.num_steps
+    rows = data_lib.process_rows(shard.batch, B)  # this process's rows of each batch
+    # The parameters about to be saved are scored on one eval batch (the eval step's shapes:
+    # nothing more to compile) and checked for NaN: a diverged state is never saved.
+    probe = data_lib.put(next(data_lib.eval_batches(eval_tokens, T, config.eval_batch_size, 1)),
+                         shard.batch)
+
+    def save(step, state):
+      total, count = eval_step(state.params, *probe, jax.random.key(0))
+      loss = float(total) / float(count)
+      finite = bool(runs.all_finite(state.params))
+      if not (finite and math.isfinite(loss)):
         mngr.wait_until_finished()
         raise FloatingPointError(
-            f'train loss is {last["train_loss"]} at step {step}; stopping without saving it. '
-            f'The newest checkpoint in {workdir} is step {mngr.latest_step()}. Lower '
-            'config.opt.learning_rate or check the data.')
-      last.update(learning_rate=float(lr(step - 1)), **speed.rate(step))
-      if eval_now:
-        last['eval_loss'], _ = evaluate_lib.mean_loss(eval_step, state.params, eval_tokens,
-                                                      config, shard.batch)
-      log.write(step, last)
-      bar.set_postfix({k: f'{last[k]:.4g}' for k in ('train_loss', 'eval_loss', 'tokens_per_sec')
-                       if k in last})
-      if save_now:
-        mngr.save(step, args=ocp.args.StandardSave(state))
-      speed.restart(step)
-  bar.close()
-  mngr.wait_until_finished()
-  mngr.close()
-  log.close()
-  return last
+            f'the parameters after step {step} give an eval loss of {loss}'
+            f'{"" if finite else " and hold NaN or infinite values"}; stopping without saving '
+            f'them. {_newest(mngr, workdir)} Resume from it with a lower '
+            'config.opt.learning_rate and --allow_config_change, or start a new --workdir.')
+      mngr.save(step, args=ocp.args.StandardSave(state))
+
+    lr = runs.make_lr_schedule(config)
+    speed = Throughput(B * T)
+    pending, last = [], {}
+    bar = tqdm.tqdm(total=N, initial=resume, desc='train', unit='step',
+                    disable=jax.process_index() != 0, dynamic_ncols=True)
+    with jax.set_mesh(mesh), StopSignals(mngr) as signals:
+      for step in range(resume + 1, N + 1):
+        batch = data_lib.put(data_lib.train_batch(train_tokens, B, T, config.seed, step - 1, rows),
+                             shard.batch, B)
+        state, metrics = train_step(state, batch, keys['train'])
+        pending.append(metrics)
+        bar.update(1)
+        speed.start(state, step)
+        stop = signals.requested(step)
+        eval_now = itstime(step, config.eval_every, N)
+        save_now = itstime(step, config.checkpoint_every, N) or stop
+        if not (itstime(step, config.log_every, N) or eval_now or save_now):
+          continue
+        last, pending = _mean_metrics(pending), []
+        if not math.isfinite(last['train_loss']):
+          mngr.wait_until_finished()
+          raise FloatingPointError(
+              f'train loss is {last["train_loss"]} at step {step}; stopping without saving it. '
+              f'{_newest(mngr, workdir)} Lower config.opt.learning_rate (resuming with '
+              '--allow_config_change) or check the data.')
+        last.update(learning_rate=float(lr(step - 1)), **speed.rate(step))
+        if eval_now:
+          last['eval_loss'], _ = evaluate_lib.mean_loss(eval_step, state.params, eval_tokens,
+                                                        config, shard.batch)
+        log.write(step, last)
+        bar.set_postfix({k: f'{last[k]:.4g}' for k in ('train_loss', 'eval_loss',
+                                                       'tokens_per_sec') if k in last})
+        if save_now:
+          save(step, state)
+        if stop:
+          mngr.wait_until_finished()
+          name = signal.Signals(signals.signum).name
+          raise Interrupted(
+              f'stopped by {name} after step {step}; saved the checkpoint of step {step} in '
+              f'{workdir}. Run the same command to resume.', signals.signum, step)
+        speed.restart(step)
+    mngr.wait_until_finished()
+    return last
+  finally:
+    if bar is not None:
+      bar.close()
+    mngr.close()  # waits for a save in flight, also on errors
+    if log is not None:
+      log.close()
 
 
 def initialize_distributed(enable: bool | None = None) -> None:
@@ -264,6 +400,9 @@ def initialize_distributed(enable: bool | None = None) -> None:
 def _define_flags():
   config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+  flags.DEFINE_bool('allow_config_change', False,
+                    'Resume although the config differs from the workdir\'s in the model\'s '
+                    'training (activation, optimizer, data, seed); both configs are kept.')
   flags.DEFINE_bool('distributed', None,
                     'Call jax.distributed.initialize() (multi-process runs). Default: when '
                     'JAX_COORDINATOR_ADDRESS is set; pass it on TPU pod slices.')
@@ -274,12 +413,18 @@ def main(argv):
   workdir_lib.quiet_logs()
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
+  cli.check_activation_overrides(sys.argv, flags.FLAGS.config)
   initialize_distributed(flags.FLAGS.distributed)
   try:
-    last = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (ValueError, FloatingPointError) as e:
+    last = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir,
+                              flags.FLAGS.allow_config_change)
+  except Interrupted as e:
+    print(f'rag_jax: {e}', file=sys.stderr)
+    sys.exit(128 + e.signum)
+  except cli.ERRORS as e:
     sys.exit(f'error: {e}')
-  print(json.dumps(last))
+  if last:
+    print(json.dumps(last))
 
 
 if __name__ == '__main__':

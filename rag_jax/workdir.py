@@ -6,11 +6,20 @@
     DIR/eval_curve.json  written by rag_jax.evaluate
     DIR/checkpoints/     orbax CheckpointManager steps
     DIR/events.*         TensorBoard
+    DIR/train.lock       held by the one `train` that writes DIR (who holds it, inside)
+    DIR/config_changes.jsonl  one line per resume that changed the config: the step, the
+                         fields that changed and the config before it
 """
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
 import os
+import re
+import shutil
+import socket
+import sys
 from typing import Any
 
 from absl import logging
@@ -27,6 +36,11 @@ TOKENIZER_FILE = 'tokenizer.json'
 METRICS_FILE = 'metrics.jsonl'
 EVAL_CURVE_FILE = 'eval_curve.json'
 CHECKPOINT_DIR = 'checkpoints'
+LOCK_FILE = 'train.lock'
+CONFIG_CHANGES_FILE = 'config_changes.jsonl'
+# A step folder orbax was still writing: `<step>.orbax-checkpoint-tmp-<timestamp>` (local disks;
+# object stores mark a finished step with commit_success.txt instead).
+_UNFINISHED = re.compile(r'^(\d+)\.orbax-checkpoint-tmp')
 
 
 def quiet_logs() -> None:
@@ -40,19 +54,175 @@ def root_keys(seed: int) -> dict[str, jax.Array]:
   return {'init': init, 'train': train, 'sample': sample}
 
 
+def notice(text: str) -> None:
+  """A line for the user on stderr (process 0 only): what a command did on its own."""
+  if jax.process_index() == 0:
+    print(f'rag_jax: {text}', file=sys.stderr, flush=True)
+
+
+def check_readable(workdir: str) -> None:
+  """A workdir to read: an existing directory, or one WorkdirError."""
+  if not os.path.exists(workdir):
+    raise WorkdirError(f'workdir {workdir} does not exist; give the --workdir of a run written by '
+                       'rag_jax.train.')
+  if not os.path.isdir(workdir):
+    raise WorkdirError(f'workdir {workdir} is a file, not a directory; give the --workdir of a '
+                       'run written by rag_jax.train.')
+
+
+def check_writable(workdir: str, create: bool = False) -> None:
+  """A workdir to write into: a directory (made when `create`) where a file can be written,
+  checked before any work so that no result is computed and then lost. One WorkdirError."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'workdir {workdir} is a file, not a directory; give a new or existing '
+                       'directory.')
+  if create:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+      raise WorkdirError(f'cannot create workdir {workdir} ({e.strerror}).') from None
+  probe = os.path.join(workdir, f'.write_probe.{socket.gethostname()}.{os.getpid()}')
+  try:
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f'cannot write into workdir {workdir} ({e.strerror}); nothing was done. '
+                       'Give a directory you can write to.') from None
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   files.write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's config.json, checked: a WorkdirError when it is missing, damaged, or not the
+  config of a run (e.g. `{}`)."""
+  check_readable(workdir)
   path = os.path.join(workdir, CONFIG_FILE)
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      saved = json.load(f)
   except FileNotFoundError:
     raise WorkdirError(f'{path} does not exist; is {workdir} a workdir written by rag_jax.train?') from None
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise WorkdirError(f'{path} is damaged ({e}).') from None
+  if not isinstance(saved, dict):
+    raise WorkdirError(f'{path} holds {type(saved).__name__}, not a run config.')
+  config = ml_collections.ConfigDict(saved)
+  try:
+    configuration.validate(config)
+  except ConfigError as e:
+    raise WorkdirError(f'{path} is not the config of a run rag_jax can load: {e}') from None
+  return config
+
+
+def check_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                 workdir: str, step: int, allow_change: bool = False) -> dict[str, tuple]:
+  """The config a run resumes with must describe the checkpoint of `step` it resumes from.
+
+  The shapes of the model and the data (check_same_model) can never change. Any other field
+  outside configuration.RESUME_FREE_FIELDS (the activation, the optimizer, the data, the seed,
+  the dtype, ...) is refused with the fields that differ, unless `allow_change`; `num_steps`
+  may grow, never below `step`. Returns the changes ({field: (old, new)}), for
+  `record_config_change`.
+  """
+  check_same_model(saved, config, workdir)
+  changes = configuration.diff(saved, config)
+  if config.num_steps < step:
+    raise WorkdirError(f'{workdir} is at step {step}, beyond config.num_steps={config.num_steps}; '
+                       'give a num_steps of at least the step reached.')
+  free = lambda name: any(name == f or name.startswith(f + '.')
+                          for f in configuration.RESUME_FREE_FIELDS)
+  refused = {k: v for k, v in changes.items() if not free(k)
+             and not (k == 'num_steps' and v[1] >= v[0])}
+  if refused and not allow_change:
+    listed = '; '.join(f'{k}: {old!r} in the workdir, {new!r} now' for k, (old, new) in
+                       list(refused.items())[:6])
+    more = f' (and {len(refused) - 6} more)' if len(refused) > 6 else ''
+    raise WorkdirError(
+        f'{workdir} holds a checkpoint of step {step} trained with another config ({listed}'
+        f'{more}). Resume with the config of the run, or pass --allow_config_change to go on '
+        'with this one (both are kept; config_changes.jsonl records the step), or use a new '
+        '--workdir. Nothing was changed.')
+  return changes
+
+
+def record_config_change(workdir: str, step: int, saved: ml_collections.ConfigDict,
+                         changes: dict[str, tuple]) -> None:
+  """Appends a line to config_changes.jsonl: the step of the change, the changed fields
+  and the whole config before it (the new one becomes config.json)."""
+  if not changes or jax.process_index() != 0:
+    return
+  line = {'step': step, 'time': datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec='seconds'), 'changes': {k: list(v) for k, v in changes.items()},
+          'previous_config': configuration.as_json(saved)}
+  path = os.path.join(workdir, CONFIG_CHANGES_FILE)
+  old = ''
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+  files.write_text(path, old + json.dumps(line) + '\n')
+
+
+class TrainLock:
+  """The one writer of a workdir: an exclusive `flock` on DIR/train.lock for the run's life.
+
+  The kernel drops the lock when its holder exits, however it exits (a crash, SIGKILL), so a
+  stale file never blocks a run; the file names the holder (pid, host, start time, command)
+  for the message a second `train` gets. Readers (`evaluate`, `sample`) take no lock. Needs a
+  file system with flock (local disks, most NFS); see docs/design.md §9.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self.workdir = workdir
+    self.fd = None
+
+  def __enter__(self) -> 'TrainLock':
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode() or '{}')
+      except (ValueError, UnicodeDecodeError):
+        holder = {}
+      os.close(fd)
+      who = (f"pid {holder.get('pid')} on {holder.get('host')}, started "
+             f"{holder.get('started')}: {holder.get('command')}") if holder else 'unknown'
+      raise WorkdirError(
+          f'{self.workdir} is being trained by another rag_jax.train ({who}). One run writes a '
+          'workdir at a time: wait for it or stop it (it saves on SIGTERM), or use another '
+          '--workdir. evaluate and sample may read it meanwhile.') from None
+    holder = {'pid': os.getpid(), 'host': socket.gethostname(),
+              'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+              'command': ' '.join(sys.argv)}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    self.fd = fd
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self.fd is not None:
+      fcntl.flock(self.fd, fcntl.LOCK_UN)
+      os.close(self.fd)
+      self.fd = None
+
+
+def remove_unfinished_checkpoints(workdir: str) -> list[int]:
+  """Deletes the step folders a killed run left half-written (orbax writes a step into a
+  temporary folder and renames it when complete); returns their steps. Process 0 only."""
+  root = os.path.join(workdir, CHECKPOINT_DIR)
+  if jax.process_index() != 0 or not os.path.isdir(root):
+    return []
+  steps = []
+  for name in sorted(os.listdir(root)):
+    found = _UNFINISHED.match(name)
+    if found:
+      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+      steps.append(int(found.group(1)))
+  return steps
 
 
 def check_same_model(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
@@ -82,6 +252,7 @@ def checkpoint_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
 
 
 def latest_step(workdir: str) -> int | None:
+  """The newest complete checkpoint's step, or None."""
   if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
     return None
   mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
@@ -91,16 +262,38 @@ def latest_step(workdir: str) -> int | None:
   return step
 
 
+class _QuietLateReads:
+  """When a restore fails, tensorstore's reads still in flight finish on their own threads and
+  report to orbax's closed event loop, each printing a `RuntimeError: Event loop is closed`
+  traceback (through sys.unraisablehook) around our one-line message. Those, and only those,
+  are dropped: from the start of a restore, and for good once it failed."""
+
+  def __enter__(self):
+    self.previous = sys.unraisablehook
+
+    def hook(unraisable):
+      value = unraisable.exc_value
+      if not (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'):
+        self.previous(unraisable)
+
+    sys.unraisablehook = hook
+
+  def __exit__(self, kind, value, tb):
+    if kind is None:
+      sys.unraisablehook = self.previous
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, workdir: str,
             partial: bool = False) -> Any:
   """Restores `step` onto `abstract_state` (ShapeDtypeStructs carrying shardings); `partial`:
   only the entries `abstract_state` names (e.g. {'params': ...}: no optimizer state is read)."""
   try:
-    if partial:
-      return mngr.restore(step, args=ocp.args.PyTreeRestore(
-          item=abstract_state, partial_restore=True,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    with _QuietLateReads():
+      if partial:
+        return mngr.restore(step, args=ocp.args.PyTreeRestore(
+            item=abstract_state, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))
+      return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()[0] if str(e).strip() else ''
     raise WorkdirError(

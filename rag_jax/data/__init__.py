@@ -115,6 +115,16 @@ def load(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer | No
   texts = load_texts(config)
   if tokenizer is None:
     tokenizer = tokenizers.build(config.data.tokenizer, texts['train'])
+  need = config.model.block_size + 1
+
+  def check_length(split, tokens):
+    if tokens < need:
+      raise DataError(
+          f'the {split} split has {tokens} tokens, fewer than block_size + 1 = {need}; '
+          'use more text or a smaller config.model.block_size.')
+
+  for split, text in texts.items():  # before encoding: a short split is named as such, not as
+    check_length(split, len(text.encode('utf-8')))  # unknown characters (bytes >= tokens)
   splits = {}
   for split in list(texts):
     text = texts.pop(split)  # each text is freed once encoded
@@ -122,12 +132,7 @@ def load(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer | No
       splits[split] = tokenizer.encode(text)
     except tokenizers.TokenizerError as e:
       raise DataError(f'{split} split: {e}') from None
-  need = config.model.block_size + 1
-  for split, tokens in splits.items():
-    if len(tokens) < need:
-      raise DataError(
-          f'the {split} split has {len(tokens)} tokens, fewer than block_size + 1 = {need}; '
-          'use more text or a smaller config.model.block_size.')
+    check_length(split, len(splits[split]))
   return Dataset(tokenizer, splits)
 
 
