@@ -72,6 +72,8 @@ def _snapshot(workdir):
   out = {}
   for root, _, files in os.walk(workdir):
     for f in files:
+      if f == 'train.lock':  # who held the lock last is not saved work
+        continue
       path = os.path.join(root, f)
       with open(path, 'rb') as fh:
         out[os.path.relpath(path, workdir)] = fh.read()

@@ -3,9 +3,11 @@ jax.distributed from the JAX_* environment, each process feeding its own rows of
 metrics written once, one orbax checkpoint of the sharded state."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 
 from rag_jax import runs
 from rag_jax import train
+from rag_jax import workdir as workdir_lib
 from tests.conftest import ROOT, load_config
 
 OVERRIDES = dict(num_steps=20, checkpoint_every=10, eval_every=10, log_every=5)
@@ -22,6 +25,16 @@ def _free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def _start_two(cmd, env):
+  """`cmd` as the two processes (2 CPU devices each) of one run, over loopback."""
+  port = _free_port()
+  return [subprocess.Popen(
+      cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+           'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': '2',
+           'JAX_PROCESS_ID': str(i)}) for i in range(2)]
 
 
 def _metrics(workdir):
@@ -35,12 +48,7 @@ def test_two_processes_agree_with_one(tfds_dir, tfds_env, tmp_path):
   cmd = [sys.executable, '-m', 'rag_jax.train', '--config=configs/ra_shakespeare_char.py:smoke',
          f'--workdir={two}', f'--config.data.data_dir={tfds_dir}', '--config.mesh.data=2',
          '--config.mesh.fsdp=2'] + [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
-  port = _free_port()
-  procs = [subprocess.Popen(
-      cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env={**tfds_env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
-           'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': '2',
-           'JAX_PROCESS_ID': str(i)}) for i in range(2)]
+  procs = _start_two(cmd, tfds_env)
   try:
     outs = [p.communicate(timeout=300) for p in procs]
   finally:
@@ -69,3 +77,33 @@ def test_two_processes_agree_with_one(tfds_dir, tfds_env, tmp_path):
   _, _, _, params_one, _ = runs.load_run(one)
   assert step == 20
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5), params_two, params_one)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_the_same_step_on_all(tfds_dir, tfds_env, tmp_path):
+  """Preemption of a multi-process run: SIGTERM reaches one process; JAX's preemption service
+  tells the others, all save the same step (orbax's reached_preemption) and exit 143."""
+  workdir = str(tmp_path / 'run')
+  cmd = [sys.executable, '-m', 'rag_jax.train', '--config=configs/shakespeare_char.py:smoke',
+         f'--workdir={workdir}', f'--config.data.data_dir={tfds_dir}', '--config.mesh.data=4',
+         '--config.num_steps=1000', '--config.log_every=1']
+  procs = _start_two(cmd, tfds_env)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  try:
+    start = time.time()
+    while not (os.path.exists(metrics) and len(_metrics(workdir)) >= 3):
+      assert all(p.poll() is None for p in procs) and time.time() - start < 240
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  step = workdir_lib.latest_step(workdir)
+  assert 3 <= step < 1000
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 143, err[-3000:]
+    assert f'stopped by SIGTERM after step {step}; saved the checkpoint of step {step}' in err
+  assert _metrics(workdir)[-1]['step'] == step
+  assert runs.load_run(workdir).step == step
