@@ -60,6 +60,21 @@ def notice(text: str) -> None:
     print(f'rag_jax: {text}', file=sys.stderr, flush=True)
 
 
+def _check_layout(workdir: str) -> None:
+  """The names a run uses hold what they should (a file where a directory belongs, or the
+  other way round, would fail deep inside orbax or json)."""
+  for name in (CHECKPOINT_DIR,):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise WorkdirError(f'{path} is a file; it should be the directory of the orbax checkpoints. '
+                         'Move it away.')
+  for name in (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE, EVAL_CURVE_FILE, CONFIG_CHANGES_FILE,
+               LOCK_FILE):
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      raise WorkdirError(f'{path} is a directory; it should be a file. Move it away.')
+
+
 def check_readable(workdir: str) -> None:
   """A workdir to read: an existing directory, or one WorkdirError."""
   if not os.path.exists(workdir):
@@ -68,6 +83,7 @@ def check_readable(workdir: str) -> None:
   if not os.path.isdir(workdir):
     raise WorkdirError(f'workdir {workdir} is a file, not a directory; give the --workdir of a '
                        'run written by rag_jax.train.')
+  _check_layout(workdir)
 
 
 def check_writable(workdir: str, create: bool = False) -> None:
@@ -89,6 +105,7 @@ def check_writable(workdir: str, create: bool = False) -> None:
   except OSError as e:
     raise WorkdirError(f'cannot write into workdir {workdir} ({e.strerror}); nothing was done. '
                        'Give a directory you can write to.') from None
+  _check_layout(workdir)
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:

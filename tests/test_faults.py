@@ -23,7 +23,6 @@ from tests.conftest import ROOT, load_config
 # A smoke run slow enough to signal in the middle (log_every=1: each step is one metrics line).
 STEPS = 100
 OVERRIDES = dict(num_steps=STEPS, log_every=1, eval_every=50, checkpoint_every=50)
-pytestmark = pytest.mark.xdist_group('faults')  # the reference run is shared by the module
 
 
 def _config(tfds_dir, base='shakespeare_char', **more):
@@ -103,21 +102,40 @@ def no_compile(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_the_step_and_resume_is_exact(reference, tfds_dir, tfds_env, tmp_path,
-                                                   signum):
+def test_sigterm_saves_the_step_and_resume_is_exact(reference, tfds_dir, tfds_env, tmp_path):
   workdir = str(tmp_path / 'run')
   proc = _start(_cli_args(workdir), tfds_env)
   _wait_for(_logged(workdir, 3), proc)
-  proc.send_signal(signum)
+  proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 128 + signum, err[-2000:]
+  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
   step = workdir_lib.latest_step(workdir)
   assert 3 <= step < STEPS
-  name = signal.Signals(signum).name
-  assert f'stopped by {name} after step {step}; saved the checkpoint of step {step}' in err
+  assert f'stopped by SIGTERM after step {step}; saved the checkpoint of step {step}' in err
   assert 'Traceback' not in err
   assert not [n for n in os.listdir(os.path.join(workdir, 'checkpoints')) if 'tmp' in n]
+  train.train_and_evaluate(_config(tfds_dir), workdir)
+  _same_run(workdir, reference)
+
+
+def test_sigint_in_the_api_saves_the_step(reference, tfds_dir, tmp_path, monkeypatch):
+  """Ctrl-C (a notebook's interrupt) during train_and_evaluate: the step is saved, then
+  errors.Interrupted; the run resumes to the uninterrupted result."""
+  workdir = str(tmp_path / 'run')
+  real = train.data_lib.train_batch
+
+  def batch_then_interrupt(tokens, batch_size, block_size, seed, step, rows=None):
+    if step == 7:  # while the 8th step's batch is made
+      signal.raise_signal(signal.SIGINT)
+    return real(tokens, batch_size, block_size, seed, step, rows)
+
+  with monkeypatch.context() as m:
+    m.setattr(train.data_lib, 'train_batch', batch_then_interrupt)
+    with pytest.raises(errors.Interrupted, match='stopped by SIGINT after step 8; saved the '
+                                                 'checkpoint of step 8'):
+      train.train_and_evaluate(_config(tfds_dir), workdir)
+  assert workdir_lib.latest_step(workdir) == 8
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
   train.train_and_evaluate(_config(tfds_dir), workdir)
   _same_run(workdir, reference)
 
@@ -166,9 +184,10 @@ def test_second_train_on_a_workdir_is_refused(reference, tfds_dir, tfds_env, tmp
     except (OSError, ValueError, KeyError):
       return False
 
-  _wait_for(locked, first)
+  _wait_for(lambda: locked() and workdir_lib.latest_step(workdir) is not None, first)
   first.send_signal(signal.SIGSTOP)  # holds the lock, frozen, while the second run tries
   try:
+    assert runs.load_run(workdir).step == 50  # readers need no lock
     with monkeypatch.context() as m:  # in the API: refused before anything compiles
       m.setattr(jax, 'jit', lambda *a, **k: pytest.fail('compiled'))
       with pytest.raises(errors.WorkdirError, match=f'being trained by another rag_jax.train '
@@ -253,22 +272,22 @@ def test_resume_with_a_changed_config_when_allowed(reference, tfds_dir, tmp_path
   shutil.copytree(reference, workdir)
   with open(os.path.join(workdir, 'config.json')) as f:
     dense = json.load(f)
+  # Growing num_steps needs no flag, and is recorded.
+  train.train_and_evaluate(_config(tfds_dir, num_steps=STEPS + 3), workdir)
+  with open(os.path.join(workdir, 'config_changes.jsonl')) as f:
+    (line,) = [json.loads(l) for l in f]
+  assert line == {'step': STEPS, 'time': line['time'], 'changes': {'num_steps': [STEPS, STEPS + 3]},
+                  'previous_config': dense}
+  # An RA config into the dense workdir, allowed: both configs kept, with the step.
   ra = _config(tfds_dir, base='ra_shakespeare_char', num_steps=STEPS + 5)
   train.train_and_evaluate(ra, workdir, allow_config_change=True)
   with open(os.path.join(workdir, 'config_changes.jsonl')) as f:
-    (line,) = [json.loads(l) for l in f]
-  assert line['step'] == STEPS and line['previous_config'] == dense
-  assert line['changes']['activation.lam'] == [0.0, 0.75]
-  assert line['changes']['num_steps'] == [STEPS, STEPS + 5]
-  assert workdir_lib.load_config(workdir).activation.enabled
-  # Growing num_steps alone needs no flag, and is recorded too.
-  train.train_and_evaluate(_config(tfds_dir, base='ra_shakespeare_char', num_steps=STEPS + 8),
-                           workdir)
-  with open(os.path.join(workdir, 'config_changes.jsonl')) as f:
     lines = [json.loads(l) for l in f]
-  assert lines[-1]['step'] == STEPS + 5 and lines[-1]['changes'] == {
-      'num_steps': [STEPS + 5, STEPS + 8]}
-  assert workdir_lib.latest_step(workdir) == STEPS + 8
+  assert len(lines) == 2 and lines[-1]['step'] == STEPS + 3
+  assert lines[-1]['changes']['activation.lam'] == [0.0, 0.75]
+  assert lines[-1]['previous_config'] == {**dense, 'num_steps': STEPS + 3}
+  assert workdir_lib.load_config(workdir).activation.enabled
+  assert workdir_lib.latest_step(workdir) == STEPS + 5
 
 
 def test_short_corpus_is_named_as_short(tfds_dir, tmp_path, no_compile):
@@ -280,6 +299,36 @@ def test_short_corpus_is_named_as_short(tfds_dir, tmp_path, no_compile):
   with pytest.raises(errors.DataError, match=r'the train split has 10 tokens, fewer than '
                                              r'block_size \+ 1 = 33'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+@pytest.mark.parametrize('case', ['data_dir_is_a_file', 'paths_name_a_directory',
+                                  'checkpoints_is_a_file', 'tokenizer_is_a_directory'])
+def test_bad_paths_in_the_api(reference, tfds_dir, tmp_path, no_compile, case):
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('x')
+  config, workdir = _config(tfds_dir), str(tmp_path / 'run')
+  if case == 'data_dir_is_a_file':
+    config.data.data_dir = str(a_file)
+    error, message = errors.DataError, f'config.data.data_dir {a_file} is a file'
+  elif case == 'paths_name_a_directory':
+    config.data.dataset, config.data.paths = 'text_files', str(tmp_path)
+    error, message = errors.DataError, f"'{tmp_path}' is a directory; name its files"
+  else:
+    shutil.copytree(reference, workdir)
+    if case == 'checkpoints_is_a_file':
+      path = os.path.join(workdir, 'checkpoints')
+      shutil.rmtree(path)
+      a_file.rename(path)
+      error, message = errors.WorkdirError, f'{path} is a file'
+    else:
+      path = os.path.join(workdir, 'tokenizer.json')
+      os.remove(path)
+      os.mkdir(path)
+      error, message = errors.WorkdirError, f'{path} is a directory'
+    with pytest.raises(error, match=message):
+      runs.load_run(workdir)
+  with pytest.raises(error, match=message):
+    train.train_and_evaluate(config, workdir)
 
 
 def _run_all(cmds, env):

@@ -26,8 +26,12 @@ SPLITS = ('train', 'validation', 'test')
 
 
 def data_dir(config: ml_collections.ConfigDict) -> str:
-  return os.path.expanduser(
+  path = os.path.expanduser(
       config.data.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets')
+  if os.path.exists(path) and not os.path.isdir(path):
+    source = 'config.data.data_dir' if config.data.data_dir else 'the TFDS data_dir'
+    raise DataError(f'{source} {path} is a file, not a directory.')
+  return path
 
 
 def place_manual_file(source: str, data_dir_: str, name: str = 'input.txt') -> str | None:

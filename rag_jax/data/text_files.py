@@ -29,6 +29,9 @@ def resolve_paths(paths: str) -> list[str]:
     matches = sorted(glob.glob(os.path.expanduser(pattern)))
     if not matches:
       raise TextFilesError(f'config.data.paths: {pattern!r} matches no file.')
+    if all(os.path.isdir(m) for m in matches):
+      raise TextFilesError(f'config.data.paths: {pattern!r} is a directory; name its files '
+                           f"(e.g. '{pattern.rstrip('/')}/*.txt').")
     files.extend(os.path.abspath(m) for m in matches if os.path.isfile(m))
   if not files:
     raise TextFilesError('config.data.paths names no text file.')
