@@ -26,7 +26,10 @@ _NON_NEGATIVE_FLOATS = (
     'opt.learning_rate', 'opt.min_learning_rate', 'opt.weight_decay', 'opt.grad_clip')
 TOKENIZERS = ('char', 'byte')
 # The fields that fix the shapes of the parameters; a workdir's checkpoint must agree on them.
-MODEL_FIELDS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'block_size', 'use_bias')
+MODEL_FIELDS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'block_size', 'use_bias',
+                'head_dim')
+# Optional model fields and the value their absence means.
+MODEL_DEFAULTS = {'head_dim': 0, 'attention': 'auto'}
 # The fields a resumed run may change freely: where and how often it logs, evaluates and saves,
 # where the data lives, how the devices are laid out and which attention kernel runs. Nothing
 # else may change on resume without `--allow_config_change` (the model, the activation, the
@@ -129,10 +132,16 @@ def diff(old: ml_collections.ConfigDict | dict, new: ml_collections.ConfigDict |
   return out
 
 
-def get(config: ml_collections.ConfigDict, dotted: str):
+_MISSING = object()
+
+
+def get(config: ml_collections.ConfigDict, dotted: str, default=_MISSING):
+  """config.a.b for 'a.b'; `default` (else a ConfigError) when a field is missing."""
   value = config
   for part in dotted.split('.'):
     if part not in value:
+      if default is not _MISSING:
+        return default
       raise ConfigError(f'config has no field `{dotted}`; start from a file under configs/.')
     value = value[part]
   return value
@@ -164,7 +173,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'config.opt.warmup_steps ({warmup}) must be smaller than config.num_steps '
         f'({config.num_steps}).')
   m = config.model
-  if m.embed_dim % m.num_heads:
+  head_dim = m.get('head_dim', 0)
+  if not _is_int(head_dim) or head_dim < 0:
+    raise ConfigError(f'config.model.head_dim must be a positive integer (or 0: embed_dim / '
+                      f'num_heads), got {head_dim!r}.')
+  if not head_dim and m.embed_dim % m.num_heads:
     raise ConfigError(
         f'config.model.num_heads ({m.num_heads}) must divide config.model.embed_dim '
         f'({m.embed_dim}); pick a head count that divides the width.')

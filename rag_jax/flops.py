@@ -24,9 +24,9 @@ def flops_per_token(cfg: gpt.GPTConfig, context: int | None = None, mlp: float =
   unit); LayerNorm, softmax and residual adds (under 1%) are left out.
   """
   T = context or cfg.block_size
-  D, F, V = cfg.embed_dim, cfg.mlp_dim, cfg.vocab_size
-  kv = 2 * D * 2 * D
-  q_attn_out = 2 * D * D + 2 * 2 * T * D + 2 * D * D
+  D, F, V, A = cfg.embed_dim, cfg.mlp_dim, cfg.vocab_size, cfg.attn_dim
+  kv = 2 * D * 2 * A
+  q_attn_out = 2 * D * A + 2 * 2 * T * A + 2 * A * D
   per_layer = kv + heads * q_attn_out + mlp * (2 * 2 * D * F + GELU_FLOPS * F)
   skipped = (1 - layers) * cfg.num_layers * (kv if decode else 0)
   return float(layers * cfg.num_layers * per_layer + skipped + 2 * D * V)

@@ -13,8 +13,10 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
+from rag_jax import weights
 from rag_jax import workdir as workdir_lib
 from rag_jax.data import tokenizers
 from rag_jax.errors import WorkdirError
@@ -82,25 +84,45 @@ class Run(NamedTuple):
 
 def load_run(workdir: str) -> Run:
   """The newest checkpoint of `workdir` with its config and tokenizer, the parameters on this
-  process's first device (orbax's partial restore reads no optimizer state). WorkdirError when
-  a file is missing or damaged; nothing is written."""
+  process's first device (orbax's partial restore reads no optimizer state); or the weights of
+  a directory written by rag_jax.export. WorkdirError when a file is missing or damaged;
+  nothing is written."""
   config = workdir_lib.load_config(workdir)  # checks that `workdir` is a run's directory
   tokenizer = tokenizers.load(os.path.join(workdir, workdir_lib.TOKENIZER_FILE))
-  step = workdir_lib.latest_step(workdir)
-  if step is None:
-    raise WorkdirError(f'{workdir} holds no checkpoint; train it first.')
   model = make_model(config, tokenizer.vocab_size)
   abstract = jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          abstract)
-  mngr = workdir_lib.checkpoint_manager(workdir)
-  try:
-    restored = workdir_lib.restore(mngr, step, {'params': abstract}, workdir, partial=True)
-  finally:
-    mngr.close()
-  if not all_finite(restored['params']):
+  if weights.is_export(workdir):  # an exported sub-model (rag_jax/export.py)
+    params, step = _load_export(workdir, abstract), weights.export_step(workdir)
+    params = jax.device_put(params, device)
+  else:
+    step = workdir_lib.latest_step(workdir)
+    if step is None:
+      raise WorkdirError(f'{workdir} holds no checkpoint; train it first.')
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            abstract)
+    mngr = workdir_lib.checkpoint_manager(workdir)
+    try:
+      params = workdir_lib.restore(mngr, step, {'params': abstract}, workdir,
+                                   partial=True)['params']
+    finally:
+      mngr.close()
+  if not all_finite(params):
     raise WorkdirError(
         f'the checkpoint of step {step} in {workdir} holds NaN or infinite parameters (the run '
         f'diverged before it was saved); move checkpoints/{step} away to use an older step.')
-  return Run(config, tokenizer, model, restored['params'], step)
+  return Run(config, tokenizer, model, params, step)
+
+
+def _load_export(directory: str, abstract: Any) -> Any:
+  """An export's parameters, checked against the shapes its config.json gives."""
+  params = weights.load_params(directory)
+  want = {'/'.join(str(k.key) for k in path): x.shape
+          for path, x in jax.tree_util.tree_leaves_with_path(abstract)}
+  have = {'/'.join(str(k.key) for k in path): np.shape(x)
+          for path, x in jax.tree_util.tree_leaves_with_path(params)}
+  if want != have:
+    wrong = sorted(set(want.items()) ^ set(have.items()))[:3]
+    raise WorkdirError(f'{directory}/{weights.WEIGHTS_FILE} does not hold the model its '
+                       f'config.json describes (first differences: {wrong}).')
+  return params

@@ -41,6 +41,7 @@ from rag_jax import files
 from rag_jax import plan as plan_lib
 from rag_jax import runs
 from rag_jax import sharding
+from rag_jax import weights
 from rag_jax import workdir as workdir_lib
 from rag_jax.errors import Interrupted, WorkdirError
 from rag_jax.models import gpt
@@ -245,6 +246,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   configuration.validate(config)
   mesh = sharding.make_mesh(config)
   workdir_lib.check_writable(workdir, create=True)
+  if weights.is_export(workdir):
+    raise WorkdirError(f'{workdir} holds a model written by rag_jax.export, not a run; train into '
+                       'a new --workdir (fine-tuning from an export is not supported yet).')
   with _exclusive(workdir):
     return _train(config, workdir, mesh, allow_config_change)
 

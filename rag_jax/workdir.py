@@ -248,11 +248,8 @@ def check_same_model(saved: ml_collections.ConfigDict, config: ml_collections.Co
   fields = [f'model.{f}' for f in configuration.MODEL_FIELDS] + ['data.dataset', 'data.tokenizer']
   diffs = []
   for name in fields:
-    try:
-      old = configuration.get(saved, name)
-    except ConfigError:
-      old = '<missing>'
-    new = configuration.get(config, name)
+    default = configuration.MODEL_DEFAULTS.get(name.split('.')[-1], '<missing>')
+    old, new = (configuration.get(c, name, default) for c in (saved, config))
     if old != new:
       diffs.append(f'{name}: {old!r} in the workdir, {new!r} now')
   if diffs:

@@ -52,10 +52,17 @@ class GPTConfig:
   use_bias: bool = False
   dtype: str = 'float32'   # activations and matmuls; parameters stay float32.
   attention: str = 'auto'  # 'auto' (cuDNN on GPU when it applies, else XLA), 'xla' or 'cudnn'.
+  # K: the width of a head; 0 = embed_dim // num_heads. Explicit in an exported sub-model, whose
+  # fewer heads keep their width (rag_jax/export.py).
+  head_dim: int = 0
+
+  def __post_init__(self):
+    if not self.head_dim:
+      object.__setattr__(self, 'head_dim', self.embed_dim // self.num_heads)
 
   @property
-  def head_dim(self) -> int:  # K
-    return self.embed_dim // self.num_heads
+  def attn_dim(self) -> int:  # H·K, the width of the queries, keys and values
+    return self.num_heads * self.head_dim
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int,
@@ -64,7 +71,7 @@ class GPTConfig:
         vocab_size=int(vocab_size), num_layers=model.num_layers, num_heads=model.num_heads,
         embed_dim=model.embed_dim, mlp_dim=model.mlp_dim, block_size=model.block_size,
         dropout=float(model.dropout), use_bias=bool(model.use_bias), dtype=dtype,
-        attention=model.get('attention', 'auto'))
+        attention=model.get('attention', 'auto'), head_dim=int(model.get('head_dim', 0)))
 
 
 def init_cache(cfg: GPTConfig, batch_size: int, length: int | None = None,

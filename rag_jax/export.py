@@ -1,0 +1,195 @@
+"""Take a sub-model away: a fixed fraction of a trained run as a standalone, smaller model.
+
+    python -m rag_jax.export --workdir=W --active_fraction=0.5 --out=DIR [--int8]
+
+The sub-model `evaluate --active_fraction=a` scores (nested widths: the first heads, MLP units and
+blocks) is sliced out of the newest checkpoint into a dense model of its own size: only the kept
+heads' query, key/value and output projections, the kept MLP units, the kept blocks. It never
+reads the other heads' keys and values, so its KV cache is smaller too. DIR holds:
+
+    DIR/config.json        the parent's run config with the sub-model's shape (num_heads,
+                           head_dim explicit, mlp_dim, num_layers) and the activation off
+    DIR/tokenizer.json     the parent's tokenizer
+    DIR/model.safetensors  the weights, named by their path ('block_0/attn/query'); with --int8
+                           every matrix is int8 with a float32 scale per output channel
+                           ('NAME:int8', 'NAME:scale'), the rest float32
+    DIR/export.json        the parent workdir and step, the fraction, the kept units per layer,
+                           parameters and bytes
+
+`runs.load_run(DIR)` (so `evaluate` and `sample`) reads such a directory as it reads a workdir.
+Only the `nested` structure exports: `random` and `bernoulli` choose their units per batch from
+keys, so no one dense model equals what their parent scores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from absl import app, flags
+import jax
+import ml_collections
+import numpy as np
+
+from rag_jax import activation
+from rag_jax import cli
+from rag_jax import files
+from rag_jax import plan as plan_lib
+from rag_jax import runs
+from rag_jax import weights as weights_lib
+from rag_jax import workdir as workdir_lib
+from rag_jax.data import tokenizers
+from rag_jax.errors import WorkdirError
+from rag_jax.models import gpt
+
+
+
+def kept_units(plan: plan_lib.Plan, cfg: gpt.GPTConfig) -> list[dict[str, Any]]:
+  """Per kept block: its index, and the heads and MLP units it keeps (index arrays) with the
+  scale their outputs carry (d/k with `rescale`, else 1)."""
+  kept = []
+  for i, layer in enumerate(plan):
+    match layer.block:
+      case None | plan_lib.StaticBlock(on=True):
+        pass
+      case plan_lib.StaticBlock(on=False):
+        continue
+      case _:
+        raise ValueError('only a fixed plan exports (static widths and blocks).')
+    entry = {'layer': i}
+    for site, d in (('heads', cfg.num_heads), ('mlp', cfg.mlp_dim)):
+      s = getattr(layer, site)
+      if s is None:
+        entry[site], entry[f'{site}_scale'] = np.arange(d), 1.0
+      elif isinstance(s, plan_lib.StaticWidth) and s.perm is None:
+        k = s.width(s.bucket)
+        entry[site], entry[f'{site}_scale'] = np.arange(k), s.scale(k)
+      else:
+        raise ValueError(f'the {site} of layer {i} are not a nested static width; only the '
+                         'nested structure exports.')
+    kept.append(entry)
+  return kept
+
+
+def slice_params(params: dict, cfg: gpt.GPTConfig, plan: plan_lib.Plan
+                 ) -> tuple[dict, dict[str, int], list[dict]]:
+  """The sub-model of `plan`: (its parameters, its model fields, the kept units per block).
+  A site's output scale is folded into its output projection, so the sub-model computes what
+  the parent computes under `plan`."""
+  kept = kept_units(plan, cfg)
+  shapes = {(len(k['heads']), len(k['mlp'])) for k in kept}
+  if len(shapes) > 1:
+    raise ValueError(f'the blocks keep different widths ({sorted(shapes)} heads, units); one '
+                     'model config holds one width per site.')
+  out = {name: jax.tree.map(np.asarray, params[name]) for name in ('wte', 'wpe', 'ln_f')}
+  for j, k in enumerate(kept):
+    block = jax.tree.map(np.asarray, params[f'block_{k["layer"]}'])
+    h, u = k['heads'], k['mlp']
+    attn, mlp = dict(block['attn']), dict(block['mlp'])
+    attn['query'] = attn['query'][:, h]
+    attn['key_value'] = attn['key_value'][:, :, h]
+    attn['out'] = attn['out'][h] * np.float32(k['heads_scale'])
+    if 'query_bias' in attn:
+      attn['query_bias'] = attn['query_bias'][h]
+      attn['key_value_bias'] = attn['key_value_bias'][:, h]
+    mlp['w_in'] = mlp['w_in'][:, u]
+    mlp['w_out'] = mlp['w_out'][u] * np.float32(k['mlp_scale'])
+    if 'b_in' in mlp:
+      mlp['b_in'] = mlp['b_in'][u]
+    out[f'block_{j}'] = {**block, 'attn': attn, 'mlp': mlp}
+  heads, units = shapes.pop()
+  model = {'num_layers': len(kept), 'num_heads': heads, 'head_dim': cfg.head_dim,
+           'mlp_dim': units}
+  return out, model, [{'layer': k['layer'], 'heads': len(k['heads']), 'mlp_units': len(k['mlp'])}
+                      for k in kept]
+
+
+def check_fraction(act: ml_collections.ConfigDict, cfg: gpt.GPTConfig, fraction: float) -> None:
+  """A fraction exports when it is one of the widths the parent computes: a bucket of each
+  width site, a whole number of blocks for `layers`."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f'--active_fraction must be in (0, 1], got {fraction}.')
+  sites = activation.parse_sites(act.sites)
+  if act.structure != 'nested' and fraction < 1:
+    raise ValueError(f"the run's activation structure is {act.structure!r}: its units are "
+                     'chosen per batch from keys, so no one sub-model equals it; only nested '
+                     'widths export.')
+  if {'mlp', 'heads'} & set(sites) and abs(fraction * act.buckets - round(fraction * act.buckets)) > 1e-6:
+    widths = ', '.join(f'{j / act.buckets:g}' for j in range(1, act.buckets + 1))
+    raise ValueError(f'--active_fraction={fraction} is not one of the widths the run computes '
+                     f'({widths}: {act.buckets} buckets).')
+  if 'layers' in sites and abs(fraction * cfg.num_layers - round(fraction * cfg.num_layers)) > 1e-6:
+    raise ValueError(f'--active_fraction={fraction} keeps no whole number of the '
+                     f'{cfg.num_layers} blocks (site layers).')
+
+
+def export(workdir: str, fraction: float, out: str, int8: bool = False) -> dict[str, Any]:
+  """Writes the sub-model of `workdir` at `fraction` into `out`; returns export.json's content.
+  `out` must be new or an earlier export of the same parent, fraction and int8 setting."""
+  if os.path.abspath(out) == os.path.abspath(workdir):
+    raise ValueError('--out must not be the parent workdir.')
+  config, tokenizer, model, params, step = runs.load_run(workdir)
+  cfg, act = model.cfg, config.activation
+  check_fraction(act, cfg, fraction)
+  record = {'parent': os.path.abspath(workdir), 'step': int(step),
+            'active_fraction': float(fraction), 'int8': bool(int8), 'sites': act.sites}
+  if os.path.exists(out):
+    if not os.path.isdir(out):
+      raise WorkdirError(f'--out {out} is a file.')
+    if os.listdir(out):
+      if not weights_lib.is_export(out):
+        raise WorkdirError(f'--out {out} holds other files; give a new directory.')
+      with open(os.path.join(out, weights_lib.EXPORT_FILE)) as f:
+        old = json.load(f)
+      if {k: old.get(k) for k in record} != record:
+        raise WorkdirError(f'--out {out} holds another export ({old.get("parent")} step '
+                           f'{old.get("step")} at {old.get("active_fraction")}, int8 '
+                           f'{old.get("int8")}); give a new directory. Nothing was changed.')
+  plan = None if fraction == 1 else activation.make_plan(jax.random.key(0), act, cfg, fraction)
+  sub, shape, kept = slice_params(jax.device_get(params), cfg,
+                                  plan or tuple(plan_lib.LayerPlan() for _ in range(cfg.num_layers)))
+  workdir_lib.check_writable(out, create=True)
+  sub_config = ml_collections.ConfigDict(config.to_dict())
+  sub_config.model.update(shape)
+  # The export is a dense model; its nested widths are the parent's narrower buckets (an export
+  # at 0.5 of 4 buckets keeps 2), so `evaluate --active_fractions` still truncates it in steps.
+  sub_act = sub_config.activation
+  sub_act.enabled, sub_act.lam = False, 0.0
+  if {'mlp', 'heads'} & set(activation.parse_sites(act.sites)):
+    sub_act.buckets = max(1, round(fraction * act.buckets))
+  weights = weights_lib.save(sub, out, int8)
+  workdir_lib.save_config(sub_config, out)
+  tokenizers.save(tokenizer, os.path.join(out, workdir_lib.TOKENIZER_FILE))
+  record.update(model=shape, blocks=kept,
+                parameters=int(sum(np.size(x) for x in jax.tree.leaves(sub))),
+                parent_parameters=int(sum(np.size(x) for x in jax.tree.leaves(params))),
+                bytes=os.path.getsize(weights))
+  files.write_json(os.path.join(out, weights_lib.EXPORT_FILE), record)
+  return record
+
+
+def _define_flags():
+  flags.DEFINE_string('workdir', None, 'Workdir of a trained run.', required=True)
+  flags.DEFINE_float('active_fraction', 1.0, 'The fixed fraction to export (a width the run '
+                     'computes: a bucket, or whole blocks for the layers site).')
+  flags.DEFINE_string('out', None, 'Directory to write the sub-model into.', required=True)
+  flags.DEFINE_bool('int8', False, 'Store matrices as int8 with per-channel float32 scales.')
+
+
+def main(argv):
+  del argv
+  workdir_lib.quiet_logs()
+  f = flags.FLAGS
+  try:
+    record = export(f.workdir, f.active_fraction, f.out, f.int8)
+  except cli.ERRORS as e:
+    sys.exit(f'error: {e}')
+  print(f"wrote {f.out}: {record['parameters']:,} parameters "
+        f"({record['parameters'] / record['parent_parameters']:.3f} of the parent), "
+        f"{record['bytes']:,} bytes, model {record['model']}")
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
