@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import fcntl
 import json
+import logging as python_logging
 import os
 import re
 import shutil
@@ -278,12 +279,15 @@ def latest_step(workdir: str) -> int | None:
 
 class _QuietLateReads:
   """When a restore fails, tensorstore's reads still in flight finish on their own threads and
-  report to orbax's closed event loop, each printing a `RuntimeError: Event loop is closed`
-  traceback (through sys.unraisablehook) around our one-line message. Those, and only those,
+  report to orbax's closed event loop: each prints a `RuntimeError: Event loop is closed`
+  traceback (through sys.unraisablehook), and asyncio logs the failed reads nobody awaited
+  ("Task exception was never retrieved") around our one-line message. Those, and only those,
   are dropped: from the start of a restore, and for good once it failed."""
 
   def __enter__(self):
     self.previous = sys.unraisablehook
+    self.asyncio_log = python_logging.getLogger('asyncio')
+    self.asyncio_disabled = self.asyncio_log.disabled
 
     def hook(unraisable):
       value = unraisable.exc_value
@@ -291,10 +295,12 @@ class _QuietLateReads:
         self.previous(unraisable)
 
     sys.unraisablehook = hook
+    self.asyncio_log.disabled = True
 
   def __exit__(self, kind, value, tb):
     if kind is None:
       sys.unraisablehook = self.previous
+      self.asyncio_log.disabled = self.asyncio_disabled
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, workdir: str,
