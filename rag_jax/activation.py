@@ -55,6 +55,14 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def check_draws(act: ml_collections.ConfigDict, what: str) -> None:
+  """The `random` policy on settings that switch nothing off (lam = 0: a dense run without
+  --lam) would quietly run the dense model: a ValueError saying `what` would happen instead."""
+  if act.lam == 0:
+    raise ValueError(f"{what}: this run's config.activation.lam is 0 (it trained dense). Give "
+                     '--lam (and --alpha, --beta) to draw, or use --policy=fixed.')
+
+
 def parse_sites(sites: str) -> tuple[str, ...]:
   return tuple(s.strip() for s in sites.split(',') if s.strip())
 

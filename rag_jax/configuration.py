@@ -25,11 +25,11 @@ _POSITIVE_INTS = (
 _NON_NEGATIVE_FLOATS = (
     'opt.learning_rate', 'opt.min_learning_rate', 'opt.weight_decay', 'opt.grad_clip')
 TOKENIZERS = ('char', 'byte')
-# The fields that fix the shapes of the parameters; a workdir's checkpoint must agree on them.
-MODEL_FIELDS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'block_size', 'use_bias',
-                'head_dim')
-# Optional model fields and the value their absence means.
-MODEL_DEFAULTS = {'head_dim': 0, 'attention': 'auto'}
+# The fields that fix the shapes of the parameters and the tokens; a resumed run's config must
+# agree with its checkpoint on them, whatever flag is given.
+SHAPE_FIELDS = tuple(f'model.{f}' for f in (
+    'num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'block_size', 'use_bias', 'head_dim')) + (
+        'data.dataset', 'data.tokenizer')
 # The fields a resumed run may change freely: where and how often it logs, evaluates and saves,
 # where the data lives, how the devices are laid out and which attention kernel runs. Nothing
 # else may change on resume without `--allow_config_change` (the model, the activation, the
@@ -132,16 +132,10 @@ def diff(old: ml_collections.ConfigDict | dict, new: ml_collections.ConfigDict |
   return out
 
 
-_MISSING = object()
-
-
-def get(config: ml_collections.ConfigDict, dotted: str, default=_MISSING):
-  """config.a.b for 'a.b'; `default` (else a ConfigError) when a field is missing."""
+def get(config: ml_collections.ConfigDict, dotted: str):
   value = config
   for part in dotted.split('.'):
     if part not in value:
-      if default is not _MISSING:
-        return default
       raise ConfigError(f'config has no field `{dotted}`; start from a file under configs/.')
     value = value[part]
   return value

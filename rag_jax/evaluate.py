@@ -115,11 +115,8 @@ def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
   if overrides:
     act.update({k: v for k, v in overrides.items() if v is not None})
   activation.validate(act, config.model)
-  if policy == 'random' and act.lam == 0:
-    raise ValueError(
-        "--policy=random would score the dense model: this run's config.activation.lam is 0 "
-        '(it trained dense). Give --lam (and --alpha, --beta) to score it under random '
-        'activation, or use --policy=fixed.')
+  if policy == 'random':
+    activation.check_draws(act, '--policy=random would score the dense model')
   workdir_lib.check_writable(workdir)  # before the work, so that no result is lost
   dataset = data_lib.load(config, tokenizer)
   if split not in dataset.splits:

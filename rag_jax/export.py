@@ -115,11 +115,14 @@ def check_fraction(act: ml_collections.ConfigDict, cfg: gpt.GPTConfig, fraction:
     raise ValueError(f"the run's activation structure is {act.structure!r}: its units are "
                      'chosen per batch from keys, so no one sub-model equals it; only nested '
                      'widths export.')
-  if {'mlp', 'heads'} & set(sites) and abs(fraction * act.buckets - round(fraction * act.buckets)) > 1e-6:
+  # The parent rounds a fraction up to the width it computes; only those widths export.
+  computed = activation.compute_fractions(act, cfg, fraction)
+  off = [s for s in sites if abs(computed[s] - fraction) > 1e-6]
+  if set(off) & {'mlp', 'heads'}:
     widths = ', '.join(f'{j / act.buckets:g}' for j in range(1, act.buckets + 1))
     raise ValueError(f'--active_fraction={fraction} is not one of the widths the run computes '
                      f'({widths}: {act.buckets} buckets).')
-  if 'layers' in sites and abs(fraction * cfg.num_layers - round(fraction * cfg.num_layers)) > 1e-6:
+  if off:
     raise ValueError(f'--active_fraction={fraction} keeps no whole number of the '
                      f'{cfg.num_layers} blocks (site layers).')
 
@@ -146,9 +149,9 @@ def export(workdir: str, fraction: float, out: str, int8: bool = False) -> dict[
         raise WorkdirError(f'--out {out} holds another export ({old.get("parent")} step '
                            f'{old.get("step")} at {old.get("active_fraction")}, int8 '
                            f'{old.get("int8")}); give a new directory. Nothing was changed.')
-  plan = None if fraction == 1 else activation.make_plan(jax.random.key(0), act, cfg, fraction)
-  sub, shape, kept = slice_params(jax.device_get(params), cfg,
-                                  plan or tuple(plan_lib.LayerPlan() for _ in range(cfg.num_layers)))
+  plan = (activation.make_plan(jax.random.key(0), act, cfg, fraction) if fraction < 1 else
+          tuple(plan_lib.LayerPlan() for _ in range(cfg.num_layers)))
+  sub, shape, kept = slice_params(jax.device_get(params), cfg, plan)
   workdir_lib.check_writable(out, create=True)
   sub_config = ml_collections.ConfigDict(config.to_dict())
   sub_config.model.update(shape)

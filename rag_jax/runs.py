@@ -73,6 +73,19 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
+def check_finite(params: Any, workdir: str, step: int) -> None:
+  """WorkdirError when the parameters loaded from `workdir` (its checkpoint of `step`, or an
+  export) hold NaN or infinite values: never scored, sampled or trained on."""
+  if all_finite(params):
+    return
+  where = (f'{workdir}/{weights.WEIGHTS_FILE}' if weights.is_export(workdir) else
+           f'the checkpoint of step {step} in {workdir}')
+  fix = ('export it again' if weights.is_export(workdir) else
+         f'move checkpoints/{step} away to use an older step')
+  raise WorkdirError(f'{where} holds NaN or infinite parameters (the run diverged before it '
+                     f'was saved); {fix}. Nothing was changed.')
+
+
 class Run(NamedTuple):
   """A trained run as `load_run` gives it."""
   config: ml_collections.ConfigDict
@@ -107,20 +120,15 @@ def load_run(workdir: str) -> Run:
                                    partial=True)['params']
     finally:
       mngr.close()
-  if not all_finite(params):
-    raise WorkdirError(
-        f'the checkpoint of step {step} in {workdir} holds NaN or infinite parameters (the run '
-        f'diverged before it was saved); move checkpoints/{step} away to use an older step.')
+  check_finite(params, workdir, step)
   return Run(config, tokenizer, model, params, step)
 
 
 def _load_export(directory: str, abstract: Any) -> Any:
   """An export's parameters, checked against the shapes its config.json gives."""
   params = weights.load_params(directory)
-  want = {'/'.join(str(k.key) for k in path): x.shape
-          for path, x in jax.tree_util.tree_leaves_with_path(abstract)}
-  have = {'/'.join(str(k.key) for k in path): np.shape(x)
-          for path, x in jax.tree_util.tree_leaves_with_path(params)}
+  want = {k: x.shape for k, x in weights.flatten(abstract).items()}
+  have = {k: np.shape(x) for k, x in weights.flatten(params).items()}
   if want != have:
     wrong = sorted(set(want.items()) ^ set(have.items()))[:3]
     raise WorkdirError(f'{directory}/{weights.WEIGHTS_FILE} does not hold the model its '

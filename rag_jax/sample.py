@@ -290,11 +290,8 @@ def _knobs(config, tokenizer, num_tokens, seed, batch, policy, active_fraction, 
   act = config.activation if act is None else act
   if policy != 'dense':
     activation.validate(act, config.model)
-  if policy == 'random' and act.lam == 0:
-    raise ValueError(
-        "policy random would generate with the dense model: this run's config.activation.lam "
-        'is 0 (it trained dense). Give --lam (and --alpha, --beta) to draw, or use --policy=fixed '
-        'with --active_fraction.')
+  if policy == 'random':
+    activation.check_draws(act, 'policy random would generate with the dense model')
   m = config.model  # `random` draws a plan per index up front; random/bernoulli units are big.
   table_bytes = 4 * (m.block_size + num_tokens) * m.num_layers * (m.mlp_dim + m.num_heads)
   if policy == 'random' and act.structure != 'nested' and table_bytes > MAX_PLAN_BYTES:

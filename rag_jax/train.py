@@ -211,26 +211,20 @@ def _newest(mngr: ocp.CheckpointManager, workdir: str) -> str:
 @contextlib.contextmanager
 def _exclusive(workdir: str):
   """The workdir's TrainLock for the run's life, taken by process 0 for all its processes."""
-  lock = workdir_lib.TrainLock(workdir)
-  if jax.process_count() == 1:
-    with lock:
-      yield
-    return
-  error = None
-  if jax.process_index() == 0:
-    try:
-      lock.__enter__()
-    except WorkdirError as e:
-      error = e
-  held = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
-  if error is not None:
-    raise error
-  if not held:
-    raise WorkdirError(f'{workdir} is being trained by another rag_jax.train (process 0 names it).')
-  try:
+  with contextlib.ExitStack() as stack:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(workdir_lib.TrainLock(workdir))
+      except WorkdirError as e:
+        error = e
+    if jax.process_count() > 1:  # the others learn process 0's answer
+      if not multihost_utils.broadcast_one_to_all(np.int32(error is None)) and error is None:
+        error = WorkdirError(f'{workdir} is being trained by another rag_jax.train (process 0 '
+                             'names it).')
+    if error is not None:
+      raise error
     yield
-  finally:
-    lock.__exit__(None, None, None)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -287,11 +281,7 @@ def _train(config, workdir, mesh, allow_config_change):
       abstract = jax.tree.map(
           lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shard.state)
       state = workdir_lib.restore(mngr, resume, abstract, workdir)
-      if not runs.all_finite(state.params):
-        raise WorkdirError(
-            f'the checkpoint of step {resume} in {workdir} holds NaN or infinite parameters (the '
-            f'run diverged before it was saved); move checkpoints/{resume} away to resume from '
-            'an older step. Nothing was changed.')
+      runs.check_finite(state.params, workdir, resume)
       workdir_lib.notice(f'resuming from step {resume}, the newest complete checkpoint in '
                          f'{workdir}' + (f'; config changes: {", ".join(changes)}' if changes
                                          else '') + '.')
@@ -366,8 +356,7 @@ def _train(config, workdir, mesh, allow_config_change):
                                                        'tokens_per_sec') if k in last})
         if save_now:
           save(step, state)
-        if stop:
-          mngr.wait_until_finished()
+        if stop:  # `finally` waits for the save before the exception leaves
           name = signal.Signals(signals.signum).name
           raise Interrupted(
               f'stopped by {name} after step {step}; saved the checkpoint of step {step} in '

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+from flax import traverse_util
 import numpy as np
 import safetensors.numpy
 
@@ -23,29 +24,14 @@ INPUT_AXES = {'query': (0,), 'key_value': (0,), 'out': (0, 1), 'w_in': (0,), 'w_
               'wte': (1,), 'wpe': (1,)}
 
 
-def _flat(params: dict, prefix: str = '') -> dict[str, np.ndarray]:
-  out = {}
-  for name, value in params.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f'{prefix}{name}/'))
-    else:
-      out[f'{prefix}{name}'] = np.asarray(value)
-  return out
-
-
-def _nest(flat: dict[str, np.ndarray]) -> dict:
-  out = {}
-  for path, value in flat.items():
-    node = out
-    *parents, leaf = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return out
+def flatten(params) -> dict:
+  """{'block_0/attn/query': leaf, ...}: the names parameters are stored under."""
+  return traverse_util.flatten_dict(params, sep='/')
 
 
 def quantize(w: np.ndarray, input_axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
   """Symmetric int8 with one float32 scale per output channel: w ≈ q * scale, |error| <= scale/2."""
+  w = np.asarray(w, np.float32)
   scale = np.max(np.abs(w), axis=input_axes, keepdims=True) / 127.0
   scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
   q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
@@ -55,12 +41,12 @@ def quantize(w: np.ndarray, input_axes: tuple[int, ...]) -> tuple[np.ndarray, np
 def to_tensors(params: dict, int8: bool = False) -> dict[str, np.ndarray]:
   """The safetensors entries of `params`; with `int8`, matrices as 'NAME:int8' + 'NAME:scale'."""
   tensors = {}
-  for name, w in _flat(params).items():
+  for name, w in flatten(params).items():
     leaf = name.split('/')[-1]
     if int8 and leaf in INPUT_AXES:
       tensors[f'{name}:int8'], tensors[f'{name}:scale'] = quantize(w, INPUT_AXES[leaf])
     else:
-      tensors[name] = w.astype(np.float32)
+      tensors[name] = np.asarray(w, np.float32)
   # safetensors writes an array's memory as it lies: a sliced (non C-contiguous) array would be
   # stored scrambled.
   return {name: np.ascontiguousarray(x) for name, x in tensors.items()}
@@ -77,7 +63,7 @@ def from_tensors(tensors: dict[str, np.ndarray]) -> dict:
       flat[base] = value.astype(np.float32) * tensors[f'{base}:scale']
     else:
       flat[name] = value
-  return _nest(flat)
+  return traverse_util.unflatten_dict(flat, sep='/')
 
 
 def is_export(path: str) -> bool:

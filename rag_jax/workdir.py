@@ -139,14 +139,19 @@ def check_resume(saved: ml_collections.ConfigDict, config: ml_collections.Config
                  workdir: str, step: int, allow_change: bool = False) -> dict[str, tuple]:
   """The config a run resumes with must describe the checkpoint of `step` it resumes from.
 
-  The shapes of the model and the data (check_same_model) can never change. Any other field
+  The shapes of the model and the data (configuration.SHAPE_FIELDS) never change. Any other field
   outside configuration.RESUME_FREE_FIELDS (the activation, the optimizer, the data, the seed,
   the dtype, ...) is refused with the fields that differ, unless `allow_change`; `num_steps`
   may grow, never below `step`. Returns the changes ({field: (old, new)}), for
   `record_config_change`.
   """
-  check_same_model(saved, config, workdir)
   changes = configuration.diff(saved, config)
+  shape = [f'{k}: {old!r} in the workdir, {new!r} now' for k, (old, new) in changes.items()
+           if k in configuration.SHAPE_FIELDS]
+  if shape:
+    raise WorkdirError(
+        f'{workdir} holds a checkpoint of a different model ({"; ".join(shape)}). '
+        'Use a new --workdir, or move its checkpoints/ away to start over.')
   if config.num_steps < step:
     raise WorkdirError(f'{workdir} is at step {step}, beyond config.num_steps={config.num_steps}; '
                        'give a num_steps of at least the step reached.')
@@ -241,22 +246,6 @@ def remove_unfinished_checkpoints(workdir: str) -> list[int]:
       shutil.rmtree(os.path.join(root, name), ignore_errors=True)
       steps.append(int(found.group(1)))
   return steps
-
-
-def check_same_model(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-                     workdir: str) -> None:
-  """A workdir's checkpoints can only be resumed by a config of the same model and data."""
-  fields = [f'model.{f}' for f in configuration.MODEL_FIELDS] + ['data.dataset', 'data.tokenizer']
-  diffs = []
-  for name in fields:
-    default = configuration.MODEL_DEFAULTS.get(name.split('.')[-1], '<missing>')
-    old, new = (configuration.get(c, name, default) for c in (saved, config))
-    if old != new:
-      diffs.append(f'{name}: {old!r} in the workdir, {new!r} now')
-  if diffs:
-    raise WorkdirError(
-        f'{workdir} holds a checkpoint of a different model ({"; ".join(diffs)}). '
-        'Use a new --workdir, or move its checkpoints/ away to start over.')
 
 
 def checkpoint_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:

@@ -2,6 +2,7 @@
 import os
 import pathlib
 
+import jax
 import pytest
 
 from rag_jax import configuration
@@ -41,3 +42,23 @@ def tfds_env(tfds_dir):
   """Environment for CLI subprocesses: the prepared data and a quiet TensorFlow."""
   return {**os.environ, 'TFDS_DATA_DIR': tfds_dir, 'TF_CPP_MIN_LOG_LEVEL': '3',
           'JAX_PLATFORMS': 'cpu'}
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+  """Fails the test if anything is jitted."""
+  def refuse(*args, **kwargs):
+    raise AssertionError('compiled before the input was checked')
+  monkeypatch.setattr(jax, 'jit', refuse)
+
+
+def snapshot(directory) -> dict[str, bytes]:
+  """Every file under `directory` (relative path -> bytes), but train.lock: who held the lock
+  last is not saved work."""
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      if name != 'train.lock':
+        with open(os.path.join(root, name), 'rb') as f:
+          out[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+  return out

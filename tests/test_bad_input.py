@@ -5,21 +5,12 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from rag_jax import data
 from rag_jax import errors
 from rag_jax import train
-from tests.conftest import ROOT
-
-
-@pytest.fixture
-def no_compile(monkeypatch):
-  """Fails the test if anything is jitted."""
-  def refuse(*args, **kwargs):
-    raise AssertionError('compiled before the input was checked')
-  monkeypatch.setattr(jax, 'jit', refuse)
+from tests.conftest import ROOT, snapshot
 
 
 @pytest.mark.parametrize('field,value,message', [
@@ -68,29 +59,17 @@ def good_run(tmp_path_factory, tfds_dir):
   return config, workdir
 
 
-def _snapshot(workdir):
-  out = {}
-  for root, _, files in os.walk(workdir):
-    for f in files:
-      if f == 'train.lock':  # who held the lock last is not saved work
-        continue
-      path = os.path.join(root, f)
-      with open(path, 'rb') as fh:
-        out[os.path.relpath(path, workdir)] = fh.read()
-  return out
-
-
 def test_workdir_of_a_different_model(good_run, tmp_path, no_compile):
   config, workdir = good_run
   run = str(tmp_path / 'run')
   shutil.copytree(workdir, run)
-  before = _snapshot(run)
+  before = snapshot(run)
   other = config.copy_and_resolve_references()
   other.model.embed_dim = 64
   with pytest.raises(errors.WorkdirError,
                      match=r'different model \(model.embed_dim: 32 in the workdir, 64 now\)'):
     train.train_and_evaluate(other, run)
-  assert _snapshot(run) == before
+  assert snapshot(run) == before
 
 
 def test_damaged_checkpoint(good_run, tmp_path):
@@ -105,11 +84,11 @@ def test_damaged_checkpoint(good_run, tmp_path):
           fh.write(b'garbage')
         damaged += 1
   assert damaged
-  before = _snapshot(run)
+  before = snapshot(run)
   with pytest.raises(errors.WorkdirError,
                      match='checkpoint of step 20 .* cannot be restored.*Nothing was changed'):
     train.train_and_evaluate(config, run)
-  assert _snapshot(run) == before
+  assert snapshot(run) == before
 
 
 def _cli(module, *args, env):

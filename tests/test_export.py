@@ -76,9 +76,9 @@ def test_safetensors_round_trip_and_int8_error(tmp_path):
   weights.save(params, str(tmp_path), int8=True)
   tensors = weights.to_tensors(params, int8=True)
   back = weights.load_params(str(tmp_path))
-  for name, w in weights._flat(params).items():
+  for name, w in weights.flatten(params).items():
     leaf = name.split('/')[-1]
-    got = weights._flat(back)[name]
+    got = weights.flatten(back)[name]
     if leaf in weights.INPUT_AXES:
       assert tensors[f'{name}:int8'].dtype == np.int8
       scale = tensors[f'{name}:scale']

@@ -18,7 +18,7 @@ from rag_jax import errors
 from rag_jax import runs
 from rag_jax import train
 from rag_jax import workdir as workdir_lib
-from tests.conftest import ROOT, load_config
+from tests.conftest import ROOT, load_config, snapshot
 
 # A smoke run slow enough to signal in the middle (log_every=1: each step is one metrics line).
 STEPS = 100
@@ -76,29 +76,12 @@ def _same_run(workdir, reference):
   jax.tree.map(np.testing.assert_array_equal, _params(workdir), _params(reference))
 
 
-def _snapshot(workdir):
-  out = {}
-  for root, _, names in os.walk(workdir):
-    for name in names:
-      if name != workdir_lib.LOCK_FILE:  # who held the lock last is not saved work
-        with open(os.path.join(root, name), 'rb') as f:
-          out[os.path.relpath(os.path.join(root, name), workdir)] = f.read()
-  return out
-
-
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory, tfds_dir):
   """The uninterrupted run."""
   workdir = str(tmp_path_factory.mktemp('reference'))
   train.train_and_evaluate(_config(tfds_dir), workdir)
   return workdir
-
-
-@pytest.fixture
-def no_compile(monkeypatch):
-  def refuse(*args, **kwargs):
-    raise AssertionError('compiled before the input was checked')
-  monkeypatch.setattr(jax, 'jit', refuse)
 
 
 @pytest.mark.slow
@@ -249,7 +232,7 @@ def test_nan_checkpoint_of_an_older_version_is_refused(reference, tfds_dir, tmp_
 def test_resume_with_another_config(reference, tfds_dir, tmp_path, no_compile):
   workdir = str(tmp_path / 'run')
   shutil.copytree(reference, workdir)
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   ra = _config(tfds_dir, base='ra_shakespeare_char', num_steps=STEPS + 10)
   with pytest.raises(errors.WorkdirError, match=(
       r'checkpoint of step 100 trained with another config \(activation.enabled: False in the '
@@ -264,7 +247,7 @@ def test_resume_with_another_config(reference, tfds_dir, tmp_path, no_compile):
     train.train_and_evaluate(other, workdir)
   with pytest.raises(errors.WorkdirError, match='at step 100, beyond config.num_steps=60'):
     train.train_and_evaluate(_config(tfds_dir, num_steps=60), workdir)
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
 
 
 def test_resume_with_a_changed_config_when_allowed(reference, tfds_dir, tmp_path):
@@ -380,13 +363,13 @@ def test_bad_paths_and_flags_get_one_line(reference, tfds_env, tmp_path):
       ([py, '-m', 'rag_jax.sample', f'--workdir={reference}', '--policy=random'],
        "policy random would generate with the dense model"),
   ]
-  before = _snapshot(reference)
+  before = snapshot(reference)
   for (rc, err), (cmd, message) in zip(_run_all([c for c, _ in cases], tfds_env), cases):
     lines = err.strip().splitlines()
     assert rc == 1 and lines and lines[-1].startswith('error: '), (cmd, err[-3000:])
     assert message in lines[-1], (cmd, err[-3000:])
     assert 'Traceback' not in err and 'Event loop is closed' not in err, (cmd, err[-3000:])
-  assert _snapshot(reference) == before
+  assert snapshot(reference) == before
   assert not os.path.exists(tmp_path / 'x')
 
 
