@@ -38,7 +38,7 @@ RESUME_FREE_FIELDS = ('log_every', 'eval_every', 'eval_batch_size', 'eval_batche
                       'data.eval_split', 'checkpoint_every', 'keep_checkpoints', 'data.data_dir',
                       'model.attention', 'mesh')
 DTYPES = ('float32', 'bfloat16')  # config.dtype: activations and matmuls (parameters: float32).
-ATTENTION = ('auto', 'xla', 'cudnn')  # config.model.attention (see models/attention.py).
+ATTENTION = ('auto', 'xla', 'cudnn', 'einsum')  # config.model.attention (see models/attention.py).
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -210,6 +210,10 @@ def _validate_mesh(mesh: ml_collections.ConfigDict) -> None:
     sizes.append(n)
   if sizes.count(-1) > 1:
     raise ConfigError('config.mesh: at most one of data, fsdp, tensor may be -1 (the rest).')
+  cpu = mesh.get('cpu_devices', 0)
+  if not _is_int(cpu) or cpu < 0:
+    raise ConfigError(f'config.mesh.cpu_devices must be 0 (one per core) or a positive integer, '
+                      f'got {cpu!r}.')
   for name, target in (mesh.get('rules') or {}).items():
     unknown = [a for a in str(target or '').split(',') if a and a not in MESH_AXES]
     if unknown:

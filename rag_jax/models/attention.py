@@ -7,6 +7,7 @@ TPU, float32, the masked decode step); 'xla' or 'cudnn' force one.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +16,37 @@ import jax.numpy as jnp
 def attend(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS=None, impl: str = 'xla') -> jax.Array:
   """Attention of queries over keys and values of the same heads: causal over positions 0..L-1
   when `mask_LxS` is None. The softmax is float32 in both implementations."""
+  if impl == 'einsum':
+    return _einsum_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS)
   if mask_LxS is None:
     return jax.nn.dot_product_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, is_causal=True,
                                         implementation=impl)
   return jax.nn.dot_product_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask=mask_LxS[None, None],
                                       implementation=impl)
+
+
+def _einsum_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS=None) -> jax.Array:
+  """softmax(q k^T / sqrt(K) + mask) v in two einsums, scores and softmax in float32.
+
+  One query (a decode step) takes products and sums instead: a dot over the cache's
+  B x S x h x K layout made XLA:CPU copy the whole cache into a head-major layout at every step
+  (a quarter of a decode step of the :gpu model); a multiply-and-reduce reads it in place."""
+  L, S, K = q_BxLxhxK.shape[1], k_BxSxhxK.shape[1], q_BxLxhxK.shape[-1]
+  if L == 1:
+    q_Bx1xhxK = q_BxLxhxK.astype(jnp.float32) * (1 / math.sqrt(K))
+    s_BxSxh = jnp.sum(q_Bx1xhxK * k_BxSxhxK.astype(jnp.float32), axis=-1)
+    if mask_LxS is not None:
+      s_BxSxh = jnp.where(mask_LxS[0][None, :, None], s_BxSxh, jnp.finfo(jnp.float32).min)
+    p_BxSxh = jax.nn.softmax(s_BxSxh, axis=1)
+    o_Bxhxk = jnp.sum(p_BxSxh[..., None] * v_BxSxhxK.astype(jnp.float32), axis=1)
+    return o_Bxhxk[:, None].astype(v_BxSxhxK.dtype)
+  s_BxhxLxS = jnp.einsum('BLHK,BSHK->BHLS', q_BxLxhxK, k_BxSxhxK,
+                         preferred_element_type=jnp.float32) * (1 / math.sqrt(K))
+  if mask_LxS is None:
+    mask_LxS = jnp.arange(S)[None, :] <= jnp.arange(L)[:, None]
+  s_BxhxLxS = jnp.where(mask_LxS, s_BxhxLxS, jnp.finfo(jnp.float32).min)
+  p_BxhxLxS = jax.nn.softmax(s_BxhxLxS, axis=-1).astype(v_BxSxhxK.dtype)
+  return jnp.einsum('BHLS,BSHK->BLHK', p_BxhxLxS, v_BxSxhxK)
 
 
 def implementation(choice: str, head_dim: int, dtype, causal: bool) -> str:
@@ -29,7 +56,9 @@ def implementation(choice: str, head_dim: int, dtype, causal: bool) -> str:
   ok = (jax.default_backend() == 'gpu' and causal and head_dim % 8 == 0 and head_dim <= 128
         and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         and _cudnn_lowers(head_dim, jnp.dtype(dtype).name))
-  return 'cudnn' if ok else 'xla'
+  if ok:
+    return 'cudnn'
+  return 'einsum' if jax.default_backend() == 'cpu' else 'xla'
 
 
 @functools.cache

@@ -113,18 +113,18 @@ def _heads(w, x_BxLxD, k_BxSxHxK, v_BxSxHxK, mask_LxS, units, scale, head_mask, 
   for every head); `head_mask`: None or a 0/1 mask over heads ([H], per position [..., L, H])."""
   B, L, D = x_BxLxD.shape
   dt = x_BxLxD.dtype
-  x_NxD = x_BxLxD.reshape(B * L, D)
-  q_NxhxK = jnp.einsum('ND,DHK->NHK', x_NxD, widths.restrict(w['query'], units, 1).astype(dt))
+  wq_DxhxK = widths.restrict(w['query'], units, 1)
+  h, K = wq_DxhxK.shape[1:]
+  q_BxLxhK = _matmul(x_BxLxD, wq_DxhxK.reshape(D, h * K).astype(dt))
   if 'query_bias' in w:
-    q_NxhxK += widths.restrict(w['query_bias'], units, 0).astype(dt)
-  q_BxLxhxK = switch.save(q_NxhxK.reshape(B, L, *q_NxhxK.shape[1:]))
+    q_BxLxhK += widths.restrict(w['query_bias'], units, 0).reshape(h * K).astype(dt)
+  q_BxLxhxK = switch.save(q_BxLxhK.reshape(B, L, h, K))
   k_BxSxhxK, v_BxSxhxK = k_BxSxHxK[:, :, units].astype(dt), v_BxSxHxK[:, :, units].astype(dt)
   o_BxLxhxK = switch.save(attention.attend(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS, impl))
   if head_mask is not None:
     o_BxLxhxK = o_BxLxhxK * head_mask[..., None].astype(dt)
-  o_NxhxK = (o_BxLxhxK * scale).reshape(B * L, *o_BxLxhxK.shape[2:])
-  wo_hxKxD = widths.restrict(w['out'], units, 0).astype(dt)
-  y_BxLxD = jnp.einsum('NHK,HKD->ND', o_NxhxK, wo_hxKxD).reshape(B, L, D)
+  wo_hKxD = widths.restrict(w['out'], units, 0).reshape(h * K, D).astype(dt)
+  y_BxLxD = _matmul((o_BxLxhxK * scale).reshape(B, L, h * K), wo_hKxD)
   return y_BxLxD + w['out_bias'].astype(dt) if 'out_bias' in w else y_BxLxD
 
 
@@ -170,12 +170,16 @@ class Attention(nn.Module):
     """Keys and values of every head, written into the cache at `pos` when there is one;
     returns (keys, values, new cache)."""
     B, L, D = x_BxLxD.shape
-    kv = jnp.einsum('ND,DCHK->NCHK', x_BxLxD.reshape(B * L, D),
-                    self.key_value.astype(x_BxLxD.dtype))
-    if self.cfg.use_bias:
-      kv += self.key_value_bias.astype(x_BxLxD.dtype)
-    kv_BxLx2xHxK = kv.reshape(B, L, *kv.shape[1:])
-    k_BxLxHxK, v_BxLxHxK = kv_BxLx2xHxK[:, :, 0], kv_BxLx2xHxK[:, :, 1]
+    H, K = self.cfg.num_heads, self.cfg.head_dim
+    dt = x_BxLxD.dtype
+
+    def project(c):  # keys (0) or values (1): a 2-D product whose heads stay the major axis
+      y_BxLxHK = _matmul(x_BxLxD, self.key_value[:, c].reshape(D, H * K).astype(dt))
+      if self.cfg.use_bias:
+        y_BxLxHK += self.key_value_bias[c].reshape(H * K).astype(dt)
+      return y_BxLxHK.reshape(B, L, H, K)
+
+    k_BxLxHxK, v_BxLxHxK = project(0), project(1)
     if cache is None:
       return k_BxLxHxK, v_BxLxHxK, None
     k = jax.lax.dynamic_update_slice(cache['k'], k_BxLxHxK.astype(cache['k'].dtype), (0, pos, 0, 0))

@@ -1,9 +1,12 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from rag_jax import flops
+from rag_jax.models import attention as attention_lib
 from rag_jax.models import gpt
 
 CFG = gpt.GPTConfig(vocab_size=65, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=128,
@@ -63,9 +66,10 @@ def test_causal_by_gradients():
     assert np.all(influence_T[:i + 1] > 0), f'position {i} ignores earlier tokens'
 
 
+@pytest.mark.parametrize('attention', ['einsum', 'xla'])
 @pytest.mark.parametrize('prefill', [1, 5, 16])
-def test_kv_cache_decode_equals_full_forward(prefill):
-  model, params, tokens = _init()
+def test_kv_cache_decode_equals_full_forward(prefill, attention):
+  model, params, tokens = _init(dataclasses.replace(CFG, attention=attention))
   full_BxTxV, _ = model.apply({'params': params}, tokens)
   step = jax.jit(lambda p, x, c, pos: model.apply({'params': p}, x, cache=c, pos=pos))
   logits, cache = model.apply({'params': params}, tokens[:, :prefill],
@@ -108,3 +112,25 @@ def test_flops_per_token_matches_xla_cost_analysis(cfg):
   xla_per_token = cost['flops'] / cfg.block_size
   analytic = flops.flops_per_token(cfg)
   assert abs(xla_per_token - analytic) / analytic < 0.05, (xla_per_token, analytic)
+
+
+@pytest.mark.parametrize('L,S,masked', [(7, 7, False), (5, 9, True), (1, 9, True)])
+def test_einsum_attention_equals_xla(L, S, masked):
+  """The einsum path ('auto' on the CPU: faster there, README) computes what
+  jax.nn.dot_product_attention computes: causal, against a cache mask, and one decode query
+  (products and sums over the cache); gradients too."""
+  q, k, v = (jax.random.normal(jax.random.key(i), shape) for i, shape in
+             enumerate([(2, L, 3, 8), (2, S, 3, 8), (2, S, 3, 8)]))
+  mask = (jnp.arange(S)[None, :] <= (S - L + jnp.arange(L))[:, None]) if masked else None
+  f = lambda impl: lambda q, k, v: attention_lib.attend(q, k, v, mask, impl)
+  np.testing.assert_allclose(f('einsum')(q, k, v), f('xla')(q, k, v), atol=1e-5, rtol=1e-5)
+  grads = [jax.grad(lambda *a: (f(impl)(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+           for impl in ('einsum', 'xla')]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_attention_is_einsum_on_cpu_and_xla_on_gpu_float32():
+  expected = {'cpu': 'einsum'}.get(jax.default_backend(), 'xla')
+  assert attention_lib.implementation('auto', 8, jnp.float32, causal=True) == expected
+
