@@ -72,6 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh.data = -1          # devices on the `data` axis; -1 = all.
   config.mesh.fsdp = 1           # devices splitting parameters and optimizer state (ZeRO-3).
   config.mesh.tensor = 1         # devices splitting heads, MLP units and vocabulary.
+  # CPU-only hosts (train and evaluate): JAX CPU devices; 0 = one per core, as many as divide
+  # the batches (data parallelism over the cores: 1.5x faster steps on 2 cores), 1 = XLA's one.
+  config.mesh.cpu_devices = 0
   config.mesh.rules = ml_collections.ConfigDict(
       {'embed': 'fsdp', 'heads': 'tensor', 'mlp': 'tensor', 'vocab': 'tensor'})
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
+from jax._src import xla_bridge  # backends_are_initialized: no public equivalent in jax 0.10
 import ml_collections
 
 from rag_jax.errors import ConfigError
@@ -52,6 +54,34 @@ def shard_batch(x_BxLxD: jax.Array) -> jax.Array:
   if not axes or x_BxLxD.shape[0] % math.prod(mesh.shape[a] for a in axes):
     return x_BxLxD
   return jax.lax.with_sharding_constraint(x_BxLxD, jax.sharding.PartitionSpec(axes))
+
+
+def cpu_device_count(config: ml_collections.ConfigDict, cores: int | None = None) -> int:
+  """The JAX CPU devices `config.mesh.cpu_devices` asks for: itself when positive; 0 (auto) is
+  one per core, lowered to the largest count that divides the train and eval batches (so a
+  CPU-only host splits each step over its cores by data parallelism, as the `data` axis splits
+  it over GPUs)."""
+  want = config.mesh.get('cpu_devices', 0)
+  if want:
+    return want
+  cores = cores or len(os.sched_getaffinity(0))
+  return max(n for n in range(1, cores + 1)
+             if config.batch_size % n == 0 and config.eval_batch_size % n == 0)
+
+
+def set_cpu_devices(config: ml_collections.ConfigDict, distributed: bool = False) -> int | None:
+  """Gives JAX's CPU backend `cpu_device_count(config)` devices; called by the command-line
+  programs before JAX starts. It leaves alone what JAX would otherwise do where that is already
+  decided: XLA_FLAGS naming a device count, backends already started (in a notebook, set
+  `jax.config.update('jax_num_cpu_devices', n)` before the first computation), or a multi-process
+  run. Harmless on a GPU or TPU host, whose computations do not run on the CPU devices. Returns
+  the count set, or None."""
+  if (distributed or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
+      or xla_bridge.backends_are_initialized()):
+    return None
+  n = cpu_device_count(config)
+  jax.config.update('jax_num_cpu_devices', n)
+  return n
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:

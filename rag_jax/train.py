@@ -407,7 +407,10 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   cli.check_activation_overrides(sys.argv, flags.FLAGS.config)
-  initialize_distributed(flags.FLAGS.distributed)
+  distributed = flags.FLAGS.distributed
+  sharding.set_cpu_devices(flags.FLAGS.config, distributed=bool(
+      distributed or (distributed is None and 'JAX_COORDINATOR_ADDRESS' in os.environ)))
+  initialize_distributed(distributed)
   try:
     last = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir,
                               flags.FLAGS.allow_config_change)

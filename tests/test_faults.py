@@ -33,6 +33,9 @@ def _config(tfds_dir, base='shakespeare_char', **more):
 
 
 def _cli_args(workdir, base='shakespeare_char', **more):
+  # One CPU device, as the in-process runs these are compared with exactly (the CLI's default,
+  # one device per core, splits the batch: the same losses up to float rounding only).
+  more = {'mesh.cpu_devices': 1, **more}
   return [sys.executable, '-m', 'rag_jax.train', f'--config=configs/{base}.py:smoke',
           f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in {**OVERRIDES, **more}.items()]
 

@@ -2,6 +2,7 @@
 train like one device, dense and with random activation; a checkpoint saved on one mesh resumes
 on another and loads onto one device; bfloat16 training falls in loss like float32."""
 import json
+import os
 import subprocess
 import sys
 
@@ -116,3 +117,34 @@ def test_bfloat16_keeps_float32_params_and_logits():
   assert 'bf16' in forward.lower(params).as_text()  # the matmuls run in bfloat16
   from rag_jax.models import gpt
   assert gpt.init_cache(model.cfg, 1)[0]['k'].dtype == jax.numpy.bfloat16
+
+
+def test_cpu_device_count_divides_the_batches():
+  config = load_config('shakespeare_char', '')  # batch 12, eval batch 128
+  assert config.mesh.cpu_devices == 0
+  assert [sharding.cpu_device_count(config, cores=c) for c in (1, 2, 3, 8, 64)] == [1, 2, 2, 4, 4]
+  config.mesh.cpu_devices = 3  # explicit: taken as given (make_mesh checks the batches)
+  assert sharding.cpu_device_count(config, cores=64) == 3
+
+
+def _devices_after_set_cpu_devices(env, cpu_devices):
+  code = ('import jax, sys; from rag_jax import sharding; from tests.conftest import load_config;'
+          'c = load_config("shakespeare_char", ""); c.mesh.cpu_devices = int(sys.argv[1]);'
+          'print(sharding.set_cpu_devices(c), len(jax.devices()), sharding.cpu_device_count(c))')
+  proc = subprocess.run([sys.executable, '-c', code, str(cpu_devices)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return proc.stdout.split()
+
+
+def test_set_cpu_devices_before_jax_starts_and_not_over_xla_flags():
+  """`python -m rag_jax.train` on a CPU host: one JAX device per core (as many as divide the
+  batches), so the data axis splits a step over the cores; XLA_FLAGS naming a device count, or
+  backends already started, are left alone."""
+  env = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'JAX_PLATFORMS': 'cpu'}
+  set_to, devices, auto = _devices_after_set_cpu_devices(env, 0)
+  assert set_to == auto == devices
+  assert _devices_after_set_cpu_devices(env, 3)[:2] == ['3', '3']
+  assert _devices_after_set_cpu_devices({**env, **EIGHT}, 3)[:2] == ['None', '8']
+  jax.devices()  # this process's backends are up: nothing changes
+  assert sharding.set_cpu_devices(load_config('shakespeare_char', '')) is None
