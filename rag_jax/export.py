@@ -72,24 +72,26 @@ def kept_units(plan: plan_lib.Plan, cfg: gpt.GPTConfig) -> list[dict[str, Any]]:
   return kept
 
 
-def slice_params(params: dict, cfg: gpt.GPTConfig, plan: plan_lib.Plan
+def slice_params(params: dict, cfg: gpt.GPTConfig, plan: plan_lib.Plan, to_numpy: bool = True
                  ) -> tuple[dict, dict[str, int], list[dict]]:
   """The sub-model of `plan`: (its parameters, its model fields, the kept units per block).
   A site's output scale is folded into its output projection, so the sub-model computes what
-  the parent computes under `plan`."""
+  the parent computes under `plan`. `to_numpy=False` keeps jax arrays (inside a jitted
+  program: the sampler's fixed width)."""
   kept = kept_units(plan, cfg)
   shapes = {(len(k['heads']), len(k['mlp'])) for k in kept}
   if len(shapes) > 1:
     raise ValueError(f'the blocks keep different widths ({sorted(shapes)} heads, units); one '
                      'model config holds one width per site.')
-  out = {name: jax.tree.map(np.asarray, params[name]) for name in ('wte', 'wpe', 'ln_f')}
+  arrays = (lambda tree: jax.tree.map(np.asarray, tree)) if to_numpy else (lambda tree: tree)
+  out = {name: arrays(params[name]) for name in ('wte', 'wpe', 'ln_f')}
   for j, k in enumerate(kept):
-    block = jax.tree.map(np.asarray, params[f'block_{k["layer"]}'])
-    h, u = k['heads'], k['mlp']
+    block = arrays(params[f'block_{k["layer"]}'])
+    h, u = slice(0, len(k['heads'])), slice(0, len(k['mlp']))  # nested: prefixes
     attn, mlp = dict(block['attn']), dict(block['mlp'])
     attn['query'] = attn['query'][:, h]
     attn['key_value'] = attn['key_value'][:, :, h]
-    attn['out'] = attn['out'][h] * np.float32(k['heads_scale'])
+    attn['out'] = attn['out'][h] * np.float32(k['heads_scale'])  # float32 like the parameters
     if 'query_bias' in attn:
       attn['query_bias'] = attn['query_bias'][h]
       attn['key_value_bias'] = attn['key_value_bias'][:, h]

@@ -39,6 +39,7 @@ import numpy as np
 
 from rag_jax import activation
 from rag_jax import cli
+from rag_jax import export
 from rag_jax import plan as plan_lib
 from rag_jax import runs
 from rag_jax import workdir as workdir_lib
@@ -97,9 +98,52 @@ def _take(tree, start, length=None):
   return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, length), tree)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    'model', 'num_tokens', 'temperature', 'top_k', 'top_p', 'greedy', 'end_token', 'policy',
-    'active_fraction', 'act'))
+# XLA:CPU's YNNPACK fusions run the decode step's small reductions (attention of one query over
+# the cache) about 10x slower than XLA's own loops: off for the sampler on the CPU, where a
+# dense batch-1 decode step of the :gpu model took 0.88x as long without them (README).
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+
+
+@functools.cache
+def compiler_options() -> dict[str, str]:
+  """CPU_COMPILER_OPTIONS on the CPU when this XLA knows them; else none."""
+  if jax.default_backend() != 'cpu':
+    return {}
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(1.0).compile()
+  except Exception:  # pylint: disable=broad-except  (an XLA without the option)
+    return {}
+  return dict(CPU_COMPILER_OPTIONS)
+
+
+class _Jit:
+  """`jax.jit(fn, ...)` built at its first call, once the backend (and so `compiler_options`)
+  is known: importing this module starts no backend."""
+
+  def __init__(self, fn, **kwargs):
+    self._fn, self._kwargs, self._jit = fn, kwargs, None
+    functools.update_wrapper(self, fn)
+
+  def _get(self):
+    if self._jit is None:
+      self._jit = jax.jit(self._fn, compiler_options=compiler_options(), **self._kwargs)
+    return self._jit
+
+  def __call__(self, *args, **kwargs):
+    return self._get()(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    return self._get().lower(*args, **kwargs)
+
+
+def fixed_submodel(params, model: gpt.GPT, plan: plan_lib.Plan) -> tuple[dict, gpt.GPT]:
+  """The dense model that computes what `model` computes under a fixed nested `plan`: only the
+  kept heads (their queries, keys and values: a smaller KV cache), MLP units and blocks, as
+  `rag_jax.export` writes it; sliced inside the compiled program, once per generation."""
+  sub, fields, _ = export.slice_params(params, model.cfg, plan, to_numpy=False)
+  return sub, gpt.GPT(dataclasses.replace(model.cfg, **fields))
+
+
 def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
              prompt_lengths_B: jax.Array | None = None, sample_ids_B: jax.Array | None = None, *,
              num_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -138,19 +182,22 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
   else:
     fixed = (activation.make_plan(act_key, act, cfg, fraction=active_fraction)
              if policy == 'fixed' else None)
+    fraction_N = jnp.full((N,), _mean_fraction(fixed))
+    if policy == 'fixed' and act.structure == 'nested':
+      # A fixed nested width is a smaller dense model (rag_jax.export): it computes and caches
+      # the keys and values of its own heads only.
+      params, model = fixed_submodel(params, model, fixed)
+      cfg, fixed = model.cfg, None
     plan_at = lambda t: fixed
     plans_from = lambda first, L: fixed
-    fraction_N = jnp.full((N,), _mean_fraction(fixed))
 
-  # Nested widths read their weights from separate prefix arrays (widths.decode_variables, cut
-  # once here): a slice of one array inside the loop would be copied at every step. `fixed`
-  # keeps its one width; `random` every bucket's (memory: (buckets + 1) / 2 x those weights).
-  if policy == 'dense' or act.structure != 'nested':
+  # Drawn nested widths read their weights from separate prefix arrays
+  # (widths.decode_variables, cut once here): a slice of one array inside the loop would be
+  # copied at every step (memory: (buckets + 1) / 2 x the switched weights).
+  if policy != 'random' or act.structure != 'nested':
     variables = {'params': params}
   else:
-    widths = ([activation.bucket_index(float(active_fraction), act.buckets)]
-              if policy == 'fixed' else range(act.buckets))
-    variables = widths_lib.decode_variables(params, act.buckets, widths,
+    variables = widths_lib.decode_variables(params, act.buckets, range(act.buckets),
                                             activation.parse_sites(act.sites))
 
   def prefill(tokens_BxL, first):
@@ -210,6 +257,11 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
   final, _ = choose(state)  # the last token needs no forward pass
   # Generated token j of row b came from the pass that fed index lengths_B[b] + j - 1.
   return final.tokens, fraction_N[lengths_B[:, None] + jnp.arange(num_tokens) - 1]
+
+
+generate = _Jit(generate, static_argnames=(
+    'model', 'num_tokens', 'temperature', 'top_k', 'top_p', 'greedy', 'end_token', 'policy',
+    'active_fraction', 'act'))
 
 
 def encode_prompt(tokenizer, prompt: str, cfg: gpt.GPTConfig) -> np.ndarray:

@@ -78,19 +78,28 @@ def test_cached_greedy_equals_full_rerun(model_params, prompt_len, num_tokens):
   assert list(np.asarray(out[0])) == reference_greedy(model, params, prompt, num_tokens)
 
 
-@pytest.mark.parametrize('policy,structure', [('fixed', 'nested'), ('fixed', 'random'),
-                                              ('random', 'nested'), ('random', 'random')])
-def test_cached_greedy_with_activation_equals_full_rerun(model_params, policy, structure):
+@pytest.mark.parametrize('policy,structure,sites', [
+    ('fixed', 'nested', 'mlp,heads'), ('fixed', 'nested', 'mlp,heads,layers'),
+    ('fixed', 'random', 'mlp,heads'), ('random', 'nested', 'mlp,heads'),
+    ('random', 'random', 'mlp,heads')])
+def test_cached_greedy_with_activation_equals_full_rerun(model_params, policy, structure, sites):
   """`fixed`: one plan, make_plan(act_key, fraction=a), for the whole generation. `random`: the
   token at index t is fed through the draw fold_in(act_key, t), so the reference re-runs each
-  window with those per-position draws (as masks); 30 tokens cross two context refills."""
+  window with those per-position draws (as masks); 30 tokens cross two context refills. A fixed
+  nested width runs as the smaller dense model `sample.fixed_submodel` slices out (with
+  `layers`: fewer blocks), which must generate what the parent generates under the plan."""
   model, params = model_params
-  act = act_config(structure=structure)
+  act = act_config(structure=structure, sites=sites)
   key = jax.random.key(4)
   _, act_key = jax.random.split(key)
   if policy == 'fixed':
     plan = activation.make_plan(act_key, act, CFG, fraction=0.5)
     assert plan_lib.active_fractions(plan)['mlp'] == 0.5
+    if structure == 'nested':
+      sub_params, sub_model = sample_lib.fixed_submodel(params, model, plan)
+      assert (sub_model.cfg.num_heads, sub_model.cfg.mlp_dim) == (2, 32)
+      assert sub_model.cfg.num_layers == (1 if 'layers' in sites else 2)
+      assert sub_params['block_0']['attn']['key_value'].shape == (32, 2, 2, 8)  # 2 heads' K/V
     plan_for = lambda start: plan
   else:
     plan_for = lambda start: activation.per_position_plan(act_key, act, CFG, CFG.block_size,
@@ -262,3 +271,13 @@ def test_sample_runs_the_model_in_the_runs_dtype(model_params, monkeypatch):
     out = sample_lib.sample(params, config, 'abc', tokenizer=TOKENIZER, num_tokens=4, greedy=True)
     assert len(out.text[0]) == 7
   assert seen == ['bfloat16', 'float32']
+
+
+def test_decode_compiler_options_apply_on_cpu_only():
+  """The sampler compiles with `compiler_options()`: XLA:CPU's YNNPACK fusions off on the CPU
+  (README: decode speed), nothing elsewhere; an XLA that does not know the option gets none."""
+  opts = sample_lib.compiler_options()
+  if jax.default_backend() == 'cpu':
+    assert opts == sample_lib.CPU_COMPILER_OPTIONS
+  else:
+    assert opts == {}
