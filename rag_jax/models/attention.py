@@ -1,8 +1,10 @@
-"""The attention call, and which implementation of `jax.nn.dot_product_attention` runs it.
+"""The attention call, and which implementation runs it.
 
 `config.model.attention`: 'auto' picks cuDNN's fused kernel on a GPU for 16-bit causal attention
-(training, evaluation) when this GPU's cuDNN lowers it, and XLA's implementation otherwise (CPU,
-TPU, float32, the masked decode step); 'xla' or 'cudnn' force one.
+(training, evaluation) when this GPU's cuDNN lowers it; on the CPU our own two-einsum version
+('einsum': faster there than XLA's `jax.nn.dot_product_attention`, and for one decode query a
+multiply-and-sum that reads the cache in place); XLA's `jax.nn.dot_product_attention` elsewhere
+(TPU, GPU in float32, the masked decode step on a GPU). 'xla', 'cudnn' or 'einsum' force one.
 """
 from __future__ import annotations
 
