@@ -9,7 +9,7 @@ SHAKESPEARE_TXT ?= ../shared/data/tiny_shakespeare/input.txt
 # Keep pytest's workers at the machine's cores (2 here).
 PYTEST_WORKERS ?= 2
 
-.PHONY: install data train test bench clean
+.PHONY: install data train test bench reference clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ test: install
 
 bench: install
 	$(PY) experiments/bench_train.py --config=$(CONFIG) --out=results/bench_train.json
+
+# The dense step against PyTorch (README). TORCH: a pip requirement; on a CPU-only machine a CPU
+# build saves gigabytes (these machines hold torch 2.13.0's CPU wheel locally).
+TORCH ?= torch==2.13.0
+reference: install
+	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install --quiet '$(TORCH)'
+	$(PY) experiments/bench_reference.py --out=results/bench_reference.json
 
 clean:
 	rm -rf $(VENV) runs

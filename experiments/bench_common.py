@@ -7,9 +7,13 @@ import resource
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
 from rag_jax import configuration
+from rag_jax import runs
+from rag_jax import sharding
+from rag_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,3 +59,49 @@ def peak_rss_mib() -> float:
 def load_config(path_with_arg: str):
   """configs/NAME.py[:ARG], relative to the repository root -> ConfigDict."""
   return configuration.load_config(os.path.join(ROOT, path_with_arg))
+
+
+def pinned(act: ml_collections.ConfigDict, a: float) -> ml_collections.ConfigDict:
+  """RA settings whose every draw is `a` (as experiments/bench_activation.py pins them)."""
+  act = ml_collections.ConfigDict(act.to_dict())
+  act.update(enabled=True, lam=1.0, alpha=1000.0, beta=0.001, min_active=float(a),
+             sites='mlp,heads', structure='nested', buckets=4, per_layer=True,
+             train_mode='single')
+  return act
+
+
+class TrainStep:
+  """A train step built as train.py builds it (mesh, shardings, `train.jit_train_step`), on a
+  fixed batch of random tokens; `run(steps)` times steps (`block_until_ready` after each)."""
+
+  def __init__(self, config, vocab_size: int):
+    configuration.validate(config)
+    mesh = sharding.make_mesh(config)
+    self.model, tx = runs.make_model(config, vocab_size), runs.make_optimizer(config)
+    init_fn = lambda key: runs.init_state(self.model, tx, key, config)
+    shard = sharding.Shardings.of(mesh, jax.eval_shape(init_fn, jax.random.key(0)),
+                               config.mesh.rules)
+    self.mesh = mesh
+    self.state = jax.jit(init_fn, out_shardings=shard.state)(jax.random.key(0))
+    self.num_params = sum(x.size for x in jax.tree.leaves(self.state.params))
+    rng = np.random.default_rng(0)
+    self.batch = jax.device_put(
+        rng.integers(0, vocab_size, (config.batch_size, config.model.block_size + 1)).astype(np.int32),
+        shard.batch)
+    self.fn = train.jit_train_step(self.model, tx, config, shard)
+    self.key = jax.random.key(1)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+      self.compiled = self.fn.lower(self.state, self.batch, self.key).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.xla_flops = xla_flops(self.compiled)
+    self.ms, self.metrics = [], None
+    self.run(1, record=False)  # warm-up
+
+  def run(self, steps: int, record: bool = True) -> None:
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      self.state, self.metrics = self.compiled(self.state, self.batch, self.key)
+      jax.block_until_ready((self.state, self.metrics))
+      if record:
+        self.ms.append(1e3 * (time.perf_counter() - t0))

@@ -25,23 +25,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 import bench_common
 
 from rag_jax import activation
-from rag_jax import configuration
 from rag_jax import files
 from rag_jax import flops
-from rag_jax import runs
-from rag_jax import sharding
-from rag_jax import train
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import attention
 from rag_jax.models import gpt
@@ -91,51 +85,6 @@ def device_peak() -> tuple[float | None, str]:
   return None, f'unknown device kind {kind!r}: pass --peak_flops'
 
 
-def pinned(act: ml_collections.ConfigDict, a: float) -> ml_collections.ConfigDict:
-  """RA settings whose every draw is `a` (as experiments/bench_activation.py pins them)."""
-  act = ml_collections.ConfigDict(act.to_dict())
-  act.update(enabled=True, lam=1.0, alpha=1000.0, beta=0.001, min_active=float(a),
-             sites='mlp,heads', structure='nested', buckets=4, per_layer=True,
-             train_mode='single')
-  return act
-
-
-class Step:
-  """A train step built as train.py builds it, on a fixed batch of random byte tokens."""
-
-  def __init__(self, config):
-    configuration.validate(config)
-    mesh = sharding.make_mesh(config)
-    self.model, tx = runs.make_model(config, VOCAB), runs.make_optimizer(config)
-    init_fn = lambda key: runs.init_state(self.model, tx, key, config)
-    shard = sharding.Shardings.of(mesh, jax.eval_shape(init_fn, jax.random.key(0)),
-                               config.mesh.rules)
-    self.mesh = mesh
-    self.state = jax.jit(init_fn, out_shardings=shard.state)(jax.random.key(0))
-    self.num_params = sum(x.size for x in jax.tree.leaves(self.state.params))
-    rng = np.random.default_rng(0)
-    self.batch = jax.device_put(
-        rng.integers(0, VOCAB, (config.batch_size, config.model.block_size + 1)).astype(np.int32),
-        shard.batch)
-    self.fn = train.jit_train_step(self.model, tx, config, shard)
-    self.key = jax.random.key(1)
-    t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-      self.compiled = self.fn.lower(self.state, self.batch, self.key).compile()
-    self.compile_s = time.perf_counter() - t0
-    self.xla_flops = bench_common.xla_flops(self.compiled)
-    self.ms, self.metrics = [], None
-    self.run(1, record=False)  # warm-up
-
-  def run(self, steps: int, record: bool = True) -> None:
-    for _ in range(steps):
-      t0 = time.perf_counter()
-      self.state, self.metrics = self.compiled(self.state, self.batch, self.key)
-      jax.block_until_ready((self.state, self.metrics))
-      if record:
-        self.ms.append(1e3 * (time.perf_counter() - t0))
-
-
 def main(argv):
   del argv
   workdir_lib.quiet_logs()
@@ -154,11 +103,11 @@ def main(argv):
   steps = _STEPS.value or (3 if on_cpu else 10)
   B, T = config.batch_size, config.model.block_size
 
-  dense = Step(config)
+  dense = bench_common.TrainStep(config, VOCAB)
   ra_config = ml_collections.ConfigDict(config.to_dict())
-  ra_config.activation = pinned(config.activation, _FRACTION.value)
+  ra_config.activation = bench_common.pinned(config.activation, _FRACTION.value)
   activation.validate(ra_config.activation, ra_config.model)
-  ra = Step(ra_config)
+  ra = bench_common.TrainStep(ra_config, VOCAB)
   for _ in range(_ROUNDS.value):  # interleaved, so that load from other processes hits both
     dense.run(steps)
     ra.run(steps)

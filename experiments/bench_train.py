@@ -171,11 +171,13 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   config = _CONFIG.value
+  sharding.set_cpu_devices(config)  # as `python -m rag_jax.train` does
   result = {
       'config': config_flags.get_config_filename(flags.FLAGS['config']),
       'overrides': {k: str(v) for k, v in
                     config_flags.get_override_values(flags.FLAGS['config']).items()},
       'model': dict(config.model), 'batch_size': config.batch_size,
+      'devices_in_mesh': len(jax.devices()),
       'matmul_precision': str(jax.config.jax_default_matmul_precision),
       **bench_common.environment(),
   }
