@@ -9,8 +9,9 @@ Sizes (layers x heads x width, MLP 4x width): S 4 x 4 x 128 (the default recipe)
 context T = 256; size M also at every `--contexts` length. Per point:
   - train: the step as `python -m rag_jax.train` runs it (bench_common.TrainStep: mesh, sharding,
     `train.jit_train_step`, on the CPU devices of config.mesh.cpu_devices), `--train_tokens`
-    tokens per step (batch = train_tokens / T, at least 1), dense and with every draw pinned to
-    a (nested mlp and heads, 4 buckets); medians of `--steps` steps after one warm-up;
+    tokens per step (batch = train_tokens / T, at least one per device), dense and with every draw pinned to
+    a (nested mlp and heads; 4 buckets, or one per head where 4 do not divide the heads);
+    medians of `--steps` steps after one warm-up;
   - decode: `sample.generate` at batch 1, greedy, a prompt of T/2 tokens then T/2 tokens (one
     cache rebuild included, as experiments/bench_sample.py), ms per token, dense (policy dense)
     and at a (policy fixed: the smaller dense sub-model); medians of `--repeats` runs.
@@ -56,10 +57,20 @@ def point_config(size: str, T: int) -> ml_collections.ConfigDict:
   config = bench_common.load_config('configs/shakespeare_char.py')
   config.model.update(num_layers=layers, num_heads=heads, embed_dim=width, mlp_dim=4 * width,
                       block_size=T, dropout=0.0)
-  config.batch_size = max(1, _TRAIN_TOKENS.value // T)
+  # At least one window per device of the data axis (train splits the batch over them).
+  config.batch_size = max(len(jax.devices()), _TRAIN_TOKENS.value // T)
   config.eval_batch_size = config.batch_size
   config.activation.enabled = False
   return config
+
+
+def ra_activation(config, a: float) -> ml_collections.ConfigDict:
+  """Every draw pinned to `a` (bench_common.pinned), in 4 buckets where they divide the heads,
+  else one per head (size M's 6 heads: sixths; a = 0.5 is 3 of them)."""
+  act = bench_common.pinned(config.activation, a)
+  heads = config.model.num_heads
+  act.buckets = 4 if heads % 4 == 0 else heads
+  return act
 
 
 def decode_program(config, fraction: float | None):
@@ -69,7 +80,7 @@ def decode_program(config, fraction: float | None):
   params = runs.init_params(model, jax.random.key(0))
   half = config.model.block_size // 2
   prompt = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (1, half)), jnp.int32)
-  act = ml_collections.FrozenConfigDict(bench_common.pinned(config.activation, fraction or 1.0))
+  act = ml_collections.FrozenConfigDict(ra_activation(config, fraction or 1.0))
   knobs = dict(num_tokens=half, greedy=True, policy='dense' if fraction is None else 'fixed',
                active_fraction=fraction, act=None if fraction is None else act)
   t0 = time.perf_counter()
@@ -85,7 +96,7 @@ def measure(size: str, T: int) -> dict:
   a = _FRACTION.value
   config = point_config(size, T)
   ra_config = ml_collections.ConfigDict(config.to_dict())
-  ra_config.activation = bench_common.pinned(config.activation, a)
+  ra_config.activation = ra_activation(config, a)
   dense, ra = bench_common.TrainStep(config, VOCAB), bench_common.TrainStep(ra_config, VOCAB)
   dense_decode, dense_decode_compile = decode_program(config, None)
   ra_decode, ra_decode_compile = decode_program(config, a)
@@ -119,7 +130,9 @@ def measure(size: str, T: int) -> dict:
 def main(argv):
   del argv
   workdir_lib.quiet_logs()
-  sharding.set_cpu_devices(point_config('S', 256))  # as `python -m rag_jax.train` does
+  config = bench_common.load_config('configs/shakespeare_char.py')
+  config.batch_size = config.eval_batch_size = _TRAIN_TOKENS.value // 256
+  sharding.set_cpu_devices(config)  # as `python -m rag_jax.train` does
   points = [(s, 256) for s in _SIZES.value]
   if 'M' in _SIZES.value:
     points += [('M', int(t)) for t in _CONTEXTS.value if int(t) != 256]
