@@ -178,7 +178,8 @@ def check_equivalence(config, vocab_size: int, torch) -> dict:
   loss, norm = step(t[:, :-1], t[:, 1:])
   after = torch_gpt(model.cfg, torch)
   load_jax_params(after, new_state.params, torch)
-  diff = max(float((a - b).abs().max()) for a, b in zip(tm.parameters(), after.parameters()))
+  with torch.no_grad():
+    diff = max(float((a - b).abs().max()) for a, b in zip(tm.parameters(), after.parameters()))
   return {'loss_rag_jax': float(metrics['train_loss']), 'loss_torch': float(loss),
           'grad_norm_rag_jax': float(metrics['grad_norm']), 'grad_norm_torch': float(norm.detach()),
           'max_abs_param_diff_after_step': diff, 'learning_rate': float(lrs[0])}
