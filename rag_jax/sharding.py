@@ -64,7 +64,9 @@ def cpu_device_count(config: ml_collections.ConfigDict, cores: int | None = None
   want = config.mesh.get('cpu_devices', 0)
   if want:
     return want
-  cores = cores or len(os.sched_getaffinity(0))
+  if not cores:  # the cores this process may run on (macOS has no sched_getaffinity)
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+             else os.cpu_count() or 1)
   return max(n for n in range(1, cores + 1)
              if config.batch_size % n == 0 and config.eval_batch_size % n == 0)
 
