@@ -40,8 +40,11 @@ def smoke_config(tfds_dir):
 @pytest.fixture(scope='session')
 def tfds_env(tfds_dir):
   """Environment for CLI subprocesses: the prepared data and a quiet TensorFlow."""
-  return {**os.environ, 'TFDS_DATA_DIR': tfds_dir, 'TF_CPP_MIN_LOG_LEVEL': '3',
-          'JAX_PLATFORMS': 'cpu'}
+  # One CPU device unless a test asks for more: pytest's workers already use every core, and
+  # `train`'s default (one device per core) would only oversubscribe them. That default has its
+  # own test (test_sharding.py).
+  return {'XLA_FLAGS': '--xla_force_host_platform_device_count=1', **os.environ,
+          'TFDS_DATA_DIR': tfds_dir, 'TF_CPP_MIN_LOG_LEVEL': '3', 'JAX_PLATFORMS': 'cpu'}
 
 
 @pytest.fixture
