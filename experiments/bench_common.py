@@ -61,12 +61,14 @@ def load_config(path_with_arg: str):
   return configuration.load_config(os.path.join(ROOT, path_with_arg))
 
 
-def pinned(act: ml_collections.ConfigDict, a: float) -> ml_collections.ConfigDict:
-  """RA settings whose every draw is `a` (as experiments/bench_activation.py pins them)."""
+def pinned(act: ml_collections.ConfigDict, a: float, num_heads: int) -> ml_collections.ConfigDict:
+  """RA settings whose every draw is `a` (as experiments/bench_activation.py pins them): nested
+  mlp and heads in 4 buckets where 4 divide the heads, else one bucket per head (6 heads:
+  sixths, a = 0.5 is 3 of them)."""
   act = ml_collections.ConfigDict(act.to_dict())
   act.update(enabled=True, lam=1.0, alpha=1000.0, beta=0.001, min_active=float(a),
-             sites='mlp,heads', structure='nested', buckets=4, per_layer=True,
-             train_mode='single')
+             sites='mlp,heads', structure='nested', buckets=4 if num_heads % 4 == 0 else num_heads,
+             per_layer=True, train_mode='single')
   return act
 
 
@@ -74,7 +76,7 @@ class TrainStep:
   """A train step built as train.py builds it (mesh, shardings, `train.jit_train_step`), on a
   fixed batch of random tokens; `run(steps)` times steps (`block_until_ready` after each)."""
 
-  def __init__(self, config, vocab_size: int):
+  def __init__(self, config, vocab_size: int, num_batches: int = 1, seed: int = 0):
     configuration.validate(config)
     mesh = sharding.make_mesh(config)
     self.model, tx = runs.make_model(config, vocab_size), runs.make_optimizer(config)
@@ -84,10 +86,13 @@ class TrainStep:
     self.mesh = mesh
     self.state = jax.jit(init_fn, out_shardings=shard.state)(jax.random.key(0))
     self.num_params = sum(x.size for x in jax.tree.leaves(self.state.params))
-    rng = np.random.default_rng(0)
-    self.batch = jax.device_put(
-        rng.integers(0, vocab_size, (config.batch_size, config.model.block_size + 1)).astype(np.int32),
-        shard.batch)
+    rng = np.random.default_rng(seed)
+    # `host_batches` (numpy) for a peer implementation fed the same tokens.
+    self.host_batches = [
+        rng.integers(0, vocab_size, (config.batch_size, config.model.block_size + 1)).astype(np.int32)
+        for _ in range(num_batches)]
+    self.batches = [jax.device_put(b, shard.batch) for b in self.host_batches]
+    self.batch = self.batches[0]
     self.fn = train.jit_train_step(self.model, tx, config, shard)
     self.key = jax.random.key(1)
     t0 = time.perf_counter()
@@ -95,13 +100,15 @@ class TrainStep:
       self.compiled = self.fn.lower(self.state, self.batch, self.key).compile()
     self.compile_s = time.perf_counter() - t0
     self.xla_flops = xla_flops(self.compiled)
-    self.ms, self.metrics = [], None
+    self.ms, self.metrics, self.steps_run = [], None, 0
     self.run(1, record=False)  # warm-up
 
   def run(self, steps: int, record: bool = True) -> None:
     for _ in range(steps):
+      batch = self.batches[self.steps_run % len(self.batches)]
+      self.steps_run += 1
       t0 = time.perf_counter()
-      self.state, self.metrics = self.compiled(self.state, self.batch, self.key)
+      self.state, self.metrics = self.compiled(self.state, batch, self.key)
       jax.block_until_ready((self.state, self.metrics))
       if record:
         self.ms.append(1e3 * (time.perf_counter() - t0))

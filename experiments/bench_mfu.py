@@ -105,7 +105,8 @@ def main(argv):
 
   dense = bench_common.TrainStep(config, VOCAB)
   ra_config = ml_collections.ConfigDict(config.to_dict())
-  ra_config.activation = bench_common.pinned(config.activation, _FRACTION.value)
+  ra_config.activation = bench_common.pinned(config.activation, _FRACTION.value,
+                                              config.model.num_heads)
   activation.validate(ra_config.activation, ra_config.model)
   ra = bench_common.TrainStep(ra_config, VOCAB)
   for _ in range(_ROUNDS.value):  # interleaved, so that load from other processes hits both

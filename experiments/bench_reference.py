@@ -204,38 +204,21 @@ def main(argv):
   equivalence = check_equivalence(config, V, torch)
   print('equivalence:', equivalence, flush=True)
 
-  # rag_jax, as train.py builds its step.
-  mesh = sharding.make_mesh(config)
-  model, tx = runs.make_model(config, V), runs.make_optimizer(config)
-  init_fn = lambda key: runs.init_state(model, tx, key, config)
-  shard = sharding.Shardings.of(mesh, jax.eval_shape(init_fn, jax.random.key(0)), config.mesh.rules)
-  state = jax.jit(init_fn, out_shardings=shard.state)(jax.random.key(0))
-  rng = np.random.default_rng(1)
-  batches = [rng.integers(0, V, (B, T + 1)).astype(np.int32) for _ in range(8)]
-  jax_batches = [jax.device_put(b, shard.batch) for b in batches]
-  key = jax.random.key(2)
-  t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    jax_step = train.jit_train_step(model, tx, config, shard).lower(
-        state, jax_batches[0], key).compile()
-  compile_s = {'rag_jax': time.perf_counter() - t0}
+  # rag_jax, as train.py builds its step; both sides cycle through the same 8 batches.
+  jax_step = bench_common.TrainStep(config, V, num_batches=8, seed=1)
+  compile_s = {'rag_jax': jax_step.compile_s}
 
-  torch_batches = [torch.from_numpy(b.astype(np.int64)) for b in batches]
+  torch_batches = [torch.from_numpy(b.astype(np.int64)) for b in jax_step.host_batches]
   lrs = np.asarray(runs.make_lr_schedule(config)(np.arange(config.num_steps + 1)))
   programs = {}
   for name, compiled in [('torch_eager', False)] + ([('torch_compile', True)] if _COMPILE.value else []):
-    tm = torch_gpt(model.cfg, torch)
-    load_jax_params(tm, state.params, torch)
+    tm = torch_gpt(jax_step.model.cfg, torch)
+    load_jax_params(tm, jax_step.state.params, torch)
     programs[name] = TorchStep(config, tm, lrs, torch, compiled)
     t0 = time.perf_counter()
     b = torch_batches[0]
     programs[name](b[:, :-1], b[:, 1:])  # compiles (torch.compile is lazy)
     compile_s[name] = time.perf_counter() - t0
-
-  def run_jax(i):
-    nonlocal state
-    state, metrics = jax_step(state, jax_batches[i % len(jax_batches)], key)
-    jax.block_until_ready((state, metrics))
 
   def run_torch(step):
     def f(i):
@@ -243,7 +226,8 @@ def main(argv):
       step(b[:, :-1], b[:, 1:])
     return f
 
-  runners = {'rag_jax': run_jax, **{k: run_torch(v) for k, v in programs.items()}}
+  runners = {'rag_jax': lambda i: jax_step.run(1, record=False),
+             **{k: run_torch(v) for k, v in programs.items()}}
   for fn in runners.values():
     for i in range(_WARMUP.value):
       fn(i)

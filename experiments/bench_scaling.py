@@ -65,12 +65,8 @@ def point_config(size: str, T: int) -> ml_collections.ConfigDict:
 
 
 def ra_activation(config, a: float) -> ml_collections.ConfigDict:
-  """Every draw pinned to `a` (bench_common.pinned), in 4 buckets where they divide the heads,
-  else one per head (size M's 6 heads: sixths; a = 0.5 is 3 of them)."""
-  act = bench_common.pinned(config.activation, a)
-  heads = config.model.num_heads
-  act.buckets = 4 if heads % 4 == 0 else heads
-  return act
+  """Every draw pinned to `a` (bench_common.pinned: size M's 6 heads in sixths)."""
+  return bench_common.pinned(config.activation, a, config.model.num_heads)
 
 
 def decode_program(config, fraction: float | None):

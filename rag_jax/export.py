@@ -46,8 +46,8 @@ from rag_jax.models import gpt
 
 
 def kept_units(plan: plan_lib.Plan, cfg: gpt.GPTConfig) -> list[dict[str, Any]]:
-  """Per kept block: its index, and the heads and MLP units it keeps (index arrays) with the
-  scale their outputs carry (d/k with `rescale`, else 1)."""
+  """Per kept block: its index, and how many heads and MLP units it keeps (nested: the first
+  ones) with the scale their outputs carry (d/k with `rescale`, else 1)."""
   kept = []
   for i, layer in enumerate(plan):
     match layer.block:
@@ -61,10 +61,10 @@ def kept_units(plan: plan_lib.Plan, cfg: gpt.GPTConfig) -> list[dict[str, Any]]:
     for site, d in (('heads', cfg.num_heads), ('mlp', cfg.mlp_dim)):
       s = getattr(layer, site)
       if s is None:
-        entry[site], entry[f'{site}_scale'] = np.arange(d), 1.0
+        entry[site], entry[f'{site}_scale'] = d, 1.0
       elif isinstance(s, plan_lib.StaticWidth) and s.perm is None:
         k = s.width(s.bucket)
-        entry[site], entry[f'{site}_scale'] = np.arange(k), s.scale(k)
+        entry[site], entry[f'{site}_scale'] = k, s.scale(k)
       else:
         raise ValueError(f'the {site} of layer {i} are not a nested static width; only the '
                          'nested structure exports.')
@@ -79,7 +79,7 @@ def slice_params(params: dict, cfg: gpt.GPTConfig, plan: plan_lib.Plan, to_numpy
   the parent computes under `plan`. `to_numpy=False` keeps jax arrays (inside a jitted
   program: the sampler's fixed width)."""
   kept = kept_units(plan, cfg)
-  shapes = {(len(k['heads']), len(k['mlp'])) for k in kept}
+  shapes = {(k['heads'], k['mlp']) for k in kept}
   if len(shapes) > 1:
     raise ValueError(f'the blocks keep different widths ({sorted(shapes)} heads, units); one '
                      'model config holds one width per site.')
@@ -87,7 +87,7 @@ def slice_params(params: dict, cfg: gpt.GPTConfig, plan: plan_lib.Plan, to_numpy
   out = {name: arrays(params[name]) for name in ('wte', 'wpe', 'ln_f')}
   for j, k in enumerate(kept):
     block = arrays(params[f'block_{k["layer"]}'])
-    h, u = slice(0, len(k['heads'])), slice(0, len(k['mlp']))  # nested: prefixes
+    h, u = slice(0, k['heads']), slice(0, k['mlp'])  # nested: prefixes
     attn, mlp = dict(block['attn']), dict(block['mlp'])
     attn['query'] = attn['query'][:, h]
     attn['key_value'] = attn['key_value'][:, :, h]
@@ -103,7 +103,7 @@ def slice_params(params: dict, cfg: gpt.GPTConfig, plan: plan_lib.Plan, to_numpy
   heads, units = shapes.pop()
   model = {'num_layers': len(kept), 'num_heads': heads, 'head_dim': cfg.head_dim,
            'mlp_dim': units}
-  return out, model, [{'layer': k['layer'], 'heads': len(k['heads']), 'mlp_units': len(k['mlp'])}
+  return out, model, [{'layer': k['layer'], 'heads': k['heads'], 'mlp_units': k['mlp']}
                       for k in kept]
 
 

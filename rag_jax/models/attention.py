@@ -34,18 +34,19 @@ def _einsum_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS=None) -> jax.Arr
   B x S x h x K layout made XLA:CPU copy the whole cache into a head-major layout at every step
   (a quarter of a decode step of the :gpu model); a multiply-and-reduce reads it in place."""
   L, S, K = q_BxLxhxK.shape[1], k_BxSxhxK.shape[1], q_BxLxhxK.shape[-1]
+  if mask_LxS is None:
+    mask_LxS = jnp.arange(S)[None, :] <= jnp.arange(L)[:, None]
   if L == 1:
+    # The float32 casts fuse into the multiply-and-reduce loops: a 16-bit cache is read as it
+    # lies, not copied to float32.
     q_Bx1xhxK = q_BxLxhxK.astype(jnp.float32) * (1 / math.sqrt(K))
     s_BxSxh = jnp.sum(q_Bx1xhxK * k_BxSxhxK.astype(jnp.float32), axis=-1)
-    if mask_LxS is not None:
-      s_BxSxh = jnp.where(mask_LxS[0][None, :, None], s_BxSxh, jnp.finfo(jnp.float32).min)
+    s_BxSxh = jnp.where(mask_LxS[0][None, :, None], s_BxSxh, jnp.finfo(jnp.float32).min)
     p_BxSxh = jax.nn.softmax(s_BxSxh, axis=1)
     o_Bxhxk = jnp.sum(p_BxSxh[..., None] * v_BxSxhxK.astype(jnp.float32), axis=1)
     return o_Bxhxk[:, None].astype(v_BxSxhxK.dtype)
   s_BxhxLxS = jnp.einsum('BLHK,BSHK->BHLS', q_BxLxhxK, k_BxSxhxK,
                          preferred_element_type=jnp.float32) * (1 / math.sqrt(K))
-  if mask_LxS is None:
-    mask_LxS = jnp.arange(S)[None, :] <= jnp.arange(L)[:, None]
   s_BxhxLxS = jnp.where(mask_LxS, s_BxhxLxS, jnp.finfo(jnp.float32).min)
   p_BxhxLxS = jax.nn.softmax(s_BxhxLxS, axis=-1).astype(v_BxSxhxK.dtype)
   return jnp.einsum('BHLS,BSHK->BLHK', p_BxhxLxS, v_BxSxhxK)

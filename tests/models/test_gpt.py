@@ -114,7 +114,7 @@ def test_flops_per_token_matches_xla_cost_analysis(cfg):
   assert abs(xla_per_token - analytic) / analytic < 0.05, (xla_per_token, analytic)
 
 
-@pytest.mark.parametrize('L,S,masked', [(7, 7, False), (5, 9, True), (1, 9, True)])
+@pytest.mark.parametrize('L,S,masked', [(7, 7, False), (5, 9, True), (1, 9, True), (1, 9, False)])
 def test_einsum_attention_equals_xla(L, S, masked):
   """The einsum path ('auto' on the CPU: faster there, README) computes what
   jax.nn.dot_product_attention computes: causal, against a cache mask, and one decode query
