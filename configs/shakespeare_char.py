@@ -20,11 +20,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise configuration.UnknownVariant(arg, VARIANTS)
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Start from the parameters of another model (a workdir, an export, or a GPT-2 converted by
+  # rag_jax.convert) instead of random ones; '' = from scratch. Read only by a fresh run.
+  config.init_from = ''
+  # With init_from: first order each layer's MLP units and heads by importance (rag_jax/reorder.py),
+  # so that nested widths keep the important ones (the same function).
+  config.init_reorder = False
 
   config.data = ml_collections.ConfigDict()
   config.data.dataset = 'tiny_shakespeare'  # a TFDS name, or 'text_files' (then set `paths`).
   config.data.paths = ''                    # text_files: comma-separated files or globs.
-  config.data.tokenizer = 'char'            # 'char' (built from the train split) or 'byte'.
+  config.data.tokenizer = 'char'            # 'char' (built from the train split), 'byte' or 'bpe'.
+  config.data.vocab_size = 0                # 'bpe': tokens in all (> 257), learnt from the train split.
   config.data.data_dir = ''                 # TFDS data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
   config.data.eval_split = 'validation'
   # Our train/validation/test splits as TFDS split expressions (e.g. 'train[:90%]').
@@ -40,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dropout = 0.0
   config.model.use_bias = False   # biases in linears and LayerNorms (nanoGPT: False).
   config.model.attention = 'auto'  # cuDNN on GPU in bfloat16, 'einsum' on CPU, else 'xla'.
+  config.model.gelu = 'exact'      # the MLP's GELU: 'exact' (erf) or 'tanh' (GPT-2's).
 
   config.opt = ml_collections.ConfigDict()
   config.opt.learning_rate = 1e-3

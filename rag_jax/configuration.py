@@ -24,21 +24,43 @@ _POSITIVE_INTS = (
     'checkpoint_every', 'keep_checkpoints')
 _NON_NEGATIVE_FLOATS = (
     'opt.learning_rate', 'opt.min_learning_rate', 'opt.weight_decay', 'opt.grad_clip')
-TOKENIZERS = ('char', 'byte')
+TOKENIZERS = ('char', 'byte', 'bpe')
 # The fields that fix the shapes of the parameters and the tokens; a resumed run's config must
 # agree with its checkpoint on them, whatever flag is given.
 SHAPE_FIELDS = tuple(f'model.{f}' for f in (
     'num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'block_size', 'use_bias', 'head_dim')) + (
         'data.dataset', 'data.tokenizer')
 # The fields a resumed run may change freely: where and how often it logs, evaluates and saves,
-# where the data lives, how the devices are laid out and which attention kernel runs. Nothing
+# where the data lives, how the devices are laid out and which attention kernel runs (and
+# `init_from`, which only a fresh run reads). Nothing
 # else may change on resume without `--allow_config_change` (the model, the activation, the
 # optimizer, the data, the seed, the dtype); `num_steps` may grow (workdir.check_resume).
 RESUME_FREE_FIELDS = ('log_every', 'eval_every', 'eval_batch_size', 'eval_batches',
                       'data.eval_split', 'checkpoint_every', 'keep_checkpoints', 'data.data_dir',
-                      'model.attention', 'mesh')
+                      'model.attention', 'mesh', 'init_from', 'init_reorder')
 DTYPES = ('float32', 'bfloat16')  # config.dtype: activations and matmuls (parameters: float32).
 ATTENTION = ('auto', 'xla', 'cudnn', 'einsum')  # config.model.attention (see models/attention.py).
+# config.model.gelu (optional, 'exact' when absent): 'tanh' is GPT-2's approximation.
+GELUS = ('exact', 'tanh')
+
+
+# Fields added to the configs after runs were saved without them, with the value that gives the
+# behaviour those runs had: a saved config.json is completed with them when loaded
+# (workdir.load_config), so an older run resumes and loads as before.
+ADDED_FIELDS = {'init_from': '', 'init_reorder': False, 'data.vocab_size': 0,
+                'model.gelu': 'exact'}
+
+
+def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the ADDED_FIELDS it lacks set to their defaults (in place)."""
+  for dotted, default in ADDED_FIELDS.items():
+    *parents, leaf = dotted.split('.')
+    node = config
+    for part in parents:
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if isinstance(node, ml_collections.ConfigDict) and leaf not in node:
+      node[leaf] = default
+  return config
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -180,6 +202,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   d = config.data
   if d.tokenizer not in TOKENIZERS:
     raise ConfigError(f'config.data.tokenizer must be one of {TOKENIZERS}, got {d.tokenizer!r}.')
+  if d.tokenizer == 'bpe' and not config.get('init_from'):
+    size = d.get('vocab_size', 0)
+    if not _is_int(size) or size < 258:
+      raise ConfigError(f"config.data.tokenizer='bpe' trains a byte-level BPE on the train split: "
+                        'config.data.vocab_size must be an integer above 257 (the 256 bytes and '
+                        f'<|endoftext|>), got {size!r}.')
   if d.dataset == 'text_files' and not d.paths:
     raise ConfigError(
         "config.data.dataset='text_files' needs config.data.paths (comma-separated files or "
@@ -192,6 +220,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.eval_batches must be a positive integer or -1, got {eval_batches!r}.')
   if get(config, 'activation').enabled:
     activation.validate(config.activation, m)
+  if config.get('init_reorder') and not config.get('init_from'):
+    raise ConfigError('config.init_reorder reorders the model config.init_from names; set '
+                      'config.init_from (a workdir, an export or a converted GPT-2).')
   _validate_mesh(get(config, 'mesh'))
   dtype = config.get('dtype', 'float32')
   if dtype not in DTYPES:
@@ -199,6 +230,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   attention = m.get('attention', 'auto')
   if attention not in ATTENTION:
     raise ConfigError(f'config.model.attention must be one of {ATTENTION}, got {attention!r}.')
+  gelu = m.get('gelu', 'exact')
+  if gelu not in GELUS:
+    raise ConfigError(f'config.model.gelu must be one of {GELUS}, got {gelu!r}.')
 
 
 def _validate_mesh(mesh: ml_collections.ConfigDict) -> None:

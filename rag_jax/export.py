@@ -15,6 +15,12 @@ reads the other heads' keys and values, so its KV cache is smaller too. DIR hold
                            ('NAME:int8', 'NAME:scale'), the rest float32
     DIR/export.json        the parent workdir and step, the fraction, the kept units per layer,
                            parameters and bytes
+    DIR/hf/                the same model in Hugging Face's GPT-2 layout (config.json,
+                           model.safetensors; vocab.json and merges.txt for a BPE tokenizer),
+                           for `GPT2LMHeadModel.from_pretrained(DIR/hf)`, where that layout holds
+                           it: every head kept (GPT-2's head width is n_embd / n_head: MLP-unit
+                           and layer fractions are representable, head fractions not), float
+                           weights (not with --int8). export.json says which.
 
 `runs.load_run(DIR)` (so `evaluate` and `sample`) reads such a directory as it reads a workdir.
 Only the `nested` structure exports: `random` and `bernoulli` choose their units per batch from
@@ -35,6 +41,7 @@ import numpy as np
 from rag_jax import activation
 from rag_jax import cli
 from rag_jax import files
+from rag_jax import hf_gpt2
 from rag_jax import plan as plan_lib
 from rag_jax import runs
 from rag_jax import weights as weights_lib
@@ -43,6 +50,7 @@ from rag_jax.data import tokenizers
 from rag_jax.errors import WorkdirError
 from rag_jax.models import gpt
 
+HF_DIR = 'hf'  # the Hugging Face GPT-2 layout, inside an export
 
 
 def kept_units(plan: plan_lib.Plan, cfg: gpt.GPTConfig) -> list[dict[str, Any]]:
@@ -129,6 +137,26 @@ def check_fraction(act: ml_collections.ConfigDict, cfg: gpt.GPTConfig, fraction:
                      f'{cfg.num_layers} blocks (site layers).')
 
 
+def check_out(out: str, record: dict[str, Any]) -> None:
+  """`out` may be new, empty, or a directory written earlier by the same call (the keys of
+  `record` agree): anything else is refused and nothing in it changes."""
+  if not os.path.exists(out):
+    return
+  if not os.path.isdir(out):
+    raise WorkdirError(f'--out {out} is a file.')
+  if not os.listdir(out):
+    return
+  if not weights_lib.is_export(out):
+    raise WorkdirError(f'--out {out} holds other files; give a new directory.')
+  with open(os.path.join(out, weights_lib.EXPORT_FILE)) as f:
+    old = json.load(f)
+  if {k: old.get(k) for k in record} != record:
+    source = old.get('parent') or old.get('hf_dir')
+    raise WorkdirError(f'--out {out} holds another export ({source} step {old.get("step")} at '
+                       f'{old.get("active_fraction")}, int8 {old.get("int8")}); give a new '
+                       'directory. Nothing was changed.')
+
+
 def export(workdir: str, fraction: float, out: str, int8: bool = False) -> dict[str, Any]:
   """Writes the sub-model of `workdir` at `fraction` into `out`; returns export.json's content.
   `out` must be new or an earlier export of the same parent, fraction and int8 setting."""
@@ -139,18 +167,7 @@ def export(workdir: str, fraction: float, out: str, int8: bool = False) -> dict[
   check_fraction(act, cfg, fraction)
   record = {'parent': os.path.abspath(workdir), 'step': int(step),
             'active_fraction': float(fraction), 'int8': bool(int8), 'sites': act.sites}
-  if os.path.exists(out):
-    if not os.path.isdir(out):
-      raise WorkdirError(f'--out {out} is a file.')
-    if os.listdir(out):
-      if not weights_lib.is_export(out):
-        raise WorkdirError(f'--out {out} holds other files; give a new directory.')
-      with open(os.path.join(out, weights_lib.EXPORT_FILE)) as f:
-        old = json.load(f)
-      if {k: old.get(k) for k in record} != record:
-        raise WorkdirError(f'--out {out} holds another export ({old.get("parent")} step '
-                           f'{old.get("step")} at {old.get("active_fraction")}, int8 '
-                           f'{old.get("int8")}); give a new directory. Nothing was changed.')
+  check_out(out, record)
   plan = (activation.make_plan(jax.random.key(0), act, cfg, fraction) if fraction < 1 else
           tuple(plan_lib.LayerPlan() for _ in range(cfg.num_layers)))
   sub, shape, kept = slice_params(jax.device_get(params), cfg, plan)
@@ -166,11 +183,32 @@ def export(workdir: str, fraction: float, out: str, int8: bool = False) -> dict[
   weights = weights_lib.save(sub, out, int8)
   workdir_lib.save_config(sub_config, out)
   tokenizers.save(tokenizer, os.path.join(out, workdir_lib.TOKENIZER_FILE))
-  record.update(model=shape, blocks=kept,
+  sub_cfg = runs.make_model(sub_config, tokenizer.vocab_size).cfg
+  record.update(huggingface=write_hf(sub, sub_cfg, tokenizer, out, int8), model=shape, blocks=kept,
                 parameters=int(sum(np.size(x) for x in jax.tree.leaves(sub))),
                 parent_parameters=int(sum(np.size(x) for x in jax.tree.leaves(params))),
                 bytes=os.path.getsize(weights))
   files.write_json(os.path.join(out, weights_lib.EXPORT_FILE), record)
+  return record
+
+
+def write_hf(params: dict, cfg: gpt.GPTConfig, tokenizer, out: str, int8: bool) -> dict[str, Any]:
+  """The sub-model also in Hugging Face's GPT-2 layout, in `out`/hf (float32 config.json +
+  model.safetensors, and vocab.json + merges.txt for a BPE tokenizer) where that layout holds
+  it; returns what was written, or why not."""
+  if int8:
+    return {'written': False, 'why': 'int8 weights: GPT-2\'s layout is float (export without '
+            '--int8 for it)'}
+  try:
+    hf_gpt2.save(params, cfg, os.path.join(out, HF_DIR))
+  except hf_gpt2.NotRepresentable as e:
+    return {'written': False, 'why': str(e)}
+  record = {'written': True, 'dir': HF_DIR, 'tokenizer': isinstance(tokenizer, tokenizers.BPETokenizer)}
+  if record['tokenizer']:
+    tokenizer.save_files(os.path.join(out, HF_DIR))
+  else:
+    record['why_no_tokenizer'] = (f'the run\'s {tokenizer.kind} tokenizer has no GPT-2 '
+                                  'tokenizer files; ids are the same as in rag_jax')
   return record
 
 
@@ -190,9 +228,11 @@ def main(argv):
     record = export(f.workdir, f.active_fraction, f.out, f.int8)
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
+  hf = record['huggingface']
   print(f"wrote {f.out}: {record['parameters']:,} parameters "
         f"({record['parameters'] / record['parent_parameters']:.3f} of the parent), "
-        f"{record['bytes']:,} bytes, model {record['model']}")
+        f"{record['bytes']:,} bytes, model {record['model']}; Hugging Face GPT-2 layout: "
+        + (f"{os.path.join(f.out, hf['dir'])}" if hf['written'] else f"not written ({hf['why']})"))
 
 
 if __name__ == '__main__':

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from rag_jax.models import gpt
 
-# XLA's cost-analysis count for one exact (erf) GELU: erf lowers to a rational polynomial.
-GELU_FLOPS = 64
+# XLA's cost-analysis count for one GELU: the exact one's erf lowers to a rational polynomial;
+# GPT-2's tanh form counts its multiplies and adds (tanh itself counts none).
+GELU_FLOPS = {'exact': 64, 'tanh': 8}
 
 
 def flops_per_token(cfg: gpt.GPTConfig, context: int | None = None, mlp: float = 1.0,
@@ -20,13 +21,13 @@ def flops_per_token(cfg: gpt.GPTConfig, context: int | None = None, mlp: float =
   block; a skipped block costs nothing in the parallel forward pass, and only its keys and
   values when `decode` (it still writes them into the cache). Attention is counted over the
   whole `context` (default: block_size) because the XLA kernel computes the full causal score
-  matrix and masks it. Of the element-wise work only the exact GELU counts (GELU_FLOPS per hidden
+  matrix and masks it. Of the element-wise work only the GELU counts (GELU_FLOPS per hidden
   unit); LayerNorm, softmax and residual adds (under 1%) are left out.
   """
   T = context or cfg.block_size
   D, F, V, A = cfg.embed_dim, cfg.mlp_dim, cfg.vocab_size, cfg.attn_dim
   kv = 2 * D * 2 * A
   q_attn_out = 2 * D * A + 2 * 2 * T * A + 2 * A * D
-  per_layer = kv + heads * q_attn_out + mlp * (2 * 2 * D * F + GELU_FLOPS * F)
+  per_layer = kv + heads * q_attn_out + mlp * (2 * 2 * D * F + GELU_FLOPS[cfg.gelu] * F)
   skipped = (1 - layers) * cfg.num_layers * (kv if decode else 0)
   return float(layers * cfg.num_layers * per_layer + skipped + 2 * D * V)

@@ -134,3 +134,45 @@ def _load_export(directory: str, abstract: Any) -> Any:
     raise WorkdirError(f'{directory}/{weights.WEIGHTS_FILE} does not hold the model its '
                        f'config.json describes (first differences: {wrong}).')
   return params
+
+
+# The model fields a run started from another model's parameters (`config.init_from`) must share
+# with it; block_size may be smaller (the first positions are taken).
+INIT_FIELDS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'use_bias', 'head_dim', 'gelu')
+
+
+def load_init(config: ml_collections.ConfigDict) -> Run:
+  """The model `config.init_from` names (a workdir's newest checkpoint, an export, or a GPT-2
+  converted by rag_jax.convert), checked against the run's config before anything compiles:
+  one WorkdirError listing the model fields to set, or a tokenizer of another kind."""
+  source = load_run(config.init_from)
+  run_cfg = make_model(config, source.tokenizer.vocab_size).cfg
+  src_cfg = source.model.cfg
+  differ = {f: getattr(src_cfg, f) for f in INIT_FIELDS if getattr(src_cfg, f) != getattr(run_cfg, f)}
+  if run_cfg.block_size > src_cfg.block_size:
+    differ['block_size'] = src_cfg.block_size
+  if differ:
+    sets = ' '.join(f'--config.model.{k}={v}' for k, v in differ.items())
+    raise WorkdirError(
+        f'config.init_from={config.init_from} holds another model than the config describes '
+        f'({"; ".join(f"{k} {getattr(run_cfg, k)} here, {v} there" for k, v in differ.items())}'
+        f'); start from its config or set {sets} (block_size may be smaller).')
+  kind = config.data.tokenizer
+  if source.tokenizer.kind != kind:
+    raise WorkdirError(f'config.init_from={config.init_from} reads {source.tokenizer.kind} '
+                       f"tokens but config.data.tokenizer is {kind!r}; set "
+                       f'--config.data.tokenizer={source.tokenizer.kind} (the run then uses '
+                       'its tokenizer).')
+  return source
+
+
+def init_params_from(source: Run, abstract: Any) -> Any:
+  """`source`'s parameters in the shapes and shardings of `abstract` (the run's parameters):
+  positions beyond the run's block_size dropped, every process placing its own shards."""
+
+  def place(x, a):
+    x = np.asarray(x, np.float32)[tuple(slice(0, n) for n in a.shape)]
+    assert x.shape == a.shape, (x.shape, a.shape)
+    return jax.make_array_from_callback(a.shape, a.sharding, lambda index: x[index])
+
+  return jax.tree.map(place, jax.device_get(source.params), abstract)

@@ -39,6 +39,7 @@ from rag_jax import data as data_lib
 from rag_jax import evaluate as evaluate_lib
 from rag_jax import files
 from rag_jax import plan as plan_lib
+from rag_jax import reorder
 from rag_jax import runs
 from rag_jax import sharding
 from rag_jax import weights
@@ -227,6 +228,22 @@ def _exclusive(workdir: str):
     yield
 
 
+# Windows of the train split (batches of config.batch_size) that score the units' importance
+# for `config.init_reorder`; drawn with their own seed, apart from the training batches.
+REORDER_BATCHES = 8
+
+
+def _reordered(source: runs.Run, dataset: data_lib.Dataset, config) -> runs.Run:
+  """`source` with every layer's MLP units and heads most important first (rag_jax/reorder.py)."""
+  T, B = config.model.block_size, config.batch_size
+  batches = [data_lib.train_batch(dataset.splits['train'], B, T, config.seed + 1, i)
+             for i in range(REORDER_BATCHES)]
+  params, _ = reorder.by_importance(source.model, source.params, batches)
+  workdir_lib.notice(f'reordered the MLP units and heads of {config.init_from} by importance '
+                     f'({REORDER_BATCHES * B} windows of the train split).')
+  return source._replace(params=params)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        allow_config_change: bool = False) -> dict[str, float]:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics.
@@ -241,8 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.make_mesh(config)
   workdir_lib.check_writable(workdir, create=True)
   if weights.is_export(workdir):
-    raise WorkdirError(f'{workdir} holds a model written by rag_jax.export, not a run; train into '
-                       'a new --workdir (fine-tuning from an export is not supported yet).')
+    raise WorkdirError(f'{workdir} holds a model written by rag_jax.export or rag_jax.convert, not '
+                       f'a run; fine-tune it in a new --workdir with --config.init_from={workdir}.')
   with _exclusive(workdir):
     return _train(config, workdir, mesh, allow_config_change)
 
@@ -262,12 +279,18 @@ def _train(config, workdir, mesh, allow_config_change):
     saved = workdir_lib.load_config(workdir)
     changes = workdir_lib.check_resume(saved, config, workdir, resume, allow_config_change)
   tokenizer = data_lib.tokenizers.load(tokenizer_path) if resume is not None else None
+  source = None
+  if resume is None and config.get('init_from'):  # a fresh run from another model's parameters
+    source = runs.load_init(config)
+    tokenizer = source.tokenizer
   if jax.process_count() > 1:  # process 0 builds a missing dataset; the others wait for it.
     if jax.process_index() == 0:
       data_lib.prepare(config)
     multihost_utils.sync_global_devices('rag_jax: dataset prepared')
   dataset = data_lib.load(config, tokenizer)
   tokenizer = dataset.tokenizer
+  if source is not None and config.get('init_reorder'):
+    source = _reordered(source, dataset, config)
 
   model, tx = runs.make_model(config, tokenizer.vocab_size), runs.make_optimizer(config)
   keys = workdir_lib.root_keys(config.seed)
@@ -287,6 +310,13 @@ def _train(config, workdir, mesh, allow_config_change):
                                          else '') + '.')
     else:  # created already split over the mesh: no device holds more than its shard.
       state = jax.jit(init_fn, out_shardings=shard.state)(keys['init'])
+      if source is not None:  # AdamW's moments start at zero whatever the parameters
+        state = state.replace(params=runs.init_params_from(source, jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract.params,
+            shard.state.params)))
+        workdir_lib.notice(f'starting from the parameters of {config.init_from} (step '
+                           f'{source.step}).')
+        source = None  # its host copy is no longer needed
       resume = 0
     if resume >= config.num_steps:
       workdir_lib.notice(f'the run is at step {resume} of config.num_steps={config.num_steps}: '

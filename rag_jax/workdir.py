@@ -127,7 +127,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise WorkdirError(f'{path} is damaged ({e}).') from None
   if not isinstance(saved, dict):
     raise WorkdirError(f'{path} holds {type(saved).__name__}, not a run config.')
-  config = ml_collections.ConfigDict(saved)
+  config = configuration.complete(ml_collections.ConfigDict(saved))
   try:
     configuration.validate(config)
   except ConfigError as e:

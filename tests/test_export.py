@@ -20,7 +20,7 @@ from rag_jax import sample
 from rag_jax import train
 from rag_jax import weights
 from rag_jax.models import gpt
-from tests.conftest import ROOT, load_config
+from tests.conftest import ROOT, load_config, snapshot
 
 CFG = gpt.GPTConfig(vocab_size=50, num_layers=4, num_heads=4, embed_dim=32, mlp_dim=64,
                     block_size=16, use_bias=True)
@@ -129,7 +129,7 @@ def test_bad_exports_are_refused_and_overwrite_nothing(run, tmp_path, tfds_env):
   out = str(tmp_path / 'out')
   export.export(run, 0.5, out)
   export.export(run, 0.5, out)  # the same export again is fine
-  before = {n: open(os.path.join(out, n), 'rb').read() for n in os.listdir(out)}
+  before = snapshot(out)
   with pytest.raises(errors.WorkdirError, match=r'holds another export \(.* at 0.5, int8 False\)'):
     export.export(run, 0.25, out)
   other = tmp_path / 'other'
@@ -141,11 +141,11 @@ def test_bad_exports_are_refused_and_overwrite_nothing(run, tmp_path, tfds_env):
     empty = tmp_path / 'empty'
     shutil.copytree(run, empty, ignore=shutil.ignore_patterns('checkpoints'))
     export.export(str(empty), 0.5, str(tmp_path / 'x'))
-  with pytest.raises(errors.WorkdirError, match='written by rag_jax.export, not a run'):
+  with pytest.raises(errors.WorkdirError, match=r'written by rag_jax.export or rag_jax.convert, '
+                     r'not a run; fine-tune it in a new --workdir with --config.init_from='):
     config = load_config('ra_shakespeare_char', 'smoke')
     train.train_and_evaluate(config, out)
-  assert {n: open(os.path.join(out, n), 'rb').read() for n in os.listdir(out)
-          if n in before} == before
+  assert snapshot(out) == before
   with open(os.path.join(out, 'export.json')) as f:
     assert json.load(f)['active_fraction'] == 0.5
   proc = subprocess.run([sys.executable, '-m', 'rag_jax.export', f'--workdir={run}',

@@ -118,7 +118,8 @@ def load(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer | No
   """Tokenized splits; builds the tokenizer from the train split unless one is given."""
   texts = load_texts(config)
   if tokenizer is None:
-    tokenizer = tokenizers.build(config.data.tokenizer, texts['train'])
+    tokenizer = tokenizers.build(config.data.tokenizer, texts['train'],
+                                 config.data.get('vocab_size', 0))
   need = config.model.block_size + 1
 
   def check_length(split, tokens):

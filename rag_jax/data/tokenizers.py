@@ -1,4 +1,6 @@
-"""Tokenizers: characters (vocabulary built from the train split) and raw UTF-8 bytes.
+"""Tokenizers: characters (vocabulary built from the train split), raw UTF-8 bytes, and
+byte-level BPE (GPT-2's kind: trained on the train split, or read from GPT-2's vocab.json and
+merges.txt), the last through Hugging Face `tokenizers`.
 
 A tokenizer is saved in the workdir as `tokenizer.json` so evaluate/sample decode exactly what
 training saw.
@@ -8,6 +10,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import tokenizers as hf_tokenizers  # Hugging Face's (BPE)
 
 from rag_jax import files
 
@@ -96,15 +99,104 @@ class ByteTokenizer:
     return {'kind': self.kind}
 
 
-Tokenizer = CharTokenizer | ByteTokenizer
+class BPETokenizer:
+  """Byte-level BPE: every text encodes (no unknown characters) and decodes back to itself.
+  GPT-2's pre-tokenizer (its regex over letters, digits, spaces, punctuation; no prefix space),
+  no normaliser; '<|endoftext|>' is one special token where the vocabulary holds it."""
+  kind = 'bpe'
+  END_OF_TEXT = '<|endoftext|>'
+
+  def __init__(self, tokenizer):  # a hf_tokenizers.Tokenizer
+    self._tok = tokenizer
+
+  @staticmethod
+  def _empty(model):
+    tok = hf_tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = hf_tokenizers.decoders.ByteLevel()
+    return tok
+
+  @classmethod
+  def from_files(cls, vocab_path: str, merges_path: str) -> 'BPETokenizer':
+    """GPT-2's tokenizer from its vocab.json and merges.txt."""
+    try:
+      tok = cls._empty(hf_tokenizers.models.BPE.from_file(vocab_path, merges_path))
+    except Exception as e:  # pylint: disable=broad-except  (tokenizers raises Exception)
+      raise TokenizerError(f'{vocab_path} and {merges_path} are not a BPE vocabulary and its '
+                           f'merges ({e}).') from None
+    if tok.token_to_id(cls.END_OF_TEXT) is not None:
+      tok.add_special_tokens([cls.END_OF_TEXT])
+    return cls(tok)
+
+  @classmethod
+  def train(cls, text: str, vocab_size: int) -> 'BPETokenizer':
+    """A byte-level BPE of `vocab_size` tokens ('<|endoftext|>' (id 0), the 256 bytes and the
+    merges) learnt from `text`, offline; the same text gives the same tokenizer."""
+    tok = cls._empty(hf_tokenizers.models.BPE())
+    trainer = hf_tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, special_tokens=[cls.END_OF_TEXT],
+        initial_alphabet=hf_tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_pieces(text), trainer)
+    return cls(tok)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size()
+
+  def unknown(self, text: str) -> list[str]:
+    return []
+
+  def encode(self, text: str) -> np.ndarray:
+    encoded = self._tok.encode_batch(list(_pieces(text)), add_special_tokens=False)
+    ids = np.empty(sum(len(e.ids) for e in encoded), token_dtype(self.vocab_size))
+    start = 0
+    for e in encoded:
+      ids[start:start + len(e.ids)] = e.ids
+      start += len(e.ids)
+    return ids
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def to_json(self) -> dict:
+    return {'kind': self.kind, 'tokenizer': json.loads(self._tok.to_str())}
+
+  def save_files(self, directory: str) -> None:
+    """GPT-2's vocab.json and merges.txt, which `transformers`' GPT2Tokenizer reads."""
+    self._tok.model.save(directory)
+
+  @classmethod
+  def from_json(cls, spec: dict) -> 'BPETokenizer':
+    return cls(hf_tokenizers.Tokenizer.from_str(json.dumps(spec['tokenizer'])))
 
 
-def build(kind: str, train_text: str) -> Tokenizer:
+def _pieces(text: str):
+  """`text` in pieces of about _CHUNK characters, each cut after a newline that a non-space
+  follows: GPT-2's pre-tokenizer never joins across such a point, so encoding the pieces gives
+  the ids of the whole (and the Rust encoder runs them in parallel)."""
+  start = 0
+  while start < len(text):
+    cut = start + _CHUNK
+    while cut < len(text) and not (text[cut - 1] == '\n' and not text[cut].isspace()):
+      nxt = text.find('\n', cut)
+      cut = len(text) if nxt < 0 else nxt + 1
+    yield text[start:cut]
+    start = cut
+
+
+Tokenizer = CharTokenizer | ByteTokenizer | BPETokenizer
+
+
+def build(kind: str, train_text: str, vocab_size: int = 0) -> Tokenizer:
+  """The tokenizer of `kind` for a corpus whose train split is `train_text` (`vocab_size`:
+  the BPE's, tokens in all)."""
   if kind == 'char':
     return CharTokenizer.from_text(train_text)
   if kind == 'byte':
     return ByteTokenizer()
-  raise TokenizerError(f"unknown tokenizer {kind!r}; use 'char' or 'byte'.")
+  if kind == 'bpe':
+    return BPETokenizer.train(train_text, vocab_size)
+  raise TokenizerError(f"unknown tokenizer {kind!r}; use 'char', 'byte' or 'bpe'.")
 
 
 def save(tokenizer: Tokenizer, path: str) -> None:
@@ -123,4 +215,10 @@ def load(path: str) -> Tokenizer:
     return CharTokenizer(spec['chars'])
   if spec.get('kind') == 'byte':
     return ByteTokenizer()
+  if spec.get('kind') == 'bpe':
+    try:
+      return BPETokenizer.from_json(spec)
+    except Exception as e:  # pylint: disable=broad-except  (tokenizers raises Exception)
+      raise TokenizerError(f'tokenizer file {path} holds a BPE tokenizer that cannot be read '
+                           f'({type(e).__name__}: {e}).') from None
   raise TokenizerError(f'tokenizer file {path} names an unknown kind {spec.get("kind")!r}.')

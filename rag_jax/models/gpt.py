@@ -55,6 +55,8 @@ class GPTConfig:
   # K: the width of a head; 0 = embed_dim // num_heads. Explicit in an exported sub-model, whose
   # fewer heads keep their width (rag_jax/export.py).
   head_dim: int = 0
+  # The MLP's GELU: 'exact' (erf, torch.nn.GELU(), nanoGPT) or 'tanh' (GPT-2's 'gelu_new').
+  gelu: str = 'exact'
 
   def __post_init__(self):
     if not self.head_dim:
@@ -71,7 +73,8 @@ class GPTConfig:
         vocab_size=int(vocab_size), num_layers=model.num_layers, num_heads=model.num_heads,
         embed_dim=model.embed_dim, mlp_dim=model.mlp_dim, block_size=model.block_size,
         dropout=float(model.dropout), use_bias=bool(model.use_bias), dtype=dtype,
-        attention=model.get('attention', 'auto'), head_dim=int(model.get('head_dim', 0)))
+        attention=model.get('attention', 'auto'), head_dim=int(model.get('head_dim', 0)),
+        gelu=model.get('gelu', 'exact'))
 
 
 def init_cache(cfg: GPTConfig, batch_size: int, length: int | None = None,
@@ -128,15 +131,16 @@ def _heads(w, x_BxLxD, k_BxSxHxK, v_BxSxHxK, mask_LxS, units, scale, head_mask, 
   return y_BxLxD + w['out_bias'].astype(dt) if 'out_bias' in w else y_BxLxD
 
 
-def _mlp(w, x_BxLxD, units, scale, unit_mask):
-  """Exact (erf) GELU MLP, as nanoGPT / torch.nn.GELU(), over the hidden `units`;
-  `unit_mask`: None or a 0/1 mask over units ([F], per position [..., L, F])."""
+def _mlp(w, x_BxLxD, units, scale, unit_mask, gelu):
+  """GELU MLP over the hidden `units`: exact (erf, as nanoGPT / torch.nn.GELU()) or, with
+  `gelu='tanh'`, GPT-2's tanh approximation; `unit_mask`: None or a 0/1 mask over units ([F],
+  per position [..., L, F])."""
   dt = x_BxLxD.dtype
   w_in_Dxf, w_out_fxD = widths.restrict(w['w_in'], units, 1), widths.restrict(w['w_out'], units, 0)
   h_BxLxf = _matmul(x_BxLxD, w_in_Dxf.astype(dt))
   if 'b_in' in w:
     h_BxLxf += widths.restrict(w['b_in'], units, 0).astype(dt)
-  h_BxLxf = jax.nn.gelu(switch.save(h_BxLxf), approximate=False)
+  h_BxLxf = jax.nn.gelu(switch.save(h_BxLxf), approximate=gelu == 'tanh')
   if unit_mask is not None:
     h_BxLxf = h_BxLxf * unit_mask.astype(dt)
   y_BxLxD = _matmul(h_BxLxf * scale, w_out_fxD.astype(dt))
@@ -215,7 +219,8 @@ class MLP(nn.Module):
       self.b_out = _param(self, 'b_out', nn.initializers.zeros, (D,))
 
   def __call__(self, x_BxLxD, site: plan_lib.Site | None = None):
-    fn = lambda ops, units, scale, unit_mask: _mlp(ops['w'], ops['x'], units, scale, unit_mask)
+    fn = lambda ops, units, scale, unit_mask: _mlp(ops['w'], ops['x'], units, scale, unit_mask,
+                                                   self.cfg.gelu)
     ops = {'w': _weights(self, ('w_in', 'w_out', 'b_in', 'b_out')), 'x': x_BxLxD}
     return widths.at_width(site, fn, ops)
 

@@ -1,0 +1,79 @@
+"""Reorder a dense model's MLP units and heads by importance, so that nested prefixes keep what
+matters (DynaBERT's rewiring), without changing what the model computes.
+
+Random activation's `nested` structure keeps the *first* k units and heads of a layer. A model
+trained densely has no reason to hold its important units first; permuting each layer's units
+(the columns of w_in and b_in with the rows of w_out) and heads (their query, key and value
+columns with their rows of the output projection) is function-preserving, and putting the most
+important first lets a truncated model, and random-activation fine-tuning from it, start from
+the best prefix.
+
+Importance (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"; DynaBERT, Hou et al.
+2020): the expected first-order change of the loss when a unit is switched off, estimated as
+E_x |dL(x)/dm|, the gradient of the loss of a window x with respect to a 0/1 gate m on the
+unit's (or head's) output, taken at m = 1 and averaged over windows of the train split.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rag_jax import plan as plan_lib
+from rag_jax.models import gpt
+
+
+def importance(model: gpt.GPT, params: Any, batches: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
+  """{'mlp': [layers, F], 'heads': [layers, H]}: E over windows of |dL/d gate| at gates = 1.
+  `batches`: windows of T + 1 tokens ([B, T + 1], as data.train_batch cuts them)."""
+  cfg = model.cfg
+  L, F, H = cfg.num_layers, cfg.mlp_dim, cfg.num_heads
+
+  def window_loss(gates, tokens_T1):
+    plan = tuple(plan_lib.LayerPlan(mlp=plan_lib.UnitMask(gates['mlp'][i], d=F),
+                                    heads=plan_lib.UnitMask(gates['heads'][i], d=H))
+                 for i in range(L))
+    logits, _ = model.apply({'params': params}, tokens_T1[None, :-1], plan=plan)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), tokens_T1[None, 1:]).mean()
+
+  ones = {'mlp': jnp.ones((L, F)), 'heads': jnp.ones((L, H))}
+  per_window = jax.jit(jax.vmap(jax.grad(window_loss), in_axes=(None, 0)))
+  total, count = jax.tree.map(np.zeros_like, ones), 0
+  for batch in batches:
+    grads = per_window(ones, jnp.asarray(batch, jnp.int32))
+    total = jax.tree.map(lambda t, g: t + np.abs(np.asarray(g)).sum(0), total, grads)
+    count += len(batch)
+  return {k: v / max(count, 1) for k, v in total.items()}
+
+
+def permute(params: Any, order: dict[str, np.ndarray]) -> dict:
+  """`params` with layer i's MLP units in order `order['mlp'][i]` and its heads in order
+  `order['heads'][i]` (unit order[j] becomes unit j): the same function."""
+  out = dict(jax.device_get(params))
+  for i, (units, heads) in enumerate(zip(order['mlp'], order['heads'])):
+    block = out[f'block_{i}']
+    mlp, attn = dict(block['mlp']), dict(block['attn'])
+    mlp['w_in'], mlp['w_out'] = np.asarray(mlp['w_in'])[:, units], np.asarray(mlp['w_out'])[units]
+    if 'b_in' in mlp:
+      mlp['b_in'] = np.asarray(mlp['b_in'])[units]
+    attn['query'] = np.asarray(attn['query'])[:, heads]
+    attn['key_value'] = np.asarray(attn['key_value'])[:, :, heads]
+    attn['out'] = np.asarray(attn['out'])[heads]
+    if 'query_bias' in attn:
+      attn['query_bias'] = np.asarray(attn['query_bias'])[heads]
+      attn['key_value_bias'] = np.asarray(attn['key_value_bias'])[:, heads]
+    out[f'block_{i}'] = {**block, 'mlp': mlp, 'attn': attn}
+  return out
+
+
+def by_importance(model: gpt.GPT, params: Any, batches: Iterable[np.ndarray]
+                  ) -> tuple[dict, dict[str, np.ndarray]]:
+  """(the parameters with every layer's units and heads most important first, the importances
+  in the new order)."""
+  scores = importance(model, params, batches)
+  order = {k: np.argsort(-v, axis=1, kind='stable') for k, v in scores.items()}
+  return permute(params, order), {k: np.take_along_axis(v, order[k], 1) for k, v in scores.items()}
