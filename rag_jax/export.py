@@ -28,6 +28,7 @@ keys, so no one dense model equals what their parent scores.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -113,6 +114,14 @@ def slice_params(params: dict, cfg: gpt.GPTConfig, plan: plan_lib.Plan, to_numpy
            'mlp_dim': units}
   return out, model, [{'layer': k['layer'], 'heads': k['heads'], 'mlp_units': k['mlp']}
                       for k in kept]
+
+
+def submodel(params, model: gpt.GPT, plan: plan_lib.Plan) -> tuple[dict, gpt.GPT]:
+  """The dense model that computes what `model` computes under a fixed nested `plan`: only the
+  kept heads (their queries, keys and values: a smaller KV cache), MLP units and blocks, sliced
+  from jax arrays (inside a compiled program: the sampler's fixed width, speculative drafts)."""
+  sub, fields, _ = slice_params(params, model.cfg, plan, to_numpy=False)
+  return sub, gpt.GPT(dataclasses.replace(model.cfg, **fields))
 
 
 def check_fraction(act: ml_collections.ConfigDict, cfg: gpt.GPTConfig, fraction: float) -> None:

@@ -42,36 +42,20 @@ from rag_jax import cli
 from rag_jax import export
 from rag_jax import plan as plan_lib
 from rag_jax import runs
+from rag_jax import sampling
+from rag_jax import speculative
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import gpt
 from rag_jax.models import widths as widths_lib
 
-POLICIES = activation.POLICIES
+# `speculative`: the full model's output, drafted by a narrow width (rag_jax/speculative.py).
+POLICIES = activation.POLICIES + ('speculative',)
+# The token choice (greedy, temperature, top-k, top-p): rag_jax/sampling.py.
+sample_token = sampling.sample_token
 PAD = 0  # written after a row's last token
 MAX_TOKENS = 1 << 20  # num_tokens cap: the token buffer is batch x (prompt + num_tokens)
 MAX_PLAN_BYTES = 1 << 30  # policy random: the per-index plans of random/bernoulli units
 PROMPT_PAD = 16  # `sample` pads the prompt array to a multiple of this
-
-
-def sample_token(logits_BxV: jax.Array, key: jax.Array, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, greedy: bool = False) -> jax.Array:
-  """One token per row: greedy, or from softmax(logits / temperature) restricted by top-k and
-  top-p (the smallest set of most likely tokens whose probability reaches p)."""
-  if greedy:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  logits_BxV = logits_BxV.astype(jnp.float32) / temperature
-  if top_k:
-    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-    logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-  if top_p < 1.0:
-    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    # Keep a token while the mass of the more likely ones is still below p.
-    keep = mass_before_BxV < top_p
-    threshold_Bx1 = jnp.min(jnp.where(keep, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-    logits_BxV = jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
-  return jax.random.categorical(key, logits_BxV).astype(jnp.int32)
 
 
 @flax.struct.dataclass
@@ -136,14 +120,6 @@ class _Jit:
     return self._get().lower(*args, **kwargs)
 
 
-def fixed_submodel(params, model: gpt.GPT, plan: plan_lib.Plan) -> tuple[dict, gpt.GPT]:
-  """The dense model that computes what `model` computes under a fixed nested `plan`: only the
-  kept heads (their queries, keys and values: a smaller KV cache), MLP units and blocks, as
-  `rag_jax.export` writes it; sliced inside the compiled program, once per generation."""
-  sub, fields, _ = export.slice_params(params, model.cfg, plan, to_numpy=False)
-  return sub, gpt.GPT(dataclasses.replace(model.cfg, **fields))
-
-
 def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
              prompt_lengths_B: jax.Array | None = None, sample_ids_B: jax.Array | None = None, *,
              num_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -157,8 +133,9 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
   continuation, then PAD after the row's last token: `num_tokens` or an end token) and the mean
   active fraction of the forward pass behind each generated token, B x num_tokens.
   """
-  if policy not in POLICIES:
-    raise ValueError(f'policy must be one of {POLICIES}, got {policy!r}.')
+  if policy not in activation.POLICIES:
+    raise ValueError(f'policy must be one of {activation.POLICIES}, got {policy!r} (speculative: '
+                     'speculative_generate).')
   if policy != 'dense' and (act is None or (policy == 'fixed' and active_fraction is None)):
     raise ValueError(f'policy {policy!r} needs `act` (and `active_fraction` when fixed).')
   cfg = model.cfg
@@ -186,7 +163,7 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
     if policy == 'fixed' and act.structure == 'nested':
       # A fixed nested width is a smaller dense model (rag_jax.export): it computes and caches
       # the keys and values of its own heads only.
-      params, model = fixed_submodel(params, model, fixed)
+      params, model = export.submodel(params, model, fixed)
       cfg, fixed = model.cfg, None
     plan_at = lambda t: fixed
     plans_from = lambda first, L: fixed
@@ -214,9 +191,10 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
 
   def draw(logits_BxV, t):
     if greedy:
-      return sample_token(logits_BxV, None, greedy=True)
+      return sampling.sample_token(logits_BxV, None, greedy=True)
     keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, t)
-    return jax.vmap(lambda l_V, k: sample_token(l_V[None], k, temperature, top_k, top_p)[0])(
+    return jax.vmap(lambda l_V, k: sampling.sample_token(l_V[None], k, temperature, top_k,
+                                                        top_p)[0])(
         logits_BxV, keys_B)
 
   last_B = lengths_B + num_tokens - 1  # each row's last index
@@ -262,6 +240,9 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
 generate = _Jit(generate, static_argnames=(
     'model', 'num_tokens', 'temperature', 'top_k', 'top_p', 'greedy', 'end_token', 'policy',
     'active_fraction', 'act'))
+speculative_generate = _Jit(speculative.generate, static_argnames=(
+    'model', 'num_tokens', 'temperature', 'top_k', 'top_p', 'greedy', 'end_token', 'act',
+    'draft_fraction', 'draft_tokens', 'draft_cache'))
 
 
 def encode_prompt(tokenizer, prompt: str, cfg: gpt.GPTConfig) -> np.ndarray:
@@ -297,6 +278,8 @@ class Samples:
   policy: str
   seconds: float              # generation wall time, compilation excluded
   compile_seconds: float
+  # policy speculative: per row [iterations, draft tokens proposed, accepted]
+  speculation: np.ndarray | None = None
 
   @property
   def num_generated(self) -> int:
@@ -362,12 +345,17 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
            tokenizer, num_tokens: int = 200, seed: int = 0, batch: int = 1,
            policy: str | None = None, active_fraction: float | None = None,
            temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-           end: str | None = None, act: ml_collections.ConfigDict | None = None) -> Samples:
+           end: str | None = None, act: ml_collections.ConfigDict | None = None,
+           draft_fraction: float = 0.5, draft_tokens: int = 4,
+           draft_cache: str = 'shared') -> Samples:
   """Generates `batch` continuations of each prompt, compiled (the CLI calls this too).
 
   `config` is the run's config (model, activation, seed) and `tokenizer` its tokenizer
-  (`runs.load_run` gives both); the model runs in the run's `config.dtype`. `policy`: dense, fixed (at `active_fraction`; the default
-  when one is given) or random (a fresh draw per time step); `act` overrides
+  (`runs.load_run` gives both); the model runs in the run's `config.dtype`. `policy`: dense,
+  fixed (at `active_fraction`; the default when one is given), random (a fresh draw per time
+  step) or speculative (the full model's output, drafted `draft_tokens` at a time by the
+  nested width `draft_fraction`, its keys and values `draft_cache`: rag_jax/speculative.py;
+  `Samples.speculation` counts what was accepted); `act` overrides
   `config.activation` (alpha, beta, lam, sites, structure, buckets). `end`: a one-token text
   (e.g. '\\n') that ends a row. The key is fold_in(root_keys(config.seed)['sample'], seed).
   Bad input raises one ValueError naming the problem, before anything compiles.
@@ -394,14 +382,28 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
   ids_R = np.asarray([sample_id(e, j) for e, j in rows], np.int32)
   key = jax.random.fold_in(workdir_lib.root_keys(config.seed)['sample'], seed)
 
+  speculation, chosen = None, knobs['policy']
+  if chosen == 'speculative':
+    speculative.check(model.cfg, knobs['act'], int(lengths_R.max()), num_tokens, draft_fraction,
+                      draft_tokens, draft_cache)
+    program = speculative_generate
+    knobs = {k: v for k, v in knobs.items() if k not in ('policy', 'active_fraction')}
+    knobs.update(draft_fraction=float(draft_fraction), draft_tokens=draft_tokens,
+                 draft_cache=draft_cache)
+  else:
+    program = generate
   start = time.perf_counter()
-  compiled = generate.lower(params, model, prompt_RxP, key, lengths_R, ids_R, **knobs).compile()
+  compiled = program.lower(params, model, prompt_RxP, key, lengths_R, ids_R, **knobs).compile()
   compile_seconds = time.perf_counter() - start
   start = time.perf_counter()
-  tokens_RxN, fractions_RxM = jax.device_get(compiled(params, prompt_RxP, key, lengths_R, ids_R))
+  out = jax.device_get(compiled(params, prompt_RxP, key, lengths_R, ids_R))
   seconds = time.perf_counter() - start
 
-  tokens_RxN, fractions_RxM = np.array(tokens_RxN), np.array(fractions_RxM)
+  if program is speculative_generate:  # every token is the full model's
+    tokens_RxN, speculation = np.array(out[0]), np.array(out[1])
+    fractions_RxM = np.ones((len(rows), num_tokens), np.float32)
+  else:
+    tokens_RxN, fractions_RxM = np.array(out[0]), np.array(out[1])
   out_lengths_R = lengths_R + num_tokens
   if knobs['end_token'] is not None:
     for r, length in enumerate(lengths_R):
@@ -411,8 +413,8 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
   fractions_RxM[np.arange(num_tokens)[None] >= (out_lengths_R - lengths_R)[:, None]] = np.nan
   return Samples(tokens=tokens_RxN, lengths=out_lengths_R, prompt_lengths=lengths_R,
                  text=[tokenizer.decode(row[:n]) for row, n in zip(tokens_RxN, out_lengths_R)],
-                 fractions=fractions_RxM, policy=knobs['policy'], seconds=seconds,
-                 compile_seconds=compile_seconds)
+                 fractions=fractions_RxM, policy=chosen,
+                 seconds=seconds, compile_seconds=compile_seconds, speculation=speculation)
 
 
 def _define_flags():
@@ -428,8 +430,14 @@ def _define_flags():
   flags.DEFINE_string('end', None, 'A one-token text (e.g. a newline) that ends a sample.')
   flags.DEFINE_float('active_fraction', None, 'Generate at this fixed active fraction.')
   flags.DEFINE_enum('policy', None, list(POLICIES),
-                    'dense (default), fixed (with --active_fraction) or random (a fresh draw '
-                    'at every time step from the run\'s alpha, beta, lam or the flags below).')
+                    'dense (default), fixed (with --active_fraction), random (a fresh draw '
+                    'at every time step from the run\'s alpha, beta, lam or the flags below) or '
+                    'speculative (the full model\'s text, drafted by a narrow width).')
+  flags.DEFINE_float('draft_fraction', 0.5, 'speculative: the nested width that drafts.')
+  flags.DEFINE_integer('draft_tokens', 4, 'speculative: tokens drafted per full-width pass.')
+  flags.DEFINE_enum('draft_cache', 'shared', list(speculative.DRAFT_CACHES),
+                    "speculative: the draft reads the full model's keys and values (shared) or "
+                    'keeps its own (separate).')
   cli.define_activation_flags()
 
 
@@ -444,7 +452,8 @@ def main(argv):
     out = sample(params, config, f.prompt, tokenizer=tokenizer, num_tokens=f.num_tokens,
                  seed=f.seed, batch=f.batch, policy=f.policy, active_fraction=f.active_fraction,
                  temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, greedy=f.greedy,
-                 end=f.end, act=act)
+                 end=f.end, act=act, draft_fraction=f.draft_fraction,
+                 draft_tokens=f.draft_tokens, draft_cache=f.draft_cache)
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   for text in out.text:
@@ -452,7 +461,11 @@ def main(argv):
     print('-' * 40)
   print(f'{out.tokens_per_sec:.1f} tokens/s ({out.num_generated} tokens in {out.seconds:.2f} s, '
         f'compile {out.compile_seconds:.1f} s not counted); policy {out.policy}, '
-        f'mean active fraction {out.mean_fraction:.3f}')
+        f'mean active fraction {out.mean_fraction:.3f}'
+        + ('' if out.speculation is None else
+           f'; {out.speculation[:, 2].sum() / max(out.speculation[:, 1].sum(), 1):.2f} of the '
+           f'draft tokens accepted, {out.num_generated / out.speculation[:, 0].sum():.2f} '
+           'tokens per full-width pass'))
 
 
 if __name__ == '__main__':

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rag_jax import activation
+from rag_jax import export
 from rag_jax import plan as plan_lib
 from rag_jax import sample as sample_lib
 from rag_jax.data import tokenizers
@@ -86,7 +87,7 @@ def test_cached_greedy_with_activation_equals_full_rerun(model_params, policy, s
   """`fixed`: one plan, make_plan(act_key, fraction=a), for the whole generation. `random`: the
   token at index t is fed through the draw fold_in(act_key, t), so the reference re-runs each
   window with those per-position draws (as masks); 30 tokens cross two context refills. A fixed
-  nested width runs as the smaller dense model `sample.fixed_submodel` slices out (with
+  nested width runs as the smaller dense model `export.submodel` slices out (with
   `layers`: fewer blocks), which must generate what the parent generates under the plan."""
   model, params = model_params
   act = act_config(structure=structure, sites=sites)
@@ -96,7 +97,7 @@ def test_cached_greedy_with_activation_equals_full_rerun(model_params, policy, s
     plan = activation.make_plan(act_key, act, CFG, fraction=0.5)
     assert plan_lib.active_fractions(plan)['mlp'] == 0.5
     if structure == 'nested':
-      sub_params, sub_model = sample_lib.fixed_submodel(params, model, plan)
+      sub_params, sub_model = export.submodel(params, model, plan)
       assert (sub_model.cfg.num_heads, sub_model.cfg.mlp_dim) == (2, 32)
       assert sub_model.cfg.num_layers == (1 if 'layers' in sites else 2)
       assert sub_params['block_0']['attn']['key_value'].shape == (32, 2, 2, 8)  # 2 heads' K/V

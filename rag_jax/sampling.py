@@ -1,0 +1,37 @@
+"""How a token is chosen from logits: greedy, or a draw from the softmax at a temperature,
+restricted to the top k tokens and to the nucleus of mass p. The compiled sampler
+(rag_jax/sample.py) and speculative decoding (rag_jax/speculative.py) share these rules, so
+that the speculative acceptance test targets exactly the distribution plain sampling draws from.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def processed_logits(logits_BxV: jax.Array, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0) -> jax.Array:
+  """float32 logits / temperature, -inf outside the top k and outside the nucleus (the
+  smallest set of most likely tokens whose probability reaches p)."""
+  logits_BxV = logits_BxV.astype(jnp.float32) / temperature
+  if top_k:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+  if top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    # Keep a token while the mass of the more likely ones is still below p.
+    keep = mass_before_BxV < top_p
+    threshold_Bx1 = jnp.min(jnp.where(keep, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
+  return logits_BxV
+
+
+def sample_token(logits_BxV: jax.Array, key: jax.Array, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, greedy: bool = False) -> jax.Array:
+  """One token per row: greedy, or a draw from `processed_logits`."""
+  if greedy:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(
+      key, processed_logits(logits_BxV, temperature, top_k, top_p)).astype(jnp.int32)
