@@ -24,12 +24,15 @@ from rag_jax import cli
 from rag_jax import data as data_lib
 from rag_jax import files
 from rag_jax import flops
+from rag_jax import plan as plan_lib
 from rag_jax import runs
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import gpt
 
-# The policies a parallel pass scores (activation.POLICIES; `dense` is `fixed` at 1.0).
-POLICIES = tuple(p for p in activation.POLICIES if p != 'dense')
+# The policies a parallel pass scores (activation.POLICIES; `dense` is `fixed` at 1.0), and
+# `adaptive`: each token's width chosen by the narrow width's confidence (`evaluate_adaptive`).
+POLICIES = tuple(p for p in activation.POLICIES if p != 'dense') + ('adaptive',)
+ADAPTIVE_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 
 
 def plan_fn(act, model_cfg, policy: str = 'fixed', fraction: float | None = None):
@@ -78,9 +81,46 @@ def mean_loss(eval_step, params, tokens: np.ndarray, config, batch_sharding=None
   return total / count, int(count)
 
 
+def make_adaptive_step(model: gpt.GPT, act, draft_fraction: float, thresholds):
+  """(params, tokens_Bx(T+1), weights_B, key) -> (summed loss per threshold, escalated tokens
+  per threshold, scored tokens) of the `adaptive` policy (see `evaluate_adaptive`)."""
+  narrow = activation.make_plan(jax.random.key(0), act, model.cfg, fraction=draft_fraction)
+  masks = plan_lib.as_masks(narrow)
+
+  def per_position(escalate_BxT):  # the narrow width's units, or all of them where escalated
+    def site(m):
+      return None if m is None else plan_lib.UnitMask(
+          jnp.where(escalate_BxT[..., None], 1.0, m.mask), d=m.d, rescale=m.rescale)
+    return tuple(plan_lib.LayerPlan(
+        mlp=site(l.mlp), heads=site(l.heads),
+        block=None if l.block is None else plan_lib.BlockMask(
+            jnp.where(escalate_BxT, 1.0, l.block.mask))) for l in masks)
+
+  def step(params, tokens, weights_B, key):
+    del key
+    x_BxT, y_BxT = tokens[:, :-1], tokens[:, 1:]
+    narrow_BxTxV, _ = model.apply({'params': params}, x_BxT, plan=narrow)
+    confidence_BxT = jax.nn.softmax(narrow_BxTxV.astype(jnp.float32), axis=-1).max(-1)
+    w_BxT = weights_B[:, None] * jnp.ones_like(confidence_BxT)
+
+    def one(threshold):
+      escalate_BxT = confidence_BxT < threshold
+      logits_BxTxV, _ = model.apply({'params': params}, x_BxT, plan=per_position(escalate_BxT))
+      losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
+          logits_BxTxV.astype(jnp.float32), y_BxT)
+      return (losses_BxT * w_BxT).sum(), (escalate_BxT * w_BxT).sum()
+
+    losses, escalated = jax.lax.map(one, jnp.asarray(thresholds, jnp.float32))
+    return losses, escalated, w_BxT.sum()
+
+  return step
+
+
 def update_eval_curve(workdir: str, entries: list[dict]) -> list[dict]:
   path = os.path.join(workdir, workdir_lib.EVAL_CURVE_FILE)
-  key = lambda e: (e['active_fraction'], e['policy'], e.get('split'))
+  # One entry per (fraction, policy, split); adaptive ones per (threshold, draft width).
+  key = lambda e: ((e['policy'], e.get('split'), e['threshold'], e['draft_fraction'])
+                   if e['policy'] == 'adaptive' else (e['active_fraction'], e['policy'], e.get('split')))
   old = []
   if os.path.exists(path):
     try:
@@ -96,8 +136,10 @@ def update_eval_curve(workdir: str, entries: list[dict]) -> list[dict]:
 
 
 def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
-             split: str = 'validation', overrides: dict | None = None) -> list[dict]:
-  """Scores the newest checkpoint at each fixed fraction, or under the random policy.
+             split: str = 'validation', overrides: dict | None = None,
+             draft_fraction: float = 0.5, thresholds=ADAPTIVE_THRESHOLDS) -> list[dict]:
+  """Scores the newest checkpoint at each fixed fraction, under the random policy, or under
+  the adaptive policy (`draft_fraction`, `thresholds`: `evaluate_adaptive`).
 
   The activation settings are the run's `config.activation` updated by `overrides` (e.g.
   alpha/beta/lam for the random policy, or structure/sites); on a dense run, fixed fractions
@@ -105,6 +147,8 @@ def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
   """
   if policy not in POLICIES:
     raise ValueError(f'--policy must be one of {POLICIES}, got {policy!r}.')
+  if policy == 'adaptive':
+    return evaluate_adaptive(workdir, draft_fraction, thresholds, split, overrides)
   if policy == 'fixed' and not len(active_fractions):
     raise ValueError('--active_fractions is empty; give the fractions to score, e.g. 1,0.5,0.25.')
   for a in active_fractions:
@@ -143,11 +187,65 @@ def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
   return entries
 
 
+def evaluate_adaptive(workdir: str, draft_fraction: float = 0.5, thresholds=ADAPTIVE_THRESHOLDS,
+                      split: str = 'validation', overrides: dict | None = None) -> list[dict]:
+  """The `adaptive` policy, teacher-forced: every token first runs at the nested width
+  `draft_fraction`; where that width's top-1 probability is below a threshold the token
+  escalates to the full width. Scored in two parallel passes per window: the narrow one gives
+  each position's confidence, the second computes every position at its chosen width
+  (per-position masks, so each token's keys and values are those of its own width, as in
+  generation). Approximation: in generation the confidence of token t would come from a context
+  of mixed widths; here it comes from the narrow pass. Realized FLOPs per token: the narrow
+  width's plus the escalated share of the full width's (an escalated token pays for both).
+  One entry per threshold."""
+  thresholds = [float(t) for t in thresholds]
+  if not thresholds or not all(0 < t <= 1 for t in thresholds):
+    raise ValueError(f'--thresholds must be probabilities in (0, 1], got {thresholds}.')
+  config, tokenizer, model, params, step = runs.load_run(workdir)
+  act = config.activation
+  if overrides:
+    act.update({k: v for k, v in overrides.items() if v is not None})
+  activation.validate(act, config.model)
+  if act.structure != 'nested':
+    raise ValueError("--policy=adaptive escalates from a nested width; the run's structure is "
+                     f'{act.structure!r}.')
+  if not 0 < draft_fraction < 1:
+    raise ValueError(f'--draft_fraction must be in (0, 1), got {draft_fraction}.')
+  workdir_lib.check_writable(workdir)
+  dataset = data_lib.load(config, tokenizer)
+  if split not in dataset.splits:
+    raise ValueError(f'--split must be one of {tuple(dataset.splits)}, got {split!r}.')
+  cfg = model.cfg
+  adaptive_step = jax.jit(make_adaptive_step(model, act, draft_fraction, thresholds))
+  losses, escalated, count = np.zeros(len(thresholds)), np.zeros(len(thresholds)), 0.0
+  for batch, weights in data_lib.eval_batches(dataset.splits[split], cfg.block_size,
+                                              config.eval_batch_size, config.eval_batches):
+    l, e, n = adaptive_step(params, batch, weights, jax.random.key(0))
+    losses, escalated, count = losses + np.asarray(l), escalated + np.asarray(e), count + float(n)
+  full = flops.flops_per_token(cfg)
+  narrow = flops.flops_per_token(cfg, **activation.compute_fractions(act, cfg, draft_fraction))
+  entries = []
+  for threshold, total, esc in zip(thresholds, losses, escalated):
+    rate = float(esc / count)
+    cost = narrow + rate * full
+    loss = float(total / count)
+    entries.append({'active_fraction': cost / full, 'policy': 'adaptive', 'loss': loss,
+                    'bits_per_token': loss / math.log(2), 'flops_per_token': cost,
+                    'split': split, 'step': int(step), 'tokens': int(count),
+                    'structure': act.structure, 'sites': act.sites, 'threshold': threshold,
+                    'draft_fraction': float(draft_fraction), 'escalated': rate})
+  update_eval_curve(workdir, entries)
+  return entries
+
+
 def _define_flags():
   flags.DEFINE_string('workdir', None, 'Workdir of a trained run.', required=True)
   flags.DEFINE_list('active_fractions', ['1.0'], 'Active fractions to evaluate.')
   flags.DEFINE_enum('policy', 'fixed', list(POLICIES), 'Activation policy.')
   flags.DEFINE_enum('split', 'validation', list(data_lib.SPLITS), 'Split to score.')
+  flags.DEFINE_float('draft_fraction', 0.5, 'adaptive: the nested width every token runs first.')
+  flags.DEFINE_list('thresholds', [str(t) for t in ADAPTIVE_THRESHOLDS],
+                    'adaptive: escalate to the full width below this top-1 probability.')
   cli.define_activation_flags(structure=True)
 
 
@@ -162,15 +260,21 @@ def main(argv):
   if f.policy == 'random' and f['active_fractions'].present:
     sys.exit('error: --active_fractions goes with --policy=fixed; the random policy draws its '
              'fractions (set them with --alpha, --beta, --lam).')
+  if f.policy == 'adaptive' and f['active_fractions'].present:
+    sys.exit('error: --active_fractions goes with --policy=fixed; the adaptive policy takes '
+             '--draft_fraction and --thresholds.')
   try:
     overrides = cli.activation_overrides()
-    entries = evaluate(f.workdir, fractions, f.policy, f.split, overrides)
+    entries = evaluate(f.workdir, fractions, f.policy, f.split, overrides, f.draft_fraction,
+                       [float(t) for t in f.thresholds])
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   for e in entries:
     print(f"{e['split']} step {e['step']}: active_fraction={e['active_fraction']:.2f} "
           f"policy={e['policy']} loss={e['loss']:.4f} bits/token={e['bits_per_token']:.4f} "
-          f"flops/token={e['flops_per_token']:.4g}")
+          f"flops/token={e['flops_per_token']:.4g}"
+          + (f" threshold={e['threshold']} escalated={e['escalated']:.3f}"
+             if e['policy'] == 'adaptive' else ''))
   print(f'wrote {os.path.join(f.workdir, workdir_lib.EVAL_CURVE_FILE)}')
 
 

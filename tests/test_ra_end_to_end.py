@@ -67,6 +67,25 @@ def test_evaluate_curve_over_fractions_and_random_policy(ra_run):
       ('fixed', 1.0), ('fixed', 0.5), ('random', rand['active_fraction'])}
 
 
+def test_adaptive_policy_spans_the_narrow_and_the_full_width(ra_run):
+  """A threshold nothing falls below scores the narrow width (at its FLOPs); a threshold every
+  token falls below scores the full width, at the narrow plus the full FLOPs."""
+  _, workdir = ra_run
+  fixed = {e['active_fraction']: e for e in evaluate.evaluate(workdir, (1.0, 0.5), 'fixed')}
+  low, high = evaluate.evaluate(workdir, policy='adaptive', draft_fraction=0.5,
+                                thresholds=(1e-9, 1.0))
+  assert low['escalated'] == 0 and abs(low['loss'] - fixed[0.5]['loss']) < 1e-5
+  assert low['flops_per_token'] == fixed[0.5]['flops_per_token']
+  assert high['escalated'] > 0.999 and abs(high['loss'] - fixed[1.0]['loss']) < 1e-3
+  assert abs(high['flops_per_token'] - fixed[0.5]['flops_per_token']
+             - high['escalated'] * fixed[1.0]['flops_per_token']) < 1
+  with open(os.path.join(workdir, 'eval_curve.json')) as f:
+    adaptive = [e for e in json.load(f) if e['policy'] == 'adaptive']
+  assert sorted(e['threshold'] for e in adaptive) == [1e-9, 1.0]
+  with pytest.raises(ValueError, match='thresholds must be probabilities'):
+    evaluate.evaluate(workdir, policy='adaptive', thresholds=(0.0,))
+
+
 def test_dense_run_is_truncated_for_the_baseline(tmp_path, smoke_config):
   smoke_config.num_steps = 20
   train.train_and_evaluate(smoke_config, str(tmp_path))
