@@ -233,8 +233,9 @@ def _exclusive(workdir: str):
 REORDER_BATCHES = 8
 
 
-def _reordered(source: runs.Run, dataset: data_lib.Dataset, config) -> runs.Run:
-  """`source` with every layer's MLP units and heads most important first (rag_jax/reorder.py)."""
+def reordered(source: runs.Run, dataset: data_lib.Dataset, config) -> runs.Run:
+  """`source` with every layer's MLP units and heads most important first (rag_jax/reorder.py),
+  scored on windows of `dataset`'s train split; `config.init_from` names it."""
   T, B = config.model.block_size, config.batch_size
   batches = [data_lib.train_batch(dataset.splits['train'], B, T, config.seed + 1, i)
              for i in range(REORDER_BATCHES)]
@@ -290,7 +291,7 @@ def _train(config, workdir, mesh, allow_config_change):
   dataset = data_lib.load(config, tokenizer)
   tokenizer = dataset.tokenizer
   if source is not None and config.get('init_reorder'):
-    source = _reordered(source, dataset, config)
+    source = reordered(source, dataset, config)
 
   model, tx = runs.make_model(config, tokenizer.vocab_size), runs.make_optimizer(config)
   keys = workdir_lib.root_keys(config.seed)

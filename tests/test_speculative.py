@@ -36,16 +36,18 @@ def params_of(scale):
   return model, jax.tree.map(lambda p: p * scale, params)
 
 
-@pytest.mark.parametrize('sites,draft_cache,k,a', [
-    ('mlp,heads', 'shared', 3, 0.25), ('mlp,heads', 'separate', 1, 0.5),
-    ('mlp,heads', 'separate', 3, 0.25), ('mlp,heads,layers', 'shared', 2, 0.5),
-    ('mlp,heads,layers', 'separate', 4, 0.5)])
-def test_greedy_speculative_is_the_full_models_greedy_text(sites, draft_cache, k, a):
+@pytest.mark.parametrize('sites,draft_cache,k,a,prompts', [
+    ('mlp,heads', 'shared', 3, 0.25, PROMPTS), ('mlp,heads', 'separate', 1, 0.5, PROMPTS),
+    ('mlp,heads', 'separate', 3, 0.25, PROMPTS), ('mlp,heads,layers', 'shared', 2, 0.5, PROMPTS),
+    ('mlp,heads,layers', 'separate', 4, 0.5, PROMPTS),
+    ('mlp,heads', 'shared', 4, 0.5, ['hello']), ('mlp,heads', 'separate', 2, 0.25, ['abc'])])
+def test_greedy_speculative_is_the_full_models_greedy_text(sites, draft_cache, k, a, prompts):
+  """Several rows (vmapped, each at its own position) and one row (no vmap)."""
   _, params = params_of(3.0)  # sharp: greedy choices well separated
   config = run_config(sites)
-  want = sample_lib.sample(params, config, PROMPTS, tokenizer=TOKENIZER, num_tokens=20,
+  want = sample_lib.sample(params, config, prompts, tokenizer=TOKENIZER, num_tokens=20,
                            greedy=True)
-  got = sample_lib.sample(params, config, PROMPTS, tokenizer=TOKENIZER, num_tokens=20,
+  got = sample_lib.sample(params, config, prompts, tokenizer=TOKENIZER, num_tokens=20,
                           greedy=True, policy='speculative', draft_fraction=a, draft_tokens=k,
                           draft_cache=draft_cache)
   assert got.text == want.text
