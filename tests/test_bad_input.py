@@ -20,7 +20,10 @@ from tests.conftest import ROOT, snapshot
     ('model.dropout', 1.5, r'config.model.dropout must be in \[0, 1\)'),
     ('opt.learning_rate', -1.0, 'config.opt.learning_rate must be a non-negative number'),
     ('opt.warmup_steps', 60, r'warmup_steps \(60\) must be smaller than config.num_steps'),
-    ('data.tokenizer', 'bpe', 'config.data.tokenizer must be one of'),
+    ('data.tokenizer', 'wordpiece', 'config.data.tokenizer must be one of'),
+    ('data.tokenizer', 'bpe', r"tokenizer='bpe' trains .*vocab_size must be an integer above 257"),
+    ('init_reorder', True, 'config.init_reorder reorders the model config.init_from names'),
+    ('model.gelu', 'relu', "config.model.gelu must be one of \\('exact', 'tanh'\\)"),
     ('mesh.data', 64, 'config.mesh.data=64 but only'),
 ])
 def test_bad_config_values(smoke_config, tmp_path, no_compile, field, value, message):
