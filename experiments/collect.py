@@ -129,7 +129,7 @@ _MAX_LEGEND = 12  # More runs than this: faint runs share one legend entry.
 
 def plot_pareto(table: pd.DataFrame, split: str = 'validation') -> figure.Figure:
   """Loss against FLOPs per token: each run's fixed-fraction curve, `random`-policy points as
-  diamonds, the Pareto front as a red step line through ringed points, the dense baseline in
+  diamonds, `adaptive` ones (one per threshold) as triangles, the Pareto front as a red step line through ringed points, the dense baseline in
   black. Runs with no point on the front are drawn faint."""
   rows = table[table.split == split]
   front = rows[pareto_mask(rows.flops_per_token, rows.loss)].sort_values('flops_per_token')
@@ -152,6 +152,9 @@ def plot_pareto(table: pd.DataFrame, split: str = 'validation') -> figure.Figure
     random = r[r.policy == 'random']
     ax.scatter(random.flops_per_token, random.loss, marker='D', s=25, color=style['color'],
                alpha=style.get('alpha', 1), zorder=2)
+    adaptive = r[r.policy == 'adaptive'].sort_values('flops_per_token')
+    ax.scatter(adaptive.flops_per_token, adaptive.loss, marker='^', s=25, color=style['color'],
+               alpha=style.get('alpha', 1), zorder=2)
   faint = [run for run in runs if run not in front_runs | dense_runs]
   if len(runs) > _MAX_LEGEND and faint:
     ax.plot([], [], color='gray', marker='o', ms=4, alpha=0.35,
@@ -162,7 +165,8 @@ def plot_pareto(table: pd.DataFrame, split: str = 'validation') -> figure.Figure
              lw=1.2, zorder=4)
   ax.set_xlabel('FLOPs per token (forward)')
   ax.set_ylabel(f'{split} loss (nats per token)')
-  ax.set_title('Quality against compute (lines: fixed fractions; diamonds: random policy)')
+  ax.set_title('Quality against compute (lines: fixed widths; diamonds: random; triangles: '
+               'adaptive)', fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1))
   return fig
