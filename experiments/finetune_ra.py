@@ -67,10 +67,13 @@ def _scored(workdir: str) -> bool:
   return all((a, 'validation') in have for a in FRACTIONS)
 
 
-def _train_and_score(config, workdir: str) -> list[dict]:
+def _score(workdir: str, config=None) -> list[dict]:
+  """The workdir's validation entries at FRACTIONS; trains it first (with `config`) and scores
+  it where they are missing (an export-format directory is scored only)."""
   if not _scored(workdir):
     print(f'== {workdir}', file=sys.stderr, flush=True)
-    train.train_and_evaluate(config, workdir)
+    if config is not None:
+      train.train_and_evaluate(config, workdir)
     evaluate.evaluate(workdir, FRACTIONS, split='validation')
   with open(os.path.join(workdir, 'eval_curve.json')) as f:
     entries = [e for e in json.load(f) if e['policy'] == 'fixed' and e['split'] == 'validation']
@@ -117,13 +120,11 @@ def main(argv):
         variants[f'ft_{n}' + ('_reorder' if order else '')] = (
             config, os.path.join(base, f'ft_{n}' + ('_reorder' if order else '')))
     for name, (config, workdir) in variants.items():
-      results.setdefault(name, {})[seed] = _train_and_score(config, workdir)
+      results.setdefault(name, {})[seed] = _score(workdir, config)
       train_steps[name] = config.num_steps
     reordered = os.path.join(base, 'dense_reordered')
     _write_reordered(dense, reordered, variants['dense'][0])
-    if not _scored(reordered):
-      evaluate.evaluate(reordered, FRACTIONS, split='validation')
-    results.setdefault('dense_reordered', {})[seed] = _train_and_score(None, reordered)
+    results.setdefault('dense_reordered', {})[seed] = _score(reordered)
     train_steps['dense_reordered'] = 0
 
   table = {}

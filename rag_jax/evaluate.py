@@ -66,19 +66,29 @@ def make_eval_step(model: gpt.GPT, plan_for=None):
   return eval_step
 
 
-def mean_loss(eval_step, params, tokens: np.ndarray, config, batch_sharding=None,
-              key: jax.Array | None = None) -> tuple[float, int]:
-  """Mean next-token loss over a split (windows from data.eval_batches); returns (loss, count).
-  Batch i gets the activation key fold_in(key, i)."""
+def split_sums(eval_step, params, tokens: np.ndarray, config, batch_sharding=None,
+               key: jax.Array | None = None):
+  """The outputs of `eval_step` (summed losses, counts: any tree of arrays) summed over the
+  windows of a split (data.eval_batches), as float64 numpy. Batch i gets the activation key
+  fold_in(key, i)."""
   key = jax.random.key(0) if key is None else key
-  total, count = 0.0, 0.0
+  total = None
   for i, (batch, weights) in enumerate(data_lib.eval_batches(
       tokens, config.model.block_size, config.eval_batch_size, config.eval_batches)):
     if batch_sharding is not None:
       batch, weights = data_lib.put((batch, weights), batch_sharding)
-    s, n = eval_step(params, batch, weights, jax.random.fold_in(key, i))
-    total, count = total + float(s), count + float(n)
-  return total / count, int(count)
+    out = jax.tree.map(lambda x: np.asarray(x, np.float64),
+                       eval_step(params, batch, weights, jax.random.fold_in(key, i)))
+    total = out if total is None else jax.tree.map(np.add, total, out)
+  return total
+
+
+def mean_loss(eval_step, params, tokens: np.ndarray, config, batch_sharding=None,
+              key: jax.Array | None = None) -> tuple[float, int]:
+  """Mean next-token loss over a split (windows from data.eval_batches); returns (loss, count).
+  Batch i gets the activation key fold_in(key, i)."""
+  total, count = split_sums(eval_step, params, tokens, config, batch_sharding, key)
+  return float(total) / float(count), int(count)
 
 
 def make_adaptive_step(model: gpt.GPT, act, draft_fraction: float, thresholds):
@@ -154,23 +164,17 @@ def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
   for a in active_fractions:
     if not 0 < a <= 1:
       raise ValueError(f'active fractions must be in (0, 1], got {a}.')
-  config, tokenizer, model, params, step = runs.load_run(workdir)
-  act = config.activation
-  if overrides:
-    act.update({k: v for k, v in overrides.items() if v is not None})
-  activation.validate(act, config.model)
-  if policy == 'random':
-    activation.check_draws(act, '--policy=random would score the dense model')
-  workdir_lib.check_writable(workdir)  # before the work, so that no result is lost
-  dataset = data_lib.load(config, tokenizer)
-  if split not in dataset.splits:
-    raise ValueError(f'--split must be one of {tuple(dataset.splits)}, got {split!r}.')
+  def check(act):
+    if policy == 'random':
+      activation.check_draws(act, '--policy=random would score the dense model')
+
+  config, model, params, step, act, tokens = _load(workdir, split, overrides, check)
   cfg = model.cfg
   eval_key = jax.random.fold_in(workdir_lib.root_keys(config.seed)['sample'], 1)
   entries = []
   for fraction in (active_fractions if policy == 'fixed' else [None]):
     eval_step = jax.jit(make_eval_step(model, plan_fn(act, cfg, policy, fraction)))
-    loss, count = mean_loss(eval_step, params, dataset.splits[split], config, key=eval_key)
+    loss, count = mean_loss(eval_step, params, tokens, config, key=eval_key)
     compute = activation.compute_fractions(act, cfg, fraction)
     sites = activation.parse_sites(act.sites)
     realized = [compute[s] for s in sites] or [1.0]
@@ -187,6 +191,23 @@ def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
   return entries
 
 
+def _load(workdir: str, split: str, overrides: dict | None, check):
+  """(config, model, params, step, activation settings, the split's tokens) of the run in
+  `workdir` to score: its activation updated by `overrides` and validated, `check(act)` for
+  what a policy needs, the workdir checked writable before the work (no result is lost)."""
+  config, tokenizer, model, params, step = runs.load_run(workdir)
+  act = config.activation
+  if overrides:
+    act.update({k: v for k, v in overrides.items() if v is not None})
+  activation.validate(act, config.model)
+  check(act)
+  workdir_lib.check_writable(workdir)
+  dataset = data_lib.load(config, tokenizer)
+  if split not in dataset.splits:
+    raise ValueError(f'--split must be one of {tuple(dataset.splits)}, got {split!r}.')
+  return config, model, params, step, act, dataset.splits[split]
+
+
 def evaluate_adaptive(workdir: str, draft_fraction: float = 0.5, thresholds=ADAPTIVE_THRESHOLDS,
                       split: str = 'validation', overrides: dict | None = None) -> list[dict]:
   """The `adaptive` policy, teacher-forced: every token first runs at the nested width
@@ -201,27 +222,18 @@ def evaluate_adaptive(workdir: str, draft_fraction: float = 0.5, thresholds=ADAP
   thresholds = [float(t) for t in thresholds]
   if not thresholds or not all(0 < t <= 1 for t in thresholds):
     raise ValueError(f'--thresholds must be probabilities in (0, 1], got {thresholds}.')
-  config, tokenizer, model, params, step = runs.load_run(workdir)
-  act = config.activation
-  if overrides:
-    act.update({k: v for k, v in overrides.items() if v is not None})
-  activation.validate(act, config.model)
-  if act.structure != 'nested':
-    raise ValueError("--policy=adaptive escalates from a nested width; the run's structure is "
-                     f'{act.structure!r}.')
   if not 0 < draft_fraction < 1:
     raise ValueError(f'--draft_fraction must be in (0, 1), got {draft_fraction}.')
-  workdir_lib.check_writable(workdir)
-  dataset = data_lib.load(config, tokenizer)
-  if split not in dataset.splits:
-    raise ValueError(f'--split must be one of {tuple(dataset.splits)}, got {split!r}.')
+
+  def check(act):
+    if act.structure != 'nested':
+      raise ValueError("--policy=adaptive escalates from a nested width; the run's structure is "
+                       f'{act.structure!r}.')
+
+  config, model, params, step, act, tokens = _load(workdir, split, overrides, check)
   cfg = model.cfg
   adaptive_step = jax.jit(make_adaptive_step(model, act, draft_fraction, thresholds))
-  losses, escalated, count = np.zeros(len(thresholds)), np.zeros(len(thresholds)), 0.0
-  for batch, weights in data_lib.eval_batches(dataset.splits[split], cfg.block_size,
-                                              config.eval_batch_size, config.eval_batches):
-    l, e, n = adaptive_step(params, batch, weights, jax.random.key(0))
-    losses, escalated, count = losses + np.asarray(l), escalated + np.asarray(e), count + float(n)
+  losses, escalated, count = split_sums(adaptive_step, params, tokens, config)
   full = flops.flops_per_token(cfg)
   narrow = flops.flops_per_token(cfg, **activation.compute_fractions(act, cfg, draft_fraction))
   entries = []

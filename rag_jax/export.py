@@ -96,18 +96,10 @@ def slice_params(params: dict, cfg: gpt.GPTConfig, plan: plan_lib.Plan, to_numpy
   out = {name: arrays(params[name]) for name in ('wte', 'wpe', 'ln_f')}
   for j, k in enumerate(kept):
     block = arrays(params[f'block_{k["layer"]}'])
-    h, u = slice(0, k['heads']), slice(0, k['mlp'])  # nested: prefixes
-    attn, mlp = dict(block['attn']), dict(block['mlp'])
-    attn['query'] = attn['query'][:, h]
-    attn['key_value'] = attn['key_value'][:, :, h]
-    attn['out'] = attn['out'][h] * np.float32(k['heads_scale'])  # float32 like the parameters
-    if 'query_bias' in attn:
-      attn['query_bias'] = attn['query_bias'][h]
-      attn['key_value_bias'] = attn['key_value_bias'][:, h]
-    mlp['w_in'] = mlp['w_in'][:, u]
-    mlp['w_out'] = mlp['w_out'][u] * np.float32(k['mlp_scale'])
-    if 'b_in' in mlp:
-      mlp['b_in'] = mlp['b_in'][u]
+    block = gpt.take_units(block, slice(0, k['heads']), slice(0, k['mlp']))  # nested: prefixes
+    # The sites' output scales folded into their output projections (float32 like the params).
+    attn = {**block['attn'], 'out': block['attn']['out'] * np.float32(k['heads_scale'])}
+    mlp = {**block['mlp'], 'w_out': block['mlp']['w_out'] * np.float32(k['mlp_scale'])}
     out[f'block_{j}'] = {**block, 'attn': attn, 'mlp': mlp}
   heads, units = shapes.pop()
   model = {'num_layers': len(kept), 'num_heads': heads, 'head_dim': cfg.head_dim,
@@ -124,11 +116,13 @@ def submodel(params, model: gpt.GPT, plan: plan_lib.Plan) -> tuple[dict, gpt.GPT
   return sub, gpt.GPT(dataclasses.replace(model.cfg, **fields))
 
 
-def check_fraction(act: ml_collections.ConfigDict, cfg: gpt.GPTConfig, fraction: float) -> None:
+def check_fraction(act: ml_collections.ConfigDict, cfg: gpt.GPTConfig, fraction: float,
+                   flag: str = '--active_fraction') -> None:
   """A fraction exports when it is one of the widths the parent computes: a bucket of each
-  width site, a whole number of blocks for `layers`."""
+  width site, a whole number of blocks for `layers`. `flag` names the fraction in the messages
+  (speculative decoding checks its draft width here too)."""
   if not 0 < fraction <= 1:
-    raise ValueError(f'--active_fraction must be in (0, 1], got {fraction}.')
+    raise ValueError(f'{flag} must be in (0, 1], got {fraction}.')
   sites = activation.parse_sites(act.sites)
   if act.structure != 'nested' and fraction < 1:
     raise ValueError(f"the run's activation structure is {act.structure!r}: its units are "
@@ -139,10 +133,10 @@ def check_fraction(act: ml_collections.ConfigDict, cfg: gpt.GPTConfig, fraction:
   off = [s for s in sites if abs(computed[s] - fraction) > 1e-6]
   if set(off) & {'mlp', 'heads'}:
     widths = ', '.join(f'{j / act.buckets:g}' for j in range(1, act.buckets + 1))
-    raise ValueError(f'--active_fraction={fraction} is not one of the widths the run computes '
+    raise ValueError(f'{flag}={fraction} is not one of the widths the run computes '
                      f'({widths}: {act.buckets} buckets).')
   if off:
-    raise ValueError(f'--active_fraction={fraction} keeps no whole number of the '
+    raise ValueError(f'{flag}={fraction} keeps no whole number of the '
                      f'{cfg.num_layers} blocks (site layers).')
 
 

@@ -165,7 +165,7 @@ def from_hf(tensors: dict[str, np.ndarray], fields: dict[str, Any], path: str) -
   if extra:
     raise WorkdirError(f'{path} holds tensors a GPT-2 of {L} layers has not: {extra[:4]}; is '
                        'config.json the one saved with these weights?')
-  return _contiguous(params)
+  return params
 
 
 def to_hf(params: dict, cfg: gpt.GPTConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -218,8 +218,3 @@ def save(params: dict, cfg: gpt.GPTConfig, directory: str) -> str:
   os.replace(path + '.tmp', path)
   files.write_json(os.path.join(directory, CONFIG_FILE), config)
   return directory
-
-
-def _contiguous(tree: dict) -> dict:
-  return {k: _contiguous(v) if isinstance(v, dict) else np.ascontiguousarray(v)
-          for k, v in tree.items()}

@@ -53,22 +53,10 @@ def importance(model: gpt.GPT, params: Any, batches: Iterable[np.ndarray]) -> di
 def permute(params: Any, order: dict[str, np.ndarray]) -> dict:
   """`params` with layer i's MLP units in order `order['mlp'][i]` and its heads in order
   `order['heads'][i]` (unit order[j] becomes unit j): the same function."""
-  out = dict(jax.device_get(params))
+  out = dict(jax.tree.map(np.asarray, jax.device_get(params)))
   for i, (units, heads) in enumerate(zip(order['mlp'], order['heads'])):
-    block = out[f'block_{i}']
-    mlp, attn = dict(block['mlp']), dict(block['attn'])
-    mlp['w_in'], mlp['w_out'] = np.asarray(mlp['w_in'])[:, units], np.asarray(mlp['w_out'])[units]
-    if 'b_in' in mlp:
-      mlp['b_in'] = np.asarray(mlp['b_in'])[units]
-    attn['query'] = np.asarray(attn['query'])[:, heads]
-    attn['key_value'] = np.asarray(attn['key_value'])[:, :, heads]
-    attn['out'] = np.asarray(attn['out'])[heads]
-    if 'query_bias' in attn:
-      attn['query_bias'] = np.asarray(attn['query_bias'])[heads]
-      attn['key_value_bias'] = np.asarray(attn['key_value_bias'])[:, heads]
-    out[f'block_{i}'] = {**block, 'mlp': mlp, 'attn': attn}
+    out[f'block_{i}'] = gpt.take_units(out[f'block_{i}'], heads, units)
   return out
-
 
 def by_importance(model: gpt.GPT, params: Any, batches: Iterable[np.ndarray]
                   ) -> tuple[dict, dict[str, np.ndarray]]:

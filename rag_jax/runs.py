@@ -63,7 +63,11 @@ def init_params(model: gpt.GPT, key: jax.Array) -> Any:
 def init_state(model: gpt.GPT, tx: optax.GradientTransformation, key: jax.Array,
                config: ml_collections.ConfigDict) -> TrainState:
   del config  # the model carries its shapes; the argument stays for the callers (train, benches)
-  params = init_params(model, key)
+  return state_from(init_params(model, key), tx)
+
+
+def state_from(params: Any, tx: optax.GradientTransformation) -> TrainState:
+  """The state at step 0 for `params` (AdamW's moments at zero)."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 

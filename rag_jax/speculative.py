@@ -69,10 +69,7 @@ def check(cfg: gpt.GPTConfig, act, prompt_length: int, num_tokens: int, draft_fr
                      "random-activation run with structure 'nested'.")
   if not 0 < draft_fraction < 1:
     raise ValueError(f'--draft_fraction must be in (0, 1), got {draft_fraction}.')
-  try:
-    export.check_fraction(act, cfg, draft_fraction)
-  except ValueError as e:
-    raise ValueError(str(e).replace('--active_fraction', '--draft_fraction')) from None
+  export.check_fraction(act, cfg, draft_fraction, flag='--draft_fraction')
   if not isinstance(draft_tokens, int) or draft_tokens < 1:
     raise ValueError(f'--draft_tokens must be a positive integer, got {draft_tokens!r}.')
   if draft_cache not in DRAFT_CACHES:
@@ -98,8 +95,7 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
   row_keys_B = jax.vmap(lambda i: jax.random.fold_in(token_key, i))(sample_ids_B)
   plan = activation.make_plan(act_key, act, cfg, fraction=draft_fraction)
   d_params, d_model = export.submodel(params, model, plan)
-  _, _, kept = export.slice_params(params, cfg, plan, to_numpy=False)
-  kept_layers = [b['layer'] for b in kept]
+  kept_layers = [b['layer'] for b in export.kept_units(plan, cfg)]  # the draft's blocks
   h = d_model.cfg.num_heads
   shared = draft_cache == 'shared'
 

@@ -301,24 +301,24 @@ def _train(config, workdir, mesh, allow_config_change):
   mngr = workdir_lib.checkpoint_manager(workdir, config.keep_checkpoints)
   log = bar = None
   try:
+    # The state's shapes with their shardings: restored into, or filled from init_from.
+    placed = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shard.state)
     if resume is not None:
-      abstract = jax.tree.map(
-          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shard.state)
-      state = workdir_lib.restore(mngr, resume, abstract, workdir)
+      state = workdir_lib.restore(mngr, resume, placed, workdir)
       runs.check_finite(state.params, workdir, resume)
       workdir_lib.notice(f'resuming from step {resume}, the newest complete checkpoint in '
                          f'{workdir}' + (f'; config changes: {", ".join(changes)}' if changes
                                          else '') + '.')
+    elif source is not None:  # another model's parameters, placed shard by shard
+      params = runs.init_params_from(source, placed.params)
+      state = jax.jit(functools.partial(runs.state_from, tx=tx), out_shardings=shard.state)(params)
+      workdir_lib.notice(f'starting from the parameters of {config.init_from} (step '
+                         f'{source.step}).')
+      source = None  # its host copy is no longer needed
     else:  # created already split over the mesh: no device holds more than its shard.
       state = jax.jit(init_fn, out_shardings=shard.state)(keys['init'])
-      if source is not None:  # AdamW's moments start at zero whatever the parameters
-        state = state.replace(params=runs.init_params_from(source, jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract.params,
-            shard.state.params)))
-        workdir_lib.notice(f'starting from the parameters of {config.init_from} (step '
-                           f'{source.step}).')
-        source = None  # its host copy is no longer needed
-      resume = 0
+    resume = resume or 0
     if resume >= config.num_steps:
       workdir_lib.notice(f'the run is at step {resume} of config.num_steps={config.num_steps}: '
                          'nothing to train (raise num_steps to go on).')

@@ -102,6 +102,22 @@ def _param(module: nn.Module, name: str, init, shape):
   return module.param(name, init, shape)
 
 
+def take_units(block: dict, heads, units) -> dict:
+  """A block's parameters restricted to `heads` and MLP `units` (slices or index arrays, along
+  the axis each weight holds them on): the one place that knows which weights carry a head or
+  a hidden unit (export's slicing, reorder's permutation)."""
+  attn, mlp = dict(block['attn']), dict(block['mlp'])
+  attn['query'], attn['key_value'] = attn['query'][:, heads], attn['key_value'][:, :, heads]
+  attn['out'] = attn['out'][heads]
+  if 'query_bias' in attn:
+    attn['query_bias'] = attn['query_bias'][heads]
+    attn['key_value_bias'] = attn['key_value_bias'][:, heads]
+  mlp['w_in'], mlp['w_out'] = mlp['w_in'][:, units], mlp['w_out'][units]
+  if 'b_in' in mlp:
+    mlp['b_in'] = mlp['b_in'][units]
+  return {**block, 'attn': attn, 'mlp': mlp}
+
+
 def _matmul(x_BxLxD, w_DxF, out_dtype=None):
   """x @ w with the leading axes flattened. Numerically the same; on XLA:CPU it lets the weight
   gradient be laid out without transposing the large activation gradient, which made the default
