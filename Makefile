@@ -4,8 +4,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/shakespeare_char.py
 WORKDIR ?= runs/shakespeare_char
-# Offline copy of the tiny_shakespeare corpus (docs/design.md §6); used only when the file exists.
-SHAKESPEARE_TXT ?= ../shared/data/tiny_shakespeare/input.txt
 # Keep pytest's workers at the machine's cores (2 here).
 PYTEST_WORKERS ?= 2
 
@@ -19,11 +17,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 install: $(VENV)/.installed
 
-# Builds TFDS tiny_shakespeare into $$TFDS_DATA_DIR (default ~/tensorflow_datasets). With the
-# offline copy present it is placed at <data_dir>/downloads/manual/input.txt so nothing is
-# downloaded; without it TFDS downloads the file itself.
+# Builds TFDS tiny_shakespeare into $$TFDS_DATA_DIR (default ~/tensorflow_datasets) from the copy
+# the package ships (rag_jax/data/corpora): nothing is downloaded.
 data: install
-	$(PY) -m rag_jax.data.prepare --dataset=tiny_shakespeare --manual_file=$(SHAKESPEARE_TXT)
+	$(PY) -m rag_jax.data.prepare --dataset=tiny_shakespeare
 
 train: data
 	$(PY) -m rag_jax.train --config=$(CONFIG) --workdir=$(WORKDIR)

@@ -7,8 +7,10 @@ A synthetic `text_files` corpus of `megabytes` MB (tiny_shakespeare repeated, so
 vocabulary is its 65 characters) is built once with TFDS in a temporary directory. Then, for
 each tokenizer, a fresh Python process runs `data.load` and reports the seconds it took, the
 growth of the process's peak resident memory over its peak just before the call, and the bytes
-of the token arrays it returned. `--compare` runs the same measurement with the `rag_jax` of
-another checkout (e.g. a `git worktree` of an older commit) in the same run, for a ratio.
+of the token arrays it returned; then a second fresh process does the same (`start`: 'first',
+'second'): with the token cache the second start memory-maps the tokens the first one wrote.
+`--compare` runs the same measurement with the `rag_jax` of another checkout (e.g. a
+`git worktree` of an older commit, before the cache) in the same run, for a ratio.
 """
 from __future__ import annotations
 
@@ -27,8 +29,7 @@ _MEGABYTES = flags.DEFINE_integer('megabytes', 128, 'Corpus size in MB (1e6 byte
 _TOKENIZERS = flags.DEFINE_list('tokenizers', ['char', 'byte'], 'Tokenizers to measure.')
 _COMPARE = flags.DEFINE_string('compare', None, 'Another checkout whose rag_jax to measure too.')
 
-SHAKESPEARE = os.path.join(bench_common.ROOT, '..', 'shared', 'data', 'tiny_shakespeare',
-                           'input.txt')
+SHAKESPEARE = os.path.join(bench_common.ROOT, 'rag_jax', 'data', 'corpora', 'tiny_shakespeare.txt')
 
 # Runs in a fresh process: argv = data_dir, corpus glob, tokenizer or 'prepare' (only builds).
 _CHILD = r'''
@@ -95,10 +96,11 @@ def main(argv):
     points = []
     for tokenizer in _TOKENIZERS.value:
       for name, repo in repos.items():
-        point = {'tokenizer': tokenizer, 'code': name, 'repo': repo, 'commit': _commit(repo),
-                 **_measure(repo, data_dir, corpus, tokenizer)}
-        print(json.dumps(point))
-        points.append(point)
+        for start in ('first', 'second'):
+          point = {'tokenizer': tokenizer, 'code': name, 'start': start, 'repo': repo,
+                   'commit': _commit(repo), **_measure(repo, data_dir, corpus, tokenizer)}
+          print(json.dumps(point))
+          points.append(point)
     corpus_mb = os.path.getsize(corpus) / 1e6
   result = {'corpus_mb': corpus_mb, 'points': points, **bench_common.environment(),
             'load_average': os.getloadavg()}

@@ -46,7 +46,7 @@ def main(argv):
   config, tokenizer, model, params = run.config, run.tokenizer, run.model, run.params
   T, k_max = model.cfg.block_size, max(map(int, _KS.value))
   num_tokens = T - _PROMPT_LEN.value - k_max
-  val = data_lib.load(config, tokenizer).splits['validation']
+  val = data_lib.load(config, tokenizer, ('validation',)).splits['validation']
   starts = np.linspace(0, len(val) - _PROMPT_LEN.value - 1, _PROMPTS.value).astype(int)
   prompts = [val[s:s + _PROMPT_LEN.value].astype(np.int32)[None] for s in starts]
   act = ml_collections.FrozenConfigDict(config.activation)

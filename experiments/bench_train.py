@@ -53,7 +53,7 @@ _OUT = flags.DEFINE_string('out', None, 'Where to write the JSON result (also pr
 def benchmark(config, steps: int, warmup: int, rounds: int, feed: bool) -> dict:
   configuration.validate(config)
   mesh = sharding.make_mesh(config)
-  dataset = data_lib.load(config)
+  dataset = data_lib.load(config, splits=('train',))
   model = runs.make_model(config, dataset.tokenizer.vocab_size)
   tx = runs.make_optimizer(config)
   keys = workdir_lib.root_keys(config.seed)

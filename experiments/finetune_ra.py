@@ -86,7 +86,7 @@ def _write_reordered(dense: str, out: str, config) -> None:
   if weights.is_export(out):
     return
   run = runs.load_run(dense)
-  dataset = data_lib.load(run.config, run.tokenizer)
+  dataset = data_lib.load(run.config, run.tokenizer, ('train',))
   config = ml_collections.ConfigDict(config.to_dict())
   config.init_from = dense
   params = train.reordered(run, dataset, config).params

@@ -202,10 +202,9 @@ def _load(workdir: str, split: str, overrides: dict | None, check):
   activation.validate(act, config.model)
   check(act)
   workdir_lib.check_writable(workdir)
-  dataset = data_lib.load(config, tokenizer)
-  if split not in dataset.splits:
-    raise ValueError(f'--split must be one of {tuple(dataset.splits)}, got {split!r}.')
-  return config, model, params, step, act, dataset.splits[split]
+  if split not in data_lib.SPLITS:
+    raise ValueError(f'--split must be one of {data_lib.SPLITS}, got {split!r}.')
+  return config, model, params, step, act, data_lib.load(config, tokenizer, (split,)).splits[split]
 
 
 def evaluate_adaptive(workdir: str, draft_fraction: float = 0.5, thresholds=ADAPTIVE_THRESHOLDS,

@@ -284,11 +284,12 @@ def _train(config, workdir, mesh, allow_config_change):
   if resume is None and config.get('init_from'):  # a fresh run from another model's parameters
     source = runs.load_init(config)
     tokenizer = source.tokenizer
-  if jax.process_count() > 1:  # process 0 builds a missing dataset; the others wait for it.
-    if jax.process_index() == 0:
-      data_lib.prepare(config)
+  splits = tuple(dict.fromkeys(('train', config.data.eval_split)))
+  if jax.process_count() > 1:  # process 0 builds a missing dataset and token cache; the others
+    if jax.process_index() == 0:  # wait for it, then memory-map the same files.
+      data_lib.load(config, tokenizer, splits)
     multihost_utils.sync_global_devices('rag_jax: dataset prepared')
-  dataset = data_lib.load(config, tokenizer)
+  dataset = data_lib.load(config, tokenizer, splits)
   tokenizer = dataset.tokenizer
   if source is not None and config.get('init_reorder'):
     source = reordered(source, dataset, config)

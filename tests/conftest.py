@@ -8,7 +8,8 @@ import pytest
 from rag_jax import configuration
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHAKESPEARE_TXT = ROOT.parent / 'shared' / 'data' / 'tiny_shakespeare' / 'input.txt'
+# The corpus the package ships: the tests need nothing outside the repository.
+SHAKESPEARE_TXT = ROOT / 'rag_jax' / 'data' / 'corpora' / 'tiny_shakespeare.txt'
 
 
 def load_config(name: str, arg: str | None = None):
@@ -18,13 +19,10 @@ def load_config(name: str, arg: str | None = None):
 
 @pytest.fixture(scope='session')
 def tfds_dir(tmp_path_factory):
-  """A TFDS data_dir holding tiny_shakespeare, built from the offline copy (no download)."""
-  if not SHAKESPEARE_TXT.exists():
-    pytest.skip(f'offline corpus {SHAKESPEARE_TXT} not present')
+  """A TFDS data_dir holding tiny_shakespeare, built from the bundled copy (no download)."""
   import ml_collections
   from rag_jax import data
   data_dir = str(tmp_path_factory.mktemp('tfds'))
-  data.place_manual_file(str(SHAKESPEARE_TXT), data_dir)
   data.prepare(ml_collections.ConfigDict({'data': {'dataset': 'tiny_shakespeare', 'paths': '',
                                                    'data_dir': data_dir}}))
   return data_dir

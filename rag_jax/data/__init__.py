@@ -10,7 +10,14 @@ devices (`process_rows`); `put` forms the global batch from those rows.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import re
+import socket
+
+from absl import logging
+from etils import epath
 
 import jax
 import ml_collections
@@ -23,6 +30,13 @@ from rag_jax.data import tokenizers
 from rag_jax.errors import DataError
 
 SPLITS = ('train', 'validation', 'test')
+
+# Corpora shipped inside the package, placed where the stock TFDS builder reads a manual copy, so
+# that they build offline with nothing downloaded (tiny_shakespeare: Shakespeare's plays, public
+# domain; 1.1 MB; the file TFDS would download, same sha256).
+BUNDLED_CORPORA = {
+    'tiny_shakespeare': os.path.join(os.path.dirname(__file__), 'corpora', 'tiny_shakespeare.txt'),
+}
 
 
 def data_dir(config: ml_collections.ConfigDict) -> str:
@@ -70,6 +84,7 @@ def prepare(config: ml_collections.ConfigDict):
   if _is_prepared(builder):
     return builder
   manual_dir = os.path.join(data_dir(config), 'downloads', 'manual')
+  place_manual_file(BUNDLED_CORPORA.get(config.data.dataset, ''), data_dir(config))
   try:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
@@ -77,68 +92,154 @@ def prepare(config: ml_collections.ConfigDict):
     raise DataError(
         f'could not prepare dataset {config.data.dataset!r} in {data_dir(config)}: '
         f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}\n'
-        f'Offline, put the corpus at {manual_dir}/input.txt (for tiny_shakespeare: '
-        '`make data` copies ../shared/data/tiny_shakespeare/input.txt there).') from None
+        f'Offline, put the corpus at {manual_dir}/input.txt.') from None
   return builder
 
 
-def load_texts(config: ml_collections.ConfigDict) -> dict[str, str]:
+def _split_name(config, split: str) -> str:
+  return (config.data.get('splits') or {}).get(split, split)  # a TFDS split expression
+
+
+def load_texts(config: ml_collections.ConfigDict,
+               splits: tuple[str, ...] = SPLITS) -> dict[str, str]:
   """The text of each split, from the prepared array_record files (no TensorFlow needed).
   `config.data.splits` maps our train/validation/test to TFDS split expressions (lm1b has no
   validation split: 'test[:50%]'); by default each is the TFDS split of its own name."""
-  builder = prepare(config)
-  names = config.data.get('splits') or {}
-  texts = {}
-  for split in SPLITS:
-    name = names.get(split, split)  # a TFDS split expression, e.g. 'test[:50%]'
-    if name.split('[')[0] not in builder.info.splits:
-      raise DataError(
-          f'dataset {config.data.dataset!r} has no {name.split("[")[0]!r} split (it has '
-          f'{sorted(builder.info.splits)}); map our {split!r} split to one of those with '
-          f"config.data.splits.{split}, e.g. 'train[:1%]'.")
-    try:
-      source = builder.as_data_source(split=name)
-    except Exception as e:  # pylint: disable=broad-except
-      raise DataError(
-          f'dataset {config.data.dataset!r} in {builder.data_dir}: split {name!r} cannot be read '
-          f'as array_record ({type(e).__name__}: {e}); check the split expression (a slice takes '
-          'whole examples, and may hold none), or delete that folder to rebuild it.') from None
-    parts = [ex['text'] for ex in source]
-    texts[split] = '\n'.join(p.decode('utf-8') if isinstance(p, bytes) else p for p in parts)
-  return texts
+  return {split: _read_split(prepare(config), config, split) for split in splits}
+
+
+def _read_split(builder, config, split: str) -> str:
+  name = _split_name(config, split)
+  if name.split('[')[0] not in builder.info.splits:
+    raise DataError(
+        f'dataset {config.data.dataset!r} has no {name.split("[")[0]!r} split (it has '
+        f'{sorted(builder.info.splits)}); map our {split!r} split to one of those with '
+        f"config.data.splits.{split}, e.g. 'train[:1%]'.")
+  try:
+    source = builder.as_data_source(split=name)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(
+        f'dataset {config.data.dataset!r} in {builder.data_dir}: split {name!r} cannot be read '
+        f'as array_record ({type(e).__name__}: {e}); check the split expression (a slice takes '
+        'whole examples, and may hold none), or delete that folder to rebuild it.') from None
+  parts = [ex['text'] for ex in source]
+  return '\n'.join(p.decode('utf-8') if isinstance(p, bytes) else p for p in parts)
 
 
 @dataclasses.dataclass
 class Dataset:
   tokenizer: tokenizers.Tokenizer
-  splits: dict[str, np.ndarray]  # split -> tokens, in tokenizers.token_dtype(vocab_size)
+  # split -> tokens, in tokenizers.token_dtype(vocab_size); read-only, memory-mapped from the
+  # token cache (or in memory where the cache cannot be written).
+  splits: dict[str, np.ndarray]
 
 
-def load(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer | None = None) -> Dataset:
-  """Tokenized splits; builds the tokenizer from the train split unless one is given."""
-  texts = load_texts(config)
-  if tokenizer is None:
-    tokenizer = tokenizers.build(config.data.tokenizer, texts['train'],
-                                 config.data.get('vocab_size', 0))
-  need = config.model.block_size + 1
+# The token cache: each (dataset, split, tokenizer) is encoded once and kept as a .npy file
+# beside the prepared dataset, <builder.data_dir>/rag_jax_tokens/<corpus>/<tokenizer>/<split>.npy,
+# then memory-mapped: a second `load` reads no text and holds no copy of the tokens. <corpus> is a
+# hash of the prepared files (names, sizes, dataset_info.json), <tokenizer> a hash of the
+# tokenizer's own file, so a changed corpus or tokenizer gets fresh tokens. The tokenizer built
+# from a train split (char's alphabet, a trained BPE) is cached too, under its kind and size.
+# Remote data_dirs (gs://...) cache on the local disk: a memory map needs a local file.
+CACHE_DIR = 'rag_jax_tokens'
+LOCAL_CACHE = os.path.join('~', '.cache', 'rag_jax', 'tokens')
 
-  def check_length(split, tokens):
-    if tokens < need:
-      raise DataError(
-          f'the {split} split has {tokens} tokens, fewer than block_size + 1 = {need}; '
-          'use more text or a smaller config.model.block_size.')
 
-  for split, text in texts.items():  # before encoding: a short split is named as such, not as
-    check_length(split, len(text.encode('utf-8')))  # unknown characters (bytes >= tokens)
-  splits = {}
-  for split in list(texts):
-    text = texts.pop(split)  # each text is freed once encoded
+def _digest(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cache_root(builder) -> str:
+  root = str(builder.data_dir)
+  if '://' in root:
+    return os.path.join(os.path.expanduser(LOCAL_CACHE), _digest(root))
+  return os.path.join(root, CACHE_DIR)
+
+
+def corpus_key(builder) -> str:
+  """A hash of the prepared dataset's files: rebuilt or edited data gets a new key."""
+  root = epath.Path(builder.data_dir)
+  listing = sorted((p.name, p.stat().length) for p in root.iterdir()
+                   if p.is_file() and p.name != 'dataset_info.json')
+  info = (root / 'dataset_info.json').read_text()
+  return _digest({'files': listing, 'info': info, 'dataset': str(builder.info.full_name)})
+
+
+def _save_array(path: str, tokens: np.ndarray) -> None:
+  """Writes `path` atomically: concurrent processes may write the same file."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.{socket.gethostname()}.{os.getpid()}.tmp'
+  with open(tmp, 'wb') as f:
+    np.save(f, tokens)
+  os.replace(tmp, path)
+
+
+def _cached_tokenizer(config, builder, root: str) -> tokenizers.Tokenizer:
+  kind, size = config.data.tokenizer, config.data.get('vocab_size', 0)
+  path = os.path.join(root, 'tokenizers', f'{kind}_{size}.json')
+  if os.path.isfile(path):
     try:
-      splits[split] = tokenizer.encode(text)
-    except tokenizers.TokenizerError as e:
-      raise DataError(f'{split} split: {e}') from None
-    check_length(split, len(splits[split]))
-  return Dataset(tokenizer, splits)
+      return tokenizers.load(path)
+    except tokenizers.TokenizerError:
+      pass  # a damaged cache entry is rebuilt
+  train_text = _read_split(builder, config, 'train')
+  check_length(config, 'train', len(train_text.encode('utf-8')))
+  tokenizer = tokenizers.build(kind, train_text, size)
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tokenizers.save(tokenizer, path)
+  except OSError as e:
+    logging.warning('token cache: cannot write %s (%s); the tokenizer is rebuilt next time.',
+                    path, e)
+  return tokenizer
+
+
+def check_length(config, split: str, tokens: int) -> None:
+  need = config.model.block_size + 1
+  if tokens < need:
+    raise DataError(
+        f'the {split} split has {tokens} tokens, fewer than block_size + 1 = {need}; '
+        'use more text or a smaller config.model.block_size.')
+
+
+def _encode(config, builder, split: str, tokenizer) -> np.ndarray:
+  text = _read_split(builder, config, split)
+  check_length(config, split, len(text.encode('utf-8')))  # before encoding: a short split is
+  try:                                                     # named as such, not as unknown chars
+    tokens = tokenizer.encode(text)
+  except tokenizers.TokenizerError as e:
+    raise DataError(f'{split} split: {e}') from None
+  check_length(config, split, len(tokens))
+  return tokens
+
+
+def load(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer | None = None,
+         splits: tuple[str, ...] = SPLITS) -> Dataset:
+  """The tokenized `splits` (only those are read), from the token cache; builds the tokenizer
+  from the train split unless one is given (a workdir's)."""
+  builder = prepare(config)
+  cache = os.path.join(_cache_root(builder), corpus_key(builder))
+  if tokenizer is None:
+    tokenizer = _cached_tokenizer(config, builder, cache)
+  cache = os.path.join(cache, _digest(tokenizer.to_json()))
+  out = {}
+  for split in splits:
+    path = os.path.join(cache, re.sub(r'[^\w.%:\[\]-]', '_', _split_name(config, split)) + '.npy')
+    if os.path.isfile(path):
+      try:
+        out[split] = np.load(path, mmap_mode='r')
+        check_length(config, split, len(out[split]))
+        continue
+      except (ValueError, OSError, EOFError):
+        logging.warning('token cache: %s is damaged; encoding %s again.', path, split)
+    tokens = _encode(config, builder, split, tokenizer)
+    try:
+      _save_array(path, tokens)
+      out[split] = np.load(path, mmap_mode='r')
+    except OSError as e:
+      logging.warning('token cache: cannot write %s (%s); tokens kept in memory.', path, e)
+      out[split] = tokens
+  return Dataset(tokenizer, out)
 
 
 def train_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int,

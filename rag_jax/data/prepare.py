@@ -1,10 +1,10 @@
 """Prepares a dataset ahead of training (what `make data` runs).
 
-    python -m rag_jax.data.prepare --dataset=tiny_shakespeare \
-        --manual_file=../shared/data/tiny_shakespeare/input.txt [--data_dir=DIR]
+    python -m rag_jax.data.prepare [--dataset=tiny_shakespeare] [--manual_file=FILE] [--data_dir=DIR]
 
 With `--manual_file` present, it is copied to <data_dir>/downloads/manual/input.txt, where the
-stock TFDS builder reads it offline (sha256 checked); otherwise TFDS downloads the corpus.
+stock TFDS builder reads it offline (sha256 checked). tiny_shakespeare ships inside the package
+(`data.BUNDLED_CORPORA`) and is placed there by itself; other datasets are downloaded by TFDS.
 """
 from absl import app, flags
 import ml_collections

@@ -103,3 +103,56 @@ def test_split_shorter_than_a_block(tmp_path, smoke_config):
   config.data.data_dir = str(tmp_path / 'tfds')
   with pytest.raises(data.DataError, match='fewer than block_size'):
     data.load(config)
+
+
+def test_token_cache_is_reused_memory_mapped_and_reads_no_text(smoke_config, monkeypatch):
+  first = data.load(smoke_config)
+  reads = []
+  original = data._read_split
+  monkeypatch.setattr(data, '_read_split', lambda *a: reads.append(a[2]) or original(*a))
+  second = data.load(smoke_config)
+  assert reads == []  # the tokenizer and every split came from the cache
+  for split in data.SPLITS:
+    assert isinstance(second.splits[split], np.memmap)
+    np.testing.assert_array_equal(first.splits[split], second.splits[split])
+  assert second.tokenizer.to_json() == first.tokenizer.to_json()
+  only = data.load(smoke_config, splits=('validation',))
+  assert list(only.splits) == ['validation']
+
+
+def test_token_cache_loads_only_the_splits_asked(tmp_path, smoke_config, monkeypatch):
+  smoke_config.data.data_dir = str(tmp_path / 'tfds')
+  reads = []
+  original = data._read_split
+  monkeypatch.setattr(data, '_read_split', lambda *a: reads.append(a[2]) or original(*a))
+  ds = data.load(smoke_config, splits=('test',))
+  assert reads == ['train', 'test']  # train for the tokenizer's alphabet, then test only
+  assert list(ds.splits) == ['test']
+
+
+def test_token_cache_follows_the_tokenizer_and_the_corpus(tmp_path, smoke_config):
+  f = tmp_path / 'a.txt'
+  f.write_text('one two three\n' * 300)
+  config = _text_files_config(smoke_config, str(f))
+  config.data.data_dir = str(tmp_path / 'tfds')
+  chars = data.load(config)
+  as_bytes = data.load(config, data.tokenizers.ByteTokenizer())
+  assert as_bytes.tokenizer.decode(as_bytes.splits['train']) == chars.tokenizer.decode(
+      chars.splits['train'])
+  assert not np.array_equal(as_bytes.splits['train'], chars.splits['train'])  # its own tokens
+  f.write_text('four five six\n' * 300)  # an edited corpus: new tokens and a new alphabet
+  edited = data.load(config)
+  assert edited.tokenizer.decode(edited.splits['train']).startswith('four five six')
+  assert set(edited.tokenizer.to_json()['chars']) == set('fourivesx \n')
+
+
+def test_token_cache_rebuilds_a_damaged_file(tmp_path, smoke_config):
+  smoke_config.data.data_dir = str(tmp_path / 'tfds')
+  first = data.load(smoke_config, splits=('validation',))
+  path = first.splits['validation'].filename
+  del first
+  with open(path, 'wb') as f:
+    f.write(b'not a numpy file')
+  again = data.load(smoke_config, splits=('validation',))
+  assert again.tokenizer.decode(again.splits['validation'][:5])
+  assert len(again.splits['validation']) > 1000
