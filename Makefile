@@ -7,12 +7,12 @@ WORKDIR ?= runs/shakespeare_char
 # Keep pytest's workers at the machine's cores (2 here).
 PYTEST_WORKERS ?= 2
 
-.PHONY: install data train test bench reference clean
+.PHONY: install data train test bench reference tensorboard clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,tf]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -39,6 +39,13 @@ TORCH ?= torch==2.13.0
 reference: install
 	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install --quiet '$(TORCH)'
 	$(PY) experiments/bench_reference.py --out=results/bench_reference.json
+
+# TensorBoard over every run under runs/ (scalars, hyperparameters, and the profile tab for the
+# traces of config.profile_steps, whose plugin is installed here on first use).
+LOGDIR ?= runs
+tensorboard: install
+	$(PY) -c 'import tensorboard_plugin_profile' 2>/dev/null || $(PY) -m pip install --quiet -e '.[profile]'
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR)
 
 clean:
 	rm -rf $(VENV) runs

@@ -66,6 +66,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_batches = -1       # -1: the whole eval split.
   config.checkpoint_every = 500
   config.keep_checkpoints = 3
+  # A jax.profiler trace of steps 'FIRST,LAST' (e.g. '20,22') into <workdir>/plugins/profile,
+  # shown by TensorBoard's profile tab; '' = none.
+  config.profile_steps = ''
+  # Weights & Biases: off while `project` is ''. mode: 'online', 'offline' (`wandb sync` later)
+  # or 'disabled'. name: '' = the workdir's name. Needs `pip install -e '.[wandb]'`.
+  config.wandb = ml_collections.ConfigDict(
+      {'project': '', 'entity': '', 'name': '', 'mode': 'online'})
 
   # Random activation (docs/design.md §1); off here: this is the dense baseline.
   config.activation = activation.default_config()

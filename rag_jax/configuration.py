@@ -37,7 +37,8 @@ SHAPE_FIELDS = tuple(f'model.{f}' for f in (
 # optimizer, the data, the seed, the dtype); `num_steps` may grow (workdir.check_resume).
 RESUME_FREE_FIELDS = ('log_every', 'eval_every', 'eval_batch_size', 'eval_batches',
                       'data.eval_split', 'checkpoint_every', 'keep_checkpoints', 'data.data_dir',
-                      'model.attention', 'mesh', 'init_from', 'init_reorder')
+                      'model.attention', 'mesh', 'init_from', 'init_reorder', 'profile_steps',
+                      'wandb')
 DTYPES = ('float32', 'bfloat16')  # config.dtype: activations and matmuls (parameters: float32).
 ATTENTION = ('auto', 'xla', 'cudnn', 'einsum')  # config.model.attention (see models/attention.py).
 # config.model.gelu (optional, 'exact' when absent): 'tanh' is GPT-2's approximation.
@@ -48,7 +49,8 @@ GELUS = ('exact', 'tanh')
 # behaviour those runs had: a saved config.json is completed with them when loaded
 # (workdir.load_config), so an older run resumes and loads as before.
 ADDED_FIELDS = {'init_from': '', 'init_reorder': False, 'data.vocab_size': 0,
-                'model.gelu': 'exact'}
+                'model.gelu': 'exact', 'profile_steps': '',
+                'wandb': {'project': '', 'entity': '', 'name': '', 'mode': 'online'}}
 
 
 def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -167,6 +169,23 @@ def _is_int(value) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def profile_steps(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """`config.profile_steps` ('FIRST,LAST', '' = none) as (first, last), checked."""
+  spec = str(config.get('profile_steps', '') or '').strip()
+  if not spec:
+    return None
+  parts = [p.strip() for p in spec.split(',')]
+  try:
+    first, last = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (None, None)
+  except ValueError:
+    first = last = None
+  if first is None or not 1 <= first <= last <= config.num_steps:
+    raise ConfigError(
+        f'config.profile_steps must be "FIRST,LAST" (steps 1 <= FIRST <= LAST <= num_steps='
+        f'{config.num_steps}), e.g. "20,22"; got {spec!r}.')
+  return first, last
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first field that cannot work."""
   for name in _POSITIVE_INTS:
@@ -224,6 +243,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('config.init_reorder reorders the model config.init_from names; set '
                       'config.init_from (a workdir, an export or a converted GPT-2).')
   _validate_mesh(get(config, 'mesh'))
+  profile_steps(config)
+  wandb = config.get('wandb') or {}
+  if wandb.get('mode', 'online') not in ('online', 'offline', 'disabled'):
+    raise ConfigError("config.wandb.mode must be 'online', 'offline' or 'disabled', got "
+                      f"{wandb.get('mode')!r}.")
   dtype = config.get('dtype', 'float32')
   if dtype not in DTYPES:
     raise ConfigError(f'config.dtype must be one of {DTYPES}, got {dtype!r}.')

@@ -37,7 +37,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 def load_tokenizer(hf_dir: str) -> tokenizers.BPETokenizer:
   paths = [os.path.join(hf_dir, f) for f in hf_gpt2.TOKENIZER_FILES]
-  missing = [p for p in paths if not os.path.isfile(p)]
+  missing = [p for p in paths if not files.isfile(p)]
   if missing:
     raise WorkdirError(f'{", ".join(missing)} missing: the GPT-2 tokenizer is needed to encode '
                        'prompts and data (GPT2Tokenizer.save_pretrained writes both files).')
@@ -49,7 +49,7 @@ def convert(hf_dir: str, out: str, base: ml_collections.ConfigDict | None = None
   """Writes the GPT-2 checkpoint in `hf_dir` as a rag_jax model directory `out` (new, or an
   earlier conversion of the same checkpoint); returns its export.json content. Every input is
   checked before anything is written."""
-  if os.path.abspath(out) == os.path.abspath(hf_dir):
+  if files.absolute(out) == files.absolute(hf_dir):
     raise ValueError('--out must not be the Hugging Face directory.')
   if base is None:
     base = configuration.load_config(DEFAULT_CONFIG)
@@ -62,7 +62,7 @@ def convert(hf_dir: str, out: str, base: ml_collections.ConfigDict | None = None
                        f'{vocab} (config.json vocab_size); they must be the same.')
   params = hf_gpt2.from_hf(hf_gpt2.read_tensors(hf_dir), {**fields, 'vocab_size': vocab},
                            os.path.join(hf_dir, hf_gpt2.WEIGHTS_FILE))
-  record = {'hf_dir': os.path.abspath(hf_dir), 'step': 0, 'active_fraction': 1.0, 'int8': False}
+  record = {'hf_dir': files.absolute(hf_dir), 'step': 0, 'active_fraction': 1.0, 'int8': False}
   export_lib.check_out(out, record)
   config = ml_collections.ConfigDict(base.to_dict())
   config.model.update(fields)
@@ -77,7 +77,7 @@ def convert(hf_dir: str, out: str, base: ml_collections.ConfigDict | None = None
   tokenizers.save(tokenizer, os.path.join(out, workdir_lib.TOKENIZER_FILE))
   record.update(source='huggingface gpt2', model=dict(fields), vocab_size=vocab,
                 parameters=int(sum(np.size(x) for x in jax.tree.leaves(params))),
-                bytes=os.path.getsize(path))
+                bytes=files.getsize(path))
   files.write_json(os.path.join(out, weights_lib.EXPORT_FILE), record)
   return record
 

@@ -132,12 +132,11 @@ def update_eval_curve(workdir: str, entries: list[dict]) -> list[dict]:
   key = lambda e: ((e['policy'], e.get('split'), e['threshold'], e['draft_fraction'])
                    if e['policy'] == 'adaptive' else (e['active_fraction'], e['policy'], e.get('split')))
   old = []
-  if os.path.exists(path):
+  if files.exists(path):
     try:
-      with open(path) as f:
-        old = json.load(f)
-    except json.JSONDecodeError:
-      os.replace(path, path + '.damaged')  # keep it for inspection; write a fresh curve.
+      old = files.read_json(path)
+    except json.JSONDecodeError:  # keep it for inspection; write a fresh curve.
+      files.path(path).rename(path + '.damaged')
   new_keys = {key(e) for e in entries}
   curve = [e for e in old if key(e) not in new_keys] + entries
   curve.sort(key=lambda e: (e.get('split') or '', e['policy'], -e['active_fraction']))

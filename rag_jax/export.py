@@ -29,7 +29,6 @@ keys, so no one dense model equals what their parent scores.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from typing import Any
@@ -143,16 +142,15 @@ def check_fraction(act: ml_collections.ConfigDict, cfg: gpt.GPTConfig, fraction:
 def check_out(out: str, record: dict[str, Any]) -> None:
   """`out` may be new, empty, or a directory written earlier by the same call (the keys of
   `record` agree): anything else is refused and nothing in it changes."""
-  if not os.path.exists(out):
+  if not files.exists(out):
     return
-  if not os.path.isdir(out):
+  if not files.isdir(out):
     raise WorkdirError(f'--out {out} is a file.')
-  if not os.listdir(out):
+  if not files.listdir(out):
     return
   if not weights_lib.is_export(out):
     raise WorkdirError(f'--out {out} holds other files; give a new directory.')
-  with open(os.path.join(out, weights_lib.EXPORT_FILE)) as f:
-    old = json.load(f)
+  old = files.read_json(os.path.join(out, weights_lib.EXPORT_FILE))
   if {k: old.get(k) for k in record} != record:
     source = old.get('parent') or old.get('hf_dir')
     raise WorkdirError(f'--out {out} holds another export ({source} step {old.get("step")} at '
@@ -163,12 +161,12 @@ def check_out(out: str, record: dict[str, Any]) -> None:
 def export(workdir: str, fraction: float, out: str, int8: bool = False) -> dict[str, Any]:
   """Writes the sub-model of `workdir` at `fraction` into `out`; returns export.json's content.
   `out` must be new or an earlier export of the same parent, fraction and int8 setting."""
-  if os.path.abspath(out) == os.path.abspath(workdir):
+  if files.absolute(out) == files.absolute(workdir):
     raise ValueError('--out must not be the parent workdir.')
   config, tokenizer, model, params, step = runs.load_run(workdir)
   cfg, act = model.cfg, config.activation
   check_fraction(act, cfg, fraction)
-  record = {'parent': os.path.abspath(workdir), 'step': int(step),
+  record = {'parent': files.absolute(workdir), 'step': int(step),
             'active_fraction': float(fraction), 'int8': bool(int8), 'sites': act.sites}
   check_out(out, record)
   plan = (activation.make_plan(jax.random.key(0), act, cfg, fraction) if fraction < 1 else
@@ -190,7 +188,7 @@ def export(workdir: str, fraction: float, out: str, int8: bool = False) -> dict[
   record.update(huggingface=write_hf(sub, sub_cfg, tokenizer, out, int8), model=shape, blocks=kept,
                 parameters=int(sum(np.size(x) for x in jax.tree.leaves(sub))),
                 parent_parameters=int(sum(np.size(x) for x in jax.tree.leaves(params))),
-                bytes=os.path.getsize(weights))
+                bytes=files.getsize(weights))
   files.write_json(os.path.join(out, weights_lib.EXPORT_FILE), record)
   return record
 

@@ -25,7 +25,6 @@ import os
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
 
 from rag_jax import files
 from rag_jax import weights
@@ -83,8 +82,7 @@ def model_fields(hf_config: dict, path: str = 'config.json') -> dict[str, Any]:
 def read_config(hf_dir: str) -> dict:
   path = os.path.join(hf_dir, CONFIG_FILE)
   try:
-    with open(path) as f:
-      config = json.load(f)
+    config = files.read_json(path)
   except FileNotFoundError:
     raise WorkdirError(f'{path} does not exist; --hf_dir must be a Hugging Face checkpoint '
                        'directory (config.json and model.safetensors).') from None
@@ -98,14 +96,14 @@ def read_config(hf_dir: str) -> dict:
 def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
   """The checkpoint's tensors as float32, names without the 'transformer.' prefix."""
   path = os.path.join(hf_dir, WEIGHTS_FILE)
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     other = [f for f in ('pytorch_model.bin', 'model.safetensors.index.json', 'tf_model.h5')
-             if os.path.exists(os.path.join(hf_dir, f))]
+             if files.exists(os.path.join(hf_dir, f))]
     hint = (f' (it holds {other[0]}: save it again with save_pretrained(..., '
             'safe_serialization=True); pickled weights are never read)' if other else '')
     raise WorkdirError(f'{path} does not exist{hint}.')
   try:
-    raw = safetensors.numpy.load_file(path)
+    raw = weights.read_tensors(path)
   except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own errors)
     raise WorkdirError(f'{path} cannot be read ({type(e).__name__}: {e}).') from None
   out = {}
@@ -212,9 +210,7 @@ def to_hf(params: dict, cfg: gpt.GPTConfig) -> tuple[dict[str, np.ndarray], dict
 def save(params: dict, cfg: gpt.GPTConfig, directory: str) -> str:
   """Writes `directory`/config.json and model.safetensors in GPT-2's layout; returns the dir."""
   tensors, config = to_hf(params, cfg)
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, WEIGHTS_FILE)
-  safetensors.numpy.save_file(tensors, path + '.tmp', metadata={'format': 'pt'})
-  os.replace(path + '.tmp', path)
+  files.makedirs(directory)
+  weights.write_tensors(os.path.join(directory, WEIGHTS_FILE), tensors, {'format': 'pt'})
   files.write_json(os.path.join(directory, CONFIG_FILE), config)
   return directory

@@ -29,7 +29,6 @@ from ml_collections import config_flags
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from tensorboardX import SummaryWriter
 import tqdm
 
 from rag_jax import activation
@@ -37,7 +36,7 @@ from rag_jax import cli
 from rag_jax import configuration
 from rag_jax import data as data_lib
 from rag_jax import evaluate as evaluate_lib
-from rag_jax import files
+from rag_jax import metrics as metrics_lib
 from rag_jax import plan as plan_lib
 from rag_jax import reorder
 from rag_jax import runs
@@ -103,35 +102,6 @@ def jit_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
   return jax.jit(make_train_step(model, tx, config.activation), donate_argnums=0,
                  in_shardings=(shard.state, shard.batch, shard.replicated),
                  out_shardings=(shard.state, shard.replicated))
-
-
-class MetricsLog:
-  """metrics.jsonl and TensorBoard, written by process 0 only."""
-
-  def __init__(self, workdir: str, resume_step: int):
-    self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, workdir_lib.METRICS_FILE)
-    self.tb = None
-    if not self.enabled:
-      return
-    if os.path.exists(self.path):  # drop lines logged after the checkpoint we resume from.
-      with open(self.path) as f:
-        lines = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
-      files.write_text(self.path, ''.join(lines))
-    self.tb = SummaryWriter(workdir)
-
-  def write(self, step: int, metrics: dict[str, float]) -> None:
-    if not self.enabled:
-      return
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': step, **metrics}) + '\n')
-    for k, v in metrics.items():
-      self.tb.add_scalar(k, v, step)
-    self.tb.flush()
-
-  def close(self):
-    if self.tb is not None:
-      self.tb.close()
 
 
 def itstime(step: int, every: int, last: int) -> bool:
@@ -332,7 +302,8 @@ def _train(config, workdir, mesh, allow_config_change):
     train_step = jit_train_step(model, tx, config, shard)
     eval_step = jax.jit(evaluate_lib.make_eval_step(model), in_shardings=(
         shard.state.params, shard.batch, shard.batch, shard.replicated))
-    log = MetricsLog(workdir, resume)
+    log = metrics_lib.MetricsLog(workdir, resume, config)
+    profiler = metrics_lib.Profiler(config, workdir)
     train_tokens, eval_tokens = dataset.splits['train'], dataset.splits[config.data.eval_split]
     T, B, N = config.model.block_size, config.batch_size, config.num_steps
     rows = data_lib.process_rows(shard.batch, B)  # this process's rows of each batch
@@ -363,7 +334,9 @@ def _train(config, workdir, mesh, allow_config_change):
       for step in range(resume + 1, N + 1):
         batch = data_lib.put(data_lib.train_batch(train_tokens, B, T, config.seed, step - 1, rows),
                              shard.batch, B)
+        profiler.before(step)
         state, metrics = train_step(state, batch, keys['train'])
+        profiler.after(step, metrics)
         pending.append(metrics)
         bar.update(1)
         speed.start(state, step)
@@ -402,6 +375,7 @@ def _train(config, workdir, mesh, allow_config_change):
     mngr.close()  # waits for a save in flight, also on errors
     if log is not None:
       log.close()
+      profiler.stop()
 
 
 def initialize_distributed(enable: bool | None = None) -> None:

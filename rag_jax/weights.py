@@ -7,13 +7,13 @@ disk shrink), the vectors (LayerNorm, biases) as float32.
 """
 from __future__ import annotations
 
-import json
 import os
 
 from flax import traverse_util
 import numpy as np
 import safetensors.numpy
 
+from rag_jax import files
 from rag_jax.errors import WorkdirError
 
 WEIGHTS_FILE = 'model.safetensors'
@@ -67,14 +67,13 @@ def from_tensors(tensors: dict[str, np.ndarray]) -> dict:
 
 
 def is_export(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, EXPORT_FILE))
+  return files.isfile(os.path.join(path, EXPORT_FILE))
 
 
 def export_step(path: str) -> int:
   """The parent's step an export was taken at."""
   try:
-    with open(os.path.join(path, EXPORT_FILE)) as f:
-      return int(json.load(f)['step'])
+    return int(files.read_json(os.path.join(path, EXPORT_FILE))['step'])
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise WorkdirError(f'{os.path.join(path, EXPORT_FILE)} is damaged ({e}).') from None
 
@@ -83,7 +82,7 @@ def load_params(path: str) -> dict:
   """The parameters of an exported directory."""
   weights = os.path.join(path, WEIGHTS_FILE)
   try:
-    return from_tensors(safetensors.numpy.load_file(weights))
+    return from_tensors(read_tensors(weights))
   except FileNotFoundError:
     raise WorkdirError(f'{weights} does not exist; {path} is not a complete export.') from None
   except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own errors)
@@ -93,7 +92,16 @@ def load_params(path: str) -> dict:
 def save(params: dict, directory: str, int8: bool = False) -> str:
   """Writes DIR/model.safetensors (atomically); returns its path."""
   path = os.path.join(directory, WEIGHTS_FILE)
-  safetensors.numpy.save_file(to_tensors(params, int8), path + '.tmp',
-                              metadata={'format': 'rag_jax', 'int8': str(bool(int8))})
-  os.replace(path + '.tmp', path)
+  write_tensors(path, to_tensors(params, int8), {'format': 'rag_jax', 'int8': str(bool(int8))})
   return path
+
+
+def read_tensors(path: str) -> dict[str, np.ndarray]:
+  """A safetensors file's arrays: memory-mapped from a local file, else read through epath."""
+  if files.is_local(path):
+    return safetensors.numpy.load_file(files.local(path))
+  return safetensors.numpy.load(files.path(path).read_bytes())
+
+
+def write_tensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+  files.write_bytes(path, safetensors.numpy.save(tensors, metadata=metadata))

@@ -18,7 +18,6 @@ import json
 import logging as python_logging
 import os
 import re
-import shutil
 import socket
 import sys
 from typing import Any
@@ -66,22 +65,22 @@ def _check_layout(workdir: str) -> None:
   other way round, would fail deep inside orbax or json)."""
   for name in (CHECKPOINT_DIR,):
     path = os.path.join(workdir, name)
-    if os.path.exists(path) and not os.path.isdir(path):
+    if files.exists(path) and not files.isdir(path):
       raise WorkdirError(f'{path} is a file; it should be the directory of the orbax checkpoints. '
                          'Move it away.')
   for name in (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE, EVAL_CURVE_FILE, CONFIG_CHANGES_FILE,
                LOCK_FILE):
     path = os.path.join(workdir, name)
-    if os.path.isdir(path):
+    if files.isdir(path):
       raise WorkdirError(f'{path} is a directory; it should be a file. Move it away.')
 
 
 def check_readable(workdir: str) -> None:
   """A workdir to read: an existing directory, or one WorkdirError."""
-  if not os.path.exists(workdir):
+  if not files.exists(workdir):
     raise WorkdirError(f'workdir {workdir} does not exist; give the --workdir of a run written by '
                        'rag_jax.train.')
-  if not os.path.isdir(workdir):
+  if not files.isdir(workdir):
     raise WorkdirError(f'workdir {workdir} is a file, not a directory; give the --workdir of a '
                        'run written by rag_jax.train.')
   _check_layout(workdir)
@@ -90,19 +89,18 @@ def check_readable(workdir: str) -> None:
 def check_writable(workdir: str, create: bool = False) -> None:
   """A workdir to write into: a directory (made when `create`) where a file can be written,
   checked before any work so that no result is computed and then lost. One WorkdirError."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  if files.exists(workdir) and not files.isdir(workdir):
     raise WorkdirError(f'workdir {workdir} is a file, not a directory; give a new or existing '
                        'directory.')
   if create:
     try:
-      os.makedirs(workdir, exist_ok=True)
+      files.makedirs(workdir)
     except OSError as e:
       raise WorkdirError(f'cannot create workdir {workdir} ({e.strerror}).') from None
   probe = os.path.join(workdir, f'.write_probe.{socket.gethostname()}.{os.getpid()}')
   try:
-    with open(probe, 'w'):
-      pass
-    os.remove(probe)
+    files.write_bytes(probe, b'')
+    files.remove(probe)
   except OSError as e:
     raise WorkdirError(f'cannot write into workdir {workdir} ({e.strerror}); nothing was done. '
                        'Give a directory you can write to.') from None
@@ -119,8 +117,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   check_readable(workdir)
   path = os.path.join(workdir, CONFIG_FILE)
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = files.read_json(path)
   except FileNotFoundError:
     raise WorkdirError(f'{path} does not exist; is {workdir} a workdir written by rag_jax.train?') from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -182,9 +179,8 @@ def record_config_change(workdir: str, step: int, saved: ml_collections.ConfigDi
           'previous_config': configuration.as_json(saved)}
   path = os.path.join(workdir, CONFIG_CHANGES_FILE)
   old = ''
-  if os.path.exists(path):
-    with open(path) as f:
-      old = f.read()
+  if files.exists(path):
+    old = files.read_text(path)
   files.write_text(path, old + json.dumps(line) + '\n')
 
 
@@ -194,7 +190,8 @@ class TrainLock:
   The kernel drops the lock when its holder exits, however it exits (a crash, SIGKILL), so a
   stale file never blocks a run; the file names the holder (pid, host, start time, command)
   for the message a second `train` gets. Readers (`evaluate`, `sample`) take no lock. Needs a
-  file system with flock (local disks, most NFS); see docs/design.md §9.
+  file system with flock (local disks, most NFS); see docs/design.md §9. A cloud workdir
+  (gs://...) has no such lock: there the one-writer rule is the user's (a notice says so).
   """
 
   def __init__(self, workdir: str):
@@ -203,7 +200,10 @@ class TrainLock:
     self.fd = None
 
   def __enter__(self) -> 'TrainLock':
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    if not files.is_local(self.path):
+      notice(f'{self.workdir} is not on a local disk: no lock keeps a second train out of it.')
+      return self
+    fd = os.open(files.local(self.path), os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -237,29 +237,32 @@ def remove_unfinished_checkpoints(workdir: str) -> list[int]:
   """Deletes the step folders a killed run left half-written (orbax writes a step into a
   temporary folder and renames it when complete); returns their steps. Process 0 only."""
   root = os.path.join(workdir, CHECKPOINT_DIR)
-  if jax.process_index() != 0 or not os.path.isdir(root):
+  if jax.process_index() != 0 or not files.isdir(root):
     return []
   steps = []
-  for name in sorted(os.listdir(root)):
+  for name in sorted(files.listdir(root)):
     found = _UNFINISHED.match(name)
     if found:
-      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+      try:
+        files.rmtree(os.path.join(root, name))
+      except OSError:
+        pass
       steps.append(int(found.group(1)))
   return steps
 
 
 def checkpoint_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+      files.absolute(os.path.join(workdir, CHECKPOINT_DIR)),
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=True))
 
 
 def latest_step(workdir: str) -> int | None:
   """The newest complete checkpoint's step, or None."""
-  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+  if not files.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
     return None
-  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+  mngr = ocp.CheckpointManager(files.absolute(os.path.join(workdir, CHECKPOINT_DIR)),
                                options=ocp.CheckpointManagerOptions(create=False))
   step = mngr.latest_step()
   mngr.close()

@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 
 PACKAGE = ROOT / 'rag_jax'
 # Dependencies a module may import inside a function because the package runs without them.
-OPTIONAL = frozenset()
+OPTIONAL = frozenset({'wandb'})  # config.wandb's logger (rag_jax/metrics.py), an extra
 
 
 def _modules() -> dict[str, pathlib.Path]:

@@ -40,9 +40,9 @@ BUNDLED_CORPORA = {
 
 
 def data_dir(config: ml_collections.ConfigDict) -> str:
-  path = os.path.expanduser(
-      config.data.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets')
-  if os.path.exists(path) and not os.path.isdir(path):
+  path = os.fspath(files.path(
+      config.data.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'))
+  if files.exists(path) and not files.isdir(path):
     source = 'config.data.data_dir' if config.data.data_dir else 'the TFDS data_dir'
     raise DataError(f'{source} {path} is a file, not a directory.')
   return path
@@ -50,12 +50,12 @@ def data_dir(config: ml_collections.ConfigDict) -> str:
 
 def place_manual_file(source: str, data_dir_: str, name: str = 'input.txt') -> str | None:
   """Copies an offline copy of a corpus to where the stock TFDS builder looks for it."""
-  if not source or not os.path.isfile(source):
+  if not source or not files.isfile(source):
     return None
   manual_dir = os.path.join(data_dir_, 'downloads', 'manual')
-  os.makedirs(manual_dir, exist_ok=True)
+  files.makedirs(manual_dir)
   target = os.path.join(manual_dir, name)
-  if not os.path.exists(target):
+  if not files.exists(target):
     files.copy(source, target)
   return target
 
@@ -75,7 +75,7 @@ def _builder(config: ml_collections.ConfigDict):
 
 
 def _is_prepared(builder) -> bool:
-  return os.path.exists(os.path.join(str(builder.data_dir), 'dataset_info.json'))
+  return files.exists(os.path.join(str(builder.data_dir), 'dataset_info.json'))
 
 
 def prepare(config: ml_collections.ConfigDict):
@@ -92,7 +92,9 @@ def prepare(config: ml_collections.ConfigDict):
     raise DataError(
         f'could not prepare dataset {config.data.dataset!r} in {data_dir(config)}: '
         f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}\n'
-        f'Offline, put the corpus at {manual_dir}/input.txt.') from None
+        f'Offline, put the corpus at {manual_dir}/input.txt.'
+        + ("\nTFDS needs TensorFlow to build a stock dataset: pip install -e '.[tf]'."
+           if 'tensorflow' in str(e).lower() else '')) from None
   return builder
 
 

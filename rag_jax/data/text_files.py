@@ -13,6 +13,8 @@ import os
 
 import tensorflow_datasets as tfds
 
+from rag_jax import files as files_lib
+
 SPLIT_FRACTIONS = {'train': 0.9, 'validation': 0.05, 'test': 0.05}
 
 
@@ -22,20 +24,31 @@ class TextFilesError(ValueError):
 
 def resolve_paths(paths: str) -> list[str]:
   """Comma-separated files or globs -> existing files; a clear error for any that match nothing."""
-  files = []
+  found = []
   for pattern in (p.strip() for p in paths.split(',')):
     if not pattern:
       continue
-    matches = sorted(glob.glob(os.path.expanduser(pattern)))
+    matches = _glob(pattern)
     if not matches:
       raise TextFilesError(f'config.data.paths: {pattern!r} matches no file.')
-    if all(os.path.isdir(m) for m in matches):
+    if all(files_lib.isdir(m) for m in matches):
       raise TextFilesError(f'config.data.paths: {pattern!r} is a directory; name its files '
                            f"(e.g. '{pattern.rstrip('/')}/*.txt').")
-    files.extend(os.path.abspath(m) for m in matches if os.path.isfile(m))
-  if not files:
+    found.extend(files_lib.absolute(m) for m in matches if files_lib.isfile(m))
+  if not found:
     raise TextFilesError('config.data.paths names no text file.')
-  return files
+  return found
+
+
+def _glob(pattern: str) -> list[str]:
+  """Local globs with `glob`; cloud paths (gs://...) through epath, the pattern in the last
+  component."""
+  if files_lib.is_local(pattern):
+    return sorted(glob.glob(os.fspath(files_lib.path(pattern))))
+  path = files_lib.path(pattern)
+  if not glob.has_magic(path.name):
+    return [os.fspath(path)] if path.exists() else []
+  return sorted(os.fspath(p) for p in path.parent.glob(path.name))
 
 
 def split_text(text: str) -> dict[str, str]:
@@ -48,8 +61,7 @@ def split_text(text: str) -> dict[str, str]:
 def read_files(files: list[str]) -> str:
   texts = []
   for path in files:
-    with open(path, 'rb') as f:
-      data = f.read()
+    data = files_lib.path(path).read_bytes()
     try:
       texts.append(data.decode('utf-8'))
     except UnicodeDecodeError as e:
@@ -63,8 +75,7 @@ class TextFilesConfig(tfds.core.BuilderConfig):
     digest = hashlib.sha256()
     for path in files:
       digest.update(path.encode())
-      with open(path, 'rb') as f:
-        digest.update(hashlib.sha256(f.read()).digest())
+      digest.update(hashlib.sha256(files_lib.path(path).read_bytes()).digest())
     super().__init__(name='h' + digest.hexdigest()[:16], **kwargs)
     self.files = files
 

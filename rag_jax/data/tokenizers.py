@@ -120,7 +120,8 @@ class BPETokenizer:
   def from_files(cls, vocab_path: str, merges_path: str) -> 'BPETokenizer':
     """GPT-2's tokenizer from its vocab.json and merges.txt."""
     try:
-      tok = cls._empty(hf_tokenizers.models.BPE.from_file(vocab_path, merges_path))
+      with files.local_copies(vocab_path, merges_path) as (vocab, merges):
+        tok = cls._empty(hf_tokenizers.models.BPE.from_file(vocab, merges))
     except Exception as e:  # pylint: disable=broad-except  (tokenizers raises Exception)
       raise TokenizerError(f'{vocab_path} and {merges_path} are not a BPE vocabulary and its '
                            f'merges ({e}).') from None
@@ -163,7 +164,8 @@ class BPETokenizer:
 
   def save_files(self, directory: str) -> None:
     """GPT-2's vocab.json and merges.txt, which `transformers`' GPT2Tokenizer reads."""
-    self._tok.model.save(directory)
+    with files.local_dir(directory) as local:
+      self._tok.model.save(local)
 
   @classmethod
   def from_json(cls, spec: dict) -> 'BPETokenizer':
@@ -205,8 +207,7 @@ def save(tokenizer: Tokenizer, path: str) -> None:
 
 def load(path: str) -> Tokenizer:
   try:
-    with open(path) as f:
-      spec = json.load(f)
+    spec = files.read_json(path)
   except FileNotFoundError:
     raise TokenizerError(f'no tokenizer at {path}; was this workdir trained with rag_jax.train?')
   except json.JSONDecodeError as e:

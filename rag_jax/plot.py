@@ -1,0 +1,81 @@
+"""Training and validation loss against steps, for one or several runs, as a picture.
+
+    python -m rag_jax.plot --workdirs=runs/dense,runs/ra [--out=loss.png] [--log_x]
+
+Reads each workdir's metrics.jsonl (local or gs://, through epath): the training loss as a line,
+the evaluation loss as dots of the same colour; the label is the workdir's name. Writes a PNG
+(default: loss.png in the current directory).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+
+from absl import app, flags
+from matplotlib import figure
+
+from rag_jax import files
+from rag_jax import workdir as workdir_lib
+from rag_jax.errors import WorkdirError
+
+_WORKDIRS = flags.DEFINE_list('workdirs', None, 'Comma-separated run workdirs.', required=True)
+_OUT = flags.DEFINE_string('out', 'loss.png', 'PNG to write (local or a cloud path).')
+_LOG_X = flags.DEFINE_bool('log_x', False, 'Steps on a logarithmic axis.')
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of a run's metrics.jsonl, or one WorkdirError naming what is missing."""
+  path = os.path.join(workdir, workdir_lib.METRICS_FILE)
+  if not files.exists(path):
+    raise WorkdirError(f'{path} does not exist; give the --workdirs of runs written by '
+                       'rag_jax.train.')
+  rows = []
+  for i, line in enumerate(files.read_text(path).splitlines()):
+    if line.strip():
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise WorkdirError(f'{path} line {i + 1} is damaged ({e}).') from None
+  return rows
+
+
+def plot(workdirs: list[str], out: str, log_x: bool = False) -> str:
+  """Draws the runs' losses into `out` (PNG); returns `out`."""
+  runs = {w: read_metrics(w) for w in workdirs}  # every input checked before drawing
+  fig = figure.Figure(figsize=(7, 4.5))  # no pyplot: a notebook's backend is left alone
+  ax = fig.subplots()
+  for i, (workdir, rows) in enumerate(runs.items()):
+    color = f'C{i % 10}'
+    name = os.path.basename(os.path.normpath(str(files.path(workdir)))) or workdir
+    train = [(r['step'], r['train_loss']) for r in rows if 'train_loss' in r]
+    evals = [(r['step'], r['eval_loss']) for r in rows if 'eval_loss' in r]
+    if train:
+      ax.plot(*zip(*train), color=color, lw=1, alpha=0.8, label=f'{name} train')
+    if evals:
+      ax.plot(*zip(*evals), 'o-', color=color, ms=4, lw=1.5, label=f'{name} eval')
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss (nats per token)')
+  if log_x:
+    ax.set_xscale('log')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=120)
+  files.write_bytes(out, buffer.getvalue())
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}')
+  try:
+    print(f'wrote {plot(_WORKDIRS.value, _OUT.value, _LOG_X.value)}')
+  except WorkdirError as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)
