@@ -20,9 +20,6 @@ from rag_jax import files
 from rag_jax import workdir as workdir_lib
 from rag_jax.errors import WorkdirError
 
-_WORKDIRS = flags.DEFINE_list('workdirs', None, 'Comma-separated run workdirs.', required=True)
-_OUT = flags.DEFINE_string('out', 'loss.png', 'PNG to write (local or a cloud path).')
-_LOG_X = flags.DEFINE_bool('log_x', False, 'Steps on a logarithmic axis.')
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -68,14 +65,22 @@ def plot(workdirs: list[str], out: str, log_x: bool = False) -> str:
   return out
 
 
+def _define_flags():
+  flags.DEFINE_list('workdirs', None, 'Comma-separated run workdirs.', required=True)
+  flags.DEFINE_string('out', 'loss.png', 'PNG to write (local or a cloud path).')
+  flags.DEFINE_bool('log_x', False, 'Steps on a logarithmic axis.')
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
+  f = flags.FLAGS
   try:
-    print(f'wrote {plot(_WORKDIRS.value, _OUT.value, _LOG_X.value)}')
+    print(f'wrote {plot(f.workdirs, f.out, f.log_x)}')
   except WorkdirError as e:
     sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
