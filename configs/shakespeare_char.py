@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.num_heads = 4      # H: attention heads.
   config.model.embed_dim = 128    # D: residual width.
   config.model.mlp_dim = 512      # F: MLP hidden width (4·D).
+  config.model.head_dim = 0       # K: width of a head; 0 = D / H.
   config.model.block_size = 64    # T: context length.
   config.model.dropout = 0.0
   config.model.use_bias = False   # biases in linears and LayerNorms (nanoGPT: False).

@@ -27,11 +27,19 @@ import sys
 from absl import app, flags
 import matplotlib
 from matplotlib import figure
+import ml_collections
 import numpy as np
 import pandas as pd
 
+from rag_jax import activation
+from rag_jax import configuration
+from rag_jax import runs
+from rag_jax.data import tokenizers
+
 ACTIVATION_COLUMNS = ('alpha', 'beta', 'lam', 'sites', 'structure', 'buckets', 'per_layer',
-                      'rescale', 'min_active', 'train_mode')
+                      'rescale', 'min_active', 'train_mode', 'sandwich_random', 'distill_weight',
+                      'distill_temperature')
+MODEL_COLUMNS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim')
 ENTRY_COLUMNS = ('policy', 'split', 'active_fraction', 'loss', 'bits_per_token',
                  'flops_per_token', 'step', 'tokens')
 HEATMAP_FRACTIONS = (1.0, 0.5)
@@ -51,10 +59,25 @@ def run_rows(workdir: str) -> list[dict]:
   if dense:  # alpha and beta mean nothing without random activation.
     settings.update(alpha=math.nan, beta=math.nan, lam=0.0)
   common = {'run': os.path.basename(os.path.normpath(workdir)), 'dense': dense, **settings,
-            'num_steps': config['num_steps']}
+            **{k: config['model'][k] for k in MODEL_COLUMNS}, 'seed': config.get('seed', 0),
+            'num_steps': config['num_steps'], 'train_flops': train_flops(workdir, config)}
   return [{**common, **{k: e.get(k) for k in ENTRY_COLUMNS},
            'split': e.get('split', 'validation')}  # evaluate's default split
           for e in _read_json(os.path.join(workdir, 'eval_curve.json'))]
+
+
+def train_flops(workdir: str, config: dict) -> float:
+  """The run's training FLOPs: forward + backward (3x the forward) of every pass of every step,
+  drawn widths in expectation (activation.train_flops_per_token), over num_steps x batch x T
+  tokens."""
+  path = os.path.join(workdir, 'tokenizer.json')
+  if not os.path.exists(path):
+    return math.nan
+  config = configuration.complete(ml_collections.ConfigDict(config))
+  vocab = tokenizers.load(path).vocab_size
+  per_token = activation.train_flops_per_token(config.activation,
+                                               runs.make_model(config, vocab).cfg)
+  return 3 * per_token * config.num_steps * config.batch_size * config.model.block_size
 
 
 def pareto_mask(flops, loss) -> np.ndarray:
@@ -267,7 +290,150 @@ def write(table: pd.DataFrame, sweep_dir: str, split: str = 'validation') -> dic
     del out['heatmaps']
   else:
     heatmaps.savefig(out['heatmaps'], dpi=120)
+  if table[table.dense].mlp_dim.nunique() > 1:  # dense models of several widths: a frontier
+    result = frontier(table, split)
+    out['frontier'] = os.path.join(sweep_dir, 'frontier.md')
+    out['frontier_png'] = os.path.join(sweep_dir, 'frontier.png')
+    out['frontier_json'] = os.path.join(sweep_dir, 'frontier.json')
+    with open(out['frontier'], 'w') as f:
+      f.write(frontier_markdown(result))
+    with open(out['frontier_json'], 'w') as f:
+      json.dump(result, f, indent=1)
+    plot_frontier(result, split).savefig(out['frontier_png'], dpi=120)
   return out
+
+
+# --- The frontier: RA sub-models against dense models trained alone (configs/ablations/frontier.py)
+
+
+def variant(row) -> str:
+  """A run's training kind: 'dense', or the RA train_mode with '+distill'."""
+  if row['dense']:
+    return 'dense'
+  distill = row.get('distill_weight') or 0
+  return str(row['train_mode']) + ('+distill' if distill and distill > 0 else '')
+
+
+def _stats(values) -> dict:
+  v = np.asarray(list(values), float)
+  return {'mean': float(v.mean()) if len(v) else math.nan,
+          'sd': float(v.std(ddof=1)) if len(v) > 1 else math.nan, 'n': int(len(v))}
+
+
+def frontier(table: pd.DataFrame, split: str = 'validation') -> dict:
+  """Per budget a: the dense models of the sub-model's shape trained alone (at the RA runs'
+  steps, and with more steps: equal training FLOPs), the full dense model truncated to a, and
+  every RA variant at fixed a, each as mean, sample sd and n over seeds; FLOPs per token of the
+  deployed sub-model; and the training cost of each kind of run.
+
+  A dense run's budget is its MLP width over the widest dense run's. Differences are called
+  beyond the seed noise when they exceed twice their standard error."""
+  rows = table[(table.split == split) & (table.policy == 'fixed')].copy()
+  rows['variant'] = [variant(r) for _, r in rows.iterrows()]
+  dense = rows[rows.dense]
+  if dense.empty or rows[~rows.dense].empty:
+    raise ValueError('a frontier needs dense runs and random-activation runs.')
+  full_mlp = dense.mlp_dim.max()
+  steps = int(rows[~rows.dense].num_steps.mode().iloc[0])  # the RA runs' (the recipe's) steps
+  trained = dense[np.isclose(dense.active_fraction, 1.0)].copy()
+  trained['budget'] = trained.mlp_dim / full_mlp
+  full = dense[dense.mlp_dim == full_mlp]
+  budgets = sorted(set(trained.budget.round(6)), reverse=True)
+  out = []
+  for a in budgets:
+    at = trained[np.isclose(trained.budget, a)]
+    row = {'a': a, 'flops_per_token': float(at.flops_per_token.iloc[0]),
+           'dense trained': _stats(at[at.num_steps == steps].loss),
+           'dense, equal training FLOPs': _stats(at[at.num_steps > steps].loss),
+           'equal-FLOPs steps': int(at[at.num_steps > steps].num_steps.max())
+           if (at.num_steps > steps).any() else None,
+           'dense truncated': _stats(full[(full.num_steps == steps) &
+                                          np.isclose(full.active_fraction, a)].loss)}
+    ra = rows[~rows.dense & np.isclose(rows.active_fraction, a)]
+    for name, group in ra.groupby('variant'):
+      row[f'RA {name}'] = _stats(group.loss)
+    out.append(row)
+  kinds = {}
+  for name, group in rows.drop_duplicates('run').groupby('variant'):
+    if name == 'dense':
+      for mlp, g in group[group.num_steps == steps].groupby('mlp_dim'):
+        kinds[f'dense a={mlp / full_mlp:g}'] = float(g.train_flops.mean())
+    else:
+      kinds[f'RA {name}'] = float(group.train_flops.mean())
+  family = sum(v for k, v in kinds.items() if k.startswith('dense a='))
+  return {'budgets': out, 'train_flops': kinds, 'dense_family_flops': family, 'steps': steps}
+
+
+def _cell(s: dict) -> str:
+  if not s or not s['n']:
+    return ''
+  return f"{s['mean']:.4f}" + (f" ± {s['sd']:.4f}" if s['n'] > 1 else '') + f" ({s['n']})"
+
+
+def verdict(ra: dict, dense: dict) -> str:
+  """'RA better by d', 'dense better by d', or 'within seed noise (d)': beyond noise when
+  |d| > 2 standard errors of the difference (one seed: no verdict)."""
+  if not ra or not dense or ra['n'] < 2 or dense['n'] < 2:
+    return 'one seed: no verdict'
+  d = ra['mean'] - dense['mean']
+  se = math.sqrt(ra['sd'] ** 2 / ra['n'] + dense['sd'] ** 2 / dense['n'])
+  if abs(d) <= 2 * se:
+    return f'within seed noise ({d:+.4f}, 2 SE {2 * se:.4f})'
+  return f"{'RA' if d < 0 else 'dense'} better by {abs(d):.4f} (2 SE {2 * se:.4f})"
+
+
+def frontier_markdown(result: dict) -> str:
+  budgets = result['budgets']
+  variants = sorted({k for b in budgets for k in b if k.startswith('RA ')})
+  columns = ['a', 'FLOPs/token', 'dense trained', 'dense truncated', *variants,
+             'dense, equal training FLOPs', 'best RA against dense trained']
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  for b in budgets:
+    ra = [b[v] for v in variants if v in b and b[v]['n']]
+    best = min(ra, key=lambda s: s['mean']) if ra else None
+    best_name = next((v for v in variants if v in b and b[v] is best), '')
+    equal = _cell(b['dense, equal training FLOPs'])
+    if equal:
+      equal += f" [{b['equal-FLOPs steps']} steps]"
+    cells = [f"{b['a']:g}", f"{b['flops_per_token']:.4g}", _cell(b['dense trained']),
+             _cell(b['dense truncated']), *(_cell(b.get(v)) for v in variants), equal,
+             f"{best_name[3:]}: {verdict(best, b['dense trained'])}" if best else '']
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  cost = ['', '| run | training FLOPs | against the dense family |', '|---|---|---|']
+  family = result['dense_family_flops']
+  for k, v in result['train_flops'].items():
+    cost.append(f'| {k} | {v:.3g} | {v / family:.2f}× |' if family else f'| {k} | {v:.3g} | |')
+  cost.append(f'| dense family (sum of the dense runs above) | {family:.3g} | 1.00× |')
+  return '\n'.join(lines + cost) + '\n'
+
+
+def plot_frontier(result: dict, split: str = 'validation') -> figure.Figure:
+  """Loss against FLOPs per token of the deployed sub-model: dense trained alone (black),
+  dense truncated (gray), each RA variant; error bars: one sample sd over seeds."""
+  fig = figure.Figure(figsize=(8, 5), layout='constrained')
+  ax = fig.add_subplot()
+  budgets = result['budgets']
+  x = [b['flops_per_token'] for b in budgets]
+  series = [('dense trained', dict(color='black', marker='*', ms=10, lw=2)),
+            ('dense, equal training FLOPs', dict(color='black', marker='s', ms=5, lw=1, ls=':')),
+            ('dense truncated', dict(color='gray', marker='x', lw=1, ls='--'))]
+  variants = sorted({k for b in budgets for k in b if k.startswith('RA ')})
+  series += [(v, dict(marker='o', ms=5, lw=1.5, color=c)) for v, c in
+             zip(variants, _colors(len(variants)))]
+  for name, style in series:
+    pts = [(xi, b[name]) for xi, b in zip(x, budgets) if b.get(name) and b[name]['n']]
+    if not pts:
+      continue
+    xs, stats = zip(*pts)
+    ax.errorbar(xs, [s['mean'] for s in stats],
+                yerr=[0 if math.isnan(s['sd']) else s['sd'] for s in stats], label=name,
+                capsize=3, **style)
+  ax.set_xlabel('FLOPs per token of the (sub-)model as deployed')
+  ax.set_ylabel(f'{split} loss (nats per token)')
+  ax.set_title('Sub-models of one RA model against dense models trained alone', fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return fig
 
 
 def _define_flags():

@@ -26,12 +26,17 @@ import ml_collections
 import numpy as np
 import scipy.special
 
+from rag_jax import flops
 from rag_jax import plan as plan_lib
 from rag_jax.errors import ConfigError
 
 SITES = ('mlp', 'heads', 'layers')
 STRUCTURES = ('nested', 'random', 'bernoulli')
-TRAIN_MODES = ('single', 'sandwich')
+# 'single': one drawn width per step. 'sandwich': the full width and one drawn width.
+# 'sandwich_rule' (US-Nets): the full width, the smallest width (max(1 - lam, min_active)) and
+# `sandwich_random` drawn widths. In both sandwich modes the narrow widths may also learn from the
+# full width's detached predictions (in-place distillation: `distill_weight`, `distill_temperature`).
+TRAIN_MODES = ('single', 'sandwich', 'sandwich_rule')
 # How a forward pass chooses what is on: `dense` (everything), `fixed` (one static fraction for
 # the whole pass or generation), `random` (a fresh draw at every time step). `evaluate` scores
 # `fixed` and `random` (a dense run at fraction 1 is the dense model); `sample` takes all three.
@@ -51,7 +56,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.per_layer = True     # one draw per layer (True) or one per step for all layers.
   c.rescale = False      # scale a site's output by d/k (inverted-dropout style).
   c.min_active = 0.0     # floor on the drawn fraction.
-  c.train_mode = 'single'  # 'single': one drawn width per step; 'sandwich': full + drawn.
+  c.train_mode = 'single'  # 'single', 'sandwich' (full + drawn), 'sandwich_rule' (see TRAIN_MODES).
+  c.sandwich_random = 2    # sandwich_rule: drawn widths per step beside the smallest and the full.
+  c.distill_weight = 0.0   # narrow widths' loss: (1 - w) * CE(labels) + w * T^2 * KL(full || narrow).
+  c.distill_temperature = 1.0
   return c
 
 
@@ -87,6 +95,18 @@ def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -
   if act.train_mode not in TRAIN_MODES:
     raise ConfigError(f'config.activation.train_mode must be one of {TRAIN_MODES}, '
                       f'got {act.train_mode!r}.')
+  n = act.get('sandwich_random', 2)
+  if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    raise ConfigError(f'config.activation.sandwich_random must be a non-negative integer, got {n!r}.')
+  w, t = act.get('distill_weight', 0.0), act.get('distill_temperature', 1.0)
+  if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 <= w <= 1:
+    raise ConfigError(f'config.activation.distill_weight must be in [0, 1], got {w!r}.')
+  if not isinstance(t, (int, float)) or isinstance(t, bool) or t <= 0:
+    raise ConfigError(f'config.activation.distill_temperature must be > 0, got {t!r}.')
+  if w > 0 and act.train_mode == 'single':
+    raise ConfigError('config.activation.distill_weight > 0 distils the full width into the narrow '
+                      "ones, which needs the full width in the step: use train_mode='sandwich' or "
+                      "'sandwich_rule'.")
   b = act.buckets
   if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
     raise ConfigError(f'config.activation.buckets must be a positive integer, got {b!r}.')
@@ -246,3 +266,27 @@ def compute_fractions(act: ml_collections.ConfigDict, model_cfg,
   width = expected(act.buckets)
   return {'mlp': width if 'mlp' in sites else 1.0, 'heads': width if 'heads' in sites else 1.0,
           'layers': expected(model_cfg.num_layers) if 'layers' in sites else 1.0}
+
+
+def smallest_fraction(act: ml_collections.ConfigDict) -> float:
+  """The narrowest fraction a draw can give: max(1 - lam, min_active)."""
+  return max(1.0 - act.lam, act.min_active)
+
+
+def train_passes(act: ml_collections.ConfigDict) -> list[float | None]:
+  """The forward passes of one training step: a fixed fraction (1.0 = the full width) or None
+  (a drawn width)."""
+  if not (act.enabled and act.lam > 0):
+    return [1.0]
+  if act.train_mode == 'sandwich':
+    return [1.0, None]
+  if act.train_mode == 'sandwich_rule':
+    return [1.0, smallest_fraction(act)] + [None] * act.get('sandwich_random', 2)
+  return [None]
+
+
+def train_flops_per_token(act: ml_collections.ConfigDict, model_cfg) -> float:
+  """Forward FLOPs per token of one training step, summed over its passes (drawn widths in
+  expectation, exact from width_cdf); the backward pass adds about twice this."""
+  return sum(flops.flops_per_token(model_cfg, **compute_fractions(act, model_cfg, f))
+             for f in train_passes(act))

@@ -49,7 +49,8 @@ GELUS = ('exact', 'tanh')
 # behaviour those runs had: a saved config.json is completed with them when loaded
 # (workdir.load_config), so an older run resumes and loads as before.
 ADDED_FIELDS = {'init_from': '', 'init_reorder': False, 'data.vocab_size': 0,
-                'model.gelu': 'exact', 'profile_steps': '',
+                'model.gelu': 'exact', 'model.head_dim': 0, 'profile_steps': '', 'activation.sandwich_random': 2,
+                'activation.distill_weight': 0.0, 'activation.distill_temperature': 1.0,
                 'wandb': {'project': '', 'entity': '', 'name': '', 'mode': 'online'}}
 
 

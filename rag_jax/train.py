@@ -47,14 +47,50 @@ from rag_jax.errors import Interrupted, WorkdirError
 from rag_jax.models import gpt
 
 
-def loss_fn(params, model: gpt.GPT, tokens_BxT1: jax.Array, dropout_key: jax.Array | None,
-            plan: plan_lib.Plan | None = None):
-  """Mean next-token cross-entropy (float32) of windows of T+1 tokens."""
+def logits_fn(params, model: gpt.GPT, tokens_BxT1: jax.Array, dropout_key: jax.Array | None,
+              plan: plan_lib.Plan | None = None) -> jax.Array:
+  """The float32 next-token logits of windows of T+1 tokens (inputs: the first T)."""
   logits_BxTxV, _ = model.apply(
       {'params': params}, tokens_BxT1[:, :-1], deterministic=dropout_key is None,
       rngs=None if dropout_key is None else {'dropout': dropout_key}, plan=plan)
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxTxV.astype(jnp.float32), tokens_BxT1[:, 1:]).mean()
+  return logits_BxTxV.astype(jnp.float32)
+
+
+def cross_entropy(logits_BxTxV: jax.Array, tokens_BxT1: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, tokens_BxT1[:, 1:]).mean()
+
+
+def loss_fn(params, model: gpt.GPT, tokens_BxT1: jax.Array, dropout_key: jax.Array | None,
+            plan: plan_lib.Plan | None = None):
+  """Mean next-token cross-entropy (float32) of windows of T+1 tokens."""
+  return cross_entropy(logits_fn(params, model, tokens_BxT1, dropout_key, plan), tokens_BxT1)
+
+
+def narrow_loss(logits_BxTxV: jax.Array, teacher_BxTxV: jax.Array | None, tokens_BxT1: jax.Array,
+                weight: float, temperature: float) -> tuple[jax.Array, jax.Array]:
+  """(objective, cross-entropy) of a narrow width. In-place distillation (US-Nets, DynaBERT):
+  with `weight` w > 0 the objective is (1 - w) * CE(labels) + w * T^2 * KL(teacher || narrow) at
+  temperature T, the teacher being the full width's predictions, detached (no gradient reaches
+  the full width through its role as a target). w = 0 is the cross-entropy alone."""
+  ce = cross_entropy(logits_BxTxV, tokens_BxT1)
+  if not weight:
+    return ce, ce
+  t = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_BxTxV) / temperature)
+  s = jax.nn.log_softmax(logits_BxTxV / temperature)
+  kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1).mean() * temperature ** 2
+  return (1 - weight) * ce + weight * kl, ce
+
+
+def train_plans(act_key: jax.Array, act: ml_collections.ConfigDict,
+                model_cfg) -> list[plan_lib.Plan]:
+  """The plans of a training step's narrow passes (the full width, in the sandwich modes, is
+  the plan None): `single` and `sandwich` one drawn width; `sandwich_rule` the smallest width
+  (static) and `act.sandwich_random` drawn ones. The last is the one the step's metrics report."""
+  if act.train_mode != 'sandwich_rule':
+    return [activation.make_plan(act_key, act, model_cfg)]
+  smallest = activation.make_plan(act_key, act, model_cfg, activation.smallest_fraction(act))
+  return [smallest] + [activation.make_plan(jax.random.fold_in(act_key, i), act, model_cfg)
+                       for i in range(act.get('sandwich_random', 2))]
 
 
 def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
@@ -63,7 +99,9 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
 
   With random activation on (`act.enabled`), the step draws which part of the network is on
   from its activation key (shared by the batch; per layer if `act.per_layer`). `single` trains
-  that sub-network; `sandwich` adds the full network's loss in the same step.
+  that sub-network; `sandwich` adds the full network's loss in the same step; `sandwich_rule`
+  adds the full and the smallest widths to `act.sandwich_random` drawn ones (the drawn widths
+  of one step use keys folded from its activation key). Losses of the passes are summed.
   """
   use_dropout = model.cfg.dropout > 0
   random_activation = act is not None and act.enabled and act.lam > 0
@@ -74,15 +112,22 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
     dropout_key = dropout_key if use_dropout else None
     metrics = {}
     if random_activation:
-      plan = activation.make_plan(act_key, act, model.cfg)
-      metrics.update({f'active_{k}': v for k, v in plan_lib.active_fractions(plan).items()})
+      plans = train_plans(act_key, act, model.cfg)
+      metrics.update({f'active_{k}': v for k, v in plan_lib.active_fractions(plans[-1]).items()})
+      weight, temperature = act.get('distill_weight', 0.0), act.get('distill_temperature', 1.0)
 
       def total_loss(params):
-        drawn = loss_fn(params, model, batch, dropout_key, plan)
-        if act.train_mode == 'sandwich':
-          full = loss_fn(params, model, batch, dropout_key)
-          return full + drawn, (full, drawn)
-        return drawn, (drawn, drawn)
+        if act.train_mode == 'single':
+          drawn = loss_fn(params, model, batch, dropout_key, plans[0])
+          return drawn, (drawn, drawn)
+        full_logits = logits_fn(params, model, batch, dropout_key)
+        full = cross_entropy(full_logits, batch)
+        total, narrow_ce = full, []
+        for plan in plans:
+          objective, ce = narrow_loss(logits_fn(params, model, batch, dropout_key, plan),
+                                      full_logits, batch, weight, temperature)
+          total, narrow_ce = total + objective, narrow_ce + [ce]
+        return total, (full, sum(narrow_ce) / len(narrow_ce))
 
       (_, (loss, drawn_loss)), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)
       metrics['train_loss_drawn'] = drawn_loss

@@ -148,3 +148,83 @@ def test_a_sweep_without_an_alpha_beta_grid_has_no_heatmaps(tmp_path):
 def test_empty_sweep_dir(tmp_path):
   with pytest.raises(FileNotFoundError, match='holds no run'):
     collect.load_table(str(tmp_path))
+
+
+FRONTIER = ROOT / 'configs' / 'ablations' / 'frontier.py'
+
+
+def test_frontier_sweep_expands_to_dense_models_at_the_sub_models_flops():
+  """Each dense model of the frontier has the FLOPs per token of the RA sub-model it is matched
+  to (exactly: the same shape), and the equal-FLOPs ones cost what the `single` RA run costs to
+  train, within the 10 steps they are rounded to."""
+  from rag_jax import activation, flops, runs
+  frontier_file = configuration.load_module(str(FRONTIER))
+  base = frontier_file.get_config()
+  expanded = sweeps.expand(str(FRONTIER))
+  dense = [r for r in expanded if not r.random_activation]
+  ra = [r for r in expanded if r.random_activation]
+  assert len(dense) == 21 and len(ra) == 12  # 3 seeds x (4 + 3 dense, 4 RA)
+  assert len(sweeps.expand(f'{FRONTIER}:smoke')) == 6  # one seed, a = 1 and 0.5, 4 RA
+  assert {r.config.seed for r in expanded} == {0, 1, 2}
+  ra_cfg = runs.make_model(base, 65).cfg
+  for run in dense:
+    cfg = runs.make_model(run.config, 65).cfg
+    a = cfg.mlp_dim / base.model.mlp_dim
+    assert a in (1.0, 0.75, 0.5, 0.25) and cfg.num_heads == base.model.num_heads * a
+    sub = flops.flops_per_token(ra_cfg, mlp=a, heads=a)  # the RA model's parallel pass at a
+    kv_all_heads = 2 * cfg.embed_dim * 2 * ra_cfg.attn_dim * (1 - a) * cfg.num_layers
+    assert flops.flops_per_token(cfg) == pytest.approx(sub - kv_all_heads, rel=1e-12)
+    assert flops.flops_per_token(cfg) == frontier_file.submodel_flops(base, a)
+    if run.config.num_steps != base.num_steps:
+      ra_cost = activation.train_flops_per_token(base.activation, ra_cfg) * base.num_steps
+      dense_cost = flops.flops_per_token(cfg) * run.config.num_steps
+      assert abs(dense_cost / ra_cost - 1) < 5 / run.config.num_steps
+  modes = {(r.config.activation.train_mode, r.config.activation.distill_weight) for r in ra}
+  assert modes == {('single', 0.0), ('sandwich', 0.0), ('sandwich', 0.5), ('sandwich_rule', 0.5)}
+
+
+def test_frontier_table_and_verdicts(tmp_path):
+  """collect's frontier on fake runs of the frontier sweep: RA `sandwich` beats the dense models
+  at a = 0.5 by more than the seed noise, ties at a = 1, loses at a = 0.25."""
+  from rag_jax.data import tokenizers
+  expanded = sweeps.expand(str(FRONTIER))
+  rng = np.random.default_rng(0)
+  for run in expanded:
+    workdir = tmp_path / run.name
+    workdir.mkdir()
+    c = run.config
+    act = c.activation
+    a_dense = c.model.mlp_dim / 512
+    base = {1.0: 1.89, 0.75: 1.93, 0.5: 1.98, 0.25: 2.10}
+    def loss(a):
+      if not (act.enabled and act.lam > 0):
+        trained = base[a_dense] - (0.02 if c.num_steps > 2000 else 0.0)
+        return trained + 0.8 * (1 - a) + rng.normal(0, 0.003)
+      ra = {1.0: 1.89, 0.75: 1.90, 0.5: 1.93, 0.25: 2.5}[a]
+      return ra - (0.01 if act.train_mode != 'single' else 0.0) + rng.normal(0, 0.003)
+    fractions = (1.0, 0.75, 0.5, 0.25)
+    curve = [{'active_fraction': a, 'policy': 'fixed', 'loss': loss(a), 'split': 'validation',
+              'flops_per_token': 1e6 * a} for a in fractions]
+    (workdir / 'config.json').write_text(json.dumps(c.to_dict()))
+    (workdir / 'eval_curve.json').write_text(json.dumps(curve))
+    tokenizers.save(tokenizers.CharTokenizer(''.join(chr(33 + i) for i in range(65))),
+                    str(workdir / 'tokenizer.json'))
+  table = collect.load_table(str(tmp_path))
+  result = collect.frontier(table)
+  budgets = {b['a']: b for b in result['budgets']}
+  assert sorted(budgets) == [0.25, 0.5, 0.75, 1.0]
+  assert budgets[0.5]['dense trained']['n'] == 3 and budgets[0.5]['RA sandwich']['n'] == 3
+  assert budgets[0.5]['equal-FLOPs steps'] > 2000
+  assert collect.verdict(budgets[0.5]['RA sandwich'], budgets[0.5]['dense trained']).startswith(
+      'RA better')
+  assert collect.verdict(budgets[0.25]['RA sandwich'], budgets[0.25]['dense trained']).startswith(
+      'dense better')
+  assert collect.verdict(budgets[1.0]['RA sandwich'], budgets[1.0]['dense trained']).startswith(
+      'within seed noise') or budgets[1.0]['RA sandwich']['mean'] < 1.89
+  costs = result['train_flops']
+  assert costs['RA single'] < costs['RA sandwich'] < costs['RA sandwich_rule+distill']
+  assert costs['RA single'] < result['dense_family_flops']
+  text = collect.frontier_markdown(result)
+  assert text.count('\n| 0.5 |') == 1 and 'dense family' in text
+  out = collect.write(table, str(tmp_path))
+  assert os.path.exists(out['frontier_png']) and os.path.exists(out['frontier'])

@@ -135,3 +135,22 @@ def test_cli_sample_random_policy(ra_run, tfds_env):
       [sys.executable, '-m', 'rag_jax.sample', f'--workdir={workdir}', '--prompt=ROMEO:',
        '--policy=fixed'], cwd=ROOT, env=tfds_env, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and 'needs --active_fraction' in proc.stderr
+
+
+def test_per_layer_search_on_a_trained_run(ra_run, tmp_path, tfds_env):
+  """rag_jax.search on the smoke RA run: a plan within the FLOPs of a = 0.5, scored with the
+  uniform width on validation and test (the CLI writes it as JSON)."""
+  from rag_jax import search
+  _, workdir = ra_run
+  result = search.run_search(workdir, 0.5, batches=2, seed=0)
+  assert result['within_budget']
+  assert result['flops_per_token'] <= result['target_flops_per_token']
+  for split in ('validation', 'test'):
+    assert np.isfinite(result[f'plan_{split}_loss']) and np.isfinite(result[f'uniform_{split}_loss'])
+  out = tmp_path / 'plan.json'
+  proc = subprocess.run([sys.executable, '-m', 'rag_jax.search', f'--workdir={workdir}',
+                         '--active_fraction=0.5', '--batches=2', f'--out={out}'], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, env=tfds_env)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(out.read_text())['buckets'] == result['buckets']
+  assert 'per-layer plan' in proc.stdout

@@ -23,7 +23,7 @@ def sweep(arg=None):
   if arg == 'smoke':
     grid = itertools.product(('nested', 'random'), (False,), ('single',))
   else:
-    grid = itertools.product(activation.STRUCTURES, (False, True), activation.TRAIN_MODES)
+    grid = itertools.product(activation.STRUCTURES, (False, True), ('single', 'sandwich'))
   for structure, rescale, train_mode in grid:
     yield {'activation.structure': structure, 'activation.rescale': rescale,
            'activation.train_mode': train_mode}

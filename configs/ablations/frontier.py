@@ -1,0 +1,98 @@
+"""The honest comparison: random-activation sub-models against dense models trained on their own
+at the same FLOPs per token, three seeds each, and the training modes that close the gap.
+
+The RA model (configs/ra_shakespeare_char.py: 4 layers, 4 heads of 32, 512 MLP units, lam 0.75,
+nested mlp and heads, 4 buckets) at a fixed fraction a computes the first a·H heads and a·F MLP
+units of every block: as a deployed sub-model (`rag_jax.export`) it *is* a dense model with
+a·H heads of the same head width and a·F units. So the dense model matched to budget a has
+exactly that shape, trained alone with the same data, steps and recipe: its FLOPs per token equal
+the sub-model's exactly (whole heads and units: a ∈ {1, 0.75, 0.5, 0.25} of 4 heads and 512
+units). Per seed (0, 1, 2):
+
+  dense at a = 1, 0.75, 0.5, 0.25         (2000 steps; a = 1 is the dense baseline)
+  dense at a = 0.75, 0.5, 0.25, more steps (equal training FLOPs: as many as the `single` RA run
+                                           costs to train, see `equal_flops_steps`)
+  RA single | sandwich | sandwich + in-place distillation | the sandwich rule (smallest, full
+  and 2 drawn widths) + distillation
+
+`experiments/collect.py` writes frontier.md and frontier.png for this sweep. `:smoke` is the tiny
+model, one seed, budgets 1 and 0.5, no equal-FLOPs runs.
+
+    python experiments/sweep.py --config=configs/ablations/frontier.py[:smoke] \
+        --sweep_dir=runs/frontier
+"""
+import ml_collections
+
+from rag_jax import activation
+from rag_jax import configuration
+from rag_jax import flops
+from rag_jax import runs
+from rag_jax import sweeps
+from rag_jax.models import gpt
+
+# Every run starts from configs/ra_shakespeare_char.py[:ARG] ('' or 'smoke').
+get_config = configuration.config_from(__file__, '../ra_shakespeare_char.py')
+
+BUDGETS = (1.0, 0.75, 0.5, 0.25)
+SEEDS = (0, 1, 2)
+# The character vocabulary of tiny_shakespeare (the FLOPs of the output head).
+VOCAB = 65
+DISTILL = {'activation.distill_weight': 0.5, 'activation.distill_temperature': 1.0}
+VARIANTS = {
+    'single': {'activation.train_mode': 'single'},
+    'sandwich': {'activation.train_mode': 'sandwich'},
+    'distill': {'activation.train_mode': 'sandwich', **DISTILL},
+    'rule': {'activation.train_mode': 'sandwich_rule', 'activation.sandwich_random': 2, **DISTILL},
+}
+
+
+def model_cfg(config, **shape) -> gpt.GPTConfig:
+  """The model of `config` with `shape` (model fields) changed."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.update(shape)
+  return runs.make_model(config, VOCAB).cfg
+
+
+def dense_at(config, a: float) -> dict:
+  """The dense model of the RA sub-model's shape at fraction a (whole heads and units, as the
+  run's buckets round a)."""
+  model, act = config.model, config.activation
+  width = (activation.bucket_index(a, act.buckets) + 1) / act.buckets
+  return {**sweeps.DENSE, 'model.num_heads': round(model.num_heads * width),
+          'model.mlp_dim': round(model.mlp_dim * width),
+          'model.head_dim': model.get('head_dim') or model.embed_dim // model.num_heads}
+
+
+def dense_flops(config, a: float) -> float:
+  shape = {k.split('.')[1]: v for k, v in dense_at(config, a).items() if k.startswith('model.')}
+  return flops.flops_per_token(model_cfg(config, **shape))
+
+
+def submodel_flops(config, a: float) -> float:
+  """FLOPs per token of the RA model's sub-model at a as exported (keys and values of the kept
+  heads only)."""
+  return dense_flops(config, a)
+
+
+def equal_flops_steps(config, a: float, variant: str = 'single') -> int:
+  """Steps for the dense model at a to cost what `variant` costs to train in config.num_steps
+  (training FLOPs: forward + backward of every pass of a step, in expectation), to tens."""
+  ra = config.activation.copy_and_resolve_references()
+  for key, value in VARIANTS[variant].items():
+    ra[key.split('.', 1)[1]] = value
+  cost = activation.train_flops_per_token(ra, model_cfg(config))
+  return int(round(config.num_steps * cost / dense_flops(config, a), -1))
+
+
+def sweep(arg=None):
+  config = get_config(arg)
+  smoke = arg == 'smoke'
+  seeds, budgets = ((0,), (1.0, 0.5)) if smoke else (SEEDS, BUDGETS)
+  for seed in seeds:
+    for a in budgets:
+      yield {**dense_at(config, a), 'seed': seed}
+    if not smoke:
+      for a in budgets[1:]:
+        yield {**dense_at(config, a), 'num_steps': equal_flops_steps(config, a), 'seed': seed}
+    for overrides in VARIANTS.values():
+      yield {**overrides, 'seed': seed}

@@ -1,0 +1,134 @@
+"""Training that closes the gap: in-place distillation and the sandwich rule (train.py), and the
+training FLOPs each mode costs (activation.train_flops_per_token)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rag_jax import activation
+from rag_jax import flops
+from rag_jax import plan as plan_lib
+from rag_jax import runs
+from rag_jax import train
+from rag_jax.errors import ConfigError
+from rag_jax.models import gpt
+
+CFG = gpt.GPTConfig(vocab_size=29, num_layers=2, num_heads=4, embed_dim=16, mlp_dim=32,
+                    block_size=8)
+
+
+def act_config(**overrides):
+  act = activation.default_config()
+  act.update(enabled=True, lam=0.75, buckets=4, **overrides)
+  return act
+
+
+@pytest.fixture(scope='module')
+def setup():
+  model = gpt.GPT(CFG)
+  tokens = jax.random.randint(jax.random.key(0), (2, CFG.block_size + 1), 0, CFG.vocab_size)
+  params = model.init(jax.random.key(1), tokens[:, :-1])['params']
+  tx = optax.adamw(1e-2)
+  state = runs.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params))
+  return model, tx, state, tokens
+
+
+def test_narrow_loss_at_weight_zero_is_the_cross_entropy_and_the_target_has_no_gradient():
+  student = jax.random.normal(jax.random.key(2), (2, 5, 7))
+  teacher = jax.random.normal(jax.random.key(3), (2, 5, 7))
+  tokens = jax.random.randint(jax.random.key(4), (2, 6), 0, 7)
+  objective, ce = train.narrow_loss(student, teacher, tokens, 0.0, 1.0)
+  assert objective == ce == train.cross_entropy(student, tokens)
+  f = lambda s, t: train.narrow_loss(s, t, tokens, 0.7, 2.0)[0]
+  d_student, d_teacher = jax.grad(f, argnums=(0, 1))(student, teacher)
+  assert float(jnp.abs(d_teacher).max()) == 0.0  # the target is detached
+  assert float(jnp.abs(d_student).max()) > 0
+  # With the student equal to the teacher the KL term is 0: the objective is (1 - w) * CE.
+  same, ce = train.narrow_loss(teacher, teacher, tokens, 0.7, 2.0)
+  np.testing.assert_allclose(same, 0.3 * ce, rtol=1e-5)
+
+
+def test_sandwich_with_distillation_weight_zero_equals_plain_sandwich(setup):
+  """One step of `sandwich` with distill_weight = 0 gives exactly the parameters of a step
+  written here by hand: the full width's and the drawn width's cross-entropies, summed. The
+  two are separately compiled programs, whose fusions may round differently: equal within
+  float32 rounding (run op by op, unjitted, they are bit for bit equal, but that takes minutes).
+  A positive weight moves the parameters a thousand times further."""
+  model, tx, state, tokens = setup
+  act = act_config(train_mode='sandwich', distill_weight=0.0)
+  key = jax.random.key(5)
+  new, metrics = jax.jit(train.make_train_step(model, tx, act))(state, tokens, key)
+
+  act_key = jax.random.split(jax.random.fold_in(key, state.step))[1]
+  plan = activation.make_plan(act_key, act, CFG)
+  loss = lambda p: (train.loss_fn(p, model, tokens, None) +
+                    train.loss_fn(p, model, tokens, None, plan))
+  grads = jax.jit(jax.grad(loss))(state.params)
+  updates, _ = tx.update(grads, state.opt_state, state.params)
+  expected = optax.apply_updates(state.params, updates)
+  gap = lambda a, b: max(jax.tree.leaves(jax.tree.map(
+      lambda x, y: float(jnp.abs(x - y).max()), a, b)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
+               new.params, expected)
+  distilled, _ = jax.jit(train.make_train_step(
+      model, tx, act_config(train_mode='sandwich', distill_weight=0.5)))(state, tokens, key)
+  assert gap(distilled.params, expected) > 1e-4
+  assert np.isfinite(float(metrics['train_loss_drawn']))
+
+
+def test_sandwich_rule_widths_are_the_configured_ones():
+  act = act_config(train_mode='sandwich_rule', sandwich_random=3)
+  plans = train.train_plans(jax.random.key(6), act, CFG)
+  assert len(plans) == 4
+  smallest = plan_lib.active_fractions(plans[0])
+  assert smallest['mlp'] == smallest['heads'] == 0.25  # 1 - lam, at 4 buckets
+  assert all(isinstance(p.mlp, plan_lib.StaticWidth) for p in plans[0])
+  assert all(isinstance(p.mlp, plan_lib.DrawnWidth) for plan in plans[1:] for p in plan)
+  # The drawn widths use different keys: over many steps they are not all equal. (One draw for
+  # all layers here, so that a plan's mean fraction is its width.)
+  act.per_layer = False
+  draws = np.array([[float(plan_lib.active_fractions(p)['mlp']) for p in
+                     train.train_plans(jax.random.key(s), act, CFG)[1:]] for s in range(20)])
+  assert (draws.std(axis=1) > 0).any()
+  assert set(np.unique(draws)) <= {0.25, 0.5, 0.75, 1.0}
+  assert len(train.train_plans(jax.random.key(6), act_config(train_mode='sandwich'), CFG)) == 1
+
+
+def test_sandwich_rule_step_trains(setup):
+  model, tx, state, tokens = setup
+  act = act_config(train_mode='sandwich_rule', sandwich_random=2, distill_weight=1.0)
+  step = jax.jit(train.make_train_step(model, tx, act))
+  losses = []
+  for _ in range(10):
+    state, metrics = step(state, tokens, jax.random.key(7))
+    losses.append(float(metrics['train_loss']))
+  assert losses[-1] < losses[0] - 0.3 and np.isfinite(float(metrics['train_loss_drawn']))
+
+
+def test_training_flops_of_each_mode():
+  full = flops.flops_per_token(CFG)
+  mean = flops.flops_per_token(CFG, **activation.compute_fractions(act_config(), CFG))
+  quarter = flops.flops_per_token(CFG, **activation.compute_fractions(act_config(), CFG, 0.25))
+  assert activation.train_flops_per_token(act_config(), CFG) == mean
+  assert activation.train_flops_per_token(act_config(train_mode='sandwich'), CFG) == full + mean
+  rule = activation.train_flops_per_token(
+      act_config(train_mode='sandwich_rule', sandwich_random=2), CFG)
+  assert rule == pytest.approx(full + quarter + 2 * mean)
+  dense = activation.default_config()
+  assert activation.train_flops_per_token(dense, CFG) == full
+  assert quarter < mean < full
+
+
+@pytest.mark.parametrize('overrides,match', [
+    ({'distill_weight': 0.5}, 'train_mode'),  # single has no full width to distil from
+    ({'train_mode': 'sandwich', 'distill_weight': 1.5}, 'distill_weight'),
+    ({'train_mode': 'sandwich', 'distill_temperature': 0.0}, 'distill_temperature'),
+    ({'train_mode': 'sandwich_rule', 'sandwich_random': -1}, 'sandwich_random'),
+    ({'train_mode': 'sandwich_rules'}, 'train_mode'),
+])
+def test_bad_training_modes_are_refused(overrides, match):
+  model = CFG
+  with pytest.raises(ConfigError, match=match):
+    activation.validate(act_config(**overrides), model)
