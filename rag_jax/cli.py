@@ -51,9 +51,10 @@ def _config_spec(argv: list[str]) -> str | None:
 
 def check_activation_overrides(argv: list[str], config) -> None:
   """`--config.activation.F=V` on a config whose activation is off would train the dense model
-  without a word: one error instead (exit status 1)."""
+  without a word: one error instead (exit status 1). `buckets` is allowed: on a dense run it
+  sets the widths `evaluate --active_fractions` truncates the model to (whole heads)."""
   given = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.activation.')
-           and not a.startswith('--config.activation.enabled')]
+           and not a.startswith(('--config.activation.enabled', '--config.activation.buckets'))]
   if given and not config.activation.enabled:
     sys.exit(f'error: {given[0]} has no effect: config.activation.enabled is False (this config '
              'trains the dense model); add --config.activation.enabled=True, or start from a '

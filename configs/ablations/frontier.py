@@ -58,9 +58,12 @@ def dense_at(config, a: float) -> dict:
   run's buckets round a)."""
   model, act = config.model, config.activation
   width = (activation.bucket_index(a, act.buckets) + 1) / act.buckets
-  return {**sweeps.DENSE, 'model.num_heads': round(model.num_heads * width),
-          'model.mlp_dim': round(model.mlp_dim * width),
-          'model.head_dim': model.get('head_dim') or model.embed_dim // model.num_heads}
+  heads = round(model.num_heads * width)
+  # `buckets` = its head count: evaluate's truncated curve of this dense model then takes whole
+  # heads (the RA base's 4 buckets do not divide 3, 2 or 1 heads).
+  return {**sweeps.DENSE, 'model.num_heads': heads, 'model.mlp_dim': round(model.mlp_dim * width),
+          'model.head_dim': model.get('head_dim') or model.embed_dim // model.num_heads,
+          'activation.buckets': heads}
 
 
 def dense_flops(config, a: float) -> float:
