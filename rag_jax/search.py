@@ -7,15 +7,17 @@ per token, which width should each layer's MLP and heads take?
 A greedy search on the trained model: start from the full width everywhere; at each step try
 narrowing every (layer, site) by one bucket, score each candidate on `batches` random windows of
 the validation split (drawn from `seed`), and keep the one that loses the least loss per FLOP
-saved; stop when the plan's FLOPs per token reach the target (those of the uniform width at
-`--active_fraction`, in `evaluate`'s count). Every candidate runs as the real narrower network:
-the plan's widths are `DrawnWidth`s whose buckets are arguments of one compiled evaluation
+saved, until the plan's FLOPs per token are within the budget: every searched site at
+`--active_fraction` of its width (in `evaluate`'s count; a fraction between buckets asks for a
+mix). Then swaps: widen one (layer, site) by a bucket and narrow another while the plan stays
+within the budget and its loss falls. Every candidate runs as the real narrower network: the
+plan's widths are `DrawnWidth`s whose buckets are arguments of one compiled evaluation
 (`lax.switch`), so the search compiles once. The search is budgeted by `max_evaluations`
 (candidate scorings) and is deterministic given the seed.
 
 The result (JSON) holds the per-layer buckets and widths, the FLOPs, the search history, and the
-honest comparison: the plan against the uniform width at the same fraction on the whole
-validation split and on the test split (the search never saw the test split).
+honest comparison: the plan against the widest uniform width within the same budget, on the
+whole validation split and on the test split (the search never saw the test split).
 """
 from __future__ import annotations
 
@@ -113,6 +115,32 @@ def search(params, model, act, tokens: np.ndarray, target_flops: float, batches:
     cost = plan_flops(state, act, cfg)
     history.append({'buckets': {s: list(v) for s, v in state.items()}, 'loss': current,
                     'flops_per_token': cost})
+  # Then swaps: widen one (layer, site) by a bucket and narrow another, while the plan stays
+  # within the budget and the loss falls (a head bucket costs less than an MLP bucket, so the
+  # greedy descent alone can stop short of the budget or on the uniform grid).
+  improved = True
+  while improved and cost <= target_flops * (1 + 1e-9) and evaluations < max_evaluations:
+    improved, best = False, None
+    slots = [(s, l) for s in sites for l in range(cfg.num_layers)]
+    for up in slots:
+      for down in slots:
+        if (up == down or state[up[0]][up[1]] == top or state[down[0]][down[1]] == 0
+            or evaluations >= max_evaluations):
+          continue
+        trial = {s: list(v) for s, v in state.items()}
+        trial[up[0]][up[1]] += 1
+        trial[down[0]][down[1]] -= 1
+        if plan_flops(trial, act, cfg) > target_flops * (1 + 1e-9):
+          continue
+        loss = float(score(as_array(trial)))
+        evaluations += 1
+        if loss < current and (best is None or loss < best[1]):
+          best = (trial, loss)
+    if best is not None:
+      (state, current), improved = best, True
+      cost = plan_flops(state, act, cfg)
+      history.append({'buckets': {s: list(v) for s, v in state.items()}, 'loss': current,
+                      'flops_per_token': cost, 'swap': True})
   return {'buckets': state, 'flops_per_token': cost, 'search_loss': current,
           'evaluations': evaluations, 'history': history,
           'within_budget': cost <= target_flops * (1 + 1e-9)}
@@ -127,17 +155,24 @@ def run_search(workdir: str, fraction: float, batches: int = 8, seed: int = 0,
   activation.validate(act, config.model)
   if not 0 < fraction <= 1:
     raise ValueError(f'--active_fraction must be in (0, 1], got {fraction}.')
-  target = flops.flops_per_token(cfg, **activation.compute_fractions(act, cfg, fraction))
+  # The budget: every searched site at `fraction` of its width, not rounded to a bucket (so a
+  # fraction between buckets asks for a mix); the uniform comparator is the widest uniform
+  # bucket within it.
+  target = flops.flops_per_token(cfg, **{s: fraction for s in SITES
+                                          if s in activation.parse_sites(act.sites)})
+  uniform_fraction = max(1, int(fraction * act.buckets + 1e-6)) / act.buckets
   splits = data_lib.load(config, tokenizer, ('validation', 'test')).splits
   result = search(params, model, act, splits['validation'], target, batches,
                   min(config.eval_batch_size, 32), seed, max_evaluations)
-  uniform = activation.make_plan(jax.random.key(0), act, cfg, fraction)
+  uniform = activation.make_plan(jax.random.key(0), act, cfg, uniform_fraction)
   found = plan_of(result['buckets'], act, cfg, static=True)
   dims = site_dims(cfg)
   result.update(
       workdir=files.absolute(workdir), step=int(step), active_fraction=fraction, seed=seed,
       batches=batches, target_flops_per_token=target,
-      uniform_flops_per_token=target,
+      uniform_fraction=uniform_fraction,
+      uniform_flops_per_token=flops.flops_per_token(
+          cfg, **activation.compute_fractions(act, cfg, uniform_fraction)),
       widths={s: [dims[s] * (b + 1) // act.buckets for b in v]
               for s, v in result['buckets'].items()})
   for split in ('validation', 'test'):
@@ -169,7 +204,7 @@ def main(argv):
   files.write_json(out, result)
   for split in ('validation', 'test'):
     print(f"{split}: per-layer plan {result[f'plan_{split}_loss']:.4f}, uniform "
-          f"a={f.active_fraction:g} {result[f'uniform_{split}_loss']:.4f}")
+          f"a={result['uniform_fraction']:g} {result[f'uniform_{split}_loss']:.4f}")
   print(f"widths {result['widths']}; {result['flops_per_token']:.4g} FLOPs/token (budget "
         f"{result['target_flops_per_token']:.4g}); {result['evaluations']} evaluations; wrote {out}")
 

@@ -53,9 +53,14 @@ def test_search_stays_within_budget_and_is_deterministic(model_params):
   first, again = run(0), run(0)
   assert first['within_budget'] and first['flops_per_token'] <= target
   assert first['buckets'] == again['buckets'] and first['search_loss'] == again['search_loss']
-  # Each step of the history is cheaper than the one before and narrows one site by a bucket.
-  costs = [h['flops_per_token'] for h in first['history']]
+  # Each step of the descent is cheaper than the one before; each swap after it stays within
+  # the budget and lowers the loss.
+  descent = [h for h in first['history'] if not h.get('swap')]
+  costs = [h['flops_per_token'] for h in descent]
   assert all(a > b for a, b in zip(costs, costs[1:]))
+  swaps = [descent[-1]] + [h for h in first['history'] if h.get('swap')]
+  assert all(h['flops_per_token'] <= target for h in swaps)
+  assert all(a['loss'] > b['loss'] for a, b in zip(swaps, swaps[1:]))
   assert first['history'][0]['buckets'] == {'mlp': [3, 3, 3], 'heads': [3, 3, 3]}
   # The budget of evaluations is respected.
   short = search.search(params, model, act, tokens, target, batches=2, batch_size=4,
