@@ -386,11 +386,13 @@ def frontier_markdown(result: dict) -> str:
   budgets = result['budgets']
   variants = sorted({k for b in budgets for k in b if k.startswith('RA ')})
   columns = ['a', 'FLOPs/token', 'dense trained', 'dense truncated', *variants,
-             'dense, equal training FLOPs', 'best RA against dense trained']
+             'dense, equal training FLOPs', 'best RA (seeded) against dense trained']
   lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
   for b in budgets:
+    # The best variant with seeds to compare (else the best of any).
     ra = [b[v] for v in variants if v in b and b[v]['n']]
-    best = min(ra, key=lambda s: s['mean']) if ra else None
+    seeded = [s for s in ra if s['n'] > 1] or ra
+    best = min(seeded, key=lambda s: s['mean']) if seeded else None
     best_name = next((v for v in variants if v in b and b[v] is best), '')
     equal = _cell(b['dense, equal training FLOPs'])
     if equal:
