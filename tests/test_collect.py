@@ -174,7 +174,7 @@ def test_frontier_sweep_expands_to_dense_models_at_the_sub_models_flops():
     sub = flops.flops_per_token(ra_cfg, mlp=a, heads=a)  # the RA model's parallel pass at a
     kv_all_heads = 2 * cfg.embed_dim * 2 * ra_cfg.attn_dim * (1 - a) * cfg.num_layers
     assert flops.flops_per_token(cfg) == pytest.approx(sub - kv_all_heads, rel=1e-12)
-    assert flops.flops_per_token(cfg) == frontier_file.submodel_flops(base, a)
+    assert flops.flops_per_token(cfg) == frontier_file.dense_flops(base, a)
     if run.config.num_steps != base.num_steps:
       ra_cost = activation.train_flops_per_token(base.activation, ra_cfg) * base.num_steps
       dense_cost = flops.flops_per_token(cfg) * run.config.num_steps

@@ -67,14 +67,10 @@ def dense_at(config, a: float) -> dict:
 
 
 def dense_flops(config, a: float) -> float:
+  """FLOPs per token of the dense model at a: also the RA sub-model's at a as exported (keys and
+  values of the kept heads only)."""
   shape = {k.split('.')[1]: v for k, v in dense_at(config, a).items() if k.startswith('model.')}
   return flops.flops_per_token(model_cfg(config, **shape))
-
-
-def submodel_flops(config, a: float) -> float:
-  """FLOPs per token of the RA model's sub-model at a as exported (keys and values of the kept
-  heads only)."""
-  return dense_flops(config, a)
 
 
 def equal_flops_steps(config, a: float, variant: str = 'single') -> int:

@@ -107,7 +107,8 @@ def load_texts(config: ml_collections.ConfigDict,
   """The text of each split, from the prepared array_record files (no TensorFlow needed).
   `config.data.splits` maps our train/validation/test to TFDS split expressions (lm1b has no
   validation split: 'test[:50%]'); by default each is the TFDS split of its own name."""
-  return {split: _read_split(prepare(config), config, split) for split in splits}
+  builder = prepare(config)
+  return {split: _read_split(builder, config, split) for split in splits}
 
 
 def _read_split(builder, config, split: str) -> str:
