@@ -38,7 +38,7 @@ from rag_jax.data import tokenizers
 
 ACTIVATION_COLUMNS = ('alpha', 'beta', 'lam', 'sites', 'structure', 'buckets', 'per_layer',
                       'rescale', 'min_active', 'train_mode', 'sandwich_random', 'distill_weight',
-                      'distill_temperature')
+                      'distill_temperature', 'layer_schedule')
 MODEL_COLUMNS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim')
 ENTRY_COLUMNS = ('policy', 'split', 'active_fraction', 'loss', 'bits_per_token',
                  'flops_per_token', 'step', 'tokens')
@@ -138,6 +138,10 @@ def best_at(table: pd.DataFrame, fraction: float = 0.5, split: str = 'validation
     raise ValueError(f'no random-activation run was evaluated at a = {fraction:g}.')
   run = ra.idxmin()
   dense = fixed[fixed.dense]
+  if not dense.empty:  # several dense sizes (a frontier sweep): the largest is the baseline
+    largest = dense[np.isclose(dense.active_fraction, 1.0)].sort_values(
+        'flops_per_token', ascending=False, kind='stable').run.iloc[0]
+    dense = dense[dense.run == largest]
   first_dense = lambda a: float(loss_at(dense, a).iloc[0]) if len(loss_at(dense, a)) else math.nan
   this = fixed[fixed.run == run]
   return {'run': run, 'fraction': fraction, 'loss': float(ra[run]),
@@ -290,7 +294,8 @@ def write(table: pd.DataFrame, sweep_dir: str, split: str = 'validation') -> dic
     del out['heatmaps']
   else:
     heatmaps.savefig(out['heatmaps'], dpi=120)
-  if table[table.dense].mlp_dim.nunique() > 1:  # dense models of several widths: a frontier
+  dense = table[table.dense]
+  if dense.mlp_dim.nunique() > 1 or dense.num_layers.nunique() > 1:  # several sizes: a frontier
     result = frontier(table, split)
     out['frontier'] = os.path.join(sweep_dir, 'frontier.md')
     out['frontier_png'] = os.path.join(sweep_dir, 'frontier.png')
@@ -307,11 +312,16 @@ def write(table: pd.DataFrame, sweep_dir: str, split: str = 'validation') -> dic
 
 
 def variant(row) -> str:
-  """A run's training kind: 'dense', or the RA train_mode with '+distill'."""
+  """A run's training kind: 'dense', or the RA train_mode with '+distill' (and, on the `layers`
+  site, the blocks it keeps: its layer_schedule, or its structure)."""
   if row['dense']:
     return 'dense'
   distill = row.get('distill_weight') or 0
-  return str(row['train_mode']) + ('+distill' if distill and distill > 0 else '')
+  name = str(row['train_mode']) + ('+distill' if distill and distill > 0 else '')
+  if 'layers' in str(row.get('sites')):  # which blocks it keeps: '[nested]', '[rising]', ...
+    schedule = row.get('layer_schedule')
+    name += f" [{row['structure'] if schedule in (None, 'structure') else schedule}]"
+  return name
 
 
 def _stats(values) -> dict:
@@ -326,18 +336,19 @@ def frontier(table: pd.DataFrame, split: str = 'validation') -> dict:
   every RA variant at fixed a, each as mean, sample sd and n over seeds; FLOPs per token of the
   deployed sub-model; and the training cost of each kind of run.
 
-  A dense run's budget is its MLP width over the widest dense run's. Differences are called
-  beyond the seed noise when they exceed twice their standard error."""
+  A dense run's budget is its MLP width times its depth over the largest dense run's (a sweep
+  varies one of them: configs/ablations/frontier.py the width, depth.py the depth). Differences
+  are called beyond the seed noise when they exceed twice their standard error."""
   rows = table[(table.split == split) & (table.policy == 'fixed')].copy()
   rows['variant'] = [variant(r) for _, r in rows.iterrows()]
   dense = rows[rows.dense]
   if dense.empty or rows[~rows.dense].empty:
     raise ValueError('a frontier needs dense runs and random-activation runs.')
-  full_mlp = dense.mlp_dim.max()
+  full_mlp, full_layers = dense.mlp_dim.max(), dense.num_layers.max()
   steps = int(rows[~rows.dense].num_steps.mode().iloc[0])  # the RA runs' (the recipe's) steps
   trained = dense[np.isclose(dense.active_fraction, 1.0)].copy()
-  trained['budget'] = trained.mlp_dim / full_mlp
-  full = dense[dense.mlp_dim == full_mlp]
+  trained['budget'] = trained.mlp_dim / full_mlp * trained.num_layers / full_layers
+  full = dense[(dense.mlp_dim == full_mlp) & (dense.num_layers == full_layers)]
   budgets = sorted(set(trained.budget.round(6)), reverse=True)
   out = []
   for a in budgets:
@@ -356,8 +367,8 @@ def frontier(table: pd.DataFrame, split: str = 'validation') -> dict:
   kinds = {}
   for name, group in rows.drop_duplicates('run').groupby('variant'):
     if name == 'dense':
-      for mlp, g in group[group.num_steps == steps].groupby('mlp_dim'):
-        kinds[f'dense a={mlp / full_mlp:g}'] = float(g.train_flops.mean())
+      for (mlp, layers), g in group[group.num_steps == steps].groupby(['mlp_dim', 'num_layers']):
+        kinds[f'dense a={mlp / full_mlp * layers / full_layers:g}'] = float(g.train_flops.mean())
     else:
       kinds[f'RA {name}'] = float(group.train_flops.mean())
   family = sum(v for k, v in kinds.items() if k.startswith('dense a='))

@@ -12,6 +12,16 @@ ceil(a * num_layers) whole blocks. Which units are on:
   random     a uniformly random k-subset (units perm[:k] of a random permutation);
   bernoulli  each unit independently with probability a, as a 0/1 mask (no compute saved).
 
+Which whole blocks are on (`layer_schedule`, the `layers` site):
+
+  structure  as `structure` says: nested keeps the first k blocks (an early exit), random a
+             uniformly random k-subset, bernoulli gates each block;
+  spaced     LayerDrop (Fan et al. 2019): a drawn k drops a uniformly random subset in training;
+             a fixed fraction keeps k evenly spaced blocks, the first and the last among them;
+  rising     LayerSkip (Elhoushi et al. 2024): a drawn k drops blocks with rates rising
+             linearly with depth (block l weighted l / (L - 1), the first never dropped); a fixed
+             fraction keeps k evenly spaced blocks, as `spaced`.
+
 `make_plan` turns a key (and optionally a fixed fraction) into a typed `plan.Plan`: static
 widths for a fixed fraction, drawn widths for a draw, masks for `bernoulli`; `per_position_plan`
 gives every position its own draw, as masks. `compute_fractions` is the compute that runs.
@@ -41,6 +51,7 @@ TRAIN_MODES = ('single', 'sandwich', 'sandwich_rule')
 # the whole pass or generation), `random` (a fresh draw at every time step). `evaluate` scores
 # `fixed` and `random` (a dense run at fraction 1 is the dense model); `sample` takes all three.
 POLICIES = ('dense', 'fixed', 'random')
+LAYER_SCHEDULES = ('structure', 'spaced', 'rising')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -54,6 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.structure = 'nested'
   c.buckets = 4          # static widths d/buckets, 2d/buckets, ..., d.
   c.per_layer = True     # one draw per layer (True) or one per step for all layers.
+  c.layer_schedule = 'structure'  # which blocks the `layers` site keeps: see LAYER_SCHEDULES.
   c.rescale = False      # scale a site's output by d/k (inverted-dropout style).
   c.min_active = 0.0     # floor on the drawn fraction.
   c.train_mode = 'single'  # 'single', 'sandwich' (full + drawn), 'sandwich_rule' (see TRAIN_MODES).
@@ -92,6 +104,14 @@ def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -
   if act.structure not in STRUCTURES:
     raise ConfigError(f'config.activation.structure must be one of {STRUCTURES}, '
                       f'got {act.structure!r}.')
+  schedule = act.get('layer_schedule', 'structure')
+  if schedule not in LAYER_SCHEDULES:
+    raise ConfigError(f'config.activation.layer_schedule must be one of {LAYER_SCHEDULES}, '
+                      f'got {schedule!r}.')
+  if schedule != 'structure' and act.structure == 'bernoulli':
+    raise ConfigError(f"config.activation.layer_schedule={schedule!r} chooses which whole blocks "
+                      "are skipped; structure='bernoulli' gates every block instead (nothing is "
+                      "skipped). Use structure 'nested' or 'random', or layer_schedule='structure'.")
   if act.train_mode not in TRAIN_MODES:
     raise ConfigError(f'config.activation.train_mode must be one of {TRAIN_MODES}, '
                       f'got {act.train_mode!r}.')
@@ -181,12 +201,40 @@ def _site(bucket, key, act, d: int, a=None) -> plan_lib.Site:
   return kind(bucket=bucket, perm=perm, d=d, buckets=act.buckets, rescale=act.rescale)
 
 
+def spaced_layers(k: int, num_layers: int) -> tuple[int, ...]:
+  """k of num_layers blocks evenly spaced, the first and (for k >= 2) the last among them."""
+  if k >= num_layers:
+    return tuple(range(num_layers))
+  if k == 1:
+    return (0,)
+  return tuple(math.floor(i * (num_layers - 1) / (k - 1) + 0.5) for i in range(k))
+
+
+def rising_drop_order(key: jax.Array, num_layers: int) -> jax.Array:
+  """rank[l]: block l's place in a draw without replacement with weights l / (L - 1) (the
+  first block never drawn), by Gumbel top-k. Dropping the L - k blocks of rank < L - k drops
+  each with a rate rising with depth."""
+  weights = np.arange(num_layers) / max(num_layers - 1, 1)
+  with np.errstate(divide='ignore'):
+    scores = jnp.asarray(np.log(weights), jnp.float32) + jax.random.gumbel(key, (num_layers,))
+  return jnp.argsort(jnp.argsort(-scores))
+
+
 def _blocks(k, key, act, num_layers: int, a=None) -> list[plan_lib.Block]:
-  """Which blocks run when k of them do (`bernoulli`: each with probability a, as gates)."""
+  """Which blocks run when k of them do (`bernoulli`: each with probability a, as gates).
+  A static k (a fixed fraction) under the `spaced` and `rising` schedules keeps evenly spaced
+  blocks; a drawn k drops random ones (uniformly, or with rates rising with depth)."""
+  schedule = act.get('layer_schedule', 'structure')
   if act.structure == 'bernoulli':  # the block is computed, its output gated.
     gates = jax.random.bernoulli(key, a, (num_layers,)).astype(jnp.float32)
     return [plan_lib.BlockMask(g) for g in gates]
-  if act.structure == 'nested':
+  if schedule != 'structure' and isinstance(k, int):
+    kept = spaced_layers(k, num_layers)
+    on = [l in kept for l in range(num_layers)]
+  elif schedule == 'rising':
+    rank = rising_drop_order(key, num_layers)
+    on = [rank[l] >= num_layers - k for l in range(num_layers)]
+  elif act.structure == 'nested' and schedule == 'structure':
     on = [l < k for l in range(num_layers)]
   else:
     rank = jnp.argsort(jax.random.permutation(key, num_layers))

@@ -14,7 +14,7 @@ from absl import flags
 from rag_jax import configuration
 from rag_jax.errors import ConfigError
 
-ACTIVATION_FLAGS = ('alpha', 'beta', 'lam', 'structure', 'sites')
+ACTIVATION_FLAGS = ('alpha', 'beta', 'lam', 'structure', 'sites', 'layer_schedule')
 # What a command line prints as `error: ...` (exit status 1) instead of a traceback: the package's
 # errors (ValueErrors), a diverged run, and a file the operating system refused (the message
 # names the path).
@@ -22,7 +22,7 @@ ERRORS = (ValueError, FloatingPointError, OSError)
 
 
 def define_activation_flags(structure: bool = False) -> None:
-  """--alpha, --beta, --lam (and with `structure`, --structure and --sites): overrides of the
+  """--alpha, --beta, --lam (and with `structure`, --structure, --sites, --layer_schedule): overrides of the
   run's config.activation for the `random` policy and for what-if evaluations."""
   flags.DEFINE_float('alpha', None, 'Override the run\'s activation alpha.')
   flags.DEFINE_float('beta', None, 'Override the run\'s activation beta.')
@@ -30,6 +30,8 @@ def define_activation_flags(structure: bool = False) -> None:
   if structure:
     flags.DEFINE_string('structure', None, 'Override: nested, random or bernoulli.')
     flags.DEFINE_string('sites', None, 'Override: comma-separated mlp,heads,layers.')
+    flags.DEFINE_string('layer_schedule', None,
+                        'Override: structure, spaced or rising (which blocks the layers site keeps).')
 
 
 def activation_overrides() -> dict:
@@ -51,10 +53,12 @@ def _config_spec(argv: list[str]) -> str | None:
 
 def check_activation_overrides(argv: list[str], config) -> None:
   """`--config.activation.F=V` on a config whose activation is off would train the dense model
-  without a word: one error instead (exit status 1). `buckets` is allowed: on a dense run it
-  sets the widths `evaluate --active_fractions` truncates the model to (whole heads)."""
+  without a word: one error instead (exit status 1). `buckets` and `sites` are allowed: on a
+  dense run they set how `evaluate --active_fractions` truncates the model (the widths, whole
+  heads; and which sites, e.g. whole blocks)."""
+  allowed = tuple(f'--config.activation.{f}' for f in ('enabled', 'buckets', 'sites'))
   given = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.activation.')
-           and not a.startswith(('--config.activation.enabled', '--config.activation.buckets'))]
+           and not a.startswith(allowed)]
   if given and not config.activation.enabled:
     sys.exit(f'error: {given[0]} has no effect: config.activation.enabled is False (this config '
              'trains the dense model); add --config.activation.enabled=True, or start from a '

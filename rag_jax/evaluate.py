@@ -183,6 +183,8 @@ def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
              'flops_per_token': flops.flops_per_token(cfg, **compute), 'split': split,
              'step': int(step), 'tokens': count, 'structure': act.structure,
              'sites': act.sites}
+    if 'layers' in sites:
+      entry['layer_schedule'] = act.get('layer_schedule', 'structure')
     if policy == 'random':
       entry.update(alpha=act.alpha, beta=act.beta, lam=act.lam)
     entries.append(entry)

@@ -341,6 +341,7 @@ def test_expected_compute_under_random_policy():
     ('structure', 'topk', 'structure must be one of'),
     ('buckets', 3, 'buckets=3 does not divide config.model.mlp_dim=64'),
     ('train_mode', 'both', 'train_mode must be one of'),
+    ('layer_schedule', 'late', 'layer_schedule must be one of'),
 ])
 def test_validation_messages(field, value, message):
   import ml_collections
@@ -350,6 +351,65 @@ def test_validation_messages(field, value, message):
   model = ml_collections.ConfigDict({'mlp_dim': 64, 'num_heads': 4})
   with pytest.raises(errors.ConfigError, match=message):
     activation.validate(act, model)
+
+
+def test_layer_schedule_refuses_bernoulli():
+  import ml_collections
+  act = act_config(structure='bernoulli', sites='layers', layer_schedule='rising')
+  model = ml_collections.ConfigDict({'mlp_dim': 64, 'num_heads': 4})
+  with pytest.raises(errors.ConfigError, match="structure='bernoulli' gates every block"):
+    activation.validate(act, model)
+
+
+@pytest.mark.parametrize('num_layers', [1, 2, 4, 5, 8, 12])
+def test_spaced_layers_are_evenly_spaced_with_both_ends(num_layers):
+  for k in range(1, num_layers + 1):
+    kept = activation.spaced_layers(k, num_layers)
+    assert len(set(kept)) == k and list(kept) == sorted(kept) and kept[0] == 0
+    if k > 1:
+      assert kept[-1] == num_layers - 1
+      gaps = np.diff(kept)
+      assert gaps.max() - gaps.min() <= 1  # as even as whole blocks allow
+  assert activation.spaced_layers(2, 4) == (0, 3) and activation.spaced_layers(3, 4) == (0, 2, 3)
+
+
+@pytest.mark.parametrize('schedule', ['spaced', 'rising'])
+def test_layer_schedules_fixed_fraction_keeps_spaced_blocks(model_params, schedule):
+  """A fixed fraction keeps ceil(a L) evenly spaced blocks, statically (compiled or not), and
+  the model skips exactly those (equal to gating the same blocks with masks)."""
+  model, params, tokens = model_params
+  cfg = gpt.GPTConfig(**{**CFG.__dict__, 'num_layers': 4})
+  act = act_config(sites='layers', layer_schedule=schedule)
+  for fraction, kept in ((0.5, (0, 3)), (0.75, (0, 2, 3)), (0.25, (0,))):
+    plan = activation.make_plan(jax.random.key(0), act, cfg, fraction=fraction)
+    assert all(isinstance(l.block, plan_lib.StaticBlock) for l in plan)
+    assert tuple(i for i, l in enumerate(plan) if l.block.on) == kept
+  model4 = gpt.GPT(cfg)
+  params4 = model4.init(jax.random.key(1), tokens)['params']
+  plan = activation.make_plan(jax.random.key(0), act, cfg, fraction=0.5)
+  np.testing.assert_allclose(apply(model4, params4, tokens, plan),
+                             apply(model4, params4, tokens, plan_lib.as_masks(plan)),
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_rising_schedule_drops_deeper_blocks_more():
+  """Drawn under `rising`, the number of blocks kept is distributed as under any schedule; the
+  first block is always kept, and each deeper block is dropped more often; `spaced` drops
+  uniformly (the first block as often as the others)."""
+  cfg = gpt.GPTConfig(**{**CFG.__dict__, 'num_layers': 6})
+  keys = jax.random.split(jax.random.key(0), 6000)
+  kept = {}
+  for schedule in ('structure', 'spaced', 'rising'):
+    act = act_config(sites='layers', lam=0.75, layer_schedule=schedule, structure='random')
+    plans = jax.jit(jax.vmap(lambda k: activation.make_plan(k, act, cfg)))(keys)
+    kept[schedule] = np.stack([np.asarray(l.block.on) for l in plans], axis=1)
+  counts = {s: np.bincount(v.sum(1), minlength=7) / len(keys) for s, v in kept.items()}
+  np.testing.assert_allclose(counts['rising'], counts['structure'], atol=0.02)
+  np.testing.assert_allclose(counts['spaced'], counts['structure'], atol=0.02)
+  rate = kept['rising'].mean(0)
+  assert rate[0] == 1.0 and np.all(np.diff(rate) < -0.02), rate
+  uniform = kept['spaced'].mean(0)
+  assert uniform.max() - uniform.min() < 0.04, uniform
 
 
 def test_evaluation_random_policy_draws_per_row(model_params):

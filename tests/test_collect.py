@@ -228,3 +228,45 @@ def test_frontier_table_and_verdicts(tmp_path):
   assert text.count('\n| 0.5 |') == 1 and 'dense family' in text
   out = collect.write(table, str(tmp_path))
   assert os.path.exists(out['frontier_png']) and os.path.exists(out['frontier'])
+
+
+DEPTH = ROOT / 'configs' / 'ablations' / 'depth.py'
+
+
+def test_depth_sweep_and_its_frontier(tmp_path):
+  """configs/ablations/depth.py: the three layer schedules on the `layers` site and dense models
+  of 1-4 blocks, 3 seeds; collect's frontier puts a dense model of k blocks at budget k / 4 and
+  names each RA run by the blocks it keeps."""
+  from rag_jax.data import tokenizers
+  expanded = sweeps.expand(str(DEPTH))
+  assert len(expanded) == 21 and len(sweeps.expand(f'{DEPTH}:smoke')) == 4
+  ra = [r for r in expanded if r.random_activation]
+  assert {(r.config.activation.layer_schedule, r.config.seed) for r in ra} == {
+      (s, seed) for s in ('structure', 'spaced', 'rising') for seed in (0, 1, 2)}
+  assert all(r.config.activation.sites == 'layers' for r in expanded)
+  rng = np.random.default_rng(0)
+  for run in expanded:
+    workdir = tmp_path / run.name
+    workdir.mkdir()
+    c = run.config
+    depth = c.model.num_layers / 4
+    shift = {'structure': 0.0, 'spaced': 0.02, 'rising': -0.02}.get(c.activation.layer_schedule)
+    loss = lambda a: ((2.0 - 0.1 * depth - 0.3 * (1 - a)) if not c.activation.enabled else
+                      1.90 + 0.1 * (1 - a) + shift) + rng.normal(0, 0.002)
+    curve = [{'active_fraction': a, 'policy': 'fixed', 'loss': loss(a), 'split': 'validation',
+              'flops_per_token': 1e6 * a * depth} for a in FRACTIONS]
+    (workdir / 'config.json').write_text(json.dumps(c.to_dict()))
+    (workdir / 'eval_curve.json').write_text(json.dumps(curve))
+    tokenizers.save(tokenizers.CharTokenizer(''.join(chr(33 + i) for i in range(65))),
+                    str(workdir / 'tokenizer.json'))
+  table = collect.load_table(str(tmp_path))
+  assert set(table[~table.dense].apply(collect.variant, axis=1)) == {
+      'single [nested]', 'single [spaced]', 'single [rising]'}
+  budgets = {b['a']: b for b in collect.frontier(table)['budgets']}
+  assert sorted(budgets) == [0.25, 0.5, 0.75, 1.0]
+  assert budgets[0.5]['dense trained']['mean'] == pytest.approx(1.95, abs=0.01)
+  assert budgets[0.5]['RA single [rising]']['n'] == 3
+  assert collect.verdict(budgets[0.5]['RA single [rising]'],
+                         budgets[0.5]['dense trained']).startswith('RA better')
+  out = collect.write(table, str(tmp_path))
+  assert 'single [rising]' in open(out['frontier']).read()

@@ -54,6 +54,24 @@ def test_sub_model_equals_the_parent_at_its_fraction(sites, fraction, rescale):
   assert len(cache) == expect['layers'] and cache[0]['k'].shape[2] == expect['heads']
 
 
+@pytest.mark.parametrize('fraction,kept', [(0.5, [0, 3]), (0.75, [0, 2, 3]), (0.25, [0])])
+def test_spaced_blocks_export(fraction, kept):
+  """Under layer_schedule 'rising' (or 'spaced') a fixed fraction keeps evenly spaced blocks;
+  the exported model holds those blocks, in order, and computes what the parent does."""
+  params = runs.init_params(gpt.GPT(CFG), jax.random.key(0))
+  act = _act('mlp,layers')
+  act.layer_schedule = 'rising'
+  plan = activation.make_plan(jax.random.key(1), act, CFG, fraction)
+  sub, shape, units = export.slice_params(jax.device_get(params), CFG, plan)
+  assert [u['layer'] for u in units] == kept and shape['num_layers'] == len(kept)
+  np.testing.assert_array_equal(sub[f'block_{len(kept) - 1}']['mlp']['w_out'][:2],
+                                np.asarray(params[f'block_{kept[-1]}']['mlp']['w_out'])[:2])
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (3, 16)), jnp.int32)
+  want, _ = gpt.GPT(CFG).apply({'params': params}, tokens, plan=plan)
+  got, _ = gpt.GPT(gpt.GPTConfig(**{**CFG.__dict__, **shape})).apply({'params': sub}, tokens)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_random_structure_does_not_export():
   act = _act('mlp')
   act.structure = 'random'
