@@ -109,9 +109,10 @@ def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -
     raise ConfigError(f'config.activation.layer_schedule must be one of {LAYER_SCHEDULES}, '
                       f'got {schedule!r}.')
   if schedule != 'structure' and act.structure == 'bernoulli':
-    raise ConfigError(f"config.activation.layer_schedule={schedule!r} chooses which whole blocks "
-                      "are skipped; structure='bernoulli' gates every block instead (nothing is "
-                      "skipped). Use structure 'nested' or 'random', or layer_schedule='structure'.")
+    raise ConfigError(f'config.activation.layer_schedule={schedule!r} chooses which whole blocks '
+                      "are skipped; structure='bernoulli' gates every block instead (nothing "
+                      "is skipped). Use structure 'nested' or 'random', or "
+                      "layer_schedule='structure'.")
   if act.train_mode not in TRAIN_MODES:
     raise ConfigError(f'config.activation.train_mode must be one of {TRAIN_MODES}, '
                       f'got {act.train_mode!r}.')

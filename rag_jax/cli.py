@@ -22,8 +22,8 @@ ERRORS = (ValueError, FloatingPointError, OSError)
 
 
 def define_activation_flags(structure: bool = False) -> None:
-  """--alpha, --beta, --lam (and with `structure`, --structure, --sites, --layer_schedule): overrides of the
-  run's config.activation for the `random` policy and for what-if evaluations."""
+  """--alpha, --beta, --lam (and with `structure`, --structure, --sites, --layer_schedule):
+  overrides of the run's config.activation for the `random` policy and for what-if evaluations."""
   flags.DEFINE_float('alpha', None, 'Override the run\'s activation alpha.')
   flags.DEFINE_float('beta', None, 'Override the run\'s activation beta.')
   flags.DEFINE_float('lam', None, 'Override the run\'s activation lam.')
@@ -31,7 +31,7 @@ def define_activation_flags(structure: bool = False) -> None:
     flags.DEFINE_string('structure', None, 'Override: nested, random or bernoulli.')
     flags.DEFINE_string('sites', None, 'Override: comma-separated mlp,heads,layers.')
     flags.DEFINE_string('layer_schedule', None,
-                        'Override: structure, spaced or rising (which blocks the layers site keeps).')
+                        'Override: structure, spaced or rising (the blocks `layers` keeps).')
 
 
 def activation_overrides() -> dict:
