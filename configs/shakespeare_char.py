@@ -49,6 +49,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.use_bias = False   # biases in linears and LayerNorms (nanoGPT: False).
   config.model.attention = 'auto'  # cuDNN on GPU in bfloat16, 'einsum' on CPU, else 'xla'.
   config.model.gelu = 'exact'      # the MLP's GELU: 'exact' (erf) or 'tanh' (GPT-2's).
+  # Per-block heads and MLP units (one entry per block), or () for num_heads / mlp_dim in every
+  # block: what an export of a per-layer plan holds (rag_jax.export --plan). Dense models only.
+  config.model.layer_heads = ()
+  config.model.layer_mlp_dims = ()
 
   config.opt = ml_collections.ConfigDict()
   config.opt.learning_rate = 1e-3

@@ -28,7 +28,8 @@ TOKENIZERS = ('char', 'byte', 'bpe')
 # The fields that fix the shapes of the parameters and the tokens; a resumed run's config must
 # agree with its checkpoint on them, whatever flag is given.
 SHAPE_FIELDS = tuple(f'model.{f}' for f in (
-    'num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'block_size', 'use_bias', 'head_dim')) + (
+    'num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'block_size', 'use_bias', 'head_dim',
+    'layer_heads', 'layer_mlp_dims')) + (
         'data.dataset', 'data.tokenizer')
 # The fields a resumed run may change freely: where and how often it logs, evaluates and saves,
 # where the data lives, how the devices are laid out and which attention kernel runs (and
@@ -51,7 +52,8 @@ GELUS = ('exact', 'tanh')
 ADDED_FIELDS = {'init_from': '', 'init_reorder': False, 'data.vocab_size': 0,
                 'model.gelu': 'exact', 'model.head_dim': 0, 'profile_steps': '', 'activation.sandwich_random': 2,
                 'activation.distill_weight': 0.0, 'activation.distill_temperature': 1.0,
-                'activation.layer_schedule': 'structure',
+                'activation.layer_schedule': 'structure', 'model.layer_heads': (),
+                'model.layer_mlp_dims': (),
                 'wandb': {'project': '', 'entity': '', 'name': '', 'mode': 'online'}}
 
 
@@ -218,6 +220,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f'config.model.num_heads ({m.num_heads}) must divide config.model.embed_dim '
         f'({m.embed_dim}); pick a head count that divides the width.')
+  for name in ('layer_heads', 'layer_mlp_dims'):
+    value = m.get(name, ()) or ()
+    if not isinstance(value, (list, tuple)) or not all(_is_int(v) and v > 0 for v in value):
+      raise ConfigError(f'config.model.{name} must be a list of positive integers (one per '
+                        f'block) or empty, got {value!r}.')
+    if value and len(value) != m.num_layers:
+      raise ConfigError(f'config.model.{name} has {len(value)} entries for '
+                        f'config.model.num_layers={m.num_layers} blocks.')
+    if value and get(config, 'activation').enabled:
+      raise ConfigError(f'config.model.{name}: blocks of their own widths (a per-layer export) '
+                        'train and run dense only; the random activation takes one width per '
+                        'site. Set config.activation.enabled=False.')
   if not isinstance(m.dropout, numbers.Real) or not 0 <= m.dropout < 1:
     raise ConfigError(f'config.model.dropout must be in [0, 1), got {m.dropout!r}.')
   d = config.data

@@ -169,6 +169,10 @@ def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
 
   config, model, params, step, act, tokens = _load(workdir, split, overrides, check)
   cfg = model.cfg
+  if cfg.per_layer and (policy != 'fixed' or min(active_fractions) < 1):
+    raise ValueError(f'{workdir} holds blocks of their own widths (an export of a per-layer '
+                     'plan): it scores at --active_fractions=1 only (truncation takes one width '
+                     'per site).')
   eval_key = jax.random.fold_in(workdir_lib.root_keys(config.seed)['sample'], 1)
   entries = []
   for fraction in (active_fractions if policy == 'fixed' else [None]):

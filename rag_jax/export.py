@@ -1,6 +1,7 @@
 """Take a sub-model away: a fixed fraction of a trained run as a standalone, smaller model.
 
     python -m rag_jax.export --workdir=W --active_fraction=0.5 --out=DIR [--int8]
+    python -m rag_jax.export --workdir=W --plan=W/plan_0.625.json --out=DIR [--int8]
 
 The sub-model `evaluate --active_fraction=a` scores (nested widths: the first heads, MLP units and
 blocks) is sliced out of the newest checkpoint into a dense model of its own size: only the kept
@@ -23,6 +24,8 @@ reads the other heads' keys and values, so its KV cache is smaller too. DIR hold
                            weights (not with --int8). export.json says which.
 
 `runs.load_run(DIR)` (so `evaluate` and `sample`) reads such a directory as it reads a workdir.
+`--plan` exports a per-layer plan of `rag_jax.search` (each block its own heads and MLP units):
+its config lists them (model.layer_heads, model.layer_mlp_dims); GPT-2's layout cannot hold it.
 Only the `nested` structure exports: `random` and `bernoulli` choose their units per batch from
 keys, so no one dense model equals what their parent scores.
 """
@@ -44,6 +47,7 @@ from rag_jax import files
 from rag_jax import hf_gpt2
 from rag_jax import plan as plan_lib
 from rag_jax import runs
+from rag_jax import search as search_lib
 from rag_jax import weights as weights_lib
 from rag_jax import workdir as workdir_lib
 from rag_jax.data import tokenizers
@@ -66,7 +70,7 @@ def kept_units(plan: plan_lib.Plan, cfg: gpt.GPTConfig) -> list[dict[str, Any]]:
       case _:
         raise ValueError('only a fixed plan exports (static widths and blocks).')
     entry = {'layer': i}
-    for site, d in (('heads', cfg.num_heads), ('mlp', cfg.mlp_dim)):
+    for site, d in (('heads', cfg.heads_of(i)), ('mlp', cfg.mlp_dim_of(i))):
       s = getattr(layer, site)
       if s is None:
         entry[site], entry[f'{site}_scale'] = d, 1.0
@@ -88,9 +92,6 @@ def slice_params(params: dict, cfg: gpt.GPTConfig, plan: plan_lib.Plan, to_numpy
   program: the sampler's fixed width)."""
   kept = kept_units(plan, cfg)
   shapes = {(k['heads'], k['mlp']) for k in kept}
-  if len(shapes) > 1:
-    raise ValueError(f'the blocks keep different widths ({sorted(shapes)} heads, units); one '
-                     'model config holds one width per site.')
   arrays = (lambda tree: jax.tree.map(np.asarray, tree)) if to_numpy else (lambda tree: tree)
   out = {name: arrays(params[name]) for name in ('wte', 'wpe', 'ln_f')}
   for j, k in enumerate(kept):
@@ -100,9 +101,12 @@ def slice_params(params: dict, cfg: gpt.GPTConfig, plan: plan_lib.Plan, to_numpy
     attn = {**block['attn'], 'out': block['attn']['out'] * np.float32(k['heads_scale'])}
     mlp = {**block['mlp'], 'w_out': block['mlp']['w_out'] * np.float32(k['mlp_scale'])}
     out[f'block_{j}'] = {**block, 'attn': attn, 'mlp': mlp}
-  heads, units = shapes.pop()
+  heads, units = max(k['heads'] for k in kept), max(k['mlp'] for k in kept)
   model = {'num_layers': len(kept), 'num_heads': heads, 'head_dim': cfg.head_dim,
-           'mlp_dim': units}
+           'mlp_dim': units, 'layer_heads': (), 'layer_mlp_dims': ()}
+  if len(shapes) > 1:  # blocks of their own widths (a per-layer plan)
+    model.update(layer_heads=tuple(k['heads'] for k in kept),
+                 layer_mlp_dims=tuple(k['mlp'] for k in kept))
   return out, model, [{'layer': k['layer'], 'heads': k['heads'], 'mlp_units': k['mlp']}
                       for k in kept]
 
@@ -153,24 +157,60 @@ def check_out(out: str, record: dict[str, Any]) -> None:
   old = files.read_json(os.path.join(out, weights_lib.EXPORT_FILE))
   if {k: old.get(k) for k in record} != record:
     source = old.get('parent') or old.get('hf_dir')
+    at = old.get('active_fraction') or old.get('plan')
     raise WorkdirError(f'--out {out} holds another export ({source} step {old.get("step")} at '
-                       f'{old.get("active_fraction")}, int8 {old.get("int8")}); give a new '
-                       'directory. Nothing was changed.')
+                       f'{at}, int8 {old.get("int8")}); give a new directory. Nothing was '
+                       'changed.')
 
 
-def export(workdir: str, fraction: float, out: str, int8: bool = False) -> dict[str, Any]:
-  """Writes the sub-model of `workdir` at `fraction` into `out`; returns export.json's content.
-  `out` must be new or an earlier export of the same parent, fraction and int8 setting."""
+def read_plan(path: str, act: ml_collections.ConfigDict, cfg: gpt.GPTConfig
+              ) -> dict[str, list[int]]:
+  """The per-layer buckets of a plan file (`rag_jax.search`'s JSON: {"buckets": {site: [one
+  0-based bucket per block]}}), checked against the run: one ValueError naming what is wrong."""
+  try:
+    buckets = files.read_json(path)['buckets']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'--plan {path}: not a plan file (rag_jax.search writes one: JSON with '
+                     f'"buckets": {{site: [bucket per block]}}): {e}') from None
+  sites = activation.parse_sites(act.sites)
+  if not isinstance(buckets, dict) or not buckets:
+    raise ValueError(f'--plan {path}: "buckets" must map sites to lists, got {buckets!r}.')
+  for site, values in buckets.items():
+    if site not in search_lib.SITES or site not in sites:
+      raise ValueError(f'--plan {path}: site {site!r} is not a width site of this run '
+                       f'(its sites: {act.sites}).')
+    if (not isinstance(values, list) or len(values) != cfg.num_layers or
+        not all(isinstance(b, int) and 0 <= b < act.buckets for b in values)):
+      raise ValueError(f'--plan {path}: {site} needs one bucket in 0..{act.buckets - 1} for each '
+                       f'of the {cfg.num_layers} blocks, got {values!r}.')
+  if act.structure != 'nested':
+    raise ValueError(f"the run's activation structure is {act.structure!r}: only nested widths "
+                     'export.')
+  return {site: [int(b) for b in values] for site, values in buckets.items()}
+
+
+def export(workdir: str, fraction: float | None, out: str, int8: bool = False,
+           plan_file: str | None = None) -> dict[str, Any]:
+  """Writes the sub-model of `workdir` at `fraction` (or, with `plan_file`, at the per-layer
+  widths of a `rag_jax.search` plan) into `out`; returns export.json's content. `out` must be
+  new or an earlier export of the same parent, fraction (plan) and int8 setting."""
   if files.absolute(out) == files.absolute(workdir):
     raise ValueError('--out must not be the parent workdir.')
   config, tokenizer, model, params, step = runs.load_run(workdir)
   cfg, act = model.cfg, config.activation
-  check_fraction(act, cfg, fraction)
-  record = {'parent': files.absolute(workdir), 'step': int(step),
-            'active_fraction': float(fraction), 'int8': bool(int8), 'sites': act.sites}
-  check_out(out, record)
-  plan = (activation.make_plan(jax.random.key(0), act, cfg, fraction) if fraction < 1 else
-          tuple(plan_lib.LayerPlan() for _ in range(cfg.num_layers)))
+  record = {'parent': files.absolute(workdir), 'step': int(step), 'int8': bool(int8),
+            'sites': act.sites}
+  if plan_file:
+    buckets = read_plan(plan_file, act, cfg)
+    record.update(active_fraction=None, plan=files.absolute(plan_file), buckets=buckets)
+    check_out(out, record)
+    plan = search_lib.plan_of(buckets, act, cfg, static=True)
+  else:
+    check_fraction(act, cfg, fraction)
+    record['active_fraction'] = float(fraction)
+    check_out(out, record)
+    plan = (activation.make_plan(jax.random.key(0), act, cfg, fraction) if fraction < 1 else
+            tuple(plan_lib.LayerPlan() for _ in range(cfg.num_layers)))
   sub, shape, kept = slice_params(jax.device_get(params), cfg, plan)
   workdir_lib.check_writable(out, create=True)
   sub_config = ml_collections.ConfigDict(config.to_dict())
@@ -179,7 +219,9 @@ def export(workdir: str, fraction: float, out: str, int8: bool = False) -> dict[
   # at 0.5 of 4 buckets keeps 2), so `evaluate --active_fractions` still truncates it in steps.
   sub_act = sub_config.activation
   sub_act.enabled, sub_act.lam = False, 0.0
-  if {'mlp', 'heads'} & set(activation.parse_sites(act.sites)):
+  if plan_file:
+    sub_act.buckets = 1  # per-layer widths: no one truncation of them (evaluate at a = 1)
+  elif {'mlp', 'heads'} & set(activation.parse_sites(act.sites)):
     sub_act.buckets = max(1, round(fraction * act.buckets))
   weights = weights_lib.save(sub, out, int8)
   workdir_lib.save_config(sub_config, out)
@@ -219,6 +261,8 @@ def _define_flags():
                      'computes: a bucket, or whole blocks for the layers site).')
   flags.DEFINE_string('out', None, 'Directory to write the sub-model into.', required=True)
   flags.DEFINE_bool('int8', False, 'Store matrices as int8 with per-channel float32 scales.')
+  flags.DEFINE_string('plan', None, 'A per-layer plan (rag_jax.search\'s JSON) to export '
+                      'instead of one --active_fraction: blocks of their own widths.')
 
 
 def main(argv):
@@ -226,7 +270,9 @@ def main(argv):
   workdir_lib.quiet_logs()
   f = flags.FLAGS
   try:
-    record = export(f.workdir, f.active_fraction, f.out, f.int8)
+    if f.plan and f['active_fraction'].present:
+      raise ValueError('give --active_fraction or --plan, not both.')
+    record = export(f.workdir, f.active_fraction, f.out, f.int8, f.plan)
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   hf = record['huggingface']

@@ -25,9 +25,12 @@ def flops_per_token(cfg: gpt.GPTConfig, context: int | None = None, mlp: float =
   unit); LayerNorm, softmax and residual adds (under 1%) are left out.
   """
   T = context or cfg.block_size
-  D, F, V, A = cfg.embed_dim, cfg.mlp_dim, cfg.vocab_size, cfg.attn_dim
-  kv = 2 * D * 2 * A
-  q_attn_out = 2 * D * A + 2 * 2 * T * A + 2 * A * D
-  per_layer = kv + heads * q_attn_out + mlp * (2 * 2 * D * F + GELU_FLOPS[cfg.gelu] * F)
-  skipped = (1 - layers) * cfg.num_layers * (kv if decode else 0)
-  return float(layers * cfg.num_layers * per_layer + skipped + 2 * D * V)
+  D, V = cfg.embed_dim, cfg.vocab_size
+  total = 0.0
+  for l in range(cfg.num_layers):  # blocks of their own widths (GPTConfig.layer_heads, ...)
+    F, A = cfg.mlp_dim_of(l), cfg.heads_of(l) * cfg.head_dim
+    kv = 2 * D * 2 * A
+    q_attn_out = 2 * D * A + 2 * 2 * T * A + 2 * A * D
+    per_layer = kv + heads * q_attn_out + mlp * (2 * 2 * D * F + GELU_FLOPS[cfg.gelu] * F)
+    total += layers * per_layer + (1 - layers) * (kv if decode else 0)
+  return float(total + 2 * D * V)

@@ -170,6 +170,9 @@ def to_hf(params: dict, cfg: gpt.GPTConfig) -> tuple[dict[str, np.ndarray], dict
   """(GPT-2 tensors named as `GPT2LMHeadModel.save_pretrained` names them, its config.json) of
   a rag_jax model; NotRepresentable when the layout cannot hold it."""
   D, H, K, F = cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+  if cfg.per_layer:
+    raise NotRepresentable('its blocks keep different heads or MLP units (a per-layer plan): '
+                           "GPT-2's config holds one n_head and n_inner for every block.")
   if H * K != D:
     raise NotRepresentable(
         f'{H} heads of width {K} ({H * K}) do not fill the width {D}: GPT-2 heads are '

@@ -142,7 +142,8 @@ def _load_export(directory: str, abstract: Any) -> Any:
 
 # The model fields a run started from another model's parameters (`config.init_from`) must share
 # with it; block_size may be smaller (the first positions are taken).
-INIT_FIELDS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'use_bias', 'head_dim', 'gelu')
+INIT_FIELDS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'use_bias', 'head_dim', 'gelu',
+               'layer_heads', 'layer_mlp_dims')
 
 
 def load_init(config: ml_collections.ConfigDict) -> Run:
@@ -156,7 +157,8 @@ def load_init(config: ml_collections.ConfigDict) -> Run:
   if run_cfg.block_size > src_cfg.block_size:
     differ['block_size'] = src_cfg.block_size
   if differ:
-    sets = ' '.join(f'--config.model.{k}={v}' for k, v in differ.items())
+    flag = lambda v: ','.join(map(str, v)) if isinstance(v, tuple) else v  # (2, 3) -> 2,3
+    sets = ' '.join(f'--config.model.{k}={flag(v)}' for k, v in differ.items())
     raise WorkdirError(
         f'config.init_from={config.init_from} holds another model than the config describes '
         f'({"; ".join(f"{k} {getattr(run_cfg, k)} here, {v} there" for k, v in differ.items())}'

@@ -72,6 +72,37 @@ def test_spaced_blocks_export(fraction, kept):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_per_layer_plan_exports_as_blocks_of_their_own_widths():
+  """A per-layer plan (each block its own heads and units) slices into a model whose config
+  lists them: it equals the parent under the plan, its FLOPs are the plan's, its KV cache holds
+  each block's heads, and GPT-2's layout refuses it."""
+  from rag_jax import flops, hf_gpt2, search
+  params = runs.init_params(gpt.GPT(CFG), jax.random.key(0))
+  act = _act('mlp,heads')
+  buckets = {'mlp': [3, 1, 0, 2], 'heads': [1, 3, 0, 2]}
+  plan = search.plan_of(buckets, act, CFG, static=True)
+  sub, shape, kept = export.slice_params(jax.device_get(params), CFG, plan)
+  assert shape['layer_heads'] == (2, 4, 1, 3) and shape['layer_mlp_dims'] == (64, 32, 16, 48)
+  sub_cfg = gpt.GPTConfig(**{**CFG.__dict__, **shape})
+  assert sub_cfg.per_layer and sub_cfg.block(2).num_heads == 1
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (3, 16)), jnp.int32)
+  want, _ = gpt.GPT(CFG).apply({'params': params}, tokens, plan=plan)
+  got, _ = gpt.GPT(sub_cfg).apply({'params': sub}, tokens)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  # The plan's FLOPs in the parent, less the keys and values of the heads it drops.
+  dropped_kv = 2 * CFG.embed_dim * 2 * CFG.head_dim * (4 * 4 - sum(shape['layer_heads']))
+  assert flops.flops_per_token(sub_cfg) == pytest.approx(
+      search.plan_flops(buckets, act, CFG) - dropped_kv)
+  assert [c['k'].shape[2] for c in gpt.init_cache(sub_cfg, 1)] == [2, 4, 1, 3]
+  # Decoding with the per-block cache equals the parallel pass.
+  logits, cache = gpt.GPT(sub_cfg).apply({'params': sub}, tokens[:, :8],
+                                         cache=gpt.init_cache(sub_cfg, 3), pos=0)
+  step, _ = gpt.GPT(sub_cfg).apply({'params': sub}, tokens[:, 8:9], cache=cache, pos=8)
+  np.testing.assert_allclose(step[:, 0], got[:, 8], atol=1e-4, rtol=1e-4)
+  with pytest.raises(hf_gpt2.NotRepresentable, match='per-layer plan'):
+    hf_gpt2.to_hf(jax.device_get(sub), sub_cfg)
+
+
 def test_random_structure_does_not_export():
   act = _act('mlp')
   act.structure = 'random'
@@ -140,6 +171,52 @@ def test_export_scores_what_its_parent_scores(run, tmp_path):
                        tokenizer=parent_run.tokenizer, num_tokens=12, greedy=True,
                        active_fraction=0.5)
   assert got.text == want.text
+
+
+@pytest.mark.slow
+def test_plan_file_export_scores_what_its_parent_scores(run, tmp_path, tfds_env):
+  """`export --plan=FILE` (a rag_jax.search result): the export evaluates (at a = 1 only)
+  to the parent's loss under the plan, samples, fine-tunes, and bad plan files are refused."""
+  from rag_jax import search
+  parent = runs.load_run(run)
+  buckets = {'mlp': [3, 1], 'heads': [1, 2]}
+  plan_file = tmp_path / 'plan.json'
+  plan_file.write_text(json.dumps({'buckets': buckets, 'flops_per_token': 1.0}))
+  out = str(tmp_path / 'per_layer')
+  record = export.export(run, None, out, plan_file=str(plan_file))
+  assert record['model']['layer_heads'] == (2, 3) and record['model']['layer_mlp_dims'] == (128, 64)
+  assert not record['huggingface']['written'] and 'per-layer' in record['huggingface']['why']
+  plan = search.plan_of(buckets, parent.config.activation, parent.model.cfg, static=True)
+  tokens = evaluate.data_lib.load(parent.config, parent.tokenizer, ('test',)).splits['test']
+  step = jax.jit(evaluate.make_eval_step(parent.model, lambda key, shape: plan))
+  want = evaluate.mean_loss(step, parent.params, tokens, parent.config)[0]
+  (entry,) = evaluate.evaluate(out, (1.0,), split='test')
+  assert abs(entry['loss'] - want) < 1e-5
+  with pytest.raises(ValueError, match='scores at --active_fractions=1 only'):
+    evaluate.evaluate(out, (1.0, 0.5))
+  sub = runs.load_run(out)
+  assert sample.sample(sub.params, sub.config, 'ROMEO:', tokenizer=sub.tokenizer, num_tokens=5,
+                       greedy=True).text[0].startswith('ROMEO:')
+  config = load_config('shakespeare_char', 'smoke')
+  config.data.data_dir = parent.config.data.data_dir
+  config.update(init_from=out, num_steps=2, eval_every=2, checkpoint_every=2, log_every=1)
+  config.opt.warmup_steps = 1
+  with pytest.raises(errors.WorkdirError, match='layer_heads'):  # the config must say its shape
+    train.train_and_evaluate(config, str(tmp_path / 'tune0'))
+  config.model.update(num_heads=3, head_dim=8, layer_heads=(2, 3), layer_mlp_dims=(128, 64))
+  train.train_and_evaluate(config, str(tmp_path / 'tune'))
+  for bad, message in (({'mlp': [3, 1, 0]}, r'one bucket in 0..3 for each of the 2 blocks'),
+                       ({'layers': [1, 1]}, "site 'layers' is not a width site"),
+                       ({'mlp': [4, 0]}, r'one bucket in 0..3')):
+    plan_file.write_text(json.dumps({'buckets': bad}))
+    with pytest.raises(ValueError, match=message):
+      export.export(run, None, str(tmp_path / 'bad'), plan_file=str(plan_file))
+  assert not os.path.exists(tmp_path / 'bad')
+  proc = subprocess.run([sys.executable, '-m', 'rag_jax.export', f'--workdir={run}',
+                         f'--plan={plan_file}', '--active_fraction=0.5', f'--out={tmp_path / "z"}'],
+                        cwd=ROOT, env=tfds_env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+      'error: give --active_fraction or --plan, not both.')
 
 
 @pytest.mark.slow

@@ -57,14 +57,42 @@ class GPTConfig:
   head_dim: int = 0
   # The MLP's GELU: 'exact' (erf, torch.nn.GELU(), nanoGPT) or 'tanh' (GPT-2's 'gelu_new').
   gelu: str = 'exact'
+  # Per-block heads and MLP units (one per block), or () for num_heads and mlp_dim in every
+  # block: a per-layer plan exported as a model of its own (rag_jax/export.py --plan).
+  layer_heads: tuple[int, ...] = ()
+  layer_mlp_dims: tuple[int, ...] = ()
 
   def __post_init__(self):
     if not self.head_dim:
       object.__setattr__(self, 'head_dim', self.embed_dim // self.num_heads)
+    for name in ('layer_heads', 'layer_mlp_dims'):
+      value = tuple(int(v) for v in getattr(self, name) or ())
+      object.__setattr__(self, name, value)
+      if value and len(value) != self.num_layers:
+        raise ValueError(f'GPTConfig.{name} has {len(value)} entries for {self.num_layers} '
+                         'blocks.')
 
   @property
   def attn_dim(self) -> int:  # H·K, the width of the queries, keys and values
     return self.num_heads * self.head_dim
+
+  @property
+  def per_layer(self) -> bool:
+    """Whether the blocks differ in heads or MLP units."""
+    return bool(self.layer_heads or self.layer_mlp_dims)
+
+  def heads_of(self, layer: int) -> int:
+    return self.layer_heads[layer] if self.layer_heads else self.num_heads
+
+  def mlp_dim_of(self, layer: int) -> int:
+    return self.layer_mlp_dims[layer] if self.layer_mlp_dims else self.mlp_dim
+
+  def block(self, layer: int) -> 'GPTConfig':
+    """The config of one block: its own heads and MLP units as num_heads and mlp_dim."""
+    if not self.per_layer:
+      return self
+    return dataclasses.replace(self, num_heads=self.heads_of(layer),
+                               mlp_dim=self.mlp_dim_of(layer), layer_heads=(), layer_mlp_dims=())
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int,
@@ -74,7 +102,8 @@ class GPTConfig:
         embed_dim=model.embed_dim, mlp_dim=model.mlp_dim, block_size=model.block_size,
         dropout=float(model.dropout), use_bias=bool(model.use_bias), dtype=dtype,
         attention=model.get('attention', 'auto'), head_dim=int(model.get('head_dim', 0)),
-        gelu=model.get('gelu', 'exact'))
+        gelu=model.get('gelu', 'exact'), layer_heads=tuple(model.get('layer_heads', ()) or ()),
+        layer_mlp_dims=tuple(model.get('layer_mlp_dims', ()) or ()))
 
 
 def init_cache(cfg: GPTConfig, batch_size: int, length: int | None = None,
@@ -82,9 +111,9 @@ def init_cache(cfg: GPTConfig, batch_size: int, length: int | None = None,
   """An empty KV cache of `length` positions (default: the context length), in `cfg.dtype`
   unless `dtype` is given."""
   dtype = dtype or cfg.dtype
-  shape = (batch_size, length or cfg.block_size, cfg.num_heads, cfg.head_dim)
-  return [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
-          for _ in range(cfg.num_layers)]
+  shape = lambda l: (batch_size, length or cfg.block_size, cfg.heads_of(l), cfg.head_dim)
+  return [{'k': jnp.zeros(shape(l), dtype), 'v': jnp.zeros(shape(l), dtype)}
+          for l in range(cfg.num_layers)]
 
 
 def _dense_init(cfg: GPTConfig, residual: bool = False):
@@ -309,7 +338,7 @@ class GPT(nn.Module):
     x_BxLxD = sharding.shard_batch(nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxLxD))
     new_cache = [] if cache is not None else None
     for i in range(cfg.num_layers):
-      x_BxLxD, layer_cache = Block(cfg, name=f'block_{i}')(
+      x_BxLxD, layer_cache = Block(cfg.block(i), name=f'block_{i}')(
           x_BxLxD, None if cache is None else cache[i], pos, deterministic,
           None if plan is None else plan[i])
       x_BxLxD = sharding.shard_batch(x_BxLxD)
