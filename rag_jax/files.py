@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import tempfile
 from typing import Any
 
@@ -47,7 +48,8 @@ def write_bytes(target: PathLike, data: bytes) -> None:
   if not is_local(target):
     target.write_bytes(data)
     return
-  tmp = epath.Path(os.fspath(target) + '.tmp')
+  # A name of this process's own: several processes may write the same file (the last wins).
+  tmp = epath.Path(f'{os.fspath(target)}.{socket.gethostname()}.{os.getpid()}.tmp')
   tmp.write_bytes(data)
   os.replace(tmp, target)
 

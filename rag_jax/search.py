@@ -175,9 +175,9 @@ def run_search(workdir: str, fraction: float, batches: int = 8, seed: int = 0,
           cfg, **activation.compute_fractions(act, cfg, uniform_fraction)),
       widths={s: [dims[s] * (b + 1) // act.buckets for b in v]
               for s, v in result['buckets'].items()})
-  for split in ('validation', 'test'):
-    for name, plan in (('plan', found), ('uniform', uniform)):
-      step_fn = jax.jit(evaluate_lib.make_eval_step(model, lambda key, shape, p=plan: p))
+  for name, plan in (('plan', found), ('uniform', uniform)):
+    step_fn = jax.jit(evaluate_lib.make_eval_step(model, lambda key, shape, p=plan: p))
+    for split in ('validation', 'test'):  # one compile serves both splits (same window shape)
       result[f'{name}_{split}_loss'] = evaluate_lib.mean_loss(step_fn, params, splits[split],
                                                               config)[0]
   return result

@@ -11,24 +11,30 @@ import ml_collections
 
 from rag_jax import data
 
-_DATASET = flags.DEFINE_string('dataset', 'tiny_shakespeare', 'TFDS dataset name.')
-_MANUAL = flags.DEFINE_string('manual_file', '', 'Offline copy of the corpus, if any.')
-_DATA_DIR = flags.DEFINE_string('data_dir', '', "TFDS data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets).")
+
+
+def _define_flags():  # at run time only: importing the module defines no flags
+  flags.DEFINE_string('dataset', 'tiny_shakespeare', 'TFDS dataset name.')
+  flags.DEFINE_string('manual_file', '', 'Offline copy of the corpus, if any.')
+  flags.DEFINE_string('data_dir', '', "TFDS data_dir ('' = $TFDS_DATA_DIR or "
+                      '~/tensorflow_datasets).')
 
 
 def main(argv):
   del argv
-  config = ml_collections.ConfigDict({'data': {'dataset': _DATASET.value, 'paths': '',
-                                               'data_dir': _DATA_DIR.value}})
-  placed = data.place_manual_file(_MANUAL.value, data.data_dir(config))
+  f = flags.FLAGS
+  config = ml_collections.ConfigDict({'data': {'dataset': f.dataset, 'paths': '',
+                                               'data_dir': f.data_dir}})
+  placed = data.place_manual_file(f.manual_file, data.data_dir(config))
   if placed:
     print(f'offline copy placed at {placed}')
   try:
     builder = data.prepare(config)
   except data.DataError as e:
     raise SystemExit(f'error: {e}')
-  print(f'{_DATASET.value} ready in {builder.data_dir}')
+  print(f'{f.dataset} ready in {builder.data_dir}')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
