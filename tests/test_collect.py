@@ -165,6 +165,11 @@ def test_frontier_sweep_expands_to_dense_models_at_the_sub_models_flops():
   ra = [r for r in expanded if r.random_activation]
   assert len(dense) == 21 and len(ra) == 12  # 3 seeds x (4 + 3 dense, 4 RA)
   assert len(sweeps.expand(f'{FRONTIER}:smoke')) == 6  # one seed, a = 1 and 0.5, 4 RA
+  large = sweeps.expand(f'{FRONTIER}:large')  # 3 seeds x (4 dense, distill, rule)
+  assert len(large) == 18 and {r.config.model.num_heads for r in large} == {8, 6, 4, 2}
+  big = runs.make_model(large[0].config, 65).cfg
+  params = big.num_layers * (4 * big.embed_dim * big.attn_dim + 2 * big.embed_dim * big.mlp_dim)
+  assert params + (65 + big.block_size) * big.embed_dim >= 5_000_000  # the second size
   assert {r.config.seed for r in expanded} == {0, 1, 2}
   ra_cfg = runs.make_model(base, 65).cfg
   for run in dense:

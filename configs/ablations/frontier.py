@@ -16,7 +16,10 @@ units). Per seed (0, 1, 2):
   and 2 drawn widths) + distillation
 
 `experiments/collect.py` writes frontier.md and frontier.png for this sweep. `:smoke` is the tiny
-model, one seed, budgets 1 and 0.5, no equal-FLOPs runs.
+model, one seed, budgets 1 and 0.5, no equal-FLOPs runs. `:large` repeats the main comparison on
+the 6.0M-parameter model (configs/shakespeare_char.py:large, 8 heads of 36, 1152 MLP units): the
+dense models at the four budgets and the `distill` and `rule` RA runs, three seeds, no
+equal-FLOPs runs (18 runs; about 13 minutes for a full-width dense run on 2 CPU cores).
 
     python experiments/sweep.py --config=configs/ablations/frontier.py[:smoke] \
         --sweep_dir=runs/frontier
@@ -83,15 +86,19 @@ def equal_flops_steps(config, a: float, variant: str = 'single') -> int:
   return int(round(config.num_steps * cost / dense_flops(config, a), -1))
 
 
+LARGE_VARIANTS = ('distill', 'rule')  # `:large`: the best modes of the default model
+
+
 def sweep(arg=None):
   config = get_config(arg)
-  smoke = arg == 'smoke'
+  smoke, large = arg == 'smoke', arg == 'large'
   seeds, budgets = ((0,), (1.0, 0.5)) if smoke else (SEEDS, BUDGETS)
   for seed in seeds:
     for a in budgets:
       yield {**dense_at(config, a), 'seed': seed}
-    if not smoke:
+    if not (smoke or large):
       for a in budgets[1:]:
         yield {**dense_at(config, a), 'num_steps': equal_flops_steps(config, a), 'seed': seed}
-    for overrides in VARIANTS.values():
-      yield {**overrides, 'seed': seed}
+    for name, overrides in VARIANTS.items():
+      if not large or name in LARGE_VARIANTS:
+        yield {**overrides, 'seed': seed}
