@@ -200,6 +200,9 @@ def export(workdir: str, fraction: float | None, out: str, int8: bool = False,
   cfg, act = model.cfg, config.activation
   record = {'parent': files.absolute(workdir), 'step': int(step), 'int8': bool(int8),
             'sites': act.sites}
+  if cfg.per_layer and (plan_file or fraction < 1):
+    raise ValueError(f'{workdir} already holds blocks of their own widths (a per-layer export): '
+                     'it exports whole (--active_fraction=1) only.')
   if plan_file:
     buckets = read_plan(plan_file, act, cfg)
     record.update(active_fraction=None, plan=files.absolute(plan_file), buckets=buckets)
