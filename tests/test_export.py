@@ -194,6 +194,8 @@ def test_plan_file_export_scores_what_its_parent_scores(run, tmp_path, tfds_env)
   assert abs(entry['loss'] - want) < 1e-5
   with pytest.raises(ValueError, match='scores at --active_fractions=1 only'):
     evaluate.evaluate(out, (1.0, 0.5))
+  with pytest.raises(ValueError, match='already holds blocks of their own widths'):
+    export.export(out, 0.5, str(tmp_path / 'again'))
   sub = runs.load_run(out)
   assert sample.sample(sub.params, sub.config, 'ROMEO:', tokenizer=sub.tokenizer, num_tokens=5,
                        greedy=True).text[0].startswith('ROMEO:')
