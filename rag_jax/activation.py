@@ -20,7 +20,9 @@ Which whole blocks are on (`layer_schedule`, the `layers` site):
              a fixed fraction keeps k evenly spaced blocks, the first and the last among them;
   rising     LayerSkip (Elhoushi et al. 2024): a drawn k drops blocks with rates rising
              linearly with depth (block l weighted l / (L - 1), the first never dropped); a fixed
-             fraction keeps k evenly spaced blocks, as `spaced`.
+             fraction keeps the first k blocks (an early exit, as LayerSkip decodes). Keeping
+             evenly spaced blocks instead measured 0.013-0.023 nats worse at a = 0.75 and 0.5
+             (experiments/depth_keep.py, 3 seeds): the blocks training drops least are the first.
 
 `make_plan` turns a key (and optionally a fixed fraction) into a typed `plan.Plan`: static
 widths for a fixed fraction, drawn widths for a draw, masks for `bernoulli`; `per_position_plan`
@@ -223,15 +225,17 @@ def rising_drop_order(key: jax.Array, num_layers: int) -> jax.Array:
 
 def _blocks(k, key, act, num_layers: int, a=None) -> list[plan_lib.Block]:
   """Which blocks run when k of them do (`bernoulli`: each with probability a, as gates).
-  A static k (a fixed fraction) under the `spaced` and `rising` schedules keeps evenly spaced
-  blocks; a drawn k drops random ones (uniformly, or with rates rising with depth)."""
+  A static k (a fixed fraction) keeps evenly spaced blocks under `spaced`, the first k under
+  `rising`; a drawn k drops random ones (uniformly, or with rates rising with depth)."""
   schedule = act.get('layer_schedule', 'structure')
   if act.structure == 'bernoulli':  # the block is computed, its output gated.
     gates = jax.random.bernoulli(key, a, (num_layers,)).astype(jnp.float32)
     return [plan_lib.BlockMask(g) for g in gates]
-  if schedule != 'structure' and isinstance(k, int):
+  if schedule == 'spaced' and isinstance(k, int):
     kept = spaced_layers(k, num_layers)
     on = [l in kept for l in range(num_layers)]
+  elif schedule == 'rising' and isinstance(k, int):
+    on = [l < k for l in range(num_layers)]
   elif schedule == 'rising':
     rank = rising_drop_order(key, num_layers)
     on = [rank[l] >= num_layers - k for l in range(num_layers)]

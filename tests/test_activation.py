@@ -373,14 +373,17 @@ def test_spaced_layers_are_evenly_spaced_with_both_ends(num_layers):
   assert activation.spaced_layers(2, 4) == (0, 3) and activation.spaced_layers(3, 4) == (0, 2, 3)
 
 
-@pytest.mark.parametrize('schedule', ['spaced', 'rising'])
-def test_layer_schedules_fixed_fraction_keeps_spaced_blocks(model_params, schedule):
-  """A fixed fraction keeps ceil(a L) evenly spaced blocks, statically (compiled or not), and
-  the model skips exactly those (equal to gating the same blocks with masks)."""
+@pytest.mark.parametrize('schedule,kept_at', [
+    ('spaced', {0.5: (0, 3), 0.75: (0, 2, 3), 0.25: (0,)}),
+    ('rising', {0.5: (0, 1), 0.75: (0, 1, 2), 0.25: (0,)})])
+def test_layer_schedules_fixed_fraction_blocks(model_params, schedule, kept_at):
+  """A fixed fraction keeps ceil(a L) blocks, evenly spaced (`spaced`) or the first ones
+  (`rising`), statically, and the model skips exactly those (equal to gating the same blocks
+  with masks)."""
   model, params, tokens = model_params
   cfg = gpt.GPTConfig(**{**CFG.__dict__, 'num_layers': 4})
   act = act_config(sites='layers', layer_schedule=schedule)
-  for fraction, kept in ((0.5, (0, 3)), (0.75, (0, 2, 3)), (0.25, (0,))):
+  for fraction, kept in kept_at.items():
     plan = activation.make_plan(jax.random.key(0), act, cfg, fraction=fraction)
     assert all(isinstance(l.block, plan_lib.StaticBlock) for l in plan)
     assert tuple(i for i, l in enumerate(plan) if l.block.on) == kept

@@ -56,11 +56,11 @@ def test_sub_model_equals_the_parent_at_its_fraction(sites, fraction, rescale):
 
 @pytest.mark.parametrize('fraction,kept', [(0.5, [0, 3]), (0.75, [0, 2, 3]), (0.25, [0])])
 def test_spaced_blocks_export(fraction, kept):
-  """Under layer_schedule 'rising' (or 'spaced') a fixed fraction keeps evenly spaced blocks;
-  the exported model holds those blocks, in order, and computes what the parent does."""
+  """Under layer_schedule 'spaced' a fixed fraction keeps evenly spaced blocks; the exported
+  model holds those blocks, in order, and computes what the parent does."""
   params = runs.init_params(gpt.GPT(CFG), jax.random.key(0))
   act = _act('mlp,layers')
-  act.layer_schedule = 'rising'
+  act.layer_schedule = 'spaced'
   plan = activation.make_plan(jax.random.key(1), act, CFG, fraction)
   sub, shape, units = export.slice_params(jax.device_get(params), CFG, plan)
   assert [u['layer'] for u in units] == kept and shape['num_layers'] == len(kept)

@@ -8,7 +8,9 @@ under each `activation.layer_schedule` (see rag_jax/activation.py):
   spaced     LayerDrop: a uniformly random k-subset in training; k evenly spaced blocks (the first
              and the last among them) at a fixed fraction;
   rising     LayerSkip's rates: blocks dropped with a rate rising linearly with depth in training;
-             k evenly spaced blocks at a fixed fraction.
+             the first k blocks at a fixed fraction (an early exit, as LayerSkip decodes).
+
+experiments/depth_keep.py scores every run under both keep rules (first blocks, evenly spaced).
 
 Beside them, per seed, the dense models of 1, 2, 3 and 4 layers trained alone (the same steps
 and recipe): a sub-model keeping k blocks computes exactly what a k-layer dense model does, so
