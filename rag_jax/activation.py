@@ -231,16 +231,16 @@ def _blocks(k, key, act, num_layers: int, a=None) -> list[plan_lib.Block]:
   if act.structure == 'bernoulli':  # the block is computed, its output gated.
     gates = jax.random.bernoulli(key, a, (num_layers,)).astype(jnp.float32)
     return [plan_lib.BlockMask(g) for g in gates]
-  if schedule == 'spaced' and isinstance(k, int):
+  static = isinstance(k, int)
+  if schedule == 'spaced' and static:
     kept = spaced_layers(k, num_layers)
     on = [l in kept for l in range(num_layers)]
-  elif schedule == 'rising' and isinstance(k, int):
-    on = [l < k for l in range(num_layers)]
+  elif (schedule == 'rising' and static) or (schedule == 'structure' and
+                                             act.structure == 'nested'):
+    on = [l < k for l in range(num_layers)]  # the first k blocks
   elif schedule == 'rising':
     rank = rising_drop_order(key, num_layers)
     on = [rank[l] >= num_layers - k for l in range(num_layers)]
-  elif act.structure == 'nested' and schedule == 'structure':
-    on = [l < k for l in range(num_layers)]
   else:
     rank = jnp.argsort(jax.random.permutation(key, num_layers))
     on = [rank[l] < k for l in range(num_layers)]

@@ -91,7 +91,6 @@ def slice_params(params: dict, cfg: gpt.GPTConfig, plan: plan_lib.Plan, to_numpy
   the parent computes under `plan`. `to_numpy=False` keeps jax arrays (inside a jitted
   program: the sampler's fixed width)."""
   kept = kept_units(plan, cfg)
-  shapes = {(k['heads'], k['mlp']) for k in kept}
   arrays = (lambda tree: jax.tree.map(np.asarray, tree)) if to_numpy else (lambda tree: tree)
   out = {name: arrays(params[name]) for name in ('wte', 'wpe', 'ln_f')}
   for j, k in enumerate(kept):
@@ -104,9 +103,9 @@ def slice_params(params: dict, cfg: gpt.GPTConfig, plan: plan_lib.Plan, to_numpy
   heads, units = max(k['heads'] for k in kept), max(k['mlp'] for k in kept)
   model = {'num_layers': len(kept), 'num_heads': heads, 'head_dim': cfg.head_dim,
            'mlp_dim': units, 'layer_heads': (), 'layer_mlp_dims': ()}
-  if len(shapes) > 1:  # blocks of their own widths (a per-layer plan)
-    model.update(layer_heads=tuple(k['heads'] for k in kept),
-                 layer_mlp_dims=tuple(k['mlp'] for k in kept))
+  layer_heads, layer_mlp = tuple(k['heads'] for k in kept), tuple(k['mlp'] for k in kept)
+  if len(set(zip(layer_heads, layer_mlp))) > 1:  # blocks of their own widths (a per-layer plan)
+    model.update(layer_heads=layer_heads, layer_mlp_dims=layer_mlp)
   return out, model, [{'layer': k['layer'], 'heads': k['heads'], 'mlp_units': k['mlp']}
                       for k in kept]
 
