@@ -56,6 +56,23 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def dense_byte_config(path_with_arg: str, batch: int = 0, block: int = 0, dtype: str = ''):
+  """The config's dense model on the byte tokenizer, for a train-step benchmark on random tokens:
+  batch, context and dtype the config's where 0/'' on an accelerator; on a CPU, where the
+  config's GPU-sized step would take minutes, 2 x 256 in float32 unless given."""
+  on_cpu = jax.devices()[0].platform == 'cpu'
+  config = load_config(path_with_arg)
+  config.activation.enabled = False
+  config.data.tokenizer = 'byte'
+  if batch or on_cpu:
+    config.batch_size = batch or 2
+  if block or on_cpu:
+    config.model.block_size = block or 256
+  if dtype or on_cpu:
+    config.dtype = dtype or 'float32'
+  return config
+
+
 def load_config(path_with_arg: str):
   """configs/NAME.py[:ARG], relative to the repository root -> ConfigDict."""
   return configuration.load_config(os.path.join(ROOT, path_with_arg))

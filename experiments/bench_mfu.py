@@ -46,7 +46,7 @@ _BLOCK = flags.DEFINE_integer('block_size', 0, 'Context T; 0: the config\'s (256
 _DTYPE = flags.DEFINE_string('dtype', '', "Activations; '': the config's (float32 on CPU).")
 _STEPS = flags.DEFINE_integer('steps', 0, 'Timed steps per variant and round; 0: 3 on CPU, 10 else.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved rounds of dense and RA steps.')
-_FRACTION = flags.DEFINE_float('fraction', 0.5, 'Active fraction of the RA step.')
+_FRACTION = flags.DEFINE_float('fraction', 0.5, 'Active fraction of the RA step; 0: dense only.')
 _PEAK = flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s of one device; 0: table or measure.')
 _OUT = flags.DEFINE_string('out', None, 'JSON output.', required=True)
 
@@ -89,39 +89,31 @@ def main(argv):
   del argv
   workdir_lib.quiet_logs()
   on_cpu = jax.devices()[0].platform == 'cpu'
-  config = bench_common.load_config(_CONFIG.value)
-  config.activation.enabled = False
-  config.data.tokenizer = 'byte'
-  if _BATCH.value or on_cpu:
-    config.batch_size = _BATCH.value or 2
-  if _BLOCK.value or on_cpu:
-    config.model.block_size = _BLOCK.value or 256
-  if _DTYPE.value or on_cpu:
-    config.dtype = _DTYPE.value or 'float32'
+  config = bench_common.dense_byte_config(_CONFIG.value, _BATCH.value, _BLOCK.value, _DTYPE.value)
   mesh_ways = len(jax.devices())
   config.eval_batch_size = config.batch_size
   steps = _STEPS.value or (3 if on_cpu else 10)
   B, T = config.batch_size, config.model.block_size
 
   dense = bench_common.TrainStep(config, VOCAB)
-  ra_config = ml_collections.ConfigDict(config.to_dict())
-  ra_config.activation = bench_common.pinned(config.activation, _FRACTION.value,
-                                              config.model.num_heads)
-  activation.validate(ra_config.activation, ra_config.model)
-  ra = bench_common.TrainStep(ra_config, VOCAB)
+  ra = None
+  if _FRACTION.value:
+    ra_config = ml_collections.ConfigDict(config.to_dict())
+    ra_config.activation = bench_common.pinned(config.activation, _FRACTION.value,
+                                                config.model.num_heads)
+    activation.validate(ra_config.activation, ra_config.model)
+    ra = bench_common.TrainStep(ra_config, VOCAB)
   for _ in range(_ROUNDS.value):  # interleaved, so that load from other processes hits both
     dense.run(steps)
-    ra.run(steps)
+    if ra:
+      ra.run(steps)
 
   cfg = dense.model.cfg
   peak, peak_source = device_peak()
   dense_ms = bench_common.stats(dense.ms)
-  ra_ms = bench_common.stats(ra.ms)
   tokens_per_sec = B * T / (dense_ms['median'] / 1e3)
   flops_token = model_flops_per_token(cfg, dense.num_params)
   achieved = flops_token * tokens_per_sec
-  compute = activation.compute_fractions(ra_config.activation, cfg, _FRACTION.value)
-  realized = {k: float(v) for k, v in ra.metrics.items() if k.startswith('active_')}
   result = {
       'config': _CONFIG.value, 'model': dict(config.model), 'batch_size': B, 'context': T,
       'dtype': config.dtype, 'attention': attention.implementation(cfg.attention, cfg.head_dim, config.dtype, causal=True),
@@ -135,13 +127,17 @@ def main(argv):
           'peak_flops_per_device': peak, 'peak_source': peak_source,
           'mfu': None if peak is None else achieved / (peak * mesh_ways),
           'last_loss': float(dense.metrics['train_loss'])},
-      'ra': {
-          'active_fraction': _FRACTION.value, 'realized': realized, 'step_ms': ra_ms,
-          'compile_s': ra.compile_s,
-          'speedup_vs_dense': dense_ms['median'] / ra_ms['median'],
-          'ideal_speedup': flops.flops_per_token(cfg) / flops.flops_per_token(cfg, **compute),
-          'last_loss': float(ra.metrics['train_loss'])},
   }
+  if ra:
+    ra_ms = bench_common.stats(ra.ms)
+    compute = activation.compute_fractions(ra_config.activation, cfg, _FRACTION.value)
+    result['ra'] = {
+        'active_fraction': _FRACTION.value,
+        'realized': {k: float(v) for k, v in ra.metrics.items() if k.startswith('active_')},
+        'step_ms': ra_ms, 'compile_s': ra.compile_s,
+        'speedup_vs_dense': dense_ms['median'] / ra_ms['median'],
+        'ideal_speedup': flops.flops_per_token(cfg) / flops.flops_per_token(cfg, **compute),
+        'last_loss': float(ra.metrics['train_loss'])}
   if on_cpu:
     result['gpu'] = {'status': 'not measured',
                      'reason': 'no GPU in the session that ran this; run this script on one'}
@@ -150,11 +146,12 @@ def main(argv):
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   files.write_json(_OUT.value, result)
   print(json.dumps(result, indent=2))
-  d, r = result['dense'], result['ra']
+  d, r = result['dense'], result.get('ra')
   mfu = 'n/a' if d['mfu'] is None else f"{d['mfu']:.1%}"
+  ra_line = (f"; RA a={r['active_fraction']}: {r['speedup_vs_dense']:.2f}x "
+             f"(ideal {r['ideal_speedup']:.2f}x)" if r else '')
   print(f"dense: {d['tokens_per_sec']:.0f} tokens/s, {d['model_flops_per_sec'] / 1e9:.1f} "
-        f"GFLOP/s, MFU {mfu} ({peak_source}); RA a={r['active_fraction']}: "
-        f"{r['speedup_vs_dense']:.2f}x (ideal {r['ideal_speedup']:.2f}x)", file=sys.stderr)
+        f"GFLOP/s, MFU {mfu} ({peak_source}){ra_line}", file=sys.stderr)
 
 
 if __name__ == '__main__':
