@@ -26,6 +26,7 @@ def test_gpt2_small_shape():
   assert (m.num_layers, m.num_heads, m.embed_dim, m.mlp_dim, m.block_size) == (12, 12, 768, 3072, 1024)
   assert m.num_heads % config.activation.buckets == 0 and m.mlp_dim % config.activation.buckets == 0
   assert config.dtype == 'bfloat16' and config.data.dataset == 'lm1b'
+  assert m.gelu == 'tanh'  # GPT-2's 'gelu_new'
   model = runs.make_model(config, 256)
   params = jax.eval_shape(lambda k: model.init(k, jax.numpy.zeros((1, 8), jax.numpy.int32)),
                           jax.random.key(0))['params']

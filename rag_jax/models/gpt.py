@@ -332,9 +332,17 @@ class GPT(nn.Module):
     cfg = self.cfg
     wte_VxD = _param(self, 'wte', _dense_init(cfg), (cfg.vocab_size, cfg.embed_dim))
     wpe_TxD = _param(self, 'wpe', _dense_init(cfg), (cfg.block_size, cfg.embed_dim))
-    L = tokens_BxL.shape[1]
-    pe_LxD = jax.lax.dynamic_slice_in_dim(wpe_TxD, pos, L) if cache is not None else wpe_TxD[:L]
-    x_BxLxD = (jnp.take(wte_VxD, tokens_BxL, axis=0) + pe_LxD).astype(cfg.dtype)
+    B, L = tokens_BxL.shape
+    if cache is not None:
+      pe_xLxD = jax.lax.dynamic_slice_in_dim(wpe_TxD, pos, L)
+    else:
+      # Gathered per token rather than broadcast over the batch: the broadcast's gradient is a
+      # reduction over the batch, for which XLA:GPU laid the whole residual stream out batch-minor
+      # ([T, D, B]) and transposed it around every LayerNorm and matmul (275 transposes, 8.7 of
+      # 54 ms of the GPT-2-small step on an H100; gathered: none, 0.91x the step;
+      # experiments/probe_step_variants.py). The same values, so the same loss.
+      pe_xLxD = jnp.take(wpe_TxD, jnp.broadcast_to(jnp.arange(L), (B, L)), axis=0)
+    x_BxLxD = (jnp.take(wte_VxD, tokens_BxL, axis=0) + pe_xLxD).astype(cfg.dtype)
     x_BxLxD = sharding.shard_batch(nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxLxD))
     new_cache = [] if cache is not None else None
     for i in range(cfg.num_layers):

@@ -66,6 +66,31 @@ def test_causal_by_gradients():
     assert np.all(influence_T[:i + 1] > 0), f'position {i} ignores earlier tokens'
 
 
+def test_position_table_is_gathered_per_token_not_reduced_over_the_batch():
+  """The position table enters as a per-token gather, so its gradient is a scatter-add and no
+  reduction over the batch axis of a [B, L, D] activation appears (such a reduction made XLA:GPU
+  lay the residual stream out batch-minor and transpose it around every layer); the gradient
+  equals the broadcast form's."""
+  model, params, tokens = _init(batch=3)
+  loss = lambda p: model.apply({'params': p}, tokens)[0].astype(jnp.float32).std()
+  B, L, D = 3, CFG.block_size, CFG.embed_dim
+  assert not [e for e in jax.make_jaxpr(jax.grad(loss))(params).eqns
+              if e.primitive.name == 'reduce_sum' and e.params['axes'] == (0,)
+              and e.invars[0].aval.shape == (B, L, D)]
+
+  def broadcast_loss(wpe):  # the table added as a broadcast over the batch, as before
+    x = jnp.take(params['wte'], tokens, axis=0) + wpe[:L]
+    return (x * jnp.arange(1, B + 1)[:, None, None]).sum()
+
+  def gathered_loss(wpe):
+    x = jnp.take(params['wte'], tokens, axis=0) + jnp.take(
+        wpe, jnp.broadcast_to(jnp.arange(L), (B, L)), axis=0)
+    return (x * jnp.arange(1, B + 1)[:, None, None]).sum()
+
+  np.testing.assert_allclose(jax.grad(gathered_loss)(params['wpe']),
+                             jax.grad(broadcast_loss)(params['wpe']), rtol=1e-6)
+
+
 @pytest.mark.parametrize('attention', ['einsum', 'xla'])
 @pytest.mark.parametrize('prefill', [1, 5, 16])
 def test_kv_cache_decode_equals_full_forward(prefill, attention):
