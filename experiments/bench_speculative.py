@@ -37,6 +37,10 @@ _CACHES = flags.DEFINE_list('draft_caches', ['shared', 'separate'], 'Draft cache
 _PROMPTS = flags.DEFINE_integer('prompts', 8, 'Prompts (validation windows).')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 8, 'Tokens per prompt.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved rounds.')
+_PROMPTS_FILE = flags.DEFINE_string(
+    'prompts_file', None, 'A .npy of prompts [prompts, prompt_len]: read when it exists (no data '
+    'set needed, e.g. on a machine without TensorFlow), else made from the validation split and '
+    'written there.')
 
 
 def main(argv):
@@ -46,9 +50,19 @@ def main(argv):
   config, tokenizer, model, params = run.config, run.tokenizer, run.model, run.params
   T, k_max = model.cfg.block_size, max(map(int, _KS.value))
   num_tokens = T - _PROMPT_LEN.value - k_max
-  val = data_lib.load(config, tokenizer, ('validation',)).splits['validation']
-  starts = np.linspace(0, len(val) - _PROMPT_LEN.value - 1, _PROMPTS.value).astype(int)
-  prompts = [val[s:s + _PROMPT_LEN.value].astype(np.int32)[None] for s in starts]
+  prompts_file = _PROMPTS_FILE.value
+  if prompts_file and files.exists(prompts_file):
+    windows = np.load(prompts_file).astype(np.int32)
+    if windows.ndim != 2 or windows.shape[1] != _PROMPT_LEN.value:
+      raise SystemExit(f'error: {prompts_file} holds prompts of shape {windows.shape}; expected '
+                       f'[prompts, {_PROMPT_LEN.value}] (--prompt_len)')
+  else:
+    val = data_lib.load(config, tokenizer, ('validation',)).splits['validation']
+    starts = np.linspace(0, len(val) - _PROMPT_LEN.value - 1, _PROMPTS.value).astype(int)
+    windows = np.stack([val[s:s + _PROMPT_LEN.value] for s in starts]).astype(np.int32)
+    if prompts_file:
+      np.save(prompts_file, windows)
+  prompts = [w[None] for w in windows]
   act = ml_collections.FrozenConfigDict(config.activation)
   key = jax.random.key(0)
   lengths, ids = np.array([_PROMPT_LEN.value], np.int32), np.array([0], np.int32)
