@@ -56,6 +56,15 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def define_shape_flags():
+  """--batch_size, --block_size, --dtype of a train-step benchmark (dense_byte_config's
+  arguments); returns the three flag holders."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  return (flags.DEFINE_integer('batch_size', 0, "Batch; 0: the config's (2 on CPU)."),
+          flags.DEFINE_integer('block_size', 0, "Context T; 0: the config's (256 on CPU)."),
+          flags.DEFINE_string('dtype', '', "Activations; '': the config's (float32 on CPU)."))
+
+
 def dense_byte_config(path_with_arg: str, batch: int = 0, block: int = 0, dtype: str = ''):
   """The config's dense model on the byte tokenizer, for a train-step benchmark on random tokens:
   batch, context and dtype the config's where 0/'' on an accelerator; on a CPU, where the

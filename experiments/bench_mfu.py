@@ -41,9 +41,7 @@ from rag_jax.models import attention
 from rag_jax.models import gpt
 
 _CONFIG = flags.DEFINE_string('config', 'configs/gpt2_small.py', 'Config (dense; RA is derived).')
-_BATCH = flags.DEFINE_integer('batch_size', 0, 'Batch; 0: the config\'s (2 on CPU).')
-_BLOCK = flags.DEFINE_integer('block_size', 0, 'Context T; 0: the config\'s (256 on CPU).')
-_DTYPE = flags.DEFINE_string('dtype', '', "Activations; '': the config's (float32 on CPU).")
+_BATCH, _BLOCK, _DTYPE = bench_common.define_shape_flags()
 _STEPS = flags.DEFINE_integer('steps', 0, 'Timed steps per variant and round; 0: 3 on CPU, 10 else.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved rounds of dense and RA steps.')
 _FRACTION = flags.DEFINE_float('fraction', 0.5, 'Active fraction of the RA step; 0: dense only.')

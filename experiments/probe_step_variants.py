@@ -1,7 +1,8 @@
 """Which way of writing the model makes XLA's dense train step fastest: one process, variants.
 
     python experiments/probe_step_variants.py --out=results/gpu/probe_step_variants.json \
-        [--config=configs/gpt2_small.py] [--variants=base,einsum,...] [--steps=15]
+        [--config=configs/gpt2_small.py] [--variants=base,einsum,...] [--steps=8] \
+        [--batch_size=B --block_size=T --dtype=D]   (on a CPU: 2 x 256, float32 unless given)
 
 A diagnostic for experiments/profile_step.py's findings (on an H100 the GPT-2-small step spent
 8.7 of 54 ms of kernel time in transposes of the residual stream, laid out [T, D, B]; the
@@ -22,7 +23,6 @@ Joined with '+' they combine (e.g. `onehot+posgather`).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -48,8 +48,7 @@ _VARIANTS = flags.DEFINE_list(
                  'onehot+posgather', 'einsum+onehot+posgather'], 'Variants, in order.')
 _STEPS = flags.DEFINE_integer('steps', 8, 'Timed steps per variant per round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved rounds.')
-_BATCH = flags.DEFINE_integer('batch_size', 0, "Batch; 0: the config's (2 on CPU).")
-_BLOCK = flags.DEFINE_integer('block_size', 0, "Context; 0: the config's (128 on CPU).")
+_BATCH, _BLOCK, _DTYPE = bench_common.define_shape_flags()
 _OUT = flags.DEFINE_string('out', None, 'JSON output.', required=True)
 
 VOCAB = 256
@@ -89,14 +88,14 @@ class ProbeGPT(gpt.GPT):
     return gpt._matmul(x, wte_VxD.T.astype(cfg.dtype), jnp.float32), None
 
 
-def build(config, variant: str) -> bench_common.TrainStep:
+def build(variant: str) -> bench_common.TrainStep:
   OPTS.clear()
   OPTS.update(variant.split('+'))
   unknown = OPTS - {'base', 'einsum', 'onehot', 'posgather', 'nopos', 'xla_attn', 'tanh'}
   if unknown:
     raise SystemExit(f'error: unknown variant part(s) {sorted(unknown)}')
-  cfg = bench_common.load_config(_CONFIG.value)  # fresh copy
-  cfg.update(config)
+  cfg = bench_common.dense_byte_config(_CONFIG.value, _BATCH.value, _BLOCK.value, _DTYPE.value)
+  cfg.eval_batch_size = cfg.batch_size
   if 'xla_attn' in OPTS:
     cfg.model.attention = 'xla'
   if 'tanh' in OPTS:
@@ -121,21 +120,11 @@ def hlo_counts(compiled) -> dict:
 def main(argv):
   del argv
   workdir_lib.quiet_logs()
-  on_cpu = jax.devices()[0].platform == 'cpu'
-  base = bench_common.load_config(_CONFIG.value)
-  over = {'activation': dict(base.activation, enabled=False),
-          'data': dict(base.data, tokenizer='byte')}
-  over['batch_size'] = _BATCH.value or (2 if on_cpu else base.batch_size)
-  over['eval_batch_size'] = over['batch_size']
-  over['model'] = dict(base.model, block_size=_BLOCK.value or (128 if on_cpu else
-                                                                base.model.block_size))
-  if on_cpu:
-    over['dtype'] = 'float32'
   steps = {}
   rows = {}
   for v in _VARIANTS.value:
     t0 = time.perf_counter()
-    s = build(over, v)
+    s = build(v)
     s.run(1, record=False)
     rows[v] = {'compile_s': s.compile_s, 'first_loss': float(s.metrics['train_loss']),
                **hlo_counts(s.compiled), 'xla_bytes_accessed': _bytes(s.compiled)}
@@ -149,8 +138,9 @@ def main(argv):
   for v, s in steps.items():
     rows[v]['step_ms'] = bench_common.stats(s.ms)
     rows[v]['vs_first'] = float(np.median(s.ms)) / base_ms
-  result = {'config': _CONFIG.value, 'batch_size': over['batch_size'],
-            'block_size': over['model']['block_size'], 'variants': rows,
+  cfg = steps[_VARIANTS.value[0]].model.cfg
+  result = {'config': _CONFIG.value, 'batch_size': int(steps[_VARIANTS.value[0]].batch.shape[0]),
+            'block_size': cfg.block_size, 'variants': rows,
             **bench_common.environment()}
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   files.write_json(_OUT.value, result)

@@ -34,9 +34,7 @@ from rag_jax import files
 from rag_jax import workdir as workdir_lib
 
 _CONFIG = flags.DEFINE_string('config', 'configs/gpt2_small.py', 'Config (dense; RA is derived).')
-_BATCH = flags.DEFINE_integer('batch_size', 0, "Batch; 0: the config's (2 on CPU).")
-_BLOCK = flags.DEFINE_integer('block_size', 0, "Context T; 0: the config's (256 on CPU).")
-_DTYPE = flags.DEFINE_string('dtype', '', "Activations; '': the config's (float32 on CPU).")
+_BATCH, _BLOCK, _DTYPE = bench_common.define_shape_flags()
 _STEPS = flags.DEFINE_integer('steps', 5, 'Traced steps per program.')
 _FRACTION = flags.DEFINE_float('fraction', 0.5, 'RA step pinned at this fraction; 0: dense only.')
 _TOP = flags.DEFINE_integer('top', 40, 'Event names kept per line.')

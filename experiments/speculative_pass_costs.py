@@ -54,10 +54,11 @@ def main(argv):
     return jax.jit(lambda p, t: m.apply({'params': p}, t, cache=gpt.init_cache(m.cfg, 1),
                                         pos=0)[1])(p, prompt)
 
+  full_cache, draft_cache = prefilled(model, params), prefilled(d_model, d_params)
   programs = {}
-  for name, m, p, L in ([(f'full_{L}', model, params, int(L)) for L in _POSITIONS.value]
-                        + [('draft_1', d_model, d_params, 1)]):
-    cache = prefilled(m, p)
+  for name, m, p, cache, L in ([(f'full_{L}', model, params, full_cache, int(L))
+                                for L in _POSITIONS.value]
+                               + [('draft_1', d_model, d_params, draft_cache, 1)]):
     fn = jax.jit(lambda p, t, c, pos, m=m: m.apply({'params': p}, t, cache=c, pos=pos))
     args = (p, jnp.zeros((1, L), jnp.int32), cache, jnp.int32(_AT.value))
     programs[name] = (fn.lower(*args).compile(options), args)
