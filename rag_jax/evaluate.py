@@ -26,6 +26,7 @@ from rag_jax import files
 from rag_jax import flops
 from rag_jax import plan as plan_lib
 from rag_jax import runs
+from rag_jax import sampling
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import gpt
 
@@ -97,25 +98,17 @@ def make_adaptive_step(model: gpt.GPT, act, draft_fraction: float, thresholds):
   narrow = activation.make_plan(jax.random.key(0), act, model.cfg, fraction=draft_fraction)
   masks = plan_lib.as_masks(narrow)
 
-  def per_position(escalate_BxT):  # the narrow width's units, or all of them where escalated
-    def site(m):
-      return None if m is None else plan_lib.UnitMask(
-          jnp.where(escalate_BxT[..., None], 1.0, m.mask), d=m.d, rescale=m.rescale)
-    return tuple(plan_lib.LayerPlan(
-        mlp=site(l.mlp), heads=site(l.heads),
-        block=None if l.block is None else plan_lib.BlockMask(
-            jnp.where(escalate_BxT, 1.0, l.block.mask))) for l in masks)
-
   def step(params, tokens, weights_B, key):
     del key
     x_BxT, y_BxT = tokens[:, :-1], tokens[:, 1:]
     narrow_BxTxV, _ = model.apply({'params': params}, x_BxT, plan=narrow)
-    confidence_BxT = jax.nn.softmax(narrow_BxTxV.astype(jnp.float32), axis=-1).max(-1)
+    confidence_BxT = sampling.confidence(narrow_BxTxV)
     w_BxT = weights_B[:, None] * jnp.ones_like(confidence_BxT)
 
     def one(threshold):
       escalate_BxT = confidence_BxT < threshold
-      logits_BxTxV, _ = model.apply({'params': params}, x_BxT, plan=per_position(escalate_BxT))
+      logits_BxTxV, _ = model.apply({'params': params}, x_BxT,
+                                    plan=plan_lib.escalate(masks, escalate_BxT))
       losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
           logits_BxTxV.astype(jnp.float32), y_BxT)
       return (losses_BxT * w_BxT).sum(), (escalate_BxT * w_BxT).sum()

@@ -157,6 +157,17 @@ def as_masks(plan: Plan) -> Plan:
                for l in plan)
 
 
+def escalate(masks: Plan, escalate_mask: jax.Array) -> Plan:
+  """A masks plan (`as_masks`) with everything on where `escalate_mask` ([L] or [B, L]) is true:
+  per position, the narrow plan's units or the full width (the `adaptive` policy)."""
+  def site(m):
+    return None if m is None else UnitMask(jnp.where(escalate_mask[..., None], 1.0, m.mask),
+                                           d=m.d, rescale=m.rescale)
+  return tuple(LayerPlan(mlp=site(l.mlp), heads=site(l.heads),
+                         block=None if l.block is None else BlockMask(
+                             jnp.where(escalate_mask, 1.0, l.block.mask))) for l in masks)
+
+
 def active_fractions(plan: Plan) -> dict[str, jax.Array]:
   """Realized fraction of MLP units, heads and blocks that are on (means over layers; per
   position when the plan is)."""

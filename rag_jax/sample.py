@@ -1,7 +1,8 @@
 """Compiled generation: a prefill of the prompts, then one `lax.while_loop` with a KV cache.
 
     python -m rag_jax.sample --workdir=DIR --prompt="ROMEO:" [--prompt="JULIET:"] --num_tokens=200
-        [--active_fraction=0.5 | --policy=random] [--seed=0] [--batch=1] [--temperature=0.8]
+        [--active_fraction=0.5 | --policy=random | --policy=adaptive --threshold=0.5
+         | --policy=speculative] [--draft_fraction=0.5] [--seed=0] [--batch=1] [--temperature=0.8]
         [--top_k=0] [--top_p=1.0] [--greedy] [--end=CHAR] [--alpha= --beta= --lam=]
 
 The rules (docs/sampling.md explains them):
@@ -16,7 +17,11 @@ The rules (docs/sampling.md explains them):
 * Activation (`policy`): `dense`; `fixed` (one plan, make_plan(act_key, fraction=a), for the
   whole generation: a fixed sub-model); `random` (the token at index t, prompt or generated, is
   fed through make_plan(fold_in(act_key, t)): a fresh draw a = 1 - lam*B per time step, shared
-  by the batch; prefills use the same per-position draws as masks).
+  by the batch; prefills use the same per-position draws as masks); `adaptive` (every token runs
+  at the nested width a, and again at the full width when a's top-1 probability is below the
+  threshold, in which case its keys and values are the full width's; a prefill is a narrow pass
+  then one pass with each position at its chosen width, as `evaluate --policy=adaptive` scores,
+  and a prompt token fed in the loop keeps the width the prefill chose for it).
 * Context: positions are learned up to `block_size` T. When a token would land at position T,
   the cache is rebuilt from the last T//2 tokens (one prefill, inside the loop), so every token
   sees between T//2 and T tokens; nanoGPT instead re-runs the last T tokens for every token.
@@ -49,7 +54,9 @@ from rag_jax.models import gpt
 from rag_jax.models import widths as widths_lib
 
 # `speculative`: the full model's output, drafted by a narrow width (rag_jax/speculative.py).
-POLICIES = activation.POLICIES + ('speculative',)
+# `adaptive`: each token at a nested width, escalated to the full width below a confidence.
+GENERATE_POLICIES = activation.POLICIES + ('adaptive',)
+POLICIES = GENERATE_POLICIES + ('speculative',)
 # The token choice (greedy, temperature, top-k, top-p): rag_jax/sampling.py.
 sample_token = sampling.sample_token
 PAD = 0  # written after a row's last token
@@ -66,6 +73,7 @@ class DecodeState:
   pos: jax.Array          # cache position of the last token fed in (tokens[t-1])
   logits: jax.Array       # B x V: prediction for tokens[t]
   done: jax.Array         # B: the row needs no more tokens
+  escalated: jax.Array | None = None  # policy adaptive, B x N: the pass fed tokens[i] escalated
 
 
 def _mean_fraction(plan) -> jax.Array:
@@ -125,19 +133,26 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
              num_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              greedy: bool = False, end_token: int | None = None, policy: str = 'dense',
              active_fraction: float | None = None,
-             act: ml_collections.FrozenConfigDict | None = None) -> tuple[jax.Array, jax.Array]:
+             act: ml_collections.FrozenConfigDict | None = None,
+             threshold: float | None = None) -> tuple[jax.Array, jax.Array]:
   """`num_tokens` tokens after each row's prompt (see the module docstring for the rules).
 
   Row b's prompt is prompt_BxP[b, :prompt_lengths_B[b]] (default: all P tokens); its sampling
   key folds in sample_ids_B[b] (default: b). Returns tokens B x (P + num_tokens) (prompt,
   continuation, then PAD after the row's last token: `num_tokens` or an end token) and the mean
-  active fraction of the forward pass behind each generated token, B x num_tokens.
+  active fraction of the forward pass behind each generated token, B x num_tokens (`adaptive`:
+  the narrow pass's fraction, plus 1 where the token escalated and paid for both passes).
+  `adaptive` runs at the nested width `active_fraction` and escalates below `threshold`.
   """
-  if policy not in activation.POLICIES:
-    raise ValueError(f'policy must be one of {activation.POLICIES}, got {policy!r} (speculative: '
+  if policy not in GENERATE_POLICIES:
+    raise ValueError(f'policy must be one of {GENERATE_POLICIES}, got {policy!r} (speculative: '
                      'speculative_generate).')
-  if policy != 'dense' and (act is None or (policy == 'fixed' and active_fraction is None)):
-    raise ValueError(f'policy {policy!r} needs `act` (and `active_fraction` when fixed).')
+  if policy != 'dense' and (act is None or (policy in ('fixed', 'adaptive') and
+                                            active_fraction is None)):
+    raise ValueError(f'policy {policy!r} needs `act` (and `active_fraction` when fixed or '
+                     'adaptive).')
+  if policy == 'adaptive' and threshold is None:
+    raise ValueError('policy adaptive needs `threshold`.')
   cfg = model.cfg
   B, P = prompt_BxP.shape
   N = P + num_tokens
@@ -156,6 +171,10 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
     plan_at = lambda t: _take(table, t)
     plans_from = lambda first, L: jax.vmap(plan_lib.as_masks)(_take(table, first, L))
     fraction_N = jax.vmap(_mean_fraction)(table)
+  elif policy == 'adaptive':
+    narrow = activation.make_plan(act_key, act, cfg, fraction=active_fraction)
+    narrow_masks = plan_lib.as_masks(narrow)
+    fraction_N = jnp.full((N,), _mean_fraction(narrow))
   else:
     fixed = (activation.make_plan(act_key, act, cfg, fraction=active_fraction)
              if policy == 'fixed' else None)
@@ -171,16 +190,61 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
   # Drawn nested widths read their weights from separate prefix arrays
   # (widths.decode_variables, cut once here): a slice of one array inside the loop would be
   # copied at every step (memory: (buckets + 1) / 2 x the switched weights).
-  if policy != 'random' or act.structure != 'nested':
-    variables = {'params': params}
-  else:
+  if policy == 'random' and act.structure == 'nested':
     variables = widths_lib.decode_variables(params, act.buckets, range(act.buckets),
                                             activation.parse_sites(act.sites))
+  elif policy == 'adaptive':  # the narrow width and the full one
+    buckets = {act.buckets - 1} | {site.bucket for layer in narrow for site in (layer.mlp,
+                                                                               layer.heads)
+                                   if site is not None}
+    variables = widths_lib.decode_variables(params, act.buckets, sorted(buckets),
+                                            activation.parse_sites(act.sites))
+  else:
+    variables = {'params': params}
+
+  def forward(tokens_BxL, cache, pos, plan):
+    logits_BxLxV, cache = model.apply(variables, tokens_BxL, cache=cache, pos=pos, plan=plan)
+    return logits_BxLxV, cache
+
+  def adaptive_step(token_B, cache, pos, prompt_B, prefilled_B):
+    """`adaptive`, one token: the narrow width, then the full width for the rows whose narrow
+    top-1 probability is below the threshold (skipped when no row is); each row keeps the keys
+    and values of the width it ran at. A prompt token (`prompt_B`) takes the width the prefill
+    chose for it (`prefilled_B`), so a row's widths do not depend on the other rows' prompts.
+    Returns (logits, cache, escalated)."""
+    logits_Bx1xV, narrow_cache = forward(token_B[:, None], cache, pos, narrow)
+    logits_BxV = logits_Bx1xV[:, 0]
+    escalate_B = jnp.where(prompt_B, prefilled_B,
+                           sampling.confidence(logits_BxV) < threshold)
+
+    def full():
+      full_Bx1xV, full_cache = forward(token_B[:, None], narrow_cache, pos, None)
+      full_BxV = full_Bx1xV[:, 0]
+      if B > 1:  # the other rows keep their narrow keys and values at `pos`
+        def keep(f, n):
+          at = lambda c: jax.lax.dynamic_slice_in_dim(c, pos, 1, axis=1)
+          kept = jnp.where(escalate_B[:, None, None, None], at(f), at(n))
+          return jax.lax.dynamic_update_slice_in_dim(f, kept, pos, axis=1)
+        full_cache = jax.tree.map(keep, full_cache, narrow_cache)
+      return jnp.where(escalate_B[:, None], full_BxV, logits_BxV), full_cache
+
+    logits_BxV, cache = jax.lax.cond(jnp.any(escalate_B), full,
+                                     lambda: (logits_BxV, narrow_cache))
+    return logits_BxV, cache, escalate_B
 
   def prefill(tokens_BxL, first):
-    """Feeds the tokens at indices first.. into a fresh cache at positions 0.. ."""
-    return model.apply(variables, tokens_BxL, cache=gpt.init_cache(cfg, B), pos=0,
-                       plan=plans_from(first, tokens_BxL.shape[1]))
+    """Feeds the tokens at indices first.. into a fresh cache at positions 0.. ; returns
+    (logits, cache, escalated or None). `adaptive`: a narrow pass, then one pass in which every
+    position runs at its chosen width (masks), as `evaluate --policy=adaptive` scores it."""
+    cache = gpt.init_cache(cfg, B)
+    if policy != 'adaptive':
+      return *forward(tokens_BxL, cache, 0, plans_from(first, tokens_BxL.shape[1])), None
+    logits_BxLxV, narrow_cache = forward(tokens_BxL, cache, 0, narrow)
+    escalate_BxL = sampling.confidence(logits_BxLxV) < threshold
+    return *jax.lax.cond(
+        jnp.any(escalate_BxL),
+        lambda: forward(tokens_BxL, cache, 0, plan_lib.escalate(narrow_masks, escalate_BxL)),
+        lambda: (logits_BxLxV, narrow_cache)), escalate_BxL
 
   def refill(tokens_BxN, t):
     """Cache full: rebuild it from the `window - 1` tokens before index t."""
@@ -218,28 +282,39 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
     else:
       cache, pos = jax.lax.cond(s.pos + 1 >= T, lambda: refill(s.tokens, s.t),
                                 lambda: (s.cache, s.pos + 1))
-    logits_Bx1xV, cache = model.apply(variables, token_B[:, None], cache=cache, pos=pos,
-                                      plan=plan_at(s.t))
+    if policy == 'adaptive':
+      prefilled_B = jax.lax.dynamic_index_in_dim(s.escalated, s.t, 1, False)
+      logits_BxV, cache, escalate_B = adaptive_step(token_B, cache, pos, s.t < lengths_B,
+                                                    prefilled_B)
+      escalated = jax.lax.dynamic_update_slice_in_dim(s.escalated, escalate_B[:, None], s.t, 1)
+      return s.replace(cache=cache, t=s.t + 1, pos=pos, logits=logits_BxV, escalated=escalated)
+    logits_Bx1xV, cache = forward(token_B[:, None], cache, pos, plan_at(s.t))
     return s.replace(cache=cache, t=s.t + 1, pos=pos, logits=logits_Bx1xV[:, 0])
 
   t0 = jnp.min(lengths_B)  # the first index some row generates
-  logits_BxPxV, cache = prefill(prompt_BxP, 0)
+  logits_BxPxV, cache, escalate_BxP = prefill(prompt_BxP, 0)
   in_prompt_BxP = jnp.arange(P)[None, :] < lengths_B[:, None]
   tokens_BxN = jnp.full((B, N), PAD, jnp.int32).at[:, :P].set(
       jnp.where(in_prompt_BxP, prompt_BxP, PAD))
+  escalated_BxN = None if escalate_BxP is None else (
+      jnp.zeros((B, N), bool).at[:, :P].set(escalate_BxP))
   state = DecodeState(tokens=tokens_BxN, cache=cache, t=t0, pos=t0 - 1,
                       logits=jax.lax.dynamic_index_in_dim(logits_BxPxV, t0 - 1, 1, False),
-                      done=jnp.zeros(B, bool))
+                      done=jnp.zeros(B, bool), escalated=escalated_BxN)
   stop = jnp.max(last_B)
   state = jax.lax.while_loop(lambda s: (s.t < stop) & ~jnp.all(s.done), body, state)
   final, _ = choose(state)  # the last token needs no forward pass
   # Generated token j of row b came from the pass that fed index lengths_B[b] + j - 1.
-  return final.tokens, fraction_N[lengths_B[:, None] + jnp.arange(num_tokens) - 1]
+  fed_BxM = lengths_B[:, None] + jnp.arange(num_tokens) - 1
+  fractions_BxM = fraction_N[fed_BxM]
+  if policy == 'adaptive':
+    fractions_BxM += jnp.take_along_axis(final.escalated, fed_BxM, axis=1)
+  return final.tokens, fractions_BxM
 
 
 generate = _Jit(generate, static_argnames=(
     'model', 'num_tokens', 'temperature', 'top_k', 'top_p', 'greedy', 'end_token', 'policy',
-    'active_fraction', 'act'))
+    'active_fraction', 'act', 'threshold'))
 speculative_generate = _Jit(speculative.generate, static_argnames=(
     'model', 'num_tokens', 'temperature', 'top_k', 'top_p', 'greedy', 'end_token', 'act',
     'draft_fraction', 'draft_tokens', 'draft_cache'))
@@ -347,15 +422,18 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
            temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
            end: str | None = None, act: ml_collections.ConfigDict | None = None,
            draft_fraction: float = 0.5, draft_tokens: int = 4,
-           draft_cache: str = 'shared') -> Samples:
+           draft_cache: str = 'shared', threshold: float = 0.5) -> Samples:
   """Generates `batch` continuations of each prompt, compiled (the CLI calls this too).
 
   `config` is the run's config (model, activation, seed) and `tokenizer` its tokenizer
   (`runs.load_run` gives both); the model runs in the run's `config.dtype`. `policy`: dense,
   fixed (at `active_fraction`; the default when one is given), random (a fresh draw per time
-  step) or speculative (the full model's output, drafted `draft_tokens` at a time by the
+  step), speculative (the full model's output, drafted `draft_tokens` at a time by the
   nested width `draft_fraction`, its keys and values `draft_cache`: rag_jax/speculative.py;
-  `Samples.speculation` counts what was accepted); `act` overrides
+  `Samples.speculation` counts what was accepted) or adaptive (every token at the nested width
+  `draft_fraction`, rerun at the full width where that width's top-1 probability is below
+  `threshold`: 0 never, above 1 always; `Samples.fractions` then counts both passes of an
+  escalated token); `act` overrides
   `config.activation` (alpha, beta, lam, sites, structure, buckets). `end`: a one-token text
   (e.g. '\\n') that ends a row. The key is fold_in(root_keys(config.seed)['sample'], seed).
   Bad input raises one ValueError naming the problem, before anything compiles.
@@ -392,6 +470,16 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
                  draft_cache=draft_cache)
   else:
     program = generate
+  if chosen == 'adaptive':
+    if knobs['act'].structure != 'nested':
+      raise ValueError("policy adaptive escalates from a nested width; the run's structure is "
+                       f"{knobs['act'].structure!r}.")
+    if not 0 < draft_fraction < 1:
+      raise ValueError(f'policy adaptive needs a draft_fraction in (0, 1), got {draft_fraction}.')
+    if not threshold >= 0:
+      raise ValueError(f'threshold must be >= 0 (a top-1 probability; 0: never escalate, above '
+                       f'1: always), got {threshold}.')
+    knobs.update(active_fraction=float(draft_fraction), threshold=float(threshold))
   start = time.perf_counter()
   compiled = program.lower(params, model, prompt_RxP, key, lengths_R, ids_R, **knobs).compile()
   compile_seconds = time.perf_counter() - start
@@ -432,8 +520,13 @@ def _define_flags():
   flags.DEFINE_enum('policy', None, list(POLICIES),
                     'dense (default), fixed (with --active_fraction), random (a fresh draw '
                     'at every time step from the run\'s alpha, beta, lam or the flags below) or '
-                    'speculative (the full model\'s text, drafted by a narrow width).')
-  flags.DEFINE_float('draft_fraction', 0.5, 'speculative: the nested width that drafts.')
+                    'speculative (the full model\'s text, drafted by a narrow width) or adaptive '
+                    '(a narrow width, escalated to the full one when unsure).')
+  flags.DEFINE_float('draft_fraction', 0.5,
+                     'speculative: the nested width that drafts; adaptive: the width every token '
+                     'runs at first.')
+  flags.DEFINE_float('threshold', 0.5, 'adaptive: escalate a token to the full width when the '
+                     "narrow width's top-1 probability is below this.")
   flags.DEFINE_integer('draft_tokens', 4, 'speculative: tokens drafted per full-width pass.')
   flags.DEFINE_enum('draft_cache', 'shared', list(speculative.DRAFT_CACHES),
                     "speculative: the draft reads the full model's keys and values (shared) or "
@@ -453,7 +546,7 @@ def main(argv):
                  seed=f.seed, batch=f.batch, policy=f.policy, active_fraction=f.active_fraction,
                  temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, greedy=f.greedy,
                  end=f.end, act=act, draft_fraction=f.draft_fraction,
-                 draft_tokens=f.draft_tokens, draft_cache=f.draft_cache)
+                 draft_tokens=f.draft_tokens, draft_cache=f.draft_cache, threshold=f.threshold)
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   for text in out.text:

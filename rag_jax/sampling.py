@@ -2,6 +2,7 @@
 restricted to the top k tokens and to the nucleus of mass p. The compiled sampler
 (rag_jax/sample.py) and speculative decoding (rag_jax/speculative.py) share these rules, so
 that the speculative acceptance test targets exactly the distribution plain sampling draws from.
+`confidence` is what the `adaptive` policy escalates on (in generation and in evaluate).
 """
 from __future__ import annotations
 
@@ -35,3 +36,9 @@ def sample_token(logits_BxV: jax.Array, key: jax.Array, temperature: float = 1.0
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   return jax.random.categorical(
       key, processed_logits(logits_BxV, temperature, top_k, top_p)).astype(jnp.int32)
+
+
+def confidence(logits: jax.Array) -> jax.Array:
+  """The top-1 probability of the model's own distribution (float32 softmax at temperature 1,
+  whatever the sampling settings), over the last axis."""
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).max(-1)

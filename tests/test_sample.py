@@ -10,6 +10,7 @@ from rag_jax import activation
 from rag_jax import export
 from rag_jax import plan as plan_lib
 from rag_jax import sample as sample_lib
+from rag_jax import sampling
 from rag_jax.data import tokenizers
 from rag_jax.models import gpt
 
@@ -178,10 +179,12 @@ def test_end_token_stops_and_pads(model_params):
 @pytest.mark.parametrize('knobs', [
     dict(greedy=True, end=True),
     dict(temperature=1.0, top_k=5, policy='random'),
+    dict(temperature=1.0, policy='adaptive', threshold=0.3),
 ])
 def test_batched_prompts_of_different_lengths_equal_one_at_a_time(model_params, knobs):
   """Each row's text depends on the seed, its prompt and its sample number only; 20 tokens
-  cross a context refill (block 12), and rows stop at the end token on their own."""
+  cross a context refill (block 12), and rows stop at the end token on their own. `adaptive`:
+  rows escalate on their own and keep the keys and values of their own width."""
   _, params = model_params
   config = run_config()
   prompts = ['a', 'bcdef', 'ghi']
@@ -202,6 +205,9 @@ def test_batched_prompts_of_different_lengths_equal_one_at_a_time(model_params, 
     assert together.text[0] != together.text[1]  # samples of a prompt differ
   ended = together.lengths < together.prompt_lengths + 20
   assert np.isnan(together.fractions).any() == ended.any()
+  if knobs.get('policy') == 'adaptive':  # some tokens escalated, some did not
+    seen = together.fractions[~np.isnan(together.fractions)]
+    assert set(np.unique(seen)) == {0.5, 1.5}
 
 
 def test_random_policy_fractions_follow_the_distribution(model_params):
@@ -243,6 +249,10 @@ def test_sample_api_and_bad_input(model_params):
       "end text 'ab' must be one token": dict(end='ab'),
       'lam must be in': dict(policy='random', act=act_config(lam=2.0)),
       'buckets=3 does not divide': dict(active_fraction=0.5, act=act_config(buckets=3)),
+      'adaptive escalates from a nested width': dict(policy='adaptive',
+                                                     act=act_config(structure='random')),
+      r'adaptive needs a draft_fraction in \(0, 1\)': dict(policy='adaptive', draft_fraction=1.0),
+      'threshold must be >= 0': dict(policy='adaptive', threshold=-0.1),
   }
   for message, kwargs in bad.items():
     kwargs = {'prompts': ['abc'], **kwargs}
@@ -282,3 +292,57 @@ def test_decode_compiler_options_apply_on_cpu_only():
     assert opts == sample_lib.CPU_COMPILER_OPTIONS
   else:
     assert opts == {}
+
+
+def reference_adaptive_greedy(model, params, prompt, num_tokens, narrow, threshold):
+  """`adaptive` by re-running the whole window for every token (within one context): each
+  position runs at its own width (per-position masks). The prompt's widths come from one narrow
+  pass over it; a generated position runs narrow, and at the full width when the narrow top-1
+  probability is below `threshold`. Returns (tokens, each position's escalation)."""
+  masks = plan_lib.as_masks(narrow)
+  T = CFG.block_size
+
+  def logits_at(tokens, escalated, u):
+    window = jnp.asarray([tokens + [0] * (T - len(tokens))])
+    esc = jnp.asarray([escalated + [False] * (T - len(escalated))])
+    logits, _ = model.apply({'params': params}, window, plan=plan_lib.escalate(masks, esc))
+    return logits[0, u - 1]
+
+  tokens = list(prompt)
+  narrow_logits, _ = model.apply({'params': params}, jnp.asarray([tokens]), plan=narrow)
+  escalated = list(np.asarray(sampling.confidence(narrow_logits[0]) < threshold))
+  for _ in range(num_tokens):
+    u = len(tokens)
+    if len(escalated) < u:  # the token just generated: narrow first, escalate when unsure
+      unsure = sampling.confidence(logits_at(tokens, escalated + [False], u)) < threshold
+      escalated.append(bool(unsure))
+    tokens.append(int(jnp.argmax(logits_at(tokens, escalated, u))))
+  return tokens, escalated
+
+
+@pytest.mark.parametrize('sites', ['mlp,heads', 'mlp,heads,layers'])
+def test_adaptive_generation_escalates_per_token_and_spans_narrow_to_full(model_params, sites):
+  """Policy `adaptive` against a full re-run with each position at its own width (keys and
+  values of the width the token ran at); threshold 0 is the narrow model (the `fixed` text), a
+  threshold above 1 the full model (the dense text), across context refills; the recorded
+  fraction of a token is the narrow one, plus 1 where it escalated."""
+  model, params = model_params
+  act = ml_collections.FrozenConfigDict(act_config(sites=sites))
+  key = jax.random.key(4)
+  narrow = activation.make_plan(jax.random.split(key)[1], act, CFG, fraction=0.5)
+  prompt = [1, 2, 3]
+  run = lambda **kw: sample_lib.generate(params, model, jnp.asarray([prompt]), key,
+                                         greedy=True, act=act, **kw)
+  threshold = 0.3
+  out, fractions = run(num_tokens=8, policy='adaptive', active_fraction=0.5, threshold=threshold)
+  want, escalated = reference_adaptive_greedy(model, params, prompt, 8, narrow, threshold)
+  assert list(np.asarray(out[0])) == want
+  np.testing.assert_allclose(fractions[0], 0.5 + np.asarray(escalated[2:10], np.float32))
+  assert 0 < np.mean(escalated) < 1  # both widths ran
+
+  for threshold, policy, fraction in ((0.0, 'fixed', 0.5), (2.0, 'dense', 1.5)):
+    got, fractions = run(num_tokens=30, policy='adaptive', active_fraction=0.5,
+                         threshold=threshold)
+    same, _ = run(num_tokens=30, policy=policy, active_fraction=0.5 if policy == 'fixed' else None)
+    np.testing.assert_array_equal(got, same)
+    np.testing.assert_allclose(fractions, fraction)
