@@ -45,19 +45,20 @@ from rag_jax import runs
 from rag_jax import sample as sample_lib
 from rag_jax import workdir as workdir_lib
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A trained nested RA run.', required=True)
-_OUT = flags.DEFINE_string('out', None, 'JSON output.', required=True)
-_SAMPLES = flags.DEFINE_integer('samples', 256, 'Prompts, one continuation each per policy.')
-_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 8, 'Tokens per prompt.')
-_NUM_TOKENS = flags.DEFINE_integer('num_tokens', 256, 'Tokens per continuation (long run).')
-_BATCH = flags.DEFINE_integer('batch', 64, 'Rows generated together.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature (the CLI default).')
-_GREEDY = flags.DEFINE_bool('greedy', False, 'Greedy decoding instead (where loops show most).')
-_FRACTIONS = flags.DEFINE_list('fractions', ['0.75', '0.5', '0.25'], '`fixed` widths.')
-_DRAFT = flags.DEFINE_float('draft_fraction', 0.5, '`adaptive` and `speculative` narrow width.')
-_THRESHOLDS = flags.DEFINE_list('thresholds', ['0.3', '0.6', '0.9'], '`adaptive` thresholds.')
-_DRAFT_TOKENS = flags.DEFINE_integer('draft_tokens', 4, '`speculative` k.')
-_NGRAMS = flags.DEFINE_list('ngrams', ['4', '8', '16'], 'n of distinct-n.')
+def _define_flags():
+  flags.DEFINE_string('workdir', None, 'A trained nested RA run.', required=True)
+  flags.DEFINE_string('out', None, 'JSON output.', required=True)
+  flags.DEFINE_integer('samples', 256, 'Prompts, one continuation each per policy.')
+  flags.DEFINE_integer('prompt_len', 8, 'Tokens per prompt.')
+  flags.DEFINE_integer('num_tokens', 256, 'Tokens per continuation (long run).')
+  flags.DEFINE_integer('batch', 64, 'Rows generated together.')
+  flags.DEFINE_float('temperature', 0.8, 'Sampling temperature (the CLI default).')
+  flags.DEFINE_bool('greedy', False, 'Greedy decoding instead (where loops show most).')
+  flags.DEFINE_list('fractions', ['0.75', '0.5', '0.25'], '`fixed` widths.')
+  flags.DEFINE_float('draft_fraction', 0.5, '`adaptive` and `speculative` narrow width.')
+  flags.DEFINE_list('thresholds', ['0.3', '0.6', '0.9'], '`adaptive` thresholds.')
+  flags.DEFINE_integer('draft_tokens', 4, '`speculative` k.')
+  flags.DEFINE_list('ngrams', ['4', '8', '16'], 'n of distinct-n.')
 
 
 def distinct(row: np.ndarray, n: int) -> float:
@@ -109,21 +110,22 @@ def summarize(name, tokens_RxN, P, fractions, score, ngrams, seconds=None, **ext
 
 def main(argv):
   del argv
+  f = flags.FLAGS
   workdir_lib.quiet_logs()
-  run = runs.load_run(_WORKDIR.value)
+  run = runs.load_run(f.workdir)
   config, tokenizer, model, params = run.config, run.tokenizer, run.model, run.params
   act = ml_collections.FrozenConfigDict(config.activation)
   if not act.enabled or act.structure != 'nested':
     raise SystemExit('error: --workdir must be a nested RA run (its widths are the policies).')
-  T, P, k = model.cfg.block_size, _PROMPT_LEN.value, _DRAFT_TOKENS.value
+  T, P, k = model.cfg.block_size, f.prompt_len, f.draft_tokens
   short = T - P - k
-  long_ = _NUM_TOKENS.value
-  ngrams = [int(n) for n in _NGRAMS.value]
+  long_ = f.num_tokens
+  ngrams = [int(n) for n in f.ngrams]
   if short < max(ngrams) or P < 1:
     raise SystemExit(f'error: the context {T} leaves {short} tokens after a prompt of {P} and '
                      f'{k} draft tokens: too few for distinct-{max(ngrams)}.')
   val = data_lib.load(config, tokenizer, ('validation',)).splits['validation']
-  R, B = _SAMPLES.value, _BATCH.value
+  R, B = f.samples, f.batch
   if len(val) < P + long_ + 1 or R % B:
     raise SystemExit(f'error: --samples ({R}) must be a multiple of --batch ({B}), and the '
                      f'validation split ({len(val)} tokens) longer than prompt + num_tokens.')
@@ -131,19 +133,19 @@ def main(argv):
   data_RxN = np.stack([val[s:s + P + long_] for s in starts]).astype(np.int32)
   key = jax.random.fold_in(workdir_lib.root_keys(config.seed)['sample'], 0)
   lengths_B = np.full((B,), P, np.int32)
-  greedy = _GREEDY.value
-  common = dict(temperature=1.0 if greedy else _TEMPERATURE.value, top_k=0, top_p=1.0,
+  greedy = f.greedy
+  common = dict(temperature=1.0 if greedy else f.temperature, top_k=0, top_p=1.0,
                 greedy=greedy, end_token=None)
 
   policies = [('dense', sample_lib.generate, dict(policy='dense'))]
   policies += [(f'fixed {a}', sample_lib.generate, dict(policy='fixed', active_fraction=float(a),
-                                                       act=act)) for a in _FRACTIONS.value]
+                                                       act=act)) for a in f.fractions]
   policies.append(('random', sample_lib.generate, dict(policy='random', act=act)))
-  policies += [(f'adaptive {_DRAFT.value} @ {p}', sample_lib.generate,
-                dict(policy='adaptive', active_fraction=_DRAFT.value, threshold=float(p),
-                     act=act)) for p in _THRESHOLDS.value]
-  speculative = (f'speculative {_DRAFT.value} k={k}', sample_lib.speculative_generate,
-                 dict(act=act, draft_fraction=_DRAFT.value, draft_tokens=k,
+  policies += [(f'adaptive {f.draft_fraction} @ {p}', sample_lib.generate,
+                dict(policy='adaptive', active_fraction=f.draft_fraction, threshold=float(p),
+                     act=act)) for p in f.thresholds]
+  speculative = (f'speculative {f.draft_fraction} k={k}', sample_lib.speculative_generate,
+                 dict(act=act, draft_fraction=f.draft_fraction, draft_tokens=k,
                       draft_cache='shared'))
   score = make_scorer(model, params, T)
   tables = {}
@@ -173,14 +175,14 @@ def main(argv):
             f'  a {rows[-1]["active_fraction"]:.3f}', file=sys.stderr, flush=True)
     tables[str(length)] = rows
 
-  result = {'workdir': os.path.abspath(_WORKDIR.value), 'step': int(run.step),
+  result = {'workdir': os.path.abspath(f.workdir), 'step': int(run.step),
             'model': dict(config.model), 'activation': dict(config.activation),
             'samples': R, 'prompt_len': P, 'batch': B,
-            'decoding': 'greedy' if greedy else f'temperature {_TEMPERATURE.value}',
+            'decoding': 'greedy' if greedy else f'temperature {f.temperature}',
             'lengths': {'long': long_, 'short': short}, 'tables': tables,
             **bench_common.environment()}
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  files.write_json(_OUT.value, result)
+  os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
+  files.write_json(f.out, result)
   for length, rows in tables.items():
     print(f"\n{length} tokens after a prompt of {P}, {R} rows, {result['decoding']}")
     print('| policy | active fraction | NLL (full model) | ' +
@@ -193,4 +195,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
