@@ -202,9 +202,8 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
   else:
     variables = {'params': params}
 
-  def forward(tokens_BxL, cache, pos, plan):
-    logits_BxLxV, cache = model.apply(variables, tokens_BxL, cache=cache, pos=pos, plan=plan)
-    return logits_BxLxV, cache
+  def forward(tokens_BxL, cache, pos, plan):  # -> (logits, cache), with the decode variables
+    return model.apply(variables, tokens_BxL, cache=cache, pos=pos, plan=plan)
 
   def adaptive_step(token_B, cache, pos, prompt_B, prefilled_B):
     """`adaptive`, one token: the narrow width, then the full width for the rows whose narrow
