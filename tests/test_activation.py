@@ -1,5 +1,6 @@
 """The random activation means what it says (docs/design.md §1-§3)."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +151,35 @@ def test_switch_gradients_equal_mask_reference(model_params, structure):
     key = jax.random.key(seed)
     got, want = grads(params, key, False), grads(params, key, True)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), got, want)
+
+
+def test_switch_keeps_the_fused_attention_forward_rather_than_running_it_again(monkeypatch):
+  """Under the drawn widths' backward pass, cuDNN's flash-attention forward runs once, not
+  twice: its outputs (with the softmax statistics its backward reads) stay with the branch's
+  residuals (switch._policy). Traced, not run: the model's cuDNN attention on this CPU with
+  JAX's version checks patched (private names: skipped if they move)."""
+  from rag_jax.models import switch
+  fa = pytest.importorskip('jax._src.cudnn.fused_attention_stablehlo')
+  if not all(hasattr(fa, n) for n in ('check_cudnn_version', 'check_compute_capability')):
+    pytest.skip('JAX moved its cuDNN version checks')
+  monkeypatch.setattr(fa, 'check_cudnn_version', lambda *a, **k: 91000)
+  monkeypatch.setattr(fa, 'check_compute_capability', lambda *a, **k: True)
+  cfg = gpt.GPTConfig(vocab_size=33, num_layers=1, num_heads=4, embed_dim=256, mlp_dim=64,
+                      block_size=128, dtype=jnp.bfloat16, attention='cudnn')
+  model, tokens = gpt.GPT(cfg), jnp.zeros((1, 128), jnp.int32)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))['params']
+  plan = activation.make_plan(jax.random.key(0), act_config(sites='heads', buckets=4), cfg)
+  assert isinstance(plan[0].heads, plan_lib.DrawnWidth)
+
+  def count_kernels():
+    loss = lambda p: model.apply({'params': p}, tokens, plan=plan)[0].astype(jnp.float32).sum()
+    text = str(jax.make_jaxpr(jax.grad(loss))(params))
+    return (len(re.findall(r'dot_product_attention_fwd\w*\[', text)),
+            len(re.findall(r'dot_product_attention_bwd\w*\[', text)))
+
+  assert count_kernels() == (4, 4)  # one forward and one backward per width (4 branches)
+  monkeypatch.setattr(switch, '_policy', switch._NAMED)  # names only: the forward runs again
+  assert count_kernels() == (8, 4)
 
 
 @pytest.mark.parametrize('structure', ['nested', 'random'])

@@ -8,7 +8,8 @@ widths 1/4, 3/4 and 1 as zeros (measured on the :gpu MLP at 1/2 width, XLA:CPU: 
 forward+backward instead of 28 ms for the static width).
 
 `switch` here is a `custom_vjp` that keeps the residuals of the taken branch only: each branch
-marks the activations its backward pass needs with `save(x)` (`checkpoint_name`); everything
+marks the activations its backward pass needs with `save(x)` (`checkpoint_name`; cuDNN's fused
+attention keeps its own outputs, see `_policy`); everything
 else, including slices and gathers of the weights, is recomputed in the backward pass from
 the operands, which are live anyway. Residual i of branch j is padded to the largest
 shape of residual i over the branches so all branches agree on one set of buffers.
@@ -22,7 +23,18 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 RESIDUAL = 'rag_switch_residual'
-_POLICY = jax.checkpoint_policies.save_only_these_names(RESIDUAL)
+_NAMED = jax.checkpoint_policies.save_only_these_names(RESIDUAL)
+# JAX's cuDNN fused attention: the forward primitive, whose outputs (the attention output and the
+# softmax statistics) its backward kernel reads.
+_FUSED_ATTENTION_FWD = 'dot_product_attention_fwd'
+
+
+def _policy(prim, *args, **params) -> bool:
+  """Saved in a branch: what `save` marks, and the outputs of cuDNN's fused attention forward.
+  Without the second, the backward pass ran the flash-attention forward kernel again (it needs
+  the softmax statistics, which no name reaches): on an H200, the RA step at a = 0.5 spent as
+  long in cuDNN's forward kernel as the dense step (experiments/profile_step.py)."""
+  return _NAMED(prim, *args, **params) or prim.name.startswith(_FUSED_ATTENTION_FWD)
 
 
 def save(x: jax.Array) -> jax.Array:
@@ -60,7 +72,7 @@ def switch(index, branches: Sequence[Callable[[Any], Any]], operands: Any) -> An
   def forward(j):
     def fn(diff, const):
       out, vjp_fn = jax.vjp(
-          jax.checkpoint(lambda *d: branches[j](merge(d, const)), policy=_POLICY), *diff)
+          jax.checkpoint(lambda *d: branches[j](merge(d, const)), policy=_policy), *diff)
       closure, vjp_defs[j] = jax.tree.flatten(vjp_fn)
       where[j], saved = [], []
       for leaf in closure:
