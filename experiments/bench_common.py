@@ -100,7 +100,8 @@ def pinned(act: ml_collections.ConfigDict, a: float, num_heads: int) -> ml_colle
 
 class TrainStep:
   """A train step built as train.py builds it (mesh, shardings, `train.jit_train_step`), on a
-  fixed batch of random tokens; `run(steps)` times steps (`block_until_ready` after each)."""
+  fixed batch of random tokens; `run(steps)` times steps (`block_until_ready` after each),
+  `run_pipelined(steps)` times them dispatched back to back, as the training loop runs them."""
 
   def __init__(self, config, vocab_size: int, num_batches: int = 1, seed: int = 0):
     configuration.validate(config)
@@ -126,7 +127,7 @@ class TrainStep:
       self.compiled = self.fn.lower(self.state, self.batch, self.key).compile()
     self.compile_s = time.perf_counter() - t0
     self.xla_flops = xla_flops(self.compiled)
-    self.ms, self.metrics, self.steps_run = [], None, 0
+    self.ms, self.pipelined_ms, self.metrics, self.steps_run = [], [], None, 0
     self.run(1, record=False)  # warm-up
 
   def run(self, steps: int, record: bool = True) -> None:
@@ -138,3 +139,18 @@ class TrainStep:
       jax.block_until_ready((self.state, self.metrics))
       if record:
         self.ms.append(1e3 * (time.perf_counter() - t0))
+
+  def run_pipelined(self, steps: int) -> None:
+    """`steps` steps dispatched without waiting, one `block_until_ready` after the last: what
+    `rag_jax.train`'s loop does between two log steps, where the host prepares step n+1 while
+    the device runs step n. Records the mean per step of the window. On a GPU the host's part
+    of a step (launching its CUDA graph, the conditionals of RA) then overlaps the device's;
+    `run` (synchronous) adds it to every step."""
+    jax.block_until_ready((self.state, self.metrics))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      batch = self.batches[self.steps_run % len(self.batches)]
+      self.steps_run += 1
+      self.state, self.metrics = self.compiled(self.state, batch, self.key)
+    jax.block_until_ready((self.state, self.metrics))
+    self.pipelined_ms.append(1e3 * (time.perf_counter() - t0) / steps)

@@ -6,7 +6,11 @@
 
 The train step is built as `rag_jax.train` builds it (mesh and shardings from the config, a
 sharded jitted init, `jit_train_step`), on random tokens of the byte vocabulary (no dataset).
-  - tokens/s: batch x context / median step time (`block_until_ready` after each step).
+  - tokens/s: batch x context / median step time, the steps dispatched back to back with one
+    `block_until_ready` per window of `--steps` (as `rag_jax.train` runs them between two log
+    steps: the host's launch of step n+1 overlaps the device's step n). The synchronous time
+    (`block_until_ready` after every step, which adds the host's part to each step) is recorded
+    beside it (`step_ms`, `mfu_synchronous`); on a CPU the two agree.
   - model FLOPs per token: 6 N + 12 L D T (PaLM's count, also nanoGPT's estimate_mfu): N the
     parameters that enter matrix products (all but the position table; the tied embedding
     counts once, as the output head), and the attention scores and values over the whole
@@ -16,7 +20,8 @@ sharded jitted init, `jit_train_step`), on random tokens of the byte vocabulary 
     float32 throughput of a large jitted matmul (`peak_source` says which), or `--peak_flops`.
   - RA: the same step with every draw pinned to a = `--fraction` (lam = 1, B ~ Beta(1000,
     0.001) = 1, min_active = a; mlp and heads, nested, 4 buckets), timed in rounds interleaved
-    with the dense step; the speedup is dense ms / RA ms, against the ideal FLOPs ratio.
+    with the dense step; the speedup is dense ms / RA ms (pipelined, and synchronous beside it),
+    against the ideal FLOPs ratio.
 On a CPU the defaults shrink the run (batch 2, context 256, float32, 3 timed steps per round)
 so it ends in minutes; on an accelerator they are the config's (32 x 1024, bfloat16).
 """
@@ -102,38 +107,42 @@ def main(argv):
     activation.validate(ra_config.activation, ra_config.model)
     ra = bench_common.TrainStep(ra_config, VOCAB)
   for _ in range(_ROUNDS.value):  # interleaved, so that load from other processes hits both
-    dense.run(steps)
-    if ra:
-      ra.run(steps)
+    for step in (dense, ra) if ra else (dense,):
+      step.run(steps)
+      step.run_pipelined(steps)
 
   cfg = dense.model.cfg
   peak, peak_source = device_peak()
-  dense_ms = bench_common.stats(dense.ms)
+  dense_ms = bench_common.stats(dense.pipelined_ms)
+  sync_ms = bench_common.stats(dense.ms)
   tokens_per_sec = B * T / (dense_ms['median'] / 1e3)
   flops_token = model_flops_per_token(cfg, dense.num_params)
   achieved = flops_token * tokens_per_sec
+  mfu = lambda ms: None if peak is None else flops_token * B * T / (ms / 1e3) / (peak * mesh_ways)
   result = {
       'config': _CONFIG.value, 'model': dict(config.model), 'batch_size': B, 'context': T,
       'dtype': config.dtype, 'attention': attention.implementation(cfg.attention, cfg.head_dim, config.dtype, causal=True),
       'devices_in_mesh': mesh_ways, 'num_params': dense.num_params, **bench_common.environment(),
       'dense': {
-          'step_ms': dense_ms, 'compile_s': dense.compile_s, 'tokens_per_sec': tokens_per_sec,
+          'pipelined_step_ms': dense_ms, 'step_ms': sync_ms, 'compile_s': dense.compile_s,
+          'tokens_per_sec': tokens_per_sec,
           'model_flops_per_token': flops_token,
           # XLA's count of the compiled step (per device when the mesh has several).
           'xla_flops_per_step': dense.xla_flops,
           'model_flops_per_sec': achieved,
           'peak_flops_per_device': peak, 'peak_source': peak_source,
-          'mfu': None if peak is None else achieved / (peak * mesh_ways),
+          'mfu': mfu(dense_ms['median']), 'mfu_synchronous': mfu(sync_ms['median']),
           'last_loss': float(dense.metrics['train_loss'])},
   }
   if ra:
-    ra_ms = bench_common.stats(ra.ms)
+    ra_ms, ra_sync_ms = bench_common.stats(ra.pipelined_ms), bench_common.stats(ra.ms)
     compute = activation.compute_fractions(ra_config.activation, cfg, _FRACTION.value)
     result['ra'] = {
         'active_fraction': _FRACTION.value,
         'realized': {k: float(v) for k, v in ra.metrics.items() if k.startswith('active_')},
-        'step_ms': ra_ms, 'compile_s': ra.compile_s,
+        'pipelined_step_ms': ra_ms, 'step_ms': ra_sync_ms, 'compile_s': ra.compile_s,
         'speedup_vs_dense': dense_ms['median'] / ra_ms['median'],
+        'speedup_vs_dense_synchronous': sync_ms['median'] / ra_sync_ms['median'],
         'ideal_speedup': flops.flops_per_token(cfg) / flops.flops_per_token(cfg, **compute),
         'last_loss': float(ra.metrics['train_loss'])}
   if on_cpu:
@@ -145,11 +154,13 @@ def main(argv):
   files.write_json(_OUT.value, result)
   print(json.dumps(result, indent=2))
   d, r = result['dense'], result.get('ra')
-  mfu = 'n/a' if d['mfu'] is None else f"{d['mfu']:.1%}"
-  ra_line = (f"; RA a={r['active_fraction']}: {r['speedup_vs_dense']:.2f}x "
-             f"(ideal {r['ideal_speedup']:.2f}x)" if r else '')
+  pct = lambda x: 'n/a' if x is None else f'{x:.1%}'
+  ra_line = (f"; RA a={r['active_fraction']}: {r['speedup_vs_dense']:.2f}x, synchronous "
+             f"{r['speedup_vs_dense_synchronous']:.2f}x (ideal {r['ideal_speedup']:.2f}x)"
+             if r else '')
   print(f"dense: {d['tokens_per_sec']:.0f} tokens/s, {d['model_flops_per_sec'] / 1e9:.1f} "
-        f"GFLOP/s, MFU {mfu} ({peak_source}){ra_line}", file=sys.stderr)
+        f"GFLOP/s, MFU {pct(d['mfu'])}, synchronous {pct(d['mfu_synchronous'])} "
+        f"({peak_source}){ra_line}", file=sys.stderr)
 
 
 if __name__ == '__main__':

@@ -2,7 +2,7 @@
 
     python experiments/profile_step.py --out=results/profile_step_cpu.json \
         [--config=configs/gpt2_small.py] [--batch_size=B --block_size=T --dtype=D] \
-        [--steps=5] [--fraction=0.5] [--trace_dir=DIR]
+        [--steps=5] [--fraction=0.5] [--trace_dir=DIR] [--hlo_dir=DIR]
 
 The dense step (and, with `--fraction` > 0, the RA step pinned at that fraction, as
 experiments/bench_mfu.py pins it) is built as `rag_jax.train` builds it, warmed up, then `--steps`
@@ -39,6 +39,8 @@ _STEPS = flags.DEFINE_integer('steps', 5, 'Traced steps per program.')
 _FRACTION = flags.DEFINE_float('fraction', 0.5, 'RA step pinned at this fraction; 0: dense only.')
 _TOP = flags.DEFINE_integer('top', 40, 'Event names kept per line.')
 _TRACE_DIR = flags.DEFINE_string('trace_dir', '/tmp/rag_jax_profile', 'Where traces go.')
+_HLO_DIR = flags.DEFINE_string('hlo_dir', None, 'If set: each program\'s optimised HLO goes to '
+                               'DIR/NAME.hlo.txt (to look up the fusions the trace names).')
 _OUT = flags.DEFINE_string('out', None, 'JSON output.', required=True)
 
 VOCAB = 256
@@ -127,8 +129,15 @@ def main(argv):
     planes, wall_ms = trace(step, name, _STEPS.value)
     step.ms = []
     step.run(_STEPS.value)  # untraced, to see what the profiler costs
+    step.run_pipelined(_STEPS.value)  # and as the training loop dispatches steps
     result['programs'][name] = {'compile_s': step.compile_s, 'traced_wall_ms_per_step': wall_ms,
-                                'untraced_step_ms': bench_common.stats(step.ms), 'planes': planes}
+                                'untraced_step_ms': bench_common.stats(step.ms),
+                                'untraced_pipelined_ms_per_step': step.pipelined_ms[0],
+                                'planes': planes}
+    if _HLO_DIR.value:
+      os.makedirs(_HLO_DIR.value, exist_ok=True)
+      with open(os.path.join(_HLO_DIR.value, f'{name}.hlo.txt'), 'w') as f:
+        f.write(step.compiled.as_text())
     del step
     for plane, lines in planes.items():
       for line, entry in lines.items():
