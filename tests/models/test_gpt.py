@@ -91,6 +91,33 @@ def test_position_table_is_gathered_per_token_not_reduced_over_the_batch():
                              jax.grad(broadcast_loss)(params['wpe']), rtol=1e-6)
 
 
+def test_decode_step_reads_the_key_value_weight_whole():
+  """With a cache, keys and values come from one product with the whole [D, 2·H·K] weight
+  (reshaped, read in place): a slice `key_value[:, c]` per step was copied at every token by
+  XLA:CPU. Without a cache (training) the weight is still sliced per keys and values."""
+  model, params, tokens = _init(batch=1)
+  cache = gpt.init_cache(CFG, 1)
+  step = lambda p: model.apply({'params': p}, tokens[:, :1], cache=cache, pos=3)[0]
+  train = lambda p: model.apply({'params': p}, tokens)[0]
+
+  def key_value_consumers(fn):
+    jaxpr = jax.make_jaxpr(fn)(params)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    kv = [v for (path, _), v in zip(leaves, jaxpr.jaxpr.invars)
+          if 'key_value' in jax.tree_util.keystr(path)]
+    assert len(kv) == CFG.num_layers
+    def walk(eqns):
+      for e in eqns:
+        yield e
+        for sub in jax.core.jaxprs_in_params(e.params):
+          yield from walk(sub.eqns)
+    return {e.primitive.name for e in walk(jaxpr.jaxpr.eqns)
+            if any(v is w for v in e.invars for w in kv)}
+
+  assert key_value_consumers(step) <= {'reshape', 'convert_element_type'}
+  assert key_value_consumers(train) & {'slice', 'squeeze', 'gather', 'dynamic_slice'}
+
+
 @pytest.mark.parametrize('attention', ['einsum', 'xla'])
 @pytest.mark.parametrize('prefill', [1, 5, 16])
 def test_kv_cache_decode_equals_full_forward(prefill, attention):
