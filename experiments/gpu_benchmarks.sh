@@ -29,8 +29,9 @@ run() {  # run NAME LIMIT_S ARGS...: one benchmark, its log beside its JSON
   tail -n 3 "$out/$name.log"
 }
 
-# GPT-2 small shape, bfloat16, 32 x 1024, cuDNN attention where it lowers; dense and RA a = 0.5.
-run bench_mfu 130
+# GPT-2 small shape, bfloat16, 32 x 1024, cuDNN attention where it lowers; dense and RA a = 0.5,
+# steps dispatched back to back as train.py runs them (synchronous times beside them).
+run bench_mfu 150 --rounds=3
 # Where the dense and RA steps' device time goes: a jax.profiler trace summed per kernel.
 run profile_step 170 --steps=5 --top=60
 # The dense step written other ways, in one process (found the batch-minor residual layout).
