@@ -130,12 +130,15 @@ class TrainStep:
     self.ms, self.pipelined_ms, self.metrics, self.steps_run = [], [], None, 0
     self.run(1, record=False)  # warm-up
 
+  def _dispatch(self) -> None:
+    batch = self.batches[self.steps_run % len(self.batches)]
+    self.steps_run += 1
+    self.state, self.metrics = self.compiled(self.state, batch, self.key)
+
   def run(self, steps: int, record: bool = True) -> None:
     for _ in range(steps):
-      batch = self.batches[self.steps_run % len(self.batches)]
-      self.steps_run += 1
       t0 = time.perf_counter()
-      self.state, self.metrics = self.compiled(self.state, batch, self.key)
+      self._dispatch()
       jax.block_until_ready((self.state, self.metrics))
       if record:
         self.ms.append(1e3 * (time.perf_counter() - t0))
@@ -149,8 +152,6 @@ class TrainStep:
     jax.block_until_ready((self.state, self.metrics))
     t0 = time.perf_counter()
     for _ in range(steps):
-      batch = self.batches[self.steps_run % len(self.batches)]
-      self.steps_run += 1
-      self.state, self.metrics = self.compiled(self.state, batch, self.key)
+      self._dispatch()
     jax.block_until_ready((self.state, self.metrics))
     self.pipelined_ms.append(1e3 * (time.perf_counter() - t0) / steps)

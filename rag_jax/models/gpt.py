@@ -221,26 +221,24 @@ class Attention(nn.Module):
     """Keys and values of every head, written into the cache at `pos` when there is one;
     returns (keys, values, new cache)."""
     B, L, D = x_BxLxD.shape
-    H, K = self.cfg.num_heads, self.cfg.head_dim
     dt = x_BxLxD.dtype
+    bias = self.key_value_bias if self.cfg.use_bias else None
 
-    def project(c):  # keys (0) or values (1): a 2-D product whose heads stay the major axis
-      y_BxLxHK = _matmul(x_BxLxD, self.key_value[:, c].reshape(D, H * K).astype(dt))
-      if self.cfg.use_bias:
-        y_BxLxHK += self.key_value_bias[c].reshape(H * K).astype(dt)
-      return y_BxLxHK.reshape(B, L, H, K)
+    def project(w_Dx___, b):  # x @ w over D: [B, L, *w.shape[1:]], a 2-D product
+      y = _matmul(x_BxLxD, w_Dx___.reshape(D, -1).astype(dt))
+      if b is not None:
+        y += b.reshape(-1).astype(dt)
+      return y.reshape(B, L, *w_Dx___.shape[1:])
 
-    if cache is None:
-      k_BxLxHxK, v_BxLxHxK = project(0), project(1)
+    if cache is None:  # keys (0) and values (1) apart, the heads staying the major axis
+      k_BxLxHxK, v_BxLxHxK = (project(self.key_value[:, c], None if bias is None else bias[c])
+                              for c in (0, 1))
       return k_BxLxHxK, v_BxLxHxK, None
     # With a cache (prefill, decode steps, speculative passes: few positions), one product with
     # the whole [D, 2·H·K] weight, read in place, then the small output split: in a decode loop
     # XLA:CPU copied each `key_value[:, c]` slice at every step (2·D·H·K floats per layer and
     # token, about a quarter of the :gpu model's decode step).
-    y_BxLx2HK = _matmul(x_BxLxD, self.key_value.reshape(D, 2 * H * K).astype(dt))
-    if self.cfg.use_bias:
-      y_BxLx2HK += self.key_value_bias.reshape(2 * H * K).astype(dt)
-    y_BxLx2xHxK = y_BxLx2HK.reshape(B, L, 2, H, K)
+    y_BxLx2xHxK = project(self.key_value, bias)
     k_BxLxHxK, v_BxLxHxK = y_BxLx2xHxK[:, :, 0], y_BxLx2xHxK[:, :, 1]
     k = jax.lax.dynamic_update_slice(cache['k'], k_BxLxHxK.astype(cache['k'].dtype), (0, pos, 0, 0))
     v = jax.lax.dynamic_update_slice(cache['v'], v_BxLxHxK.astype(cache['v'].dtype), (0, pos, 0, 0))
