@@ -2,7 +2,7 @@
 
     python experiments/bench_mfu.py --out=results/bench_mfu_cpu.json \
         [--config=configs/gpt2_small.py] [--batch_size=B --block_size=T --dtype=D] \
-        [--steps=5] [--peak_flops=F] [--fraction=0.5] [--pieces=none,mlp,mlp+heads]
+        [--steps=5] [--peak_flops=F] [--fraction=0.5]
 
 The train step is built as `rag_jax.train` builds it (mesh and shardings from the config, a
 sharded jitted init, `jit_train_step`), on random tokens of the byte vocabulary (no dataset).
@@ -21,8 +21,7 @@ sharded jitted init, `jit_train_step`), on random tokens of the byte vocabulary 
   - RA: the same step with every draw pinned to a = `--fraction` (lam = 1, B ~ Beta(1000,
     0.001) = 1, min_active = a; mlp and heads, nested, 4 buckets), timed in rounds interleaved
     with the dense step; the speedup is dense ms / RA ms (pipelined, and synchronous beside it),
-    against the ideal FLOPs ratio. `--pieces` also times the RA step with the drawn widths'
-    residuals kept in bucket pieces at other sites (rag_jax.models.widths.PIECES).
+    against the ideal FLOPs ratio.
 On a CPU the defaults shrink the run (batch 2, context 256, float32, 3 timed steps per round)
 so it ends in minutes; on an accelerator they are the config's (32 x 1024, bfloat16).
 """
@@ -45,17 +44,12 @@ from rag_jax import flops
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import attention
 from rag_jax.models import gpt
-from rag_jax.models import widths
 
 _CONFIG = flags.DEFINE_string('config', 'configs/gpt2_small.py', 'Config (dense; RA is derived).')
 _BATCH, _BLOCK, _DTYPE = bench_common.define_shape_flags()
 _STEPS = flags.DEFINE_integer('steps', 0, 'Timed steps per variant and round; 0: 3 on CPU, 10 else.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved rounds of dense and RA steps.')
 _FRACTION = flags.DEFINE_float('fraction', 0.5, 'Active fraction of the RA step; 0: dense only.')
-_PIECES = flags.DEFINE_list(
-    'pieces', [], "Also time the RA step with drawn widths' residuals kept in bucket pieces at "
-    "these sites (rag_jax.models.widths.PIECES), interleaved: variants 'none', 'mlp', 'heads', "
-    "'mlp+heads' (keys `ra_pieces_<variant>`); `ra` is the platform's default.")
 _PEAK = flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s of one device; 0: table or measure.')
 _OUT = flags.DEFINE_string('out', None, 'JSON output.', required=True)
 
@@ -112,13 +106,8 @@ def main(argv):
                                                 config.model.num_heads)
     activation.validate(ra_config.activation, ra_config.model)
     ra = bench_common.TrainStep(ra_config, VOCAB)
-  variants = {}
-  for v in _PIECES.value if ra else ():
-    widths.PIECES = frozenset() if v == 'none' else frozenset(v.split('+'))  # read when traced
-    variants[v] = bench_common.TrainStep(ra_config, VOCAB)
-  widths.PIECES = None
   for _ in range(_ROUNDS.value):  # interleaved, so that load from other processes hits both
-    for step in [s for s in (dense, ra, *variants.values()) if s]:
+    for step in (dense, ra) if ra else (dense,):
       step.run(steps)
       step.run_pipelined(steps)
 
@@ -145,21 +134,17 @@ def main(argv):
           'mfu': mfu(dense_ms['median']), 'mfu_synchronous': mfu(sync_ms['median']),
           'last_loss': float(dense.metrics['train_loss'])},
   }
-  default = '+'.join(sorted(widths.pieces_sites())) or 'none'
-  for key, step, sites in (('ra', ra, default),
-                           *((f'ra_pieces_{v}', s, v) for v, s in variants.items())):
-    if step is None:
-      continue
-    ra_ms, ra_sync_ms = bench_common.stats(step.pipelined_ms), bench_common.stats(step.ms)
+  if ra:
+    ra_ms, ra_sync_ms = bench_common.stats(ra.pipelined_ms), bench_common.stats(ra.ms)
     compute = activation.compute_fractions(ra_config.activation, cfg, _FRACTION.value)
-    result[key] = {
-        'active_fraction': _FRACTION.value, 'residuals_in_pieces': sites,
-        'realized': {k: float(v) for k, v in step.metrics.items() if k.startswith('active_')},
-        'pipelined_step_ms': ra_ms, 'step_ms': ra_sync_ms, 'compile_s': step.compile_s,
+    result['ra'] = {
+        'active_fraction': _FRACTION.value,
+        'realized': {k: float(v) for k, v in ra.metrics.items() if k.startswith('active_')},
+        'pipelined_step_ms': ra_ms, 'step_ms': ra_sync_ms, 'compile_s': ra.compile_s,
         'speedup_vs_dense': dense_ms['median'] / ra_ms['median'],
         'speedup_vs_dense_synchronous': sync_ms['median'] / ra_sync_ms['median'],
         'ideal_speedup': flops.flops_per_token(cfg) / flops.flops_per_token(cfg, **compute),
-        'last_loss': float(step.metrics['train_loss'])}
+        'last_loss': float(ra.metrics['train_loss'])}
   if on_cpu:
     result['gpu'] = {'status': 'not measured',
                      'reason': 'no GPU in the session that ran this; run this script on one'}
@@ -168,12 +153,11 @@ def main(argv):
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   files.write_json(_OUT.value, result)
   print(json.dumps(result, indent=2))
-  d = result['dense']
+  d, r = result['dense'], result.get('ra')
   pct = lambda x: 'n/a' if x is None else f'{x:.1%}'
-  ra_line = ''.join(
-      f"; RA a={r['active_fraction']} (pieces: {r['residuals_in_pieces']}): "
-      f"{r['speedup_vs_dense']:.2f}x, synchronous {r['speedup_vs_dense_synchronous']:.2f}x "
-      f"(ideal {r['ideal_speedup']:.2f}x)" for k, r in result.items() if k.startswith('ra'))
+  ra_line = (f"; RA a={r['active_fraction']}: {r['speedup_vs_dense']:.2f}x, synchronous "
+             f"{r['speedup_vs_dense_synchronous']:.2f}x (ideal {r['ideal_speedup']:.2f}x)"
+             if r else '')
   print(f"dense: {d['tokens_per_sec']:.0f} tokens/s, {d['model_flops_per_sec'] / 1e9:.1f} "
         f"GFLOP/s, MFU {pct(d['mfu'])}, synchronous {pct(d['mfu_synchronous'])} "
         f"({peak_source}){ra_line}", file=sys.stderr)

@@ -158,16 +158,7 @@ def _matmul(x_BxLxD, w_DxF, out_dtype=None):
 
 def _heads(w, x_BxLxD, k_BxSxHxK, v_BxSxHxK, mask_LxS, units, scale, head_mask, impl):
   """Queries, attention and output projection of the heads `units` (keys and values are given
-  for every head); `head_mask`: None or a 0/1 mask over heads ([H], per position [..., L, H]).
-  `widths.Pieces`: the same, bucket by bucket, the output projections summed (each bucket's
-  queries and outputs then have one shape in every branch: no padded residuals)."""
-  if isinstance(units, widths.Pieces):
-    w_parts = {n: v for n, v in w.items() if n != 'out_bias'}
-    y_BxLxD = None
-    for part in units.parts:
-      y = _heads(w_parts, x_BxLxD, k_BxSxHxK, v_BxSxHxK, mask_LxS, part, scale, head_mask, impl)
-      y_BxLxD = y if y_BxLxD is None else y_BxLxD + y
-    return y_BxLxD + w['out_bias'].astype(y_BxLxD.dtype) if 'out_bias' in w else y_BxLxD
+  for every head); `head_mask`: None or a 0/1 mask over heads ([H], per position [..., L, H])."""
   B, L, D = x_BxLxD.shape
   dt = x_BxLxD.dtype
   wq_DxhxK = widths.restrict(w['query'], units, 1)
@@ -192,19 +183,11 @@ def _mlp(w, x_BxLxD, units, scale, unit_mask, gelu):
   `gelu='tanh'`, GPT-2's tanh approximation; `unit_mask`: None or a 0/1 mask over units ([F],
   per position [..., L, F])."""
   dt = x_BxLxD.dtype
-
-  def pre_activation(units):  # x @ w_in (+ b_in) over `units`, kept for the backward pass
-    h_BxLxf = _matmul(x_BxLxD, widths.restrict(w['w_in'], units, 1).astype(dt))
-    if 'b_in' in w:
-      h_BxLxf += widths.restrict(w['b_in'], units, 0).astype(dt)
-    return switch.save(h_BxLxf)
-
-  if isinstance(units, widths.Pieces):  # one product per bucket: no padded residual
-    h_BxLxf = jnp.concatenate([pre_activation(part) for part in units.parts], axis=-1)
-  else:
-    h_BxLxf = pre_activation(units)
-  h_BxLxf = jax.nn.gelu(h_BxLxf, approximate=gelu == 'tanh')
-  w_out_fxD = widths.restrict(w['w_out'], units, 0)
+  w_in_Dxf, w_out_fxD = widths.restrict(w['w_in'], units, 1), widths.restrict(w['w_out'], units, 0)
+  h_BxLxf = _matmul(x_BxLxD, w_in_Dxf.astype(dt))
+  if 'b_in' in w:
+    h_BxLxf += widths.restrict(w['b_in'], units, 0).astype(dt)
+  h_BxLxf = jax.nn.gelu(switch.save(h_BxLxf), approximate=gelu == 'tanh')
   if unit_mask is not None:
     h_BxLxf = h_BxLxf * unit_mask.astype(dt)
   y_BxLxD = _matmul(h_BxLxf * scale, w_out_fxD.astype(dt))
@@ -273,7 +256,7 @@ class Attention(nn.Module):
         ops['w'], ops['x'], ops['k'], ops['v'], ops['mask'], units, scale, head_mask, impl)
     ops = {'w': _weights(self, ('query', 'out', 'query_bias', 'out_bias')), 'x': x_BxLxD,
            'k': k, 'v': v, 'mask': mask_LxS}
-    return widths.at_width(heads, fn, ops, pieces='heads'), new_cache
+    return widths.at_width(heads, fn, ops), new_cache
 
 
 class MLP(nn.Module):
@@ -293,7 +276,7 @@ class MLP(nn.Module):
     fn = lambda ops, units, scale, unit_mask: _mlp(ops['w'], ops['x'], units, scale, unit_mask,
                                                    self.cfg.gelu)
     ops = {'w': _weights(self, ('w_in', 'w_out', 'b_in', 'b_out')), 'x': x_BxLxD}
-    return widths.at_width(site, fn, ops, pieces='mlp')
+    return widths.at_width(site, fn, ops)
 
 
 class Block(nn.Module):

@@ -11,21 +11,11 @@ forward+backward instead of 28 ms for the static width).
 marks the activations its backward pass needs with `save(x)` (`checkpoint_name`; cuDNN's fused
 attention keeps its own outputs, see `_policy`); everything
 else, including slices and gathers of the weights, is recomputed in the backward pass from
-the operands, which are live anyway. All branches write one set of buffers: a residual whose
-shape every branch saves shares a buffer of that shape with its peers (a branch that saves
-fewer of them zero-fills the rest); the others are aligned by position, residual i of branch j
-padded to the largest shape of residual i over the branches.
-
-Padding costs a copy of the residual per step (the product writes it, the pad copies it into
-the larger buffer, the backward pass slices it out again: 4.8 of the 34 ms of an RA step of
-GPT-2 small on an H200). A site can avoid it by computing its residual in pieces of one shape,
-one product per bucket (`widths.Pieces`); `saving()` tells a branch whether its residuals are
-being kept (only then do pieces pay).
+the operands, which are live anyway. Residual i of branch j is padded to the largest
+shape of residual i over the branches so all branches agree on one set of buffers.
 """
 from __future__ import annotations
 
-import contextlib
-import threading
 from typing import Any, Callable, Sequence
 
 import jax
@@ -47,65 +37,9 @@ def _policy(prim, *args, **params) -> bool:
   return _NAMED(prim, *args, **params) or prim.name.startswith(_FUSED_ATTENTION_FWD)
 
 
-_tracing = threading.local()
-
-
-def saving() -> bool:
-  """Whether the branch being traced is the forward pass of a backward one (its residuals are
-  kept), rather than a plain forward pass."""
-  return getattr(_tracing, 'saving', False)
-
-
-@contextlib.contextmanager
-def _saving():
-  before = saving()
-  _tracing.saving = True
-  try:
-    yield
-  finally:
-    _tracing.saving = before
-
-
 def save(x: jax.Array) -> jax.Array:
   """Marks `x` as a residual a switch branch keeps for its backward pass."""
   return checkpoint_name(x, RESIDUAL)
-
-
-def _buffers(shapes: list[list[jax.ShapeDtypeStruct]]):
-  """The residual buffers all branches write, and per branch the buffer of each residual.
-
-  A (shape, dtype) that every branch saves gets as many buffers as the branch saving most of it
-  has; the other residuals, if every branch has as many of them with the same ranks and dtypes,
-  share by position a buffer of the largest shape (padded); failing that, each branch keeps
-  buffers of its own (zeros when not taken)."""
-  key = lambda a: (tuple(a.shape), jnp.dtype(a.dtype))
-  common = set.intersection(*[{key(a) for a in s} for s in shapes])
-  slots, slot_of, pools = [], [[None] * len(s) for s in shapes], {}
-  for k in sorted(common, key=str):
-    pools[k] = []
-    for _ in range(max(sum(key(a) == k for a in s) for s in shapes)):
-      pools[k].append(len(slots))
-      slots.append(jax.ShapeDtypeStruct(*k))
-  rest = [[i for i, a in enumerate(s) if key(a) not in common] for s in shapes]
-  for j, s in enumerate(shapes):
-    taken = {k: iter(v) for k, v in pools.items()}
-    for i, a in enumerate(s):
-      if key(a) in common:
-        slot_of[j][i] = next(taken[key(a)])
-  by_position = list(zip(*[[shapes[j][i] for i in r] for j, r in enumerate(rest)]))
-  if len({len(r) for r in rest}) == 1 and all(
-      len({(a.ndim, jnp.dtype(a.dtype)) for a in slot}) == 1 for slot in by_position):
-    for p, slot in enumerate(by_position):
-      for j, r in enumerate(rest):
-        slot_of[j][r[p]] = len(slots)
-      slots.append(jax.ShapeDtypeStruct(tuple(max(d) for d in zip(*[a.shape for a in slot])),
-                                        slot[0].dtype))
-  else:
-    for j, r in enumerate(rest):
-      for i in r:
-        slot_of[j][i] = len(slots)
-        slots.append(shapes[j][i])
-  return slots, slot_of
 
 
 def _is_float(x) -> bool:
@@ -137,9 +71,8 @@ def switch(index, branches: Sequence[Callable[[Any], Any]], operands: Any) -> An
 
   def forward(j):
     def fn(diff, const):
-      with _saving():
-        out, vjp_fn = jax.vjp(
-            jax.checkpoint(lambda *d: branches[j](merge(d, const)), policy=_policy), *diff)
+      out, vjp_fn = jax.vjp(
+          jax.checkpoint(lambda *d: branches[j](merge(d, const)), policy=_policy), *diff)
       closure, vjp_defs[j] = jax.tree.flatten(vjp_fn)
       where[j], saved = [], []
       for leaf in closure:
@@ -152,7 +85,16 @@ def switch(index, branches: Sequence[Callable[[Any], Any]], operands: Any) -> An
     return fn
 
   shapes = [jax.eval_shape(forward(j), diff, const)[1] for j in range(n)]
-  slots, slot_of = _buffers(shapes)
+  aligned = (len({len(s) for s in shapes}) == 1 and
+             all(len({(a.ndim, a.dtype) for a in slot}) == 1 for slot in zip(*shapes)))
+  if aligned:  # residual i of every branch shares a buffer of the largest shape.
+    slots = [jax.ShapeDtypeStruct(tuple(max(d) for d in zip(*[a.shape for a in slot])),
+                                  slot[0].dtype) for slot in zip(*shapes)]
+    slot_of = [list(range(len(slots)))] * n
+  else:  # unusual branches: each keeps slots of its own (zeros when not taken).
+    slots = [a for s in shapes for a in s]
+    offsets = [sum(len(s) for s in shapes[:j]) for j in range(n)]
+    slot_of = [list(range(offsets[j], offsets[j] + len(shapes[j]))) for j in range(n)]
 
   def pad(x, aval):
     return jnp.pad(x, [(0, m - s) for s, m in zip(x.shape, aval.shape)])

@@ -17,7 +17,6 @@ will use, and a width reads its own array in place (`restrict`).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Sequence
 
 import flax
@@ -33,40 +32,12 @@ SWITCHED = {'heads': ('attn', (('query', 1), ('query_bias', 0), ('out', 0))),
             'mlp': ('mlp', (('w_in', 1), ('b_in', 0), ('w_out', 0)))}
 
 
-@dataclasses.dataclass(frozen=True)
-class Pieces:
-  """The units of a drawn width as the buckets that make it up: `whole` the units (a prefix
-  slice, or perm[:k]), `parts` the same units bucket by bucket (unit j·d/n up to (j+1)·d/n).
-
-  A site given Pieces may compute a product by parts, one per bucket: each part then has one
-  shape in every branch of the switch, so its residual shares a buffer with the other branches'
-  instead of being padded to the widest branch and sliced back out (switch._buffers)."""
-  whole: Any
-  parts: tuple
-
-
-# The sites ('mlp', 'heads') to which drawn widths hand `Pieces`; None = the platform's default
-# (GPU_PIECES on a GPU, none elsewhere: on the CPU the RA step took as long either way,
-# experiments/bench_mfu.py --pieces).
-PIECES: frozenset[str] | None = None
-GPU_PIECES = frozenset({'mlp', 'heads'})
-
-
-def pieces_sites() -> frozenset[str]:
-  if PIECES is not None:
-    return frozenset(PIECES)
-  return GPU_PIECES if jax.default_backend() == 'gpu' else frozenset()
-
-
-def at_width(site: plan_lib.Site | None, fn: Callable[..., Any], operands: dict,
-             pieces: str = '') -> Any:
+def at_width(site: plan_lib.Site | None, fn: Callable[..., Any], operands: dict) -> Any:
   """`fn(operands, units, scale, mask)` at the width `site` gives (see the module docstring).
 
   `units`: ALL, a slice or an index array; `scale`: the rescale factor d/k (or 1);
   `mask`: None, or the [..., d] 0/1 mask (rescale folded in) to multiply the units' outputs by.
-  `fn` must not close over traced values (they go in `operands`). `pieces`: the site's name
-  ('mlp', 'heads') if `fn` takes `Pieces` as units; it gets them for a drawn width whose
-  residuals are kept (`switch.saving`), where they pay (`PIECES`).
+  `fn` must not close over traced values (they go in `operands`).
   """
   match site:
     case None:
@@ -79,21 +50,12 @@ def at_width(site: plan_lib.Site | None, fn: Callable[..., Any], operands: dict,
       def branch(bucket: int):
         def run(ops):
           ops = dict(ops)
-          perm = ops.pop('perm')
-          units = site.units(bucket, perm)
-          if pieces in pieces_sites() and switch.saving() and bucket > 0:
-            parts = tuple(_part(site.width(j - 1) if j else 0, site.width(j), perm)
-                          for j in range(bucket + 1))
-            units = Pieces(units, parts)
+          units = site.units(bucket, ops.pop('perm'))
           return fn(ops, units, site.scale(site.width(bucket)), None)
         return run
       return switch.switch(site.bucket, [branch(j) for j in range(site.buckets)],
                            {**operands, 'perm': site.perm})
   raise TypeError(f'not a site of an activation plan: {type(site).__name__}')
-
-
-def _part(start: int, stop: int, perm):
-  return slice(start, stop) if perm is None else perm[start:stop]
 
 
 @flax.struct.dataclass
@@ -117,8 +79,6 @@ class Prefixes:
 def restrict(w, units, axis: int) -> jax.Array:
   """Weight `w` restricted to `units` along `axis`: a slice or gather of a parameter, or the
   prefix array of that width from the decode layout (read in place)."""
-  if isinstance(units, Pieces):
-    units = units.whole
   if isinstance(w, Prefixes):
     return w.at(units)
   index = [slice(None)] * w.ndim
