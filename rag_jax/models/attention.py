@@ -14,17 +14,23 @@ import math
 import jax
 import jax.numpy as jnp
 
+from rag_jax.models import switch
+
 
 def attend(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS=None, impl: str = 'xla') -> jax.Array:
   """Attention of queries over keys and values of the same heads: causal over positions 0..L-1
-  when `mask_LxS` is None. The softmax is float32 in both implementations."""
+  when `mask_LxS` is None. The softmax is float32 in every implementation. The output is one of
+  the residuals a switch branch keeps (`switch.save`; cuDNN's fused kernel keeps its outputs
+  by switch's policy, so naming them would store them twice)."""
   if impl == 'einsum':
-    return _einsum_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS)
+    return switch.save(_einsum_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS))
   if mask_LxS is None:
-    return jax.nn.dot_product_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, is_causal=True,
-                                        implementation=impl)
-  return jax.nn.dot_product_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask=mask_LxS[None, None],
-                                      implementation=impl)
+    o_BxLxhxK = jax.nn.dot_product_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, is_causal=True,
+                                             implementation=impl)
+  else:
+    o_BxLxhxK = jax.nn.dot_product_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK,
+                                             mask=mask_LxS[None, None], implementation=impl)
+  return o_BxLxhxK if impl == 'cudnn' else switch.save(o_BxLxhxK)
 
 
 def _einsum_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS=None) -> jax.Array:

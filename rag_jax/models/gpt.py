@@ -169,8 +169,6 @@ def _heads(w, x_BxLxD, k_BxSxHxK, v_BxSxHxK, mask_LxS, units, scale, head_mask, 
   q_BxLxhxK = switch.save(q_BxLxhK.reshape(B, L, h, K))
   k_BxSxhxK, v_BxSxhxK = k_BxSxHxK[:, :, units].astype(dt), v_BxSxHxK[:, :, units].astype(dt)
   o_BxLxhxK = attention.attend(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS, impl)
-  if impl != 'cudnn':  # cuDNN's output is kept by switch's policy already (named, twice)
-    o_BxLxhxK = switch.save(o_BxLxhxK)
   if head_mask is not None:
     o_BxLxhxK = o_BxLxhxK * head_mask[..., None].astype(dt)
   wo_hKxD = widths.restrict(w['out'], units, 0).reshape(h * K, D).astype(dt)
