@@ -24,12 +24,9 @@ def attend(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS=None, impl: str = 'xla') ->
   by switch's policy, so naming them would store them twice)."""
   if impl == 'einsum':
     return switch.save(_einsum_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS))
-  if mask_LxS is None:
-    o_BxLxhxK = jax.nn.dot_product_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, is_causal=True,
-                                             implementation=impl)
-  else:
-    o_BxLxhxK = jax.nn.dot_product_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK,
-                                             mask=mask_LxS[None, None], implementation=impl)
+  o_BxLxhxK = jax.nn.dot_product_attention(
+      q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask=None if mask_LxS is None else mask_LxS[None, None],
+      is_causal=mask_LxS is None, implementation=impl)
   return o_BxLxhxK if impl == 'cudnn' else switch.save(o_BxLxhxK)
 
 

@@ -156,6 +156,16 @@ def _matmul(x_BxLxD, w_DxF, out_dtype=None):
   return y.reshape(*x_BxLxD.shape[:-1], -1)
 
 
+def _project(x_BxLxD, w_Dx___, b___=None):
+  """x @ w (+ b) over D for a weight of any trailing shape ([D, H, K], [D, 2, H, K]), as one
+  2-D product in x's dtype: [B, L, *w.shape[1:]]. The query and key/value projections."""
+  dt = x_BxLxD.dtype
+  y = _matmul(x_BxLxD, w_Dx___.reshape(w_Dx___.shape[0], -1).astype(dt))
+  if b___ is not None:
+    y += b___.reshape(-1).astype(dt)
+  return y.reshape(*x_BxLxD.shape[:-1], *w_Dx___.shape[1:])
+
+
 def _heads(w, x_BxLxD, k_BxSxHxK, v_BxSxHxK, mask_LxS, units, scale, head_mask, impl):
   """Queries, attention and output projection of the heads `units` (keys and values are given
   for every head); `head_mask`: None or a 0/1 mask over heads ([H], per position [..., L, H])."""
@@ -163,10 +173,8 @@ def _heads(w, x_BxLxD, k_BxSxHxK, v_BxSxHxK, mask_LxS, units, scale, head_mask, 
   dt = x_BxLxD.dtype
   wq_DxhxK = widths.restrict(w['query'], units, 1)
   h, K = wq_DxhxK.shape[1:]
-  q_BxLxhK = _matmul(x_BxLxD, wq_DxhxK.reshape(D, h * K).astype(dt))
-  if 'query_bias' in w:
-    q_BxLxhK += widths.restrict(w['query_bias'], units, 0).reshape(h * K).astype(dt)
-  q_BxLxhxK = switch.save(q_BxLxhK.reshape(B, L, h, K))
+  bq_hxK = widths.restrict(w['query_bias'], units, 0) if 'query_bias' in w else None
+  q_BxLxhxK = switch.save(_project(x_BxLxD, wq_DxhxK, bq_hxK))
   k_BxSxhxK, v_BxSxhxK = k_BxSxHxK[:, :, units].astype(dt), v_BxSxHxK[:, :, units].astype(dt)
   o_BxLxhxK = attention.attend(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS, impl)
   if head_mask is not None:
@@ -218,25 +226,17 @@ class Attention(nn.Module):
   def write_kv(self, x_BxLxD, cache, pos):
     """Keys and values of every head, written into the cache at `pos` when there is one;
     returns (keys, values, new cache)."""
-    B, L, D = x_BxLxD.shape
-    dt = x_BxLxD.dtype
     bias = self.key_value_bias if self.cfg.use_bias else None
-
-    def project(w_Dx___, b):  # x @ w over D: [B, L, *w.shape[1:]], a 2-D product
-      y = _matmul(x_BxLxD, w_Dx___.reshape(D, -1).astype(dt))
-      if b is not None:
-        y += b.reshape(-1).astype(dt)
-      return y.reshape(B, L, *w_Dx___.shape[1:])
-
     if cache is None:  # keys (0) and values (1) apart, the heads staying the major axis
-      k_BxLxHxK, v_BxLxHxK = (project(self.key_value[:, c], None if bias is None else bias[c])
-                              for c in (0, 1))
+      k_BxLxHxK, v_BxLxHxK = (
+          _project(x_BxLxD, self.key_value[:, c], None if bias is None else bias[c])
+          for c in (0, 1))
       return k_BxLxHxK, v_BxLxHxK, None
     # With a cache (prefill, decode steps, speculative passes: few positions), one product with
     # the whole [D, 2·H·K] weight, read in place, then the small output split: in a decode loop
     # XLA:CPU copied each `key_value[:, c]` slice at every step (2·D·H·K floats per layer and
     # token, about a quarter of the :gpu model's decode step).
-    y_BxLx2xHxK = project(self.key_value, bias)
+    y_BxLx2xHxK = _project(x_BxLxD, self.key_value, bias)
     k_BxLxHxK, v_BxLxHxK = y_BxLx2xHxK[:, :, 0], y_BxLx2xHxK[:, :, 1]
     k = jax.lax.dynamic_update_slice(cache['k'], k_BxLxHxK.astype(cache['k'].dtype), (0, pos, 0, 0))
     v = jax.lax.dynamic_update_slice(cache['v'], v_BxLxHxK.astype(cache['v'].dtype), (0, pos, 0, 0))
