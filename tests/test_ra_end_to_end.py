@@ -154,3 +154,31 @@ def test_per_layer_search_on_a_trained_run(ra_run, tmp_path, tfds_env):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert json.loads(out.read_text())['buckets'] == result['buckets']
   assert 'per-layer plan' in proc.stdout
+
+
+def test_adaptive_routing_and_pass_costs_on_a_trained_run(ra_run, tmp_path, tfds_env):
+  """experiments/adaptive_routing.py and speculative_pass_costs.py on the smoke RA run: the
+  oracle's gain bounds the policy's, and a k-token iteration costs k draft steps and one k + 1
+  pass, in dense steps."""
+  _, workdir = ra_run
+  routing_out, costs_out = tmp_path / 'routing.json', tmp_path / 'costs.json'
+  for args in (['experiments/adaptive_routing.py', '--draft_fraction=0.5', '--windows=8',
+                '--batch=4', '--thresholds=0.3,1.0', f'--out={routing_out}'],
+               ['experiments/speculative_pass_costs.py', '--draft_fraction=0.5',
+                '--positions=1,3', '--at=4', '--loop=2', '--repeats=2', f'--out={costs_out}']):
+    proc = subprocess.run([sys.executable, *args, f'--workdir={workdir}'], cwd=ROOT,
+                          env=tfds_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+  routing = json.loads(routing_out.read_text())
+  for row in routing['thresholds']:
+    gain = row['gain_over_narrow']
+    assert gain['oracle'] >= gain['least_confident'] - 1e-9
+    assert 0 <= row['escalated'] <= 1
+  everything = routing['thresholds'][1]  # threshold 1: (nearly) every position escalates
+  assert everything['escalated'] > 0.999
+  assert abs(everything['full_context_loss'] - routing['full_loss']) < 1e-3
+  costs = json.loads(costs_out.read_text())
+  rows = costs['programs']
+  assert rows['full_1']['vs_full_1'] == 1.0
+  assert np.isclose(costs['bound']['2']['iteration_in_dense_steps'],
+                    2 * rows['draft_1']['vs_full_1'] + rows['full_3']['vs_full_1'])

@@ -1,0 +1,114 @@
+"""Why the `adaptive` policy does not beat the fixed widths: what confidence picks, against an
+oracle, teacher-forced on validation windows of a nested RA run.
+
+    .venv/bin/python experiments/adaptive_routing.py --workdir=RUN --draft_fraction=0.25 \
+        --out=results/adaptive_routing.json [--thresholds=0.2,0.3,0.5] [--windows=512]
+
+Per position of `--windows` non-overlapping context-length windows of the validation split:
+the loss at the nested width `--draft_fraction` (narrow), the loss at the full width (full), and
+the narrow width's top-1 probability (the `adaptive` policy's confidence, `sampling.confidence`).
+For each threshold:
+  * `mixed_context`: `evaluate --policy=adaptive`'s score (escalated positions at the full width,
+    the others narrow: each position's keys and values those of its own width);
+  * `full_context`: the escalated positions scored by the pure full pass (as if every earlier
+    position had run at the full width): what a mixed-width context costs is the difference;
+and for the same share q of escalated positions, `gain`s over the pure narrow loss (nats per
+token) of three choices of which positions escalate: the least confident (the policy), and an
+oracle that takes the largest narrow - full loss differences (the best any router could do at
+that share).
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rag_jax import activation
+from rag_jax import files
+from rag_jax import plan as plan_lib
+from rag_jax import runs
+from rag_jax import sampling
+from rag_jax import workdir as workdir_lib
+from rag_jax.data import load as load_data
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A trained nested RA run.', required=True)
+_FRACTION = flags.DEFINE_float('draft_fraction', 0.25, 'The narrow width every token runs first.')
+_THRESHOLDS = flags.DEFINE_list('thresholds', ['0.2', '0.3', '0.5'], 'Top-1 thresholds.')
+_WINDOWS = flags.DEFINE_integer('windows', 512, 'Validation windows (context length each).')
+_BATCH = flags.DEFINE_integer('batch', 32, 'Windows per call.')
+_OUT = flags.DEFINE_string('out', None, 'JSON output.', required=True)
+
+
+def routing_gains(narrow_minus_full: np.ndarray, confidence: np.ndarray, share: float) -> dict:
+  """Mean loss gained over the narrow width (nats per position) when a `share` of positions
+  runs at the full width instead (scored with a full-width context): the least confident ones,
+  or the oracle's (largest narrow - full differences)."""
+  d, c = np.ravel(narrow_minus_full), np.ravel(confidence)
+  n = int(round(share * d.size))
+  return {'least_confident': float(d[np.argsort(c, kind='stable')[:n]].sum() / d.size),
+          'oracle': float(np.sort(d)[::-1][:n].sum() / d.size)}
+
+
+def main(argv):
+  del argv
+  workdir_lib.quiet_logs()
+  run = runs.load_run(_WORKDIR.value)
+  model, params, config = run.model, run.params, run.config
+  act = config.activation
+  if not act.enabled or act.structure != 'nested':
+    raise SystemExit('error: --workdir must be a nested random-activation run')
+  thresholds = [float(t) for t in _THRESHOLDS.value]
+  if not thresholds or not all(0 < t <= 1 for t in thresholds):
+    raise SystemExit(f'error: --thresholds must be probabilities in (0, 1], got {thresholds}')
+  T = model.cfg.block_size
+  val = load_data(config, run.tokenizer, ('validation',)).splits['validation']
+  starts = np.arange(0, len(val) - T - 1, T)[:_WINDOWS.value]
+  windows = np.stack([val[s:s + T + 1] for s in starts]).astype(np.int32)
+  narrow = activation.make_plan(jax.random.key(0), act, model.cfg, fraction=_FRACTION.value)
+  masks = plan_lib.as_masks(narrow)
+
+  def losses(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+
+  @jax.jit
+  def score(tokens):
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    narrow_logits = model.apply({'params': params}, x, plan=narrow)[0]
+    loss_narrow, loss_full = losses(narrow_logits, y), losses(model.apply({'params': params}, x)[0], y)
+    confidence = sampling.confidence(narrow_logits)
+    mixed = [losses(model.apply({'params': params}, x,
+                                plan=plan_lib.escalate(masks, confidence < t))[0], y)
+             for t in thresholds]
+    return loss_narrow, loss_full, confidence, jnp.stack(mixed)
+
+  parts = [jax.device_get(score(jnp.asarray(windows[i:i + _BATCH.value])))
+           for i in range(0, len(windows), _BATCH.value)]
+  loss_narrow, loss_full, confidence = (np.concatenate([p[j] for p in parts]) for j in range(3))
+  mixed = np.concatenate([p[3] for p in parts], axis=1)
+  rows = []
+  for t, loss_mixed in zip(thresholds, mixed):
+    escalate = confidence < t
+    share = float(escalate.mean())
+    rows.append({'threshold': t, 'escalated': share,
+                 'mixed_context_loss': float(loss_mixed.mean()),
+                 'full_context_loss': float(np.where(escalate, loss_full, loss_narrow).mean()),
+                 'gain_over_narrow': routing_gains(loss_narrow - loss_full, confidence, share)})
+  result = {'workdir': _WORKDIR.value, 'step': int(run.step), 'draft_fraction': _FRACTION.value,
+            'positions': int(loss_narrow.size), 'narrow_loss': float(loss_narrow.mean()),
+            'full_loss': float(loss_full.mean()), 'thresholds': rows}
+  files.write_json(_OUT.value, result)
+  print(f"a = {_FRACTION.value}: narrow {result['narrow_loss']:.4f}, full "
+        f"{result['full_loss']:.4f} over {result['positions']} positions", file=sys.stderr)
+  for r in rows:
+    g = r['gain_over_narrow']
+    print(f"threshold {r['threshold']}: escalated {r['escalated']:.3f}, loss mixed context "
+          f"{r['mixed_context_loss']:.4f} / full context {r['full_context_loss']:.4f}; gain: "
+          f"least confident {g['least_confident']:.4f}, oracle {g['oracle']:.4f}", file=sys.stderr)
+
+
+if __name__ == '__main__':
+  app.run(main)
