@@ -27,27 +27,30 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import bench_common
+
 from rag_jax import activation
 from rag_jax import files
 from rag_jax import plan as plan_lib
 from rag_jax import runs
 from rag_jax import sampling
 from rag_jax import workdir as workdir_lib
-from rag_jax.data import load as load_data
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A trained nested RA run.', required=True)
-_FRACTION = flags.DEFINE_float('draft_fraction', 0.25, 'The narrow width every token runs first.')
-_THRESHOLDS = flags.DEFINE_list('thresholds', ['0.2', '0.3', '0.5'], 'Top-1 thresholds.')
-_WINDOWS = flags.DEFINE_integer('windows', 512, 'Validation windows (context length each).')
-_BATCH = flags.DEFINE_integer('batch', 32, 'Windows per call.')
-_OUT = flags.DEFINE_string('out', None, 'JSON output.', required=True)
+
+def _define_flags():  # at run time only: tests import this module beside other scripts' flags
+  flags.DEFINE_string('workdir', None, 'A trained nested RA run.', required=True)
+  flags.DEFINE_float('draft_fraction', 0.25, 'The narrow width every token runs first.')
+  flags.DEFINE_list('thresholds', ['0.2', '0.3', '0.5'], 'Top-1 thresholds.')
+  flags.DEFINE_integer('windows', 512, 'Validation windows (context length each).')
+  flags.DEFINE_integer('batch', 32, 'Windows per call.')
+  flags.DEFINE_string('out', None, 'JSON output.', required=True)
 
 
 def routing_gains(narrow_minus_full: np.ndarray, confidence: np.ndarray, share: float) -> dict:
   """Mean loss gained over the narrow width (nats per position) when a `share` of positions
   runs at the full width instead (scored with a full-width context): the least confident ones,
   or the oracle's (largest narrow - full differences)."""
-  d, c = np.ravel(narrow_minus_full), np.ravel(confidence)
+  d, c = np.ravel(narrow_minus_full).astype(np.float64), np.ravel(confidence)
   n = int(round(share * d.size))
   return {'least_confident': float(d[np.argsort(c, kind='stable')[:n]].sum() / d.size),
           'oracle': float(np.sort(d)[::-1][:n].sum() / d.size)}
@@ -55,20 +58,20 @@ def routing_gains(narrow_minus_full: np.ndarray, confidence: np.ndarray, share: 
 
 def main(argv):
   del argv
+  f = flags.FLAGS
   workdir_lib.quiet_logs()
-  run = runs.load_run(_WORKDIR.value)
+  run = runs.load_run(f.workdir)
   model, params, config = run.model, run.params, run.config
   act = config.activation
   if not act.enabled or act.structure != 'nested':
     raise SystemExit('error: --workdir must be a nested random-activation run')
-  thresholds = [float(t) for t in _THRESHOLDS.value]
+  thresholds = [float(t) for t in f.thresholds]
   if not thresholds or not all(0 < t <= 1 for t in thresholds):
     raise SystemExit(f'error: --thresholds must be probabilities in (0, 1], got {thresholds}')
   T = model.cfg.block_size
-  val = load_data(config, run.tokenizer, ('validation',)).splits['validation']
-  starts = np.arange(0, len(val) - T - 1, T)[:_WINDOWS.value]
-  windows = np.stack([val[s:s + T + 1] for s in starts]).astype(np.int32)
-  narrow = activation.make_plan(jax.random.key(0), act, model.cfg, fraction=_FRACTION.value)
+  windows = bench_common.validation_windows(config, run.tokenizer, T + 1, f.windows,
+                                            spread=False)
+  narrow = activation.make_plan(jax.random.key(0), act, model.cfg, fraction=f.draft_fraction)
   masks = plan_lib.as_masks(narrow)
 
   def losses(logits, y):
@@ -85,8 +88,8 @@ def main(argv):
              for t in thresholds]
     return loss_narrow, loss_full, confidence, jnp.stack(mixed)
 
-  parts = [jax.device_get(score(jnp.asarray(windows[i:i + _BATCH.value])))
-           for i in range(0, len(windows), _BATCH.value)]
+  parts = [jax.device_get(score(jnp.asarray(windows[i:i + f.batch])))
+           for i in range(0, len(windows), f.batch)]
   loss_narrow, loss_full, confidence = (np.concatenate([p[j] for p in parts]) for j in range(3))
   mixed = np.concatenate([p[3] for p in parts], axis=1)
   rows = []
@@ -97,11 +100,11 @@ def main(argv):
                  'mixed_context_loss': float(loss_mixed.mean()),
                  'full_context_loss': float(np.where(escalate, loss_full, loss_narrow).mean()),
                  'gain_over_narrow': routing_gains(loss_narrow - loss_full, confidence, share)})
-  result = {'workdir': _WORKDIR.value, 'step': int(run.step), 'draft_fraction': _FRACTION.value,
+  result = {'workdir': f.workdir, 'step': int(run.step), 'draft_fraction': f.draft_fraction,
             'positions': int(loss_narrow.size), 'narrow_loss': float(loss_narrow.mean()),
             'full_loss': float(loss_full.mean()), 'thresholds': rows}
-  files.write_json(_OUT.value, result)
-  print(f"a = {_FRACTION.value}: narrow {result['narrow_loss']:.4f}, full "
+  files.write_json(f.out, result)
+  print(f"a = {f.draft_fraction}: narrow {result['narrow_loss']:.4f}, full "
         f"{result['full_loss']:.4f} over {result['positions']} positions", file=sys.stderr)
   for r in rows:
     g = r['gain_over_narrow']
@@ -111,4 +114,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

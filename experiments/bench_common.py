@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from rag_jax import configuration
+from rag_jax import data as data_lib
 from rag_jax import runs
 from rag_jax import sharding
 from rag_jax import train
@@ -50,6 +51,22 @@ def environment() -> dict:
           'device_kind': jax.devices()[0].device_kind, 'host_cpus': os.cpu_count(),
           'python': platform.python_version(), 'jax': jax.__version__,
           'jaxlib': jaxlib.__version__, 'XLA_FLAGS': os.environ.get('XLA_FLAGS', '')}
+
+
+def validation_windows(config, tokenizer, length: int, count: int, spread: bool = True):
+  """`count` windows of `length` tokens (int32, [count, length]) of the run's validation split:
+  spread evenly over it (the first at its start, the last ending a token before its end) or, with
+  `spread=False`, consecutive from its start (at most as many as fit). SystemExit when the split
+  is shorter than a window."""
+  val = data_lib.load(config, tokenizer, ('validation',)).splits['validation']
+  if len(val) < length + 1:
+    raise SystemExit(f'error: the validation split ({len(val)} tokens) is shorter than a window '
+                     f'of {length} + 1 tokens.')
+  if spread:
+    starts = np.linspace(0, len(val) - length - 1, count).astype(int)
+  else:
+    starts = np.arange(0, len(val) - length, length)[:count]
+  return np.stack([val[s:s + length] for s in starts]).astype(np.int32)
 
 
 def peak_rss_mib() -> float:

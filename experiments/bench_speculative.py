@@ -23,7 +23,6 @@ import numpy as np
 
 import bench_common
 
-from rag_jax import data as data_lib
 from rag_jax import files
 from rag_jax import runs
 from rag_jax import sample as sample_lib
@@ -57,9 +56,8 @@ def main(argv):
       raise SystemExit(f'error: {prompts_file} holds prompts of shape {windows.shape}; expected '
                        f'[prompts, {_PROMPT_LEN.value}] (--prompt_len)')
   else:
-    val = data_lib.load(config, tokenizer, ('validation',)).splits['validation']
-    starts = np.linspace(0, len(val) - _PROMPT_LEN.value - 1, _PROMPTS.value).astype(int)
-    windows = np.stack([val[s:s + _PROMPT_LEN.value] for s in starts]).astype(np.int32)
+    windows = bench_common.validation_windows(config, tokenizer, _PROMPT_LEN.value,
+                                              _PROMPTS.value)
     if prompts_file:
       np.save(prompts_file, windows)
   prompts = [w[None] for w in windows]

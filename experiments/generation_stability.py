@@ -39,7 +39,6 @@ import optax
 
 import bench_common
 
-from rag_jax import data as data_lib
 from rag_jax import files
 from rag_jax import runs
 from rag_jax import sample as sample_lib
@@ -124,13 +123,10 @@ def main(argv):
   if short < max(ngrams) or P < 1:
     raise SystemExit(f'error: the context {T} leaves {short} tokens after a prompt of {P} and '
                      f'{k} draft tokens: too few for distinct-{max(ngrams)}.')
-  val = data_lib.load(config, tokenizer, ('validation',)).splits['validation']
   R, B = f.samples, f.batch
-  if len(val) < P + long_ + 1 or R % B:
-    raise SystemExit(f'error: --samples ({R}) must be a multiple of --batch ({B}), and the '
-                     f'validation split ({len(val)} tokens) longer than prompt + num_tokens.')
-  starts = np.linspace(0, len(val) - P - long_ - 1, R).astype(int)
-  data_RxN = np.stack([val[s:s + P + long_] for s in starts]).astype(np.int32)
+  if R % B:
+    raise SystemExit(f'error: --samples ({R}) must be a multiple of --batch ({B}).')
+  data_RxN = bench_common.validation_windows(config, tokenizer, P + long_, R)
   key = jax.random.fold_in(workdir_lib.root_keys(config.seed)['sample'], 0)
   lengths_B = np.full((B,), P, np.int32)
   greedy = f.greedy
