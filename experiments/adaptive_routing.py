@@ -65,6 +65,8 @@ def main(argv):
   act = config.activation
   if not act.enabled or act.structure != 'nested':
     raise SystemExit('error: --workdir must be a nested random-activation run')
+  if not 0 < f.draft_fraction < 1:
+    raise SystemExit(f'error: --draft_fraction must be in (0, 1), got {f.draft_fraction}')
   thresholds = [float(t) for t in f.thresholds]
   if not thresholds or not all(0 < t <= 1 for t in thresholds):
     raise SystemExit(f'error: --thresholds must be probabilities in (0, 1], got {thresholds}')
@@ -81,7 +83,8 @@ def main(argv):
   def score(tokens):
     x, y = tokens[:, :-1], tokens[:, 1:]
     narrow_logits = model.apply({'params': params}, x, plan=narrow)[0]
-    loss_narrow, loss_full = losses(narrow_logits, y), losses(model.apply({'params': params}, x)[0], y)
+    loss_narrow = losses(narrow_logits, y)
+    loss_full = losses(model.apply({'params': params}, x)[0], y)
     confidence = sampling.confidence(narrow_logits)
     mixed = [losses(model.apply({'params': params}, x,
                                 plan=plan_lib.escalate(masks, confidence < t))[0], y)
