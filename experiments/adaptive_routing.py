@@ -59,17 +59,17 @@ def routing_gains(narrow_minus_full: np.ndarray, confidence: np.ndarray, share: 
 def main(argv):
   del argv
   f = flags.FLAGS
+  if not 0 < f.draft_fraction < 1:
+    raise SystemExit(f'error: --draft_fraction must be in (0, 1), got {f.draft_fraction}')
+  thresholds = [float(t) for t in f.thresholds]
+  if not thresholds or not all(0 < t <= 1 for t in thresholds):
+    raise SystemExit(f'error: --thresholds must be probabilities in (0, 1], got {thresholds}')
   workdir_lib.quiet_logs()
   run = runs.load_run(f.workdir)
   model, params, config = run.model, run.params, run.config
   act = config.activation
   if not act.enabled or act.structure != 'nested':
     raise SystemExit('error: --workdir must be a nested random-activation run')
-  if not 0 < f.draft_fraction < 1:
-    raise SystemExit(f'error: --draft_fraction must be in (0, 1), got {f.draft_fraction}')
-  thresholds = [float(t) for t in f.thresholds]
-  if not thresholds or not all(0 < t <= 1 for t in thresholds):
-    raise SystemExit(f'error: --thresholds must be probabilities in (0, 1], got {thresholds}')
   T = model.cfg.block_size
   windows = bench_common.validation_windows(config, run.tokenizer, T + 1, f.windows,
                                             spread=False)
