@@ -2,20 +2,22 @@
 oracle, teacher-forced on validation windows of a nested RA run.
 
     .venv/bin/python experiments/adaptive_routing.py --workdir=RUN --draft_fraction=0.25 \
-        --out=results/adaptive_routing.json [--thresholds=0.2,0.3,0.5] [--windows=512]
+        --out=results/adaptive_routing.json [--thresholds=0.2,0.3,0.5] [--batches=16]
 
-Per position of `--windows` non-overlapping context-length windows of the validation split:
-the loss at the nested width `--draft_fraction` (narrow), the loss at the full width (full), and
-the narrow width's top-1 probability (the `adaptive` policy's confidence, `sampling.confidence`).
-For each threshold:
-  * `mixed_context`: `evaluate --policy=adaptive`'s score (escalated positions at the full width,
-    the others narrow: each position's keys and values those of its own width);
+The windows are evaluate's (`data.eval_batches`: non-overlapping context-length windows from the
+split's start, `--batches` of `--batch`). Per position: the loss at the nested width
+`--draft_fraction` (narrow), the loss at the full width (full), and the narrow width's top-1
+probability (the `adaptive` policy's confidence, `sampling.confidence`). For each threshold:
+  * `mixed_context`: `evaluate --policy=adaptive`'s score, by its own step
+    (`evaluate.make_adaptive_step`: escalated positions at the full width, the others narrow,
+    each position's keys and values those of its own width);
   * `full_context`: the escalated positions scored by the pure full pass (as if every earlier
     position had run at the full width): what a mixed-width context costs is the difference;
-and for the same share q of escalated positions, `gain`s over the pure narrow loss (nats per
-token) of three choices of which positions escalate: the least confident (the policy), and an
+and for the same share of escalated positions, the `gain`s over the pure narrow loss (nats per
+token) of two choices of which positions escalate: the least confident (the policy), and an
 oracle that takes the largest narrow - full loss differences (the best any router could do at
-that share).
+that share). The narrow pass runs twice per batch (here and inside evaluate's step): the price
+of scoring the policy with the code that defines it.
 """
 from __future__ import annotations
 
@@ -27,11 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import bench_common
-
 from rag_jax import activation
+from rag_jax import data as data_lib
+from rag_jax import evaluate
 from rag_jax import files
-from rag_jax import plan as plan_lib
 from rag_jax import runs
 from rag_jax import sampling
 from rag_jax import workdir as workdir_lib
@@ -41,8 +42,8 @@ def _define_flags():  # at run time only: tests import this module beside other 
   flags.DEFINE_string('workdir', None, 'A trained nested RA run.', required=True)
   flags.DEFINE_float('draft_fraction', 0.25, 'The narrow width every token runs first.')
   flags.DEFINE_list('thresholds', ['0.2', '0.3', '0.5'], 'Top-1 thresholds.')
-  flags.DEFINE_integer('windows', 512, 'Validation windows (context length each).')
-  flags.DEFINE_integer('batch', 32, 'Windows per call.')
+  flags.DEFINE_integer('batches', 16, 'Batches of validation windows (-1: the whole split).')
+  flags.DEFINE_integer('batch', 32, 'Windows per batch.')
   flags.DEFINE_string('out', None, 'JSON output.', required=True)
 
 
@@ -70,37 +71,33 @@ def main(argv):
   act = config.activation
   if not act.enabled or act.structure != 'nested':
     raise SystemExit('error: --workdir must be a nested random-activation run')
-  T = model.cfg.block_size
-  windows = bench_common.validation_windows(config, run.tokenizer, T + 1, f.windows,
-                                            spread=False)
   narrow = activation.make_plan(jax.random.key(0), act, model.cfg, fraction=f.draft_fraction)
-  masks = plan_lib.as_masks(narrow)
+  adaptive_step = jax.jit(evaluate.make_adaptive_step(model, act, f.draft_fraction, thresholds))
 
   def losses(logits, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
 
   @jax.jit
-  def score(tokens):
+  def score(tokens):  # per position: narrow loss, full loss, the narrow width's confidence
     x, y = tokens[:, :-1], tokens[:, 1:]
     narrow_logits = model.apply({'params': params}, x, plan=narrow)[0]
-    loss_narrow = losses(narrow_logits, y)
     loss_full = losses(model.apply({'params': params}, x)[0], y)
-    confidence = sampling.confidence(narrow_logits)
-    mixed = [losses(model.apply({'params': params}, x,
-                                plan=plan_lib.escalate(masks, confidence < t))[0], y)
-             for t in thresholds]
-    return loss_narrow, loss_full, confidence, jnp.stack(mixed)
+    return losses(narrow_logits, y), loss_full, sampling.confidence(narrow_logits)
 
-  parts = [jax.device_get(score(jnp.asarray(windows[i:i + f.batch])))
-           for i in range(0, len(windows), f.batch)]
+  val = data_lib.load(config, run.tokenizer, ('validation',)).splits['validation']
+  config.eval_batch_size, config.eval_batches = f.batch, f.batches  # evaluate's windows, as many
+  mixed, escalated, count = evaluate.split_sums(adaptive_step, params, val, config)
+  parts = []
+  for tokens, weights in data_lib.eval_batches(val, model.cfg.block_size, f.batch, f.batches):
+    keep = weights > 0  # the last batch is padded with zero-weight windows
+    parts.append([np.asarray(a)[keep] for a in score(tokens)])
   loss_narrow, loss_full, confidence = (np.concatenate([p[j] for p in parts]) for j in range(3))
-  mixed = np.concatenate([p[3] for p in parts], axis=1)
   rows = []
-  for t, loss_mixed in zip(thresholds, mixed):
+  for t, mixed_sum, escalated_sum in zip(thresholds, mixed, escalated):
     escalate = confidence < t
     share = float(escalate.mean())
-    rows.append({'threshold': t, 'escalated': share,
-                 'mixed_context_loss': float(loss_mixed.mean()),
+    rows.append({'threshold': t, 'escalated': float(escalated_sum / count),
+                 'mixed_context_loss': float(mixed_sum / count),
                  'full_context_loss': float(np.where(escalate, loss_full, loss_narrow).mean()),
                  'gain_over_narrow': routing_gains(loss_narrow - loss_full, confidence, share)})
   result = {'workdir': f.workdir, 'step': int(run.step), 'draft_fraction': f.draft_fraction,

@@ -53,19 +53,15 @@ def environment() -> dict:
           'jaxlib': jaxlib.__version__, 'XLA_FLAGS': os.environ.get('XLA_FLAGS', '')}
 
 
-def validation_windows(config, tokenizer, length: int, count: int, spread: bool = True):
-  """`count` windows of `length` tokens (int32, [count, length]) of the run's validation split:
-  spread evenly over it (the first at its start, the last ending a token before its end) or, with
-  `spread=False`, consecutive from its start (at most as many as fit). SystemExit when the split
-  is shorter than a window."""
+def validation_windows(config, tokenizer, length: int, count: int):
+  """`count` windows of `length` tokens (int32, [count, length]) spread evenly over the run's
+  validation split (the first at its start, the last ending a token before its end). SystemExit
+  when the split is shorter than a window."""
   val = data_lib.load(config, tokenizer, ('validation',)).splits['validation']
   if len(val) < length + 1:
     raise SystemExit(f'error: the validation split ({len(val)} tokens) is shorter than a window '
                      f'of {length} + 1 tokens.')
-  if spread:
-    starts = np.linspace(0, len(val) - length - 1, count).astype(int)
-  else:
-    starts = np.arange(0, len(val) - length, length)[:count]
+  starts = np.linspace(0, len(val) - length - 1, count).astype(int)
   return np.stack([val[s:s + length] for s in starts]).astype(np.int32)
 
 

@@ -24,8 +24,8 @@ product (6 products at the full width).
 """
 from __future__ import annotations
 
+import functools
 import sys
-import time
 
 from absl import app, flags
 import jax
@@ -70,33 +70,29 @@ def main(argv):
                   [b[i * P:(i + 1) * P] for i in range(NB)]) for a, b in zip(w_in, w_out)],
   }
 
-  def dense(x, weights, draws):
-    del draws
-    def body(t, x):
-      for a, b in weights:
-        x = x + mlp(x, a, b)
-      return x * 0.5
-    return jax.lax.fori_loop(0, T, body, x)
+  def decode(layer):
+    """T tokens through the stack; `layer(weights, draw, x)` is one layer's update."""
+    def run(x, weights, draws):
+      def body(t, x):
+        for l, w in enumerate(weights):
+          x = x + layer(w, draws[t, l], x)
+        return x * 0.5
+      return jax.lax.fori_loop(0, T, body, x)
+    return run
 
-  def copies(x, weights, draws):
-    def body(t, x):
-      for l, (ins, outs) in enumerate(weights):
-        branches = [lambda x, a=a, b=b: mlp(x, a, b) for a, b in zip(ins, outs)]
-        x = x + jax.lax.switch(draws[t, l], branches, x)
-      return x * 0.5
-    return jax.lax.fori_loop(0, T, body, x)
+  def dense(w, draw, x):
+    del draw
+    return mlp(x, *w)
 
-  def pieces(x, weights, draws):
-    def body(t, x):
-      for l, (ins, outs) in enumerate(weights):
-        branches = [lambda x, j=j, ins=ins, outs=outs: sum(mlp(x, ins[i], outs[i])
-                                                            for i in range(j))
-                    for j in buckets]
-        x = x + jax.lax.switch(draws[t, l], branches, x)
-      return x * 0.5
-    return jax.lax.fori_loop(0, T, body, x)
+  def copies(w, draw, x):  # branch b: the copy of bucket buckets[b]
+    return jax.lax.switch(draw, [functools.partial(mlp, w_in=a, w_out=b) for a, b in zip(*w)], x)
 
-  fns = {'dense': dense, 'copies': copies, 'pieces': pieces}
+  def pieces(w, draw, x):  # branch b: the first buckets[b] pieces
+    ins, outs = w
+    return jax.lax.switch(draw, [lambda x, j=j: sum(mlp(x, ins[i], outs[i]) for i in range(j))
+                                 for j in buckets], x)
+
+  fns = {'dense': decode(dense), 'copies': decode(copies), 'pieces': decode(pieces)}
   options = sample_lib.compiler_options()
   patterns = {'random': rng.integers(0, len(buckets), size=(T, L)),
               'full': np.full((T, L), len(buckets) - 1), 'half': np.full((T, L), NB // 2 - lo)}
@@ -112,9 +108,8 @@ def main(argv):
       jax.block_until_ready(compiled[name](x, layouts[name], draws))
     for _ in range(_REPEATS.value):
       for name in fns:
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled[name](x, layouts[name], draws))
-        ms[name].append(1e3 * (time.perf_counter() - t0) / T)
+        ms[name].append(bench_common.time_calls(compiled[name], x, layouts[name], draws,
+                                                repeats=1)[0] / T)
     base = float(np.median(ms['dense']))
     results[pattern] = {
         'mean_width': float(widths.mean()),

@@ -20,9 +20,7 @@ beside the one it measured: the gap is the loop's own cost.
 """
 from __future__ import annotations
 
-import json
 import sys
-import time
 
 from absl import app, flags
 import jax
@@ -80,16 +78,12 @@ def main(argv):
   ms = {name: [] for name in programs}
   for _ in range(_REPEATS.value):
     for name, (compiled, args) in programs.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled(*args))
-      ms[name].append(1e3 * (time.perf_counter() - t0) / _LOOP.value)
+      ms[name].append(bench_common.time_calls(compiled, *args, repeats=1)[0] / _LOOP.value)
   base = float(np.median(ms['full_1']))
   rows = {name: {'ms': bench_common.stats(v), 'vs_full_1': float(np.median(v)) / base}
           for name, v in ms.items()}
-  measured = {}
-  if _SPECULATIVE_JSON.value:
-    with open(_SPECULATIVE_JSON.value) as f:
-      measured = json.load(f)['programs']
+  measured = (files.read_json(_SPECULATIVE_JSON.value)['programs'] if _SPECULATIVE_JSON.value
+              else {})
   draft = rows['draft_1']['vs_full_1']
   bound = {}
   for L in map(int, _POSITIONS.value):

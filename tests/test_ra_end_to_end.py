@@ -162,7 +162,7 @@ def test_adaptive_routing_and_pass_costs_on_a_trained_run(ra_run, tmp_path, tfds
   pass, in dense steps."""
   _, workdir = ra_run
   routing_out, costs_out = tmp_path / 'routing.json', tmp_path / 'costs.json'
-  for args in (['experiments/adaptive_routing.py', '--draft_fraction=0.5', '--windows=8',
+  for args in (['experiments/adaptive_routing.py', '--draft_fraction=0.5', '--batches=2',
                 '--batch=4', '--thresholds=0.3,1.0', f'--out={routing_out}'],
                ['experiments/speculative_pass_costs.py', '--draft_fraction=0.5',
                 '--positions=1,3', '--at=4', '--loop=2', '--repeats=2', f'--out={costs_out}']):
