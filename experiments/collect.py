@@ -60,7 +60,9 @@ def run_rows(workdir: str) -> list[dict]:
     settings.update(alpha=math.nan, beta=math.nan, lam=0.0)
   common = {'run': os.path.basename(os.path.normpath(workdir)), 'dense': dense, **settings,
             **{k: config['model'][k] for k in MODEL_COLUMNS}, 'seed': config.get('seed', 0),
-            'num_steps': config['num_steps'], 'train_flops': train_flops(workdir, config)}
+            'num_steps': config['num_steps'], 'train_flops': train_flops(workdir, config),
+            'init_from': config.get('init_from') or '',
+            'parent_train_flops': parent_train_flops(workdir, config)}
   return [{**common, **{k: e.get(k) for k in ENTRY_COLUMNS},
            'split': e.get('split', 'validation')}  # evaluate's default split
           for e in _read_json(os.path.join(workdir, 'eval_curve.json'))]
@@ -71,13 +73,31 @@ def train_flops(workdir: str, config: dict) -> float:
   drawn widths in expectation (activation.train_flops_per_token), over num_steps x batch x T
   tokens."""
   path = os.path.join(workdir, 'tokenizer.json')
-  if not os.path.exists(path):
+  if os.path.exists(path):
+    vocab = tokenizers.load(path).vocab_size
+  elif config.get('data', {}).get('dataset') == 'tokens' and config['data'].get('vocab_size'):
+    vocab = config['data']['vocab_size']  # a prepared corpus's (collected runs keep no tokenizer)
+  else:
     return math.nan
   config = configuration.complete(ml_collections.ConfigDict(config))
-  vocab = tokenizers.load(path).vocab_size
   per_token = activation.train_flops_per_token(config.activation,
                                                runs.make_model(config, vocab).cfg)
   return 3 * per_token * config.num_steps * config.batch_size * config.model.block_size
+
+
+def parent_train_flops(workdir: str, config: dict) -> float:
+  """The training FLOPs of the run a run started from (`init_from`: the teacher path's dense
+  parent), read where it was or, moved with its sweep, beside the run; 0 for a run from
+  scratch, NaN where the parent is in neither place."""
+  parent = config.get('init_from')
+  if not parent:
+    return 0.0
+  beside = os.path.join(os.path.dirname(os.path.normpath(workdir)),
+                        os.path.basename(os.path.normpath(parent)))
+  for path in (parent, beside):
+    if os.path.exists(os.path.join(path, 'config.json')):
+      return train_flops(path, _read_json(os.path.join(path, 'config.json')))
+  return math.nan
 
 
 def pareto_mask(flops, loss) -> np.ndarray:
@@ -318,6 +338,8 @@ def variant(row) -> str:
     return 'dense'
   distill = row.get('distill_weight') or 0
   name = str(row['train_mode']) + ('+distill' if distill and distill > 0 else '')
+  if row.get('init_from'):  # the teacher path: a fine-tune of a trained parent
+    name += f" from dense, {row['num_steps']} steps"
   if 'layers' in str(row.get('sites')):  # which blocks it keeps: '[nested]', '[rising]', ...
     schedule = row.get('layer_schedule')
     name += f" [{row['structure'] if schedule in (None, 'structure') else schedule}]"
@@ -345,7 +367,9 @@ def frontier(table: pd.DataFrame, split: str = 'validation') -> dict:
   if dense.empty or rows[~rows.dense].empty:
     raise ValueError('a frontier needs dense runs and random-activation runs.')
   full_mlp, full_layers = dense.mlp_dim.max(), dense.num_layers.max()
-  steps = int(rows[~rows.dense].num_steps.mode().iloc[0])  # the RA runs' (the recipe's) steps
+  scratch = rows[~rows.dense & (rows.get('init_from', '') == '')]
+  steps = int((scratch if len(scratch) else rows[~rows.dense]).num_steps.mode().iloc[0])  # the
+  # RA runs' (the recipe's) steps; fine-tunes of a parent (the teacher path) take fewer
   trained = dense[np.isclose(dense.active_fraction, 1.0)].copy()
   trained['budget'] = trained.mlp_dim / full_mlp * trained.num_layers / full_layers
   full = dense[(dense.mlp_dim == full_mlp) & (dense.num_layers == full_layers)]
@@ -369,8 +393,8 @@ def frontier(table: pd.DataFrame, split: str = 'validation') -> dict:
     if name == 'dense':
       for (mlp, layers), g in group[group.num_steps == steps].groupby(['mlp_dim', 'num_layers']):
         kinds[f'dense a={mlp / full_mlp * layers / full_layers:g}'] = float(g.train_flops.mean())
-    else:
-      kinds[f'RA {name}'] = float(group.train_flops.mean())
+    else:  # a fine-tune's cost includes its parent's training
+      kinds[f'RA {name}'] = float((group.train_flops + group.get('parent_train_flops', 0)).mean())
   family = sum(v for k, v in kinds.items() if k.startswith('dense a='))
   return {'budgets': out, 'train_flops': kinds, 'dense_family_flops': family, 'steps': steps}
 

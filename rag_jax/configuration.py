@@ -237,12 +237,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   d = config.data
   if d.tokenizer not in TOKENIZERS:
     raise ConfigError(f'config.data.tokenizer must be one of {TOKENIZERS}, got {d.tokenizer!r}.')
-  if d.tokenizer == 'bpe' and not config.get('init_from'):
+  if d.tokenizer == 'bpe' and not config.get('init_from') and d.dataset != 'tokens':
     size = d.get('vocab_size', 0)
     if not _is_int(size) or size < 258:
       raise ConfigError(f"config.data.tokenizer='bpe' trains a byte-level BPE on the train split: "
                         'config.data.vocab_size must be an integer above 257 (the 256 bytes and '
                         f'<|endoftext|>), got {size!r}.')
+  if d.dataset == 'tokens' and not d.paths:
+    raise ConfigError(
+        "config.data.dataset='tokens' needs config.data.paths: the directory of a corpus "
+        'prepared as token arrays (e.g. `python -m rag_jax.data.sotu --out=DIR`).')
   if d.dataset == 'text_files' and not d.paths:
     raise ConfigError(
         "config.data.dataset='text_files' needs config.data.paths (comma-separated files or "

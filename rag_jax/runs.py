@@ -151,6 +151,11 @@ def load_init(config: ml_collections.ConfigDict) -> Run:
   converted by rag_jax.convert), checked against the run's config before anything compiles:
   one WorkdirError listing the model fields to set, or a tokenizer of another kind."""
   source = load_run(config.init_from)
+  if not weights.is_export(config.init_from) and source.step < source.config.num_steps:
+    raise WorkdirError(
+        f'config.init_from={config.init_from} is a run that has not finished (its newest '
+        f'checkpoint is step {source.step} of {source.config.num_steps}); finish it first, or '
+        'export that checkpoint and start from the export.')
   run_cfg = make_model(config, source.tokenizer.vocab_size).cfg
   src_cfg = source.model.cfg
   differ = {f: getattr(src_cfg, f) for f in INIT_FIELDS if getattr(src_cfg, f) != getattr(run_cfg, f)}

@@ -49,11 +49,11 @@ VARIANTS = {
 }
 
 
-def model_cfg(config, **shape) -> gpt.GPTConfig:
-  """The model of `config` with `shape` (model fields) changed."""
+def model_cfg(config, vocab: int = VOCAB, **shape) -> gpt.GPTConfig:
+  """The model of `config` with `shape` (model fields) changed, on a `vocab`-token vocabulary."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.update(shape)
-  return runs.make_model(config, VOCAB).cfg
+  return runs.make_model(config, vocab).cfg
 
 
 def dense_at(config, a: float) -> dict:
@@ -69,21 +69,30 @@ def dense_at(config, a: float) -> dict:
           'activation.buckets': heads}
 
 
-def dense_flops(config, a: float) -> float:
+def dense_flops(config, a: float, vocab: int = VOCAB) -> float:
   """FLOPs per token of the dense model at a: also the RA sub-model's at a as exported (keys and
   values of the kept heads only)."""
   shape = {k.split('.')[1]: v for k, v in dense_at(config, a).items() if k.startswith('model.')}
-  return flops.flops_per_token(model_cfg(config, **shape))
+  return flops.flops_per_token(model_cfg(config, vocab, **shape))
 
 
-def equal_flops_steps(config, a: float, variant: str = 'single') -> int:
-  """Steps for the dense model at a to cost what `variant` costs to train in config.num_steps
-  (training FLOPs: forward + backward of every pass of a step, in expectation), to tens."""
+def ra_train_flops(config, overrides: dict, vocab: int = VOCAB) -> float:
+  """Forward FLOPs per token of one training step of the RA run `config` + `overrides`
+  (activation fields), summed over its passes, in expectation."""
   ra = config.activation.copy_and_resolve_references()
-  for key, value in VARIANTS[variant].items():
+  for key, value in overrides.items():
     ra[key.split('.', 1)[1]] = value
-  cost = activation.train_flops_per_token(ra, model_cfg(config))
-  return int(round(config.num_steps * cost / dense_flops(config, a), -1))
+  return activation.train_flops_per_token(ra, model_cfg(config, vocab))
+
+
+def equal_flops_steps(config, a: float, variant: str | dict = 'single',
+                      vocab: int = VOCAB) -> int:
+  """Steps for the dense model at a to cost what `variant` (a name of VARIANTS, or its
+  activation overrides) costs to train in config.num_steps (training FLOPs: forward + backward
+  of every pass of a step, in expectation), to tens."""
+  overrides = VARIANTS[variant] if isinstance(variant, str) else variant
+  cost = ra_train_flops(config, overrides, vocab)
+  return int(round(config.num_steps * cost / dense_flops(config, a, vocab), -1))
 
 
 LARGE_VARIANTS = ('distill', 'rule')  # `:large`: the best modes of the default model

@@ -22,10 +22,9 @@ from etils import epath
 import jax
 import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 
 from rag_jax import files
-from rag_jax.data import text_files
+from rag_jax.data import token_dir
 from rag_jax.data import tokenizers
 from rag_jax.errors import DataError
 
@@ -61,6 +60,13 @@ def place_manual_file(source: str, data_dir_: str, name: str = 'input.txt') -> s
 
 
 def _builder(config: ml_collections.ConfigDict):
+  # TFDS is imported here, not at the top: a corpus of prepared token arrays ('tokens') is read
+  # without it (a machine with JAX alone trains from one).
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from rag_jax.data import text_files  # pylint: disable=g-import-not-at-top
+  if config.data.dataset == 'tokens':
+    raise DataError("config.data.dataset='tokens' is a corpus of prepared token arrays, not "
+                    'text: it has no TFDS builder.')
   if config.data.dataset == 'text_files':
     try:
       return text_files.builder(config.data.paths, data_dir(config))
@@ -80,6 +86,7 @@ def _is_prepared(builder) -> bool:
 
 def prepare(config: ml_collections.ConfigDict):
   """Builds the dataset once (offline from <data_dir>/downloads/manual when the file is there)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = _builder(config)
   if _is_prepared(builder):
     return builder
@@ -219,7 +226,11 @@ def _encode(config, builder, split: str, tokenizer) -> np.ndarray:
 def load(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer | None = None,
          splits: tuple[str, ...] = SPLITS) -> Dataset:
   """The tokenized `splits` (only those are read), from the token cache; builds the tokenizer
-  from the train split unless one is given (a workdir's)."""
+  from the train split unless one is given (a workdir's). A corpus of prepared token arrays
+  (`dataset='tokens'`) brings its own tokenizer."""
+  if config.data.dataset == 'tokens':
+    return Dataset(*token_dir.load(os.fspath(files.path(config.data.paths)), tokenizer, splits,
+                                   config.model.block_size))
   builder = prepare(config)
   cache = os.path.join(_cache_root(builder), corpus_key(builder))
   if tokenizer is None:
