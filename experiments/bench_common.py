@@ -129,7 +129,8 @@ class TrainStep:
     rng = np.random.default_rng(seed)
     # `host_batches` (numpy) for a peer implementation fed the same tokens.
     self.host_batches = [
-        rng.integers(0, vocab_size, (config.batch_size, config.model.block_size + 1)).astype(np.int32)
+        rng.integers(0, vocab_size, (config.batch_size, config.model.block_size + 1)
+                     ).astype(np.int32)
         for _ in range(num_batches)]
     self.batches = [jax.device_put(b, shard.batch) for b in self.host_batches]
     self.batch = self.batches[0]

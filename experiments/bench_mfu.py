@@ -47,7 +47,8 @@ from rag_jax.models import gpt
 
 _CONFIG = flags.DEFINE_string('config', 'configs/gpt2_small.py', 'Config (dense; RA is derived).')
 _BATCH, _BLOCK, _DTYPE = bench_common.define_shape_flags()
-_STEPS = flags.DEFINE_integer('steps', 0, 'Timed steps per variant and round; 0: 3 on CPU, 10 else.')
+_STEPS = flags.DEFINE_integer('steps', 0,
+                              'Timed steps per variant and round; 0: 3 on CPU, 10 else.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved rounds of dense and RA steps.')
 _FRACTION = flags.DEFINE_float('fraction', 0.5, 'Active fraction of the RA step; 0: dense only.')
 _PEAK = flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s of one device; 0: table or measure.')
@@ -121,7 +122,8 @@ def main(argv):
   mfu = lambda ms: None if peak is None else flops_token * B * T / (ms / 1e3) / (peak * mesh_ways)
   result = {
       'config': _CONFIG.value, 'model': dict(config.model), 'batch_size': B, 'context': T,
-      'dtype': config.dtype, 'attention': attention.implementation(cfg.attention, cfg.head_dim, config.dtype, causal=True),
+      'dtype': config.dtype,
+      'attention': attention.implementation(cfg.attention, cfg.head_dim, config.dtype, causal=True),
       'devices_in_mesh': mesh_ways, 'num_params': dense.num_params, **bench_common.environment(),
       'dense': {
           'pipelined_step_ms': dense_ms, 'step_ms': sync_ms, 'compile_s': dense.compile_s,

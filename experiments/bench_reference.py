@@ -211,7 +211,8 @@ def main(argv):
   torch_batches = [torch.from_numpy(b.astype(np.int64)) for b in jax_step.host_batches]
   lrs = np.asarray(runs.make_lr_schedule(config)(np.arange(config.num_steps + 1)))
   programs = {}
-  for name, compiled in [('torch_eager', False)] + ([('torch_compile', True)] if _COMPILE.value else []):
+  variants = [('torch_eager', False)] + ([('torch_compile', True)] if _COMPILE.value else [])
+  for name, compiled in variants:
     tm = torch_gpt(jax_step.model.cfg, torch)
     load_jax_params(tm, jax_step.state.params, torch)
     programs[name] = TorchStep(config, tm, lrs, torch, compiled)

@@ -9,7 +9,8 @@ Sizes (layers x heads x width, MLP 4x width): S 4 x 4 x 128 (the default recipe)
 context T = 256; size M also at every `--contexts` length. Per point:
   - train: the step as `python -m rag_jax.train` runs it (bench_common.TrainStep: mesh, sharding,
     `train.jit_train_step`, on the CPU devices of config.mesh.cpu_devices), `--train_tokens`
-    tokens per step (batch = train_tokens / T, at least one per device), dense and with every draw pinned to
+    tokens per step (batch = train_tokens / T, at least one per device), dense and with every draw
+    pinned to
     a (nested mlp and heads; 4 buckets, or one per head where 4 do not divide the heads);
     medians of `--steps` steps after one warm-up;
   - decode: `sample.generate` at batch 1, greedy, a prompt of T/2 tokens then T/2 tokens (one

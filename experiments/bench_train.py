@@ -41,8 +41,10 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 100, 'Timed steps per variant.')
 _WARMUP = flags.DEFINE_integer('warmup', 10, 'Untimed steps after compilation.')
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed steps are split into this many interleaved rounds.')
-_FEED = flags.DEFINE_bool('feed', True, 'Also time input feeding alone and the step on a fixed batch.')
+_ROUNDS = flags.DEFINE_integer('rounds', 5,
+                               'Timed steps are split into this many interleaved rounds.')
+_FEED = flags.DEFINE_bool('feed', True,
+                          'Also time input feeding alone and the step on a fixed batch.')
 _PARTS = flags.DEFINE_bool(
     'parts', False, 'Also time the pieces of a step alone: forward loss, gradient, optimizer '
     'update, and one layer\'s attention forward+backward (jax.nn.dot_product_attention against '
@@ -79,7 +81,8 @@ def benchmark(config, steps: int, warmup: int, rounds: int, feed: bool) -> dict:
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    result.update(trace_lower_s=t1 - t0, compile_s=t2 - t1, flops_per_step=bench_common.xla_flops(compiled))
+    result.update(trace_lower_s=t1 - t0, compile_s=t2 - t1,
+                  flops_per_step=bench_common.xla_flops(compiled))
     t0 = time.perf_counter()
     state, metrics = train_step(state, batch0, keys['train'])  # jit's own compile, if not cached.
     jax.block_until_ready((state, metrics))

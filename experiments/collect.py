@@ -176,8 +176,9 @@ _MAX_LEGEND = 12  # More runs than this: faint runs share one legend entry.
 
 def plot_pareto(table: pd.DataFrame, split: str = 'validation') -> figure.Figure:
   """Loss against FLOPs per token: each run's fixed-fraction curve, `random`-policy points as
-  diamonds, `adaptive` ones (one per threshold) as triangles, the Pareto front as a red step line through ringed points, the dense baseline in
-  black. Runs with no point on the front are drawn faint."""
+  diamonds, `adaptive` ones (one per threshold) as triangles, the Pareto front as a red step line
+  through ringed points, the dense baseline in black. Runs with no point on the front are drawn
+  faint."""
   rows = table[table.split == split]
   front = rows[pareto_mask(rows.flops_per_token, rows.loss)].sort_values('flops_per_token')
   fig = figure.Figure(figsize=(9, 5.5), layout='constrained')

@@ -1,4 +1,5 @@
-"""Random activation (docs/design.md §1): which part of the network is on, as pure functions of keys.
+"""Random activation (docs/design.md §1): which part of the network is on, as pure functions of
+keys.
 
 A draw gives the active fraction
 
@@ -47,7 +48,8 @@ STRUCTURES = ('nested', 'random', 'bernoulli')
 # 'single': one drawn width per step. 'sandwich': the full width and one drawn width.
 # 'sandwich_rule' (US-Nets): the full width, the smallest width (max(1 - lam, min_active)) and
 # `sandwich_random` drawn widths. In both sandwich modes the narrow widths may also learn from the
-# full width's detached predictions (in-place distillation: `distill_weight`, `distill_temperature`).
+# full width's detached predictions (in-place distillation: `distill_weight`,
+# `distill_temperature`).
 TRAIN_MODES = ('single', 'sandwich', 'sandwich_rule')
 # How a forward pass chooses what is on: `dense` (everything), `fixed` (one static fraction for
 # the whole pass or generation), `random` (a fresh draw at every time step). `evaluate` scores
@@ -72,7 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.min_active = 0.0     # floor on the drawn fraction.
   c.train_mode = 'single'  # 'single', 'sandwich' (full + drawn), 'sandwich_rule' (see TRAIN_MODES).
   c.sandwich_random = 2    # sandwich_rule: drawn widths per step beside the smallest and the full.
-  c.distill_weight = 0.0   # narrow widths' loss: (1 - w) * CE(labels) + w * T^2 * KL(full || narrow).
+  # Narrow widths' loss: (1 - w) * CE(labels) + w * T^2 * KL(full || narrow).
+  c.distill_weight = 0.0
   c.distill_temperature = 1.0
   return c
 
@@ -120,7 +123,8 @@ def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -
                       f'got {act.train_mode!r}.')
   n = act.get('sandwich_random', 2)
   if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-    raise ConfigError(f'config.activation.sandwich_random must be a non-negative integer, got {n!r}.')
+    raise ConfigError(
+        f'config.activation.sandwich_random must be a non-negative integer, got {n!r}.')
   w, t = act.get('distill_weight', 0.0), act.get('distill_temperature', 1.0)
   if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 <= w <= 1:
     raise ConfigError(f'config.activation.distill_weight must be in [0, 1], got {w!r}.')

@@ -50,7 +50,8 @@ GELUS = ('exact', 'tanh')
 # behaviour those runs had: a saved config.json is completed with them when loaded
 # (workdir.load_config), so an older run resumes and loads as before.
 ADDED_FIELDS = {'init_from': '', 'init_reorder': False, 'data.vocab_size': 0,
-                'model.gelu': 'exact', 'model.head_dim': 0, 'profile_steps': '', 'activation.sandwich_random': 2,
+                'model.gelu': 'exact', 'model.head_dim': 0, 'profile_steps': '',
+                'activation.sandwich_random': 2,
                 'activation.distill_weight': 0.0, 'activation.distill_temperature': 1.0,
                 'activation.layer_schedule': 'structure', 'model.layer_heads': (),
                 'model.layer_mlp_dims': (),
@@ -256,7 +257,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.data.eval_split must be 'train', 'validation' or 'test', got {d.eval_split!r}.")
   eval_batches = get(config, 'eval_batches')
   if not _is_int(eval_batches) or (eval_batches <= 0 and eval_batches != -1):
-    raise ConfigError(f'config.eval_batches must be a positive integer or -1, got {eval_batches!r}.')
+    raise ConfigError(
+        f'config.eval_batches must be a positive integer or -1, got {eval_batches!r}.')
   if get(config, 'activation').enabled:
     activation.validate(config.activation, m)
   if config.get('init_reorder') and not config.get('init_from'):

@@ -1,6 +1,7 @@
 """Loss and bits per token of a trained run, written to `eval_curve.json`.
 
-    python -m rag_jax.evaluate --workdir=DIR [--active_fractions=1.0] [--policy=fixed] [--split=test]
+    python -m rag_jax.evaluate --workdir=DIR [--active_fractions=1.0] [--policy=fixed] \
+        [--split=test]
 
 Each entry of eval_curve.json: active_fraction, policy, loss (nats per token), bits_per_token,
 flops_per_token (analytic forward count, flops.flops_per_token), plus split, step and
@@ -123,7 +124,8 @@ def update_eval_curve(workdir: str, entries: list[dict]) -> list[dict]:
   path = os.path.join(workdir, workdir_lib.EVAL_CURVE_FILE)
   # One entry per (fraction, policy, split); adaptive ones per (threshold, draft width).
   key = lambda e: ((e['policy'], e.get('split'), e['threshold'], e['draft_fraction'])
-                   if e['policy'] == 'adaptive' else (e['active_fraction'], e['policy'], e.get('split')))
+                   if e['policy'] == 'adaptive'
+                   else (e['active_fraction'], e['policy'], e.get('split')))
   old = []
   if files.exists(path):
     try:

@@ -248,7 +248,8 @@ def write_hf(params: dict, cfg: gpt.GPTConfig, tokenizer, out: str, int8: bool) 
     hf_gpt2.save(params, cfg, os.path.join(out, HF_DIR))
   except hf_gpt2.NotRepresentable as e:
     return {'written': False, 'why': str(e)}
-  record = {'written': True, 'dir': HF_DIR, 'tokenizer': isinstance(tokenizer, tokenizers.BPETokenizer)}
+  record = {'written': True, 'dir': HF_DIR,
+            'tokenizer': isinstance(tokenizer, tokenizers.BPETokenizer)}
   if record['tokenizer']:
     tokenizer.save_files(os.path.join(out, HF_DIR))
   else:

@@ -150,7 +150,8 @@ def from_hf(tensors: dict[str, np.ndarray], fields: dict[str, Any], path: str) -
                  'key_value_bias': b[1:],
                  'out': get(f'{p}.attn.c_proj.weight', (D, D)).reshape(H, K, D),
                  'out_bias': get(f'{p}.attn.c_proj.bias', (D,))},
-        'mlp': {'w_in': get(f'{p}.mlp.c_fc.weight', (D, F)), 'b_in': get(f'{p}.mlp.c_fc.bias', (F,)),
+        'mlp': {'w_in': get(f'{p}.mlp.c_fc.weight', (D, F)),
+                'b_in': get(f'{p}.mlp.c_fc.bias', (F,)),
                 'w_out': get(f'{p}.mlp.c_proj.weight', (F, D)),
                 'b_out': get(f'{p}.mlp.c_proj.bias', (D,))}}
   head = tensors.get('lm_head.weight')
@@ -196,7 +197,8 @@ def to_hf(params: dict, cfg: gpt.GPTConfig) -> tuple[dict[str, np.ndarray], dict
         h + 'attn.c_proj.weight': p[b + 'attn/out'].reshape(D, D),
         h + 'attn.c_proj.bias': bias(b + 'attn/out_bias', D),
         h + 'mlp.c_fc.weight': p[b + 'mlp/w_in'], h + 'mlp.c_fc.bias': bias(b + 'mlp/b_in', F),
-        h + 'mlp.c_proj.weight': p[b + 'mlp/w_out'], h + 'mlp.c_proj.bias': bias(b + 'mlp/b_out', D),
+        h + 'mlp.c_proj.weight': p[b + 'mlp/w_out'],
+        h + 'mlp.c_proj.bias': bias(b + 'mlp/b_out', D),
     })
   gelu = {'tanh': 'gelu_new', 'exact': 'gelu'}[cfg.gelu]
   config = {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2',

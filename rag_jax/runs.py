@@ -158,7 +158,8 @@ def load_init(config: ml_collections.ConfigDict) -> Run:
         'export that checkpoint and start from the export.')
   run_cfg = make_model(config, source.tokenizer.vocab_size).cfg
   src_cfg = source.model.cfg
-  differ = {f: getattr(src_cfg, f) for f in INIT_FIELDS if getattr(src_cfg, f) != getattr(run_cfg, f)}
+  differ = {f: getattr(src_cfg, f) for f in INIT_FIELDS
+            if getattr(src_cfg, f) != getattr(run_cfg, f)}
   if run_cfg.block_size > src_cfg.block_size:
     differ['block_size'] = src_cfg.block_size
   if differ:

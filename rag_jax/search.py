@@ -206,7 +206,8 @@ def main(argv):
     print(f"{split}: per-layer plan {result[f'plan_{split}_loss']:.4f}, uniform "
           f"a={result['uniform_fraction']:g} {result[f'uniform_{split}_loss']:.4f}")
   print(f"widths {result['widths']}; {result['flops_per_token']:.4g} FLOPs/token (budget "
-        f"{result['target_flops_per_token']:.4g}); {result['evaluations']} evaluations; wrote {out}")
+        f"{result['target_flops_per_token']:.4g}); {result['evaluations']} evaluations; "
+        f'wrote {out}')
 
 
 if __name__ == '__main__':

@@ -29,7 +29,8 @@ BATCH_AXES = ('data', 'fsdp')
 PARAM_AXES = {
     'wte': ('vocab', 'embed'), 'wpe': ('position', 'embed'),
     'query': ('embed', 'heads', 'head_dim'), 'query_bias': ('heads', 'head_dim'),
-    'key_value': ('embed', None, 'heads', 'head_dim'), 'key_value_bias': (None, 'heads', 'head_dim'),
+    'key_value': ('embed', None, 'heads', 'head_dim'),
+    'key_value_bias': (None, 'heads', 'head_dim'),
     'out': ('heads', 'head_dim', 'embed'), 'out_bias': ('embed',),
     'w_in': ('embed', 'mlp'), 'b_in': ('mlp',), 'w_out': ('mlp', 'embed'), 'b_out': ('embed',),
     'scale': ('embed',), 'bias': ('embed',),
@@ -54,6 +55,9 @@ def shard_batch(x_BxLxD: jax.Array) -> jax.Array:
   if not axes or x_BxLxD.shape[0] % math.prod(mesh.shape[a] for a in axes):
     return x_BxLxD
   return jax.lax.with_sharding_constraint(x_BxLxD, jax.sharding.PartitionSpec(axes))
+
+
+CPU_COLLECTIVE_TIMEOUT = 'xla_cpu_collective_call_terminate_timeout_seconds'
 
 
 def cpu_device_count(config: ml_collections.ConfigDict, cores: int | None = None) -> int:
@@ -83,6 +87,12 @@ def set_cpu_devices(config: ml_collections.ConfigDict, distributed: bool = False
     return None
   n = cpu_device_count(config)
   jax.config.update('jax_num_cpu_devices', n)
+  flags = os.environ.get('XLA_FLAGS', '')
+  if n > 1 and CPU_COLLECTIVE_TIMEOUT not in flags:
+    # The CPU devices meet in every step's all-reduce; XLA aborts the process when one of them
+    # waits 40 s for the others, which a core shared with other work (a second run, a test
+    # suite) can cause. Starved is not stuck: wait an hour instead.
+    os.environ['XLA_FLAGS'] = f'{flags} --{CPU_COLLECTIVE_TIMEOUT}=3600'.strip()
   return n
 
 

@@ -56,7 +56,8 @@ def flag_value(value) -> str:
 
 
 def _name_value(value) -> str:
-  if isinstance(value, str) and '/' in value:  # a path (init_from, data.paths): a short digest
+  if isinstance(value, str) and '/' in value and len(value) > 40:
+    # A long path (init_from naming a run's workdir) as a short digest.
     return 'path-' + hashlib.sha1(value.encode()).hexdigest()[:8]
   text = flag_value(value)
   if isinstance(value, float) and text.endswith('.0'):
@@ -67,7 +68,8 @@ def _name_value(value) -> str:
 def run_name(overrides: dict[str, Any]) -> str:
   """Stable, filesystem-safe name of a run: `key=value` pairs sorted by dotted key, joined by
   commas; a key is its last component unless two keys of the run share it. Lists in string
-  values ('mlp,heads') are written with '+', paths as `path-` and a digest of the path. Floats and ints of equal value name alike."""
+  values ('mlp,heads') are written with '+', paths over 40 characters as `path-` and a digest.
+  Floats and ints of equal value name alike."""
   if not overrides:
     return 'base'
   keys = sorted(overrides)

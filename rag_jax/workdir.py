@@ -119,7 +119,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   try:
     saved = files.read_json(path)
   except FileNotFoundError:
-    raise WorkdirError(f'{path} does not exist; is {workdir} a workdir written by rag_jax.train?') from None
+    raise WorkdirError(
+        f'{path} does not exist; is {workdir} a workdir written by rag_jax.train?') from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise WorkdirError(f'{path} is damaged ({e}).') from None
   if not isinstance(saved, dict):

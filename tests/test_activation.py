@@ -50,6 +50,7 @@ def test_draws_follow_scaled_beta(alpha, beta, lam):
   assert abs((1 - a).mean() - lam * alpha / (alpha + beta)) < 0.01
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('alpha,beta,lam,min_active', [(1.0, 1.0, 0.75, 0.0), (0.5, 2.0, 1.0, 0.3)])
 def test_drawn_widths_follow_the_rounded_distribution(alpha, beta, lam, min_active):
   """Plans draw widths from static tables (width_cdf) instead of Beta variates; the widths must
@@ -70,6 +71,7 @@ def test_drawn_widths_follow_the_rounded_distribution(alpha, beta, lam, min_acti
   np.testing.assert_allclose(got_mlp, np.diff(activation.width_cdf(act, 8), prepend=0), atol=0.02)
 
 
+@pytest.mark.slow
 def test_lam_zero_is_always_dense():
   act = act_config(lam=0.0, alpha=0.3, beta=0.3)
   a = activation.draw_fraction(jax.random.key(0), act, (5000,))
@@ -91,6 +93,7 @@ def test_bucket_rounds_up(a, bucket):
   assert int(activation.bucket_index(jnp.float32(a), 4)) == bucket
 
 
+@pytest.mark.slow
 def test_same_key_same_units_other_key_other_units():
   act = act_config(structure='random')
   p1 = activation.make_plan(jax.random.key(7), act, CFG)
@@ -118,6 +121,7 @@ def _partial(plan):
   return any(int(l.mlp.bucket) < 3 for l in plan if l.mlp is not None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('structure', ['nested', 'random'])
 @pytest.mark.parametrize('sites', ['mlp', 'heads', 'layers', 'mlp,heads,layers'])
 @pytest.mark.parametrize('rescale', [False, True])
@@ -134,6 +138,7 @@ def test_switch_equals_mask_reference(model_params, structure, sites, rescale):
   assert not np.allclose(got, dense, atol=1e-3)  # something was switched off
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('structure', ['nested', 'random'])
 def test_switch_gradients_equal_mask_reference(model_params, structure):
   """The backward pass of the drawn widths (switch.switch, which keeps only the taken branch's
@@ -204,6 +209,7 @@ def test_fraction_one_equals_dense(model_params, structure):
                              apply(model, params, tokens, None), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('plan_kind,layout', [
     (kind, 'prefixes') for kind in ('dense', 'static', 'drawn', 'masks')] + [
     ('static', 'one_width')])
@@ -241,6 +247,7 @@ def test_decode_layout_refuses_widths_it_does_not_hold(model_params):
     model.apply(variables, tokens, plan=plan)
 
 
+@pytest.mark.slow
 def test_drawn_layers_with_dropout_train():
   """A drawn `layers` site (nn.cond over blocks) with dropout on, under jax.grad."""
   cfg = gpt.GPTConfig(**{**CFG.__dict__, 'dropout': 0.1})
@@ -267,6 +274,7 @@ def test_bernoulli_keeps_each_unit_with_probability_a():
   assert abs(float(jnp.mean(jnp.stack(masks))) - 0.3) < 0.02
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('structure', ['nested', 'random'])
 def test_gradients_reach_only_active_units(model_params, structure):
   model, params, tokens = model_params
@@ -297,6 +305,7 @@ DEFAULT = gpt.GPTConfig(vocab_size=65, num_layers=4, num_heads=4, embed_dim=128,
                         block_size=64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sites', ['mlp,heads', 'mlp,heads,layers'])
 def test_flops_fall_with_the_fraction_and_match_xla(sites):
   """XLA's cost analysis of the compiled static-width forward pass falls strictly with the
@@ -318,6 +327,7 @@ def test_flops_fall_with_the_fraction_and_match_xla(sites):
   assert all(x > y for x, y in zip(xla, xla[1:])), xla
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('structure', ['nested', 'random'])
 def test_kv_cache_decode_at_fixed_fraction_equals_full_forward(model_params, structure):
   model, params, tokens = model_params
@@ -334,6 +344,7 @@ def test_kv_cache_decode_at_fixed_fraction_equals_full_forward(model_params, str
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('structure', ['nested', 'random'])
 def test_random_policy_parallel_pass_equals_token_by_token_draws(model_params, structure):
   """The evaluation of the `random` policy (per-position masks in one pass) scores exactly what
@@ -425,6 +436,7 @@ def test_layer_schedules_fixed_fraction_blocks(model_params, schedule, kept_at):
                              atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_rising_schedule_drops_deeper_blocks_more():
   """Drawn under `rising`, the number of blocks kept is distributed as under any schedule; the
   first block is always kept, and each deeper block is dropped more often; `spaced` drops
@@ -445,6 +457,7 @@ def test_rising_schedule_drops_deeper_blocks_more():
   assert uniform.max() - uniform.min() < 0.04, uniform
 
 
+@pytest.mark.slow
 def test_evaluation_random_policy_draws_per_row(model_params):
   """evaluate's `random` policy gives every row of a batch its own per-position draws ([B, L]
   masks, every site, layers included): row b scores what per_position_plan with row b's key

@@ -62,6 +62,7 @@ def good_run(tmp_path_factory, tfds_dir):
   return config, workdir
 
 
+@pytest.mark.slow
 def test_workdir_of_a_different_model(good_run, tmp_path, no_compile):
   config, workdir = good_run
   run = str(tmp_path / 'run')
@@ -99,6 +100,7 @@ def _cli(module, *args, env):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_unknown_field_and_wrong_type(tfds_env, tmp_path):
   base = ['--config=configs/shakespeare_char.py:smoke', f'--workdir={tmp_path}']
   proc = _cli('rag_jax.train', *base, '--config.model.heads=3', env=tfds_env)
@@ -114,6 +116,7 @@ def test_cli_unknown_field_and_wrong_type(tfds_env, tmp_path):
   assert not os.path.exists(tmp_path / 'checkpoints')
 
 
+@pytest.mark.slow
 def test_cli_prompt_errors(good_run, tfds_env):
   _, workdir = good_run
   proc = _cli('rag_jax.sample', f'--workdir={workdir}', '--prompt=ROMEO: ☃', env=tfds_env)
@@ -123,6 +126,7 @@ def test_cli_prompt_errors(good_run, tfds_env):
   assert 'Traceback' not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_evaluate_and_sample(good_run, tfds_env):
   _, workdir = good_run
   proc = _cli('rag_jax.evaluate', f'--workdir={workdir}', '--split=test', env=tfds_env)
@@ -143,6 +147,7 @@ def test_cli_evaluate_and_sample(good_run, tfds_env):
   assert again.stdout.split('-' * 40)[0] == proc.stdout.split('-' * 40)[0]
 
 
+@pytest.mark.slow
 def test_evaluate_workdir_without_checkpoint(tmp_path, tfds_env):
   proc = _cli('rag_jax.evaluate', f'--workdir={tmp_path}', env=tfds_env)
   assert proc.returncode != 0 and 'config.json does not exist' in proc.stderr

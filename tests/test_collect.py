@@ -132,7 +132,8 @@ def test_write_table_and_figures(abl_dir, tmp_path):
   assert len(records) == len(table) and records[0]['run'] == 'enabled=False'
   with open(out['summary']) as f:
     lines = f.read().splitlines()
-  assert len(lines) == 2 + 28 + 2 and lines[2].startswith('| enabled=False | True |  |  | 0 | 1.5 |')
+  assert len(lines) == 2 + 28 + 2
+  assert lines[2].startswith('| enabled=False | True |  |  | 0 | 1.5 |')
   assert lines[-1] == collect.best_line(table) and lines[-1].startswith('best at a = 0.5: ')
 
 

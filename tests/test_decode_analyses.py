@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from rag_jax import configuration
 from tests.conftest import ROOT
@@ -26,6 +27,7 @@ def test_routing_gains_least_confident_against_the_oracle():
   assert np.isclose(everything['oracle'], gap.mean())
 
 
+@pytest.mark.slow
 def test_decode_working_set_runs_every_layout_and_pattern(tmp_path):
   out = tmp_path / 'ws.json'
   proc = subprocess.run(

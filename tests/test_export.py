@@ -32,6 +32,7 @@ def _act(sites, rescale=False):
   return act
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sites,fraction,rescale', [
     ('mlp', 0.5, False), ('heads', 0.25, False), ('layers', 0.5, False),
     ('mlp,heads,layers', 0.75, False), ('mlp,heads', 0.5, True), ('mlp,heads', 1.0, False)])
@@ -72,6 +73,7 @@ def test_spaced_blocks_export(fraction, kept):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_per_layer_plan_exports_as_blocks_of_their_own_widths():
   """A per-layer plan (each block its own heads and units) slices into a model whose config
   lists them: it equals the parent under the plan, its FLOPs are the plan's, its KV cache holds

@@ -104,6 +104,7 @@ def test_sigterm_saves_the_step_and_resume_is_exact(reference, tfds_dir, tfds_en
   _same_run(workdir, reference)
 
 
+@pytest.mark.slow
 def test_sigint_in_the_api_saves_the_step(reference, tfds_dir, tmp_path, monkeypatch):
   """Ctrl-C (a notebook's interrupt) during train_and_evaluate: the step is saved, then
   errors.Interrupted; the run resumes to the uninterrupted result."""
@@ -196,6 +197,7 @@ def test_second_train_on_a_workdir_is_refused(reference, tfds_dir, tfds_env, tmp
     pass
 
 
+@pytest.mark.slow
 def test_diverging_run_saves_no_nan(tfds_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   config = _config(tfds_dir, checkpoint_every=1, log_every=5)
@@ -209,6 +211,7 @@ def test_diverging_run_saves_no_nan(tfds_dir, tmp_path):
     shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
 
 
+@pytest.mark.slow
 def test_divergence_before_any_save_says_so(tfds_dir, tmp_path):
   config = _config(tfds_dir, checkpoint_every=90, log_every=5)
   config.opt.learning_rate = 1e4
@@ -216,6 +219,7 @@ def test_divergence_before_any_save_says_so(tfds_dir, tmp_path):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
+@pytest.mark.slow
 def test_nan_checkpoint_of_an_older_version_is_refused(reference, tfds_dir, tmp_path):
   """A NaN checkpoint (as versions without the guard could save) is refused by evaluate and
   sample (load_run) and by a resume, with one message, never scored as loss=nan."""
@@ -254,6 +258,7 @@ def test_resume_with_another_config(reference, tfds_dir, tmp_path, no_compile):
   assert snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_config_when_allowed(reference, tfds_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(reference, workdir)
@@ -377,6 +382,7 @@ def test_bad_paths_and_flags_get_one_line(reference, tfds_env, tmp_path):
   assert not os.path.exists(tmp_path / 'x')
 
 
+@pytest.mark.slow
 def test_unwritable_workdir_is_refused_before_the_work(reference, tfds_env, tmp_path):
   workdir = str(tmp_path / 'readonly')
   shutil.copytree(reference, workdir)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from rag_jax import configuration
 from rag_jax.models import gpt
@@ -23,6 +24,7 @@ def test_distinct_n():
   assert stability.distinct(np.zeros(9, np.int32), 1) == 1 / 9
 
 
+@pytest.mark.slow
 def test_strided_score_sees_half_a_context_and_scores_every_token_once():
   """Within one context the score is one forward pass; beyond it, token t is scored by the
   first window [s, s + T] (s = k * T/2, the last one ending at the text's end) that holds it,

@@ -23,7 +23,8 @@ def test_variants_validate(arg):
 def test_gpt2_small_shape():
   config = load_config('gpt2_small', 'ra')
   m = config.model
-  assert (m.num_layers, m.num_heads, m.embed_dim, m.mlp_dim, m.block_size) == (12, 12, 768, 3072, 1024)
+  assert ((m.num_layers, m.num_heads, m.embed_dim, m.mlp_dim, m.block_size)
+          == (12, 12, 768, 3072, 1024))
   assert m.num_heads % config.activation.buckets == 0 and m.mlp_dim % config.activation.buckets == 0
   assert config.dtype == 'bfloat16' and config.data.dataset == 'lm1b'
   assert m.gelu == 'tanh'  # GPT-2's 'gelu_new'

@@ -32,6 +32,7 @@ def _metrics(workdir):
     return [json.loads(l) for l in f]
 
 
+@pytest.mark.slow
 def test_ra_training_draws_widths_and_learns(ra_run):
   config, workdir = ra_run
   rows = _metrics(workdir)
@@ -42,6 +43,7 @@ def test_ra_training_draws_widths_and_learns(ra_run):
   assert abs(np.mean(active) - 0.69) < 0.1
 
 
+@pytest.mark.slow
 def test_sandwich_trains_full_and_drawn_width(smoke_config, tmp_path):
   smoke_config.activation.update(enabled=True, lam=0.75, train_mode='sandwich')
   smoke_config.num_steps = 20
@@ -51,6 +53,7 @@ def test_sandwich_trains_full_and_drawn_width(smoke_config, tmp_path):
   assert any(r['train_loss_drawn'] > r['train_loss'] for r in rows)  # narrower is worse
 
 
+@pytest.mark.slow
 def test_evaluate_curve_over_fractions_and_random_policy(ra_run):
   _, workdir = ra_run
   fixed = evaluate.evaluate(workdir, (1.0, 0.75, 0.5, 0.25), 'fixed', 'validation')
@@ -67,6 +70,7 @@ def test_evaluate_curve_over_fractions_and_random_policy(ra_run):
       ('fixed', 1.0), ('fixed', 0.5), ('random', rand['active_fraction'])}
 
 
+@pytest.mark.slow
 def test_adaptive_policy_spans_the_narrow_and_the_full_width(ra_run):
   """A threshold nothing falls below scores the narrow width (at its FLOPs); a threshold every
   token falls below scores the full width, at the narrow plus the full FLOPs."""
@@ -86,6 +90,7 @@ def test_adaptive_policy_spans_the_narrow_and_the_full_width(ra_run):
     evaluate.evaluate(workdir, policy='adaptive', thresholds=(0.0,))
 
 
+@pytest.mark.slow
 def test_dense_run_is_truncated_for_the_baseline(tmp_path, smoke_config):
   smoke_config.num_steps = 20
   train.train_and_evaluate(smoke_config, str(tmp_path))
@@ -96,6 +101,7 @@ def test_dense_run_is_truncated_for_the_baseline(tmp_path, smoke_config):
   assert entries[1]['structure'] == 'nested'
 
 
+@pytest.mark.slow
 def test_sampling_policies(ra_run):
   config, workdir = ra_run
   _, tokenizer, _, params, _ = runs.load_run(workdir)
@@ -112,6 +118,7 @@ def test_sampling_policies(ra_run):
   assert rand.text[0].startswith('ROMEO:')
 
 
+@pytest.mark.slow
 def test_random_policy_fractions_follow_the_distribution(ra_run):
   """The per-step fractions recorded under `random` average to the expected realized width of
   a = 1 - 0.75 B, B ~ U(0, 1), rounded up to quarters (about 0.69)."""
@@ -123,6 +130,7 @@ def test_random_policy_fractions_follow_the_distribution(ra_run):
   assert abs(out.fractions.mean() - want) < 0.03
 
 
+@pytest.mark.slow
 def test_cli_sample_random_policy(ra_run, tfds_env):
   _, workdir = ra_run
   proc = subprocess.run(
@@ -137,6 +145,7 @@ def test_cli_sample_random_policy(ra_run, tfds_env):
   assert proc.returncode != 0 and 'needs --active_fraction' in proc.stderr
 
 
+@pytest.mark.slow
 def test_per_layer_search_on_a_trained_run(ra_run, tmp_path, tfds_env):
   """rag_jax.search on the smoke RA run: a plan within the FLOPs of a = 0.5, scored with the
   uniform width on validation and test (the CLI writes it as JSON)."""
@@ -146,7 +155,8 @@ def test_per_layer_search_on_a_trained_run(ra_run, tmp_path, tfds_env):
   assert result['within_budget']
   assert result['flops_per_token'] <= result['target_flops_per_token']
   for split in ('validation', 'test'):
-    assert np.isfinite(result[f'plan_{split}_loss']) and np.isfinite(result[f'uniform_{split}_loss'])
+    assert np.isfinite(result[f'plan_{split}_loss'])
+    assert np.isfinite(result[f'uniform_{split}_loss'])
   out = tmp_path / 'plan.json'
   proc = subprocess.run([sys.executable, '-m', 'rag_jax.search', f'--workdir={workdir}',
                          '--active_fraction=0.5', '--batches=2', f'--out={out}'], cwd=ROOT,
@@ -156,6 +166,7 @@ def test_per_layer_search_on_a_trained_run(ra_run, tmp_path, tfds_env):
   assert 'per-layer plan' in proc.stdout
 
 
+@pytest.mark.slow
 def test_adaptive_routing_and_pass_costs_on_a_trained_run(ra_run, tmp_path, tfds_env):
   """experiments/adaptive_routing.py and speculative_pass_costs.py on the smoke RA run: the
   oracle's gain bounds the policy's, and a k-token iteration costs k draft steps and one k + 1

@@ -8,11 +8,13 @@ import pytest
 
 from tests.conftest import ROOT, load_config
 
-torch = pytest.importorskip('torch', reason='torch (the reference benchmark\'s extra) is not installed')
+torch = pytest.importorskip('torch',
+                            reason='torch (the reference benchmark\'s extra) is not installed')
 sys.path.insert(0, str(ROOT / 'experiments'))
-import bench_reference  # pylint: disable=wrong-import-position
+import bench_reference  # noqa: E402  (after the path to experiments/)
 
 
+@pytest.mark.slow
 def test_torch_reference_step_equals_rag_jax_step():
   config = load_config('shakespeare_char', 'smoke')
   config.model.dropout = 0.0

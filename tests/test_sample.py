@@ -69,7 +69,9 @@ def reference_greedy(model, params, prompt, num_tokens, plan_for=None):
   return tokens
 
 
-# (1, 2): fewer tokens in all than the cache rebuild's window (T // 2 - 1), which once failed to trace.
+# (1, 2): fewer tokens in all than the cache rebuild's window (T // 2 - 1), which once failed to
+# trace.
+@pytest.mark.slow
 @pytest.mark.parametrize('prompt_len,num_tokens', [(1, 2), (1, 8), (5, 7), (3, 30)])
 def test_cached_greedy_equals_full_rerun(model_params, prompt_len, num_tokens):
   model, params = model_params
@@ -80,6 +82,7 @@ def test_cached_greedy_equals_full_rerun(model_params, prompt_len, num_tokens):
   assert list(np.asarray(out[0])) == reference_greedy(model, params, prompt, num_tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('policy,structure,sites', [
     ('fixed', 'nested', 'mlp,heads'), ('fixed', 'nested', 'mlp,heads,layers'),
     ('fixed', 'random', 'mlp,heads'), ('random', 'nested', 'mlp,heads'),
@@ -120,6 +123,7 @@ def test_cached_greedy_with_activation_equals_full_rerun(model_params, policy, s
     assert len(np.unique(fractions)) > 2
 
 
+@pytest.mark.slow
 def test_top_k_1_equals_greedy(model_params):
   model, params = model_params
   prompt = jnp.asarray([[3, 4, 5]])
@@ -154,6 +158,7 @@ def test_top_k_restricts_to_k_most_likely():
   assert seen == {1, 3}
 
 
+@pytest.mark.slow
 def test_same_seed_same_text_other_seed_other_text(model_params):
   _, params = model_params
   config = run_config()
@@ -163,6 +168,7 @@ def test_same_seed_same_text_other_seed_other_text(model_params):
   assert run(0)[0] != run(1)[0] and run(0)[1] != run(1)[1]
 
 
+@pytest.mark.slow
 def test_end_token_stops_and_pads(model_params):
   model, params = model_params
   prompt = jnp.asarray([[1, 2, 3]])
@@ -176,6 +182,7 @@ def test_end_token_stops_and_pads(model_params):
   assert np.all(out[first + 1:] == sample_lib.PAD)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('knobs', [
     dict(greedy=True, end=True),
     dict(temperature=1.0, top_k=5, policy='random'),
@@ -210,6 +217,7 @@ def test_batched_prompts_of_different_lengths_equal_one_at_a_time(model_params, 
     assert set(np.unique(seen)) == {0.5, 1.5}
 
 
+@pytest.mark.slow
 def test_random_policy_fractions_follow_the_distribution(model_params):
   """One draw a = 1 - B, B ~ Beta(2, 5), per time step for all layers: the recorded fraction of
   each step is its bucket width j/4, seen as often as Beta(2, 5) puts a in ((j-1)/4, j/4]."""
@@ -226,6 +234,7 @@ def test_random_policy_fractions_follow_the_distribution(model_params):
   assert abs(out.mean_fraction - float(np.sum(widths * want))) < 0.05
 
 
+@pytest.mark.slow
 def test_sample_api_and_bad_input(model_params):
   _, params = model_params
   config = run_config()
@@ -264,6 +273,7 @@ def test_sample_api_and_bad_input(model_params):
                       num_tokens=10_000, act=act_config(structure='random'))
 
 
+@pytest.mark.slow
 def test_sample_runs_the_model_in_the_runs_dtype(model_params, monkeypatch):
   """`sample` builds its model as every command does (runs.make_model): a bfloat16 run decodes
   with bfloat16 activations and KV cache, a float32 run in float32."""
@@ -320,6 +330,7 @@ def reference_adaptive_greedy(model, params, prompt, num_tokens, narrow, thresho
   return tokens, escalated
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sites', ['mlp,heads', 'mlp,heads,layers'])
 def test_adaptive_generation_escalates_per_token_and_spans_narrow_to_full(model_params, sites):
   """Policy `adaptive` against a full re-run with each position at its own width (keys and

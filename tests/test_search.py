@@ -23,6 +23,7 @@ def model_params():
   return model, params, act, tokens
 
 
+@pytest.mark.slow
 def test_plan_flops_of_a_uniform_plan_equal_evaluates_count(model_params):
   _, _, act, _ = model_params
   for a, b in ((1.0, 3), (0.5, 1), (0.25, 0)):
@@ -31,6 +32,7 @@ def test_plan_flops_of_a_uniform_plan_equal_evaluates_count(model_params):
         CFG, **activation.compute_fractions(act, CFG, a))
 
 
+@pytest.mark.slow
 def test_drawn_and_static_plans_score_the_same(model_params):
   model, params, act, tokens = model_params
   buckets = {'mlp': [3, 0, 2], 'heads': [1, 3, 0]}
@@ -45,6 +47,7 @@ def test_drawn_and_static_plans_score_the_same(model_params):
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_search_stays_within_budget_and_is_deterministic(model_params):
   model, params, act, tokens = model_params
   target = flops.flops_per_token(CFG, **activation.compute_fractions(act, CFG, 0.5))

@@ -36,6 +36,7 @@ def params_of(scale):
   return model, jax.tree.map(lambda p: p * scale, params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sites,draft_cache,k,a,prompts', [
     ('mlp,heads', 'shared', 3, 0.25, PROMPTS), ('mlp,heads', 'separate', 1, 0.5, PROMPTS),
     ('mlp,heads', 'separate', 3, 0.25, PROMPTS), ('mlp,heads,layers', 'shared', 2, 0.5, PROMPTS),
@@ -60,6 +61,7 @@ def test_greedy_speculative_is_the_full_models_greedy_text(sites, draft_cache, k
   assert accepted.sum() > 0
 
 
+@pytest.mark.slow
 def test_end_token_stops_a_row_as_in_plain_sampling():
   _, params = params_of(3.0)
   config = run_config()
@@ -76,6 +78,7 @@ def test_end_token_stops_a_row_as_in_plain_sampling():
     assert not row[n:].any()  # PAD after the row's last token
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('temperature,top_k,draft_cache', [(1.0, 0, 'shared'),
                                                            (0.7, 5, 'separate')])
 def test_sampled_tokens_follow_the_full_models_distribution(temperature, top_k, draft_cache):

@@ -78,6 +78,7 @@ def smoke_sweep(tmp_path_factory, env):
     return str(sweep_dir), json.loads(record.read_text())
 
 
+@pytest.mark.slow
 def test_half_done_sweep_resumes_without_redoing_finished_runs(smoke_sweep, env):
   sweep_dir, record = smoke_sweep
   (code1, out1, err1), (code2, out2, err2) = record['launches']
@@ -115,6 +116,7 @@ def test_every_run_is_trained_with_its_overrides_and_evaluated(smoke_sweep):
     assert not sweep_lib.finished(run, workdir, ['1.0'], 'test')
 
 
+@pytest.mark.slow
 def test_failing_run_is_reported_and_the_others_go_on(smoke_sweep, env, tmp_path):
   """A run whose data is missing fails; the next run (a copy of the dense run whose evaluation
   was lost) is still evaluated; the report names the failure and its log; exit status 1."""
@@ -134,6 +136,7 @@ def test_failing_run_is_reported_and_the_others_go_on(smoke_sweep, env, tmp_path
   assert os.path.exists(tmp_path / 'runs' / DENSE / 'eval_curve.json')  # the other went on
 
 
+@pytest.mark.slow
 def test_bad_override_stops_before_anything_runs(env, tmp_path):
   path = write_sweep_file(tmp_path / 'bad.py', (
       '  yield dict(sweeps.DENSE)\n'
@@ -157,6 +160,7 @@ def test_a_workdir_of_another_config_is_refused(smoke_sweep, tmp_path):
     sweep_lib.prepare(path, str(tmp_path / 'runs'), ['1.0'])
 
 
+@pytest.mark.slow
 def test_emit_writes_the_commands(smoke_sweep, env, tmp_path):
   script = tmp_path / 'run_all.sh'
   proc = launch(env, f'--config={SMOKE}', '--sweep_dir=runs/abl', f'--emit={script}')
@@ -175,6 +179,7 @@ def test_emit_writes_the_commands(smoke_sweep, env, tmp_path):
       f'-m rag_jax.evaluate --workdir={workdir} --split=validation --policy=random']
 
 
+@pytest.mark.slow
 def test_collect_cli_on_the_smoke_sweep(smoke_sweep, env):
   sweep_dir, _ = smoke_sweep
   proc = launch(env, f'--sweep_dir={sweep_dir}', script='collect.py')
@@ -194,6 +199,7 @@ def test_notebook_is_paired_and_stripped():
       [(c.cell_type, c.source) for c in paired.cells], 'run jupytext --sync notebooks/analysis.py'
 
 
+@pytest.mark.slow
 def test_notebook_executes_on_the_smoke_sweep(smoke_sweep, monkeypatch):
   sweep_dir, _ = smoke_sweep
   monkeypatch.setenv('RAG_SWEEP_DIR', sweep_dir)

@@ -1,4 +1,6 @@
 """Sweep expansion: the ablation files' runs, their names, and overrides checked up front."""
+import hashlib
+
 from absl import flags
 from ml_collections import config_flags
 import pytest
@@ -119,3 +121,12 @@ def test_buckets_on_the_gpu_model_divide_its_six_heads():
   assert both == [2, 3, 6]
   with pytest.raises(errors.ConfigError, match='buckets=4 does not divide'):
     sweeps.make_runs(configuration.load_config(spec('buckets'), 'gpu'), [{'activation.buckets': 4}])
+
+
+def test_long_paths_are_named_by_a_digest():
+  """A run that starts from another run's workdir (the capacity sweep's teacher path) would be
+  named by that workdir's long name; a path over 40 characters is named by a digest instead."""
+  parent = 'runs/capacity/buckets=4,enabled=False,head_dim=16,mlp_dim=256,num_heads=4,seed=0'
+  digest = hashlib.sha1(parent.encode()).hexdigest()[:8]
+  assert sweeps.run_name({'init_from': parent, 'seed': 1}) == f'init_from=path-{digest},seed=1'
+  assert sweeps.run_name({'init_from': 'runs/a'}) == 'init_from=runs-a'

@@ -44,6 +44,7 @@ def trained(tmp_path_factory, tfds_dir):
   return config, workdir
 
 
+@pytest.mark.slow
 def test_loss_falls_on_smoke(trained):
   _, workdir = trained
   rows = read_metrics(workdir)
@@ -68,6 +69,7 @@ def test_workdir_files_follow_the_contract(trained):
   assert workdir_lib.latest_step(workdir) == 60
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_losses(trained, tmp_path):
   """A run that stopped after its step-30 checkpoint and resumed equals the uninterrupted one."""
   config, workdir = trained
@@ -85,6 +87,7 @@ def test_resume_gives_the_same_losses(trained, tmp_path):
                restored_params(resumed, 60))
 
 
+@pytest.mark.slow
 def test_train_step_is_pure_and_keyed_by_step(smoke_config):
   smoke_config.model.dropout = 0.1
   model, tx = runs.make_model(smoke_config, 65), runs.make_optimizer(smoke_config)
@@ -124,6 +127,7 @@ def test_eight_devices_agree_with_one(smoke_config, tfds_env, tmp_path):
                                rb['eval_loss'] if 'eval_loss' in rb else 0, rtol=2e-4)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_without_saving(trained, tmp_path, monkeypatch):
   config, workdir = trained
   run = str(tmp_path / 'nan')

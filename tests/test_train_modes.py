@@ -35,6 +35,7 @@ def setup():
   return model, tx, state, tokens
 
 
+@pytest.mark.slow
 def test_narrow_loss_at_weight_zero_is_the_cross_entropy_and_the_target_has_no_gradient():
   student = jax.random.normal(jax.random.key(2), (2, 5, 7))
   teacher = jax.random.normal(jax.random.key(3), (2, 5, 7))
@@ -50,6 +51,7 @@ def test_narrow_loss_at_weight_zero_is_the_cross_entropy_and_the_target_has_no_g
   np.testing.assert_allclose(same, 0.3 * ce, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sandwich_with_distillation_weight_zero_equals_plain_sandwich(setup):
   """One step of `sandwich` with distill_weight = 0 gives exactly the parameters of a step
   written here by hand: the full width's and the drawn width's cross-entropies, summed. The
@@ -96,6 +98,7 @@ def test_sandwich_rule_widths_are_the_configured_ones():
   assert len(train.train_plans(jax.random.key(6), act_config(train_mode='sandwich'), CFG)) == 1
 
 
+@pytest.mark.slow
 def test_sandwich_rule_step_trains(setup):
   model, tx, state, tokens = setup
   act = act_config(train_mode='sandwich_rule', sandwich_random=2, distill_weight=1.0)

@@ -158,6 +158,7 @@ def test_the_repository_needs_nothing_outside_it():
   assert outside == []
 
 
+@pytest.mark.slow
 def test_loss_plot_of_several_runs(tmp_path):
   from rag_jax import plot
   for name, scale in (('dense', 1.0), ('ra', 1.1)):

@@ -4,11 +4,11 @@ On the 2000-step tiny_shakespeare recipe the runs are limited by steps, not by c
 model at a quarter of the width is only 1.8% worse than the full one, so a sub-model gains
 nothing from sharing weights with a wider model. This recipe is capacity-limited instead: every
 State of the Union address (10.8 MB of English, public domain; `make corpus` prepares it as BPE
-tokens, rag_jax/data/sotu.py), a 4096-token byte-level BPE, and small models trained for many
+tokens, rag_jax/data/sotu.py), a 2048-token byte-level BPE, and small models trained for many
 epochs of it, so that narrower dense models end measurably worse and more steps buy little
 (docs/capacity.md has the scan that chose the shape and the step count).
 
-The RA model: 4 blocks of 4 heads of 32, 128 dims, 512 MLP units, context 128, batch 32;
+The RA model: 4 blocks of 4 heads of 16, 64 dims, 256 MLP units, context 128, batch 32;
 a = 1 - 0.75 B, B ~ Beta(1, 1) per step and block over nested MLP units and heads in 4 buckets.
 As in configs/ablations/frontier.py, the dense model matched to budget a has exactly the
 sub-model's shape (a·H heads, a·F units), so their FLOPs per token are equal. Per seed (0, 1, 2):
@@ -37,7 +37,7 @@ from rag_jax import sweeps
 VARIANTS_ = ('', 'main', 'teacher', 'equal', 'scan', 'smoke')
 BUDGETS = (1.0, 0.75, 0.5, 0.25)
 SEEDS = (0, 1, 2)
-VOCAB = 4096  # the BPE of `make corpus` (the FLOPs of the output head)
+VOCAB = 2048  # the BPE of `make corpus` (the FLOPs of the output head)
 CORPUS = os.environ.get('RAG_JAX_SOTU', 'data/sotu')
 
 _frontier = configuration.load_module(
@@ -49,13 +49,13 @@ RULE = _frontier.VARIANTS['rule']
 VARIANTS = {'rule': RULE}
 # The scan (`:scan`): shapes as model overrides, steps as multiples of the recipe's.
 SCAN_SHAPES = {
+    'd64': {},
     'd96': {'model.embed_dim': 96, 'model.num_heads': 4, 'model.head_dim': 24,
             'model.mlp_dim': 384},
-    'd128': {},
-    'd192': {'model.embed_dim': 192, 'model.num_heads': 4, 'model.head_dim': 48,
-             'model.mlp_dim': 768},
+    'd128': {'model.embed_dim': 128, 'model.num_heads': 4, 'model.head_dim': 32,
+             'model.mlp_dim': 512},
 }
-SCAN_STEPS = (0.25, 0.5, 1.0, 2.0)
+SCAN_STEPS = (0.5, 1.0, 2.0)
 # The teacher path: RA fine-tunes of each seed's trained dense parent (a = 1), for these
 # fractions of the parent's steps. PARENTS: the main sweep's sweep_dir, where the parents are.
 TEACHER_FRACTIONS = (0.1, 0.25, 0.5)
@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.tokenizer = 'bpe'
   config.data.vocab_size = VOCAB
   m = config.model
-  m.num_layers, m.num_heads, m.embed_dim, m.mlp_dim, m.head_dim = 4, 4, 128, 512, 32
+  m.num_layers, m.num_heads, m.embed_dim, m.mlp_dim, m.head_dim = 4, 4, 64, 256, 16
   m.block_size = 128
   config.batch_size = 32
   config.num_steps = 4000
@@ -125,9 +125,9 @@ def _scan(config):
     for key, value in shape.items():
       shaped.model[key.split('.')[1]] = value
     for a in SCAN_BUDGETS:
-      for mult in SCAN_STEPS if name == 'd128' else (1.0,):
+      for mult in SCAN_STEPS if name == 'd64' else (1.0,):
         steps = int(config.num_steps * mult)
-        if name == 'd128' and steps == config.num_steps:
+        if name == 'd64' and steps == config.num_steps:
           continue
         yield {**shape, **dense_at(shaped, a), 'seed': 0,
                **({'num_steps': steps, 'opt.warmup_steps': min(config.opt.warmup_steps,
@@ -150,6 +150,7 @@ def sweep(arg=None):
   """'' = 'main' (the comparison for every seed, the RA run, the slowest, leading each seed),
   then 'teacher' (fine-tunes of the main sweep's dense parents: run after 'main'), then 'equal'
   (the dense models at equal training FLOPs)."""
+  arg = arg or ''
   config = get_config(arg)
   if arg == 'scan':
     yield from _scan(config)

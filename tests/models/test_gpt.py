@@ -20,6 +20,7 @@ def _init(cfg=CFG, batch=2, seed=0):
   return model, params, tokens
 
 
+@pytest.mark.slow
 def test_param_shapes_follow_config():
   _, params, _ = _init()
   assert params['wte'].shape == (65, 32)
@@ -38,6 +39,7 @@ def test_bias_params_exist_only_when_asked():
   assert 'bias' in params['ln_f']
 
 
+@pytest.mark.slow
 def test_jit_equals_eager():
   model, params, tokens = _init()
   eager, _ = model.apply({'params': params}, tokens)
@@ -46,6 +48,7 @@ def test_jit_equals_eager():
   np.testing.assert_allclose(eager, jitted, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_causal_by_gradients():
   """Logits at position i depend on the inputs at positions <= i and on no later one.
 
@@ -66,6 +69,7 @@ def test_causal_by_gradients():
     assert np.all(influence_T[:i + 1] > 0), f'position {i} ignores earlier tokens'
 
 
+@pytest.mark.slow
 def test_position_table_is_gathered_per_token_not_reduced_over_the_batch():
   """The position table enters as a per-token gather, so its gradient is a scatter-add and no
   reduction over the batch axis of a [B, L, D] activation appears (such a reduction made XLA:GPU
@@ -118,6 +122,7 @@ def test_decode_step_reads_the_key_value_weight_whole():
   assert key_value_consumers(train) & {'slice', 'squeeze', 'gather', 'dynamic_slice'}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('attention', ['einsum', 'xla'])
 @pytest.mark.parametrize('prefill', [1, 5, 16])
 def test_kv_cache_decode_equals_full_forward(prefill, attention):
@@ -166,6 +171,7 @@ def test_flops_per_token_matches_xla_cost_analysis(cfg):
   assert abs(xla_per_token - analytic) / analytic < 0.05, (xla_per_token, analytic)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('L,S,masked', [(7, 7, False), (5, 9, True), (1, 9, True), (1, 9, False)])
 def test_einsum_attention_equals_xla(L, S, masked):
   """The einsum path ('auto' on the CPU: faster there, README) computes what
