@@ -38,7 +38,7 @@ from rag_jax.data import tokenizers
 
 ACTIVATION_COLUMNS = ('alpha', 'beta', 'lam', 'sites', 'structure', 'buckets', 'per_layer',
                       'rescale', 'min_active', 'train_mode', 'sandwich_random', 'distill_weight',
-                      'distill_temperature', 'layer_schedule')
+                      'distill_temperature', 'layer_schedule', 'narrow_weight')
 MODEL_COLUMNS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim')
 ENTRY_COLUMNS = ('policy', 'split', 'active_fraction', 'loss', 'bits_per_token',
                  'flops_per_token', 'step', 'tokens')
@@ -339,6 +339,9 @@ def variant(row) -> str:
     return 'dense'
   distill = row.get('distill_weight') or 0
   name = str(row['train_mode']) + ('+distill' if distill and distill > 0 else '')
+  narrow = row.get('narrow_weight')
+  if narrow is not None and not pd.isna(narrow) and narrow != 1:
+    name += f' narrow×{narrow:g}'
   if row.get('init_from'):  # the teacher path: a fine-tune of a trained parent
     name += f" from dense, {row['num_steps']} steps"
   if 'layers' in str(row.get('sites')):  # which blocks it keeps: '[nested]', '[rising]', ...

@@ -77,6 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Narrow widths' loss: (1 - w) * CE(labels) + w * T^2 * KL(full || narrow).
   c.distill_weight = 0.0
   c.distill_temperature = 1.0
+  # Sandwich modes: the narrow passes' objectives weigh this much beside the full width's
+  # (1 = a plain sum; above 1 favours the sub-models, below 1 the full model).
+  c.narrow_weight = 1.0
   return c
 
 
@@ -130,6 +133,14 @@ def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -
     raise ConfigError(f'config.activation.distill_weight must be in [0, 1], got {w!r}.')
   if not isinstance(t, (int, float)) or isinstance(t, bool) or t <= 0:
     raise ConfigError(f'config.activation.distill_temperature must be > 0, got {t!r}.')
+  nw = act.get('narrow_weight', 1.0)
+  if (not isinstance(nw, (int, float)) or isinstance(nw, bool) or not math.isfinite(nw)
+      or nw <= 0):
+    raise ConfigError(f'config.activation.narrow_weight must be a finite number > 0, got {nw!r}.')
+  if nw != 1.0 and act.train_mode == 'single':
+    raise ConfigError('config.activation.narrow_weight weighs the narrow passes against the full '
+                      "width's, which a `single` step does not have: use train_mode='sandwich' or "
+                      "'sandwich_rule'.")
   if w > 0 and act.train_mode == 'single':
     raise ConfigError('config.activation.distill_weight > 0 distils the full width into the narrow '
                       "ones, which needs the full width in the step: use train_mode='sandwich' or "

@@ -53,6 +53,7 @@ ADDED_FIELDS = {'init_from': '', 'init_reorder': False, 'data.vocab_size': 0,
                 'model.gelu': 'exact', 'model.head_dim': 0, 'profile_steps': '',
                 'activation.sandwich_random': 2,
                 'activation.distill_weight': 0.0, 'activation.distill_temperature': 1.0,
+                'activation.narrow_weight': 1.0,
                 'activation.layer_schedule': 'structure', 'model.layer_heads': (),
                 'model.layer_mlp_dims': (),
                 'wandb': {'project': '', 'entity': '', 'name': '', 'mode': 'online'}}

@@ -101,7 +101,8 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
   from its activation key (shared by the batch; per layer if `act.per_layer`). `single` trains
   that sub-network; `sandwich` adds the full network's loss in the same step; `sandwich_rule`
   adds the full and the smallest widths to `act.sandwich_random` drawn ones (the drawn widths
-  of one step use keys folded from its activation key). Losses of the passes are summed.
+  of one step use keys folded from its activation key). Losses of the passes are summed, the
+  narrow ones weighted by `act.narrow_weight`.
   """
   use_dropout = model.cfg.dropout > 0
   random_activation = act is not None and act.enabled and act.lam > 0
@@ -115,6 +116,7 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
       plans = train_plans(act_key, act, model.cfg)
       metrics.update({f'active_{k}': v for k, v in plan_lib.active_fractions(plans[-1]).items()})
       weight, temperature = act.get('distill_weight', 0.0), act.get('distill_temperature', 1.0)
+      narrow_weight = act.get('narrow_weight', 1.0)
 
       def total_loss(params):
         if act.train_mode == 'single':
@@ -126,7 +128,7 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
         for plan in plans:
           objective, ce = narrow_loss(logits_fn(params, model, batch, dropout_key, plan),
                                       full_logits, batch, weight, temperature)
-          total, narrow_ce = total + objective, narrow_ce + [ce]
+          total, narrow_ce = total + narrow_weight * objective, narrow_ce + [ce]
         return total, (full, sum(narrow_ce) / len(narrow_ce))
 
       (_, (loss, drawn_loss)), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)

@@ -72,7 +72,10 @@ def test_main_sweep_runs_and_equal_flops(capacity, monkeypatch):
   every = sweeps.expand(str(CAPACITY))
   assert [r.name for r in every] == ([r.name for r in main] +
                                      [r.name for r in sweeps.expand(f'{CAPACITY}:teacher')] +
+                                     [r.name for r in sweeps.expand(f'{CAPACITY}:gap')] +
                                      [r.name for r in equal])
+  gap = sweeps.expand(f'{CAPACITY}:gap')
+  assert len(gap) == 3 and all(r.config.activation.narrow_weight == 2.0 for r in gap)
 
 
 def test_teacher_runs_fine_tune_the_main_sweeps_parents(capacity):

@@ -130,8 +130,32 @@ def test_training_flops_of_each_mode():
     ({'train_mode': 'sandwich', 'distill_temperature': 0.0}, 'distill_temperature'),
     ({'train_mode': 'sandwich_rule', 'sandwich_random': -1}, 'sandwich_random'),
     ({'train_mode': 'sandwich_rules'}, 'train_mode'),
+    ({'train_mode': 'sandwich', 'narrow_weight': 0.0}, 'narrow_weight must be a finite number'),
+    ({'train_mode': 'sandwich', 'narrow_weight': float('nan')}, 'narrow_weight must be a finite'),
+    ({'narrow_weight': 2.0}, 'narrow_weight weighs the narrow passes'),  # single: no full pass
 ])
 def test_bad_training_modes_are_refused(overrides, match):
   model = CFG
   with pytest.raises(ConfigError, match=match):
     activation.validate(act_config(**overrides), model)
+
+
+def test_narrow_weight_scales_the_narrow_passes_gradient(setup):
+  """With SGD at learning rate 1 a step's update is minus its gradient. The full width's gradient
+  alone is the dense step's; `narrow_weight` w must give g_full + w * (g_sandwich - g_full)."""
+  model, _, state, tokens = setup
+  sgd = optax.sgd(1.0)
+  state = runs.TrainState(step=state.step, params=state.params, opt_state=sgd.init(state.params))
+  key = jax.random.key(9)
+
+  def grads(act):
+    new, _ = jax.jit(train.make_train_step(model, sgd, act))(state, tokens, key)
+    return jax.tree.map(lambda a, b: a - b, state.params, new.params)
+
+  full = grads(None)
+  plain = grads(act_config(train_mode='sandwich'))
+  double = grads(act_config(train_mode='sandwich', narrow_weight=2.0))
+  for f, p, d in zip(jax.tree.leaves(full), jax.tree.leaves(plain), jax.tree.leaves(double)):
+    np.testing.assert_allclose(d, f + 2.0 * (p - f), rtol=1e-4, atol=1e-6)
+  assert any(float(jnp.abs(p - f).max()) > 1e-6
+             for f, p in zip(jax.tree.leaves(full), jax.tree.leaves(plain)))

@@ -17,6 +17,11 @@ sub-model's shape (a·H heads, a·F units), so their FLOPs per token are equal. 
   dense at a = 0.75, 0.5, 0.25, more steps  (equal training FLOPs: as many as the `rule` run costs)
   RA `rule`: the sandwich rule (smallest, full and 2 drawn widths) + in-place distillation
 
+`:teacher` fine-tunes each seed's dense a = 1 model into the RA model (reordered by importance,
+then 10%, 25% and 50% of its steps; after `:main`); `:gap` repeats the RA run with one training
+change each (GAP: the narrow passes weighted twice); `:equal` is the equal-FLOPs dense runs; ''
+is main, teacher, gap and equal in that order.
+
 Variants: `:scan` (dense models of three widths at four step counts, and of two other shapes:
 the table that chose the recipe; its own sweep_dir), `:smoke` (a tiny model, one seed, budgets 1
 and 0.5, for the tests).
@@ -34,7 +39,7 @@ import ml_collections
 from rag_jax import configuration
 from rag_jax import sweeps
 
-VARIANTS_ = ('', 'main', 'teacher', 'equal', 'scan', 'smoke')
+VARIANTS_ = ('', 'main', 'teacher', 'gap', 'equal', 'scan', 'smoke')
 BUDGETS = (1.0, 0.75, 0.5, 0.25)
 SEEDS = (0, 1, 2)
 VOCAB = 2048  # the BPE of `make corpus` (the FLOPs of the output head)
@@ -47,6 +52,10 @@ _base = configuration.config_from(__file__, '../ra_shakespeare_char.py')
 DISTILL = _frontier.DISTILL
 RULE = _frontier.VARIANTS['rule']
 VARIANTS = {'rule': RULE}
+# What closes the gap (`:gap`): RA runs of the recipe with one training change each, per seed.
+GAP = {
+    'narrow_weight=2': {**RULE, 'activation.narrow_weight': 2.0},
+}
 # The scan (`:scan`): shapes as model overrides, steps as multiples of the recipe's.
 SCAN_SHAPES = {
     'd64': {},
@@ -148,8 +157,8 @@ def teacher(config, seed: int, fraction: float) -> dict:
 
 def sweep(arg=None):
   """'' = 'main' (the comparison for every seed, the RA run, the slowest, leading each seed),
-  then 'teacher' (fine-tunes of the main sweep's dense parents: run after 'main'), then 'equal'
-  (the dense models at equal training FLOPs)."""
+  then 'teacher' (fine-tunes of the main sweep's dense parents: run after 'main'), 'gap' (the
+  training changes, GAP) and 'equal' (the dense models at equal training FLOPs)."""
   arg = arg or ''
   config = get_config(arg)
   if arg == 'scan':
@@ -167,6 +176,10 @@ def sweep(arg=None):
     for seed in seeds:
       for fraction in (0.5,) if smoke else TEACHER_FRACTIONS:
         yield teacher(config, seed, fraction)
+  if arg in ('', 'gap'):
+    for seed in seeds:
+      for overrides in GAP.values():
+        yield {**overrides, 'seed': seed}
   if arg in ('', 'equal'):
     for seed in seeds:
       for a in budgets[1:]:
