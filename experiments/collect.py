@@ -38,7 +38,8 @@ from rag_jax.data import tokenizers
 
 ACTIVATION_COLUMNS = ('alpha', 'beta', 'lam', 'sites', 'structure', 'buckets', 'per_layer',
                       'rescale', 'min_active', 'train_mode', 'sandwich_random', 'distill_weight',
-                      'distill_temperature', 'layer_schedule', 'narrow_weight')
+                      'distill_temperature', 'layer_schedule', 'narrow_weight',
+                      'full_warmup_steps')
 MODEL_COLUMNS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim')
 ENTRY_COLUMNS = ('policy', 'split', 'active_fraction', 'loss', 'bits_per_token',
                  'flops_per_token', 'step', 'tokens')
@@ -70,8 +71,8 @@ def run_rows(workdir: str) -> list[dict]:
 
 def train_flops(workdir: str, config: dict) -> float:
   """The run's training FLOPs: forward + backward (3x the forward) of every pass of every step,
-  drawn widths in expectation (activation.train_flops_per_token), over num_steps x batch x T
-  tokens."""
+  drawn widths in expectation, a full-width warm-up at the dense cost
+  (activation.run_train_flops_per_token), over num_steps x batch x T tokens."""
   path = os.path.join(workdir, 'tokenizer.json')
   if os.path.exists(path):
     vocab = tokenizers.load(path).vocab_size
@@ -80,9 +81,9 @@ def train_flops(workdir: str, config: dict) -> float:
   else:
     return math.nan
   config = configuration.complete(ml_collections.ConfigDict(config))
-  per_token = activation.train_flops_per_token(config.activation,
-                                               runs.make_model(config, vocab).cfg)
-  return 3 * per_token * config.num_steps * config.batch_size * config.model.block_size
+  per_token = activation.run_train_flops_per_token(
+      config.activation, runs.make_model(config, vocab).cfg, config.num_steps)
+  return 3 * per_token * config.batch_size * config.model.block_size
 
 
 def parent_train_flops(workdir: str, config: dict) -> float:
@@ -342,6 +343,9 @@ def variant(row) -> str:
   narrow = row.get('narrow_weight')
   if narrow is not None and not pd.isna(narrow) and narrow != 1:
     name += f' narrow×{narrow:g}'
+  warm = row.get('full_warmup_steps')
+  if warm is not None and not pd.isna(warm) and warm > 0:
+    name += f' warm-up {int(warm)}'
   if row.get('init_from'):  # the teacher path: a fine-tune of a trained parent
     name += f" from dense, {row['num_steps']} steps"
   if 'layers' in str(row.get('sites')):  # which blocks it keeps: '[nested]', '[rising]', ...

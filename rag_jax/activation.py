@@ -80,6 +80,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Sandwich modes: the narrow passes' objectives weigh this much beside the full width's
   # (1 = a plain sum; above 1 favours the sub-models, below 1 the full model).
   c.narrow_weight = 1.0
+  # Steps at the start that train the full width alone (a dense warm-up), before any draw.
+  c.full_warmup_steps = 0
   return c
 
 
@@ -141,6 +143,10 @@ def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -
     raise ConfigError('config.activation.narrow_weight weighs the narrow passes against the full '
                       "width's, which a `single` step does not have: use train_mode='sandwich' or "
                       "'sandwich_rule'.")
+  warm = act.get('full_warmup_steps', 0)
+  if not isinstance(warm, int) or isinstance(warm, bool) or warm < 0:
+    raise ConfigError('config.activation.full_warmup_steps must be a non-negative integer, got '
+                      f'{warm!r}.')
   if w > 0 and act.train_mode == 'single':
     raise ConfigError('config.activation.distill_weight > 0 distils the full width into the narrow '
                       "ones, which needs the full width in the step: use train_mode='sandwich' or "
@@ -351,6 +357,14 @@ def train_passes(act: ml_collections.ConfigDict) -> list[float | None]:
   if act.train_mode == 'sandwich_rule':
     return [1.0, smallest_fraction(act)] + [None] * act.get('sandwich_random', 2)
   return [None]
+
+
+def run_train_flops_per_token(act: ml_collections.ConfigDict, model_cfg, num_steps: int) -> float:
+  """Forward FLOPs per token position of a whole run of `num_steps` steps: the first
+  `full_warmup_steps` at the full width alone, the rest at train_flops_per_token."""
+  warm = min(act.get('full_warmup_steps', 0), num_steps) if act.enabled and act.lam > 0 else 0
+  return (warm * flops.flops_per_token(model_cfg)
+          + (num_steps - warm) * train_flops_per_token(act, model_cfg))
 
 
 def train_flops_per_token(act: ml_collections.ConfigDict, model_cfg) -> float:

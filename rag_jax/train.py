@@ -102,7 +102,8 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
   that sub-network; `sandwich` adds the full network's loss in the same step; `sandwich_rule`
   adds the full and the smallest widths to `act.sandwich_random` drawn ones (the drawn widths
   of one step use keys folded from its activation key). Losses of the passes are summed, the
-  narrow ones weighted by `act.narrow_weight`.
+  narrow ones weighted by `act.narrow_weight`. The first `act.full_warmup_steps` steps train the
+  full width alone.
   """
   use_dropout = model.cfg.dropout > 0
   random_activation = act is not None and act.enabled and act.lam > 0
@@ -131,7 +132,22 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
           total, narrow_ce = total + narrow_weight * objective, narrow_ce + [ce]
         return total, (full, sum(narrow_ce) / len(narrow_ce))
 
-      (_, (loss, drawn_loss)), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)
+      def random_widths(params):
+        (_, (loss, drawn)), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
+        return loss, drawn, grads
+
+      warmup = act.get('full_warmup_steps', 0)
+      if warmup:  # the first steps train the full width alone (one branch runs: no narrow cost)
+        def full_width(params):
+          loss, grads = jax.value_and_grad(loss_fn)(params, model, batch, dropout_key)
+          return loss, loss, grads
+
+        in_warmup = state.step < warmup
+        loss, drawn_loss, grads = jax.lax.cond(in_warmup, full_width, random_widths,
+                                               state.params)
+        metrics = {k: jnp.where(in_warmup, 1.0, v) for k, v in metrics.items()}
+      else:
+        loss, drawn_loss, grads = random_widths(state.params)
       metrics['train_loss_drawn'] = drawn_loss
     else:
       loss, grads = jax.value_and_grad(loss_fn)(state.params, model, batch, dropout_key)

@@ -276,3 +276,16 @@ def test_depth_sweep_and_its_frontier(tmp_path):
                          budgets[0.5]['dense trained']).startswith('RA better')
   out = collect.write(table, str(tmp_path))
   assert 'single [rising]' in open(out['frontier']).read()
+
+
+def test_variant_names_each_training_change():
+  rule = {'dense': False, 'train_mode': 'sandwich_rule', 'distill_weight': 0.5}
+  assert collect.variant(rule) == 'sandwich_rule+distill'
+  assert collect.variant({**rule, 'narrow_weight': 1.0, 'full_warmup_steps': 0}) == \
+      'sandwich_rule+distill'
+  assert collect.variant({**rule, 'narrow_weight': 2.0}) == 'sandwich_rule+distill narrow×2'
+  assert collect.variant({**rule, 'full_warmup_steps': 1000}) == \
+      'sandwich_rule+distill warm-up 1000'
+  assert collect.variant({**rule, 'init_from': 'runs/x', 'num_steps': 400}) == \
+      'sandwich_rule+distill from dense, 400 steps'
+  assert collect.variant({'dense': True}) == 'dense'

@@ -7,12 +7,14 @@ import optax
 import pytest
 
 from rag_jax import activation
+from rag_jax import configuration
 from rag_jax import flops
 from rag_jax import plan as plan_lib
 from rag_jax import runs
 from rag_jax import train
 from rag_jax.errors import ConfigError
 from rag_jax.models import gpt
+from tests.conftest import load_config
 
 CFG = gpt.GPTConfig(vocab_size=29, num_layers=2, num_heads=4, embed_dim=16, mlp_dim=32,
                     block_size=8)
@@ -140,6 +142,7 @@ def test_bad_training_modes_are_refused(overrides, match):
     activation.validate(act_config(**overrides), model)
 
 
+@pytest.mark.slow
 def test_narrow_weight_scales_the_narrow_passes_gradient(setup):
   """With SGD at learning rate 1 a step's update is minus its gradient. The full width's gradient
   alone is the dense step's; `narrow_weight` w must give g_full + w * (g_sandwich - g_full)."""
@@ -159,3 +162,49 @@ def test_narrow_weight_scales_the_narrow_passes_gradient(setup):
     np.testing.assert_allclose(d, f + 2.0 * (p - f), rtol=1e-4, atol=1e-6)
   assert any(float(jnp.abs(p - f).max()) > 1e-6
              for f, p in zip(jax.tree.leaves(full), jax.tree.leaves(plain)))
+
+
+@pytest.mark.slow
+def test_full_width_warmup_trains_the_dense_model_first(setup):
+  """With `full_warmup_steps` = k the first k steps are the dense step exactly (same updates,
+  full-width metrics), the next one draws; the run's training FLOPs count k dense steps."""
+  model, tx, state, tokens = setup
+  key = jax.random.key(11)
+  dense_step = jax.jit(train.make_train_step(model, tx, None))
+  warm_step = jax.jit(train.make_train_step(
+      model, tx, act_config(train_mode='sandwich_rule', full_warmup_steps=2)))
+  plain_step = jax.jit(train.make_train_step(model, tx, act_config(train_mode='sandwich_rule')))
+  dense, warm = state, state
+  for _ in range(2):
+    dense, _ = dense_step(dense, tokens, key)
+    warm, metrics = warm_step(warm, tokens, key)
+    for a, b in zip(jax.tree.leaves(dense.params), jax.tree.leaves(warm.params)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert float(metrics['active_mlp']) == 1.0
+  # Step 3 draws: as a plain sandwich_rule step from the same state.
+  after, metrics = warm_step(warm, tokens, key)
+  expected, _ = plain_step(warm, tokens, key)
+  for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(expected.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  dense_after, _ = dense_step(warm, tokens, key)
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(after.params),
+                                                     jax.tree.leaves(dense_after.params)))
+  act = act_config(train_mode='sandwich_rule', full_warmup_steps=30)
+  full = flops.flops_per_token(CFG)
+  per_step = activation.train_flops_per_token(act, CFG)
+  assert activation.run_train_flops_per_token(act, CFG, 100) == pytest.approx(
+      30 * full + 70 * per_step)
+
+
+@pytest.mark.parametrize('value', [-1, -20])
+def test_bad_full_warmup_steps_are_refused(value):
+  with pytest.raises(ConfigError, match='full_warmup_steps must be a non-negative integer'):
+    activation.validate(act_config(full_warmup_steps=value), CFG)
+
+
+def test_a_warmup_as_long_as_the_run_is_refused():
+  config = load_config('ra_shakespeare_char', 'smoke')
+  config.activation.full_warmup_steps = config.num_steps
+  with pytest.raises(ConfigError, match=r'full_warmup_steps \(60\) must be smaller than '
+                                        r'config.num_steps \(60\)'):
+    configuration.validate(config)

@@ -19,7 +19,8 @@ sub-model's shape (a·H heads, a·F units), so their FLOPs per token are equal. 
 
 `:teacher` fine-tunes each seed's dense a = 1 model into the RA model (reordered by importance,
 then 10%, 25% and 50% of its steps; after `:main`); `:gap` repeats the RA run with one training
-change each (GAP: the narrow passes weighted twice); `:equal` is the equal-FLOPs dense runs; ''
+change each (GAP: the narrow passes weighted twice; the first quarter of the steps at the full
+width alone); `:equal` is the equal-FLOPs dense runs; ''
 is main, teacher, gap and equal in that order.
 
 Variants: `:scan` (dense models of three widths at four step counts, and of two other shapes:
@@ -55,6 +56,7 @@ VARIANTS = {'rule': RULE}
 # What closes the gap (`:gap`): RA runs of the recipe with one training change each, per seed.
 GAP = {
     'narrow_weight=2': {**RULE, 'activation.narrow_weight': 2.0},
+    'full_warmup=1000': {**RULE, 'activation.full_warmup_steps': 1000},
 }
 # The scan (`:scan`): shapes as model overrides, steps as multiples of the recipe's.
 SCAN_SHAPES = {
