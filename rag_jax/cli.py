@@ -6,6 +6,7 @@ package's errors (errors.ConfigError, WorkdirError, DataError; all ValueErrors) 
 """
 from __future__ import annotations
 
+import math
 import re
 import sys
 
@@ -75,7 +76,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except ConfigError as e:
       sys.exit(f'error: --config: {e}')
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except flags.Error as e:
     sys.exit(f'error: {e}')
   except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field.
@@ -91,3 +92,28 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f'error: {where}: the config has no field {missing!r}'
              + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
              + '; the fields are those set in the config file (unknown fields are errors).')
+  problem = non_finite_flag(flags.FLAGS)
+  if problem:
+    sys.exit(f'error: {problem}')
+  return rest
+
+
+def non_finite_flag(flag_values) -> str | None:
+  """The first float flag, or list flag of numbers, given NaN or an infinity (which pass every
+  range check written as a comparison), as a message; else None."""
+  for name in flag_values:
+    flag = flag_values[name]
+    value = flag.value
+    if isinstance(flag.parser, flags.FloatParser) and value is not None:
+      values = [value]
+    elif isinstance(value, list) and value:
+      try:
+        values = [float(v) for v in value]
+      except (TypeError, ValueError):
+        continue  # not a list of numbers
+    else:
+      continue
+    if not all(math.isfinite(v) for v in values):
+      shown = ','.join(map(str, value)) if isinstance(value, list) else value
+      return f'--{name}={shown}: must be a finite number.'
+  return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import numbers
 import os
 from typing import Any
@@ -192,8 +193,24 @@ def profile_steps(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
   return first, last
 
 
+def _non_finite(config, prefix: str = '') -> str | None:
+  """The dotted name of the first float field holding NaN or an infinity, else None."""
+  for key, value in config.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, ml_collections.ConfigDict):
+      found = _non_finite(value, name + '.')
+      if found:
+        return found
+    elif isinstance(value, float) and not math.isfinite(value):
+      return name
+  return None
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first field that cannot work."""
+  bad = _non_finite(config)
+  if bad:  # NaN passes every range check written as a comparison; infinities most of them
+    raise ConfigError(f'config.{bad} must be a finite number, got {get(config, bad)!r}.')
   for name in _POSITIVE_INTS:
     value = get(config, name)
     if not _is_int(value) or value <= 0:

@@ -16,6 +16,7 @@ import sys
 from absl import app, flags
 from matplotlib import figure
 
+from rag_jax import cli
 from rag_jax import files
 from rag_jax import workdir as workdir_lib
 from rag_jax.errors import WorkdirError
@@ -83,4 +84,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

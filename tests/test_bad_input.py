@@ -25,6 +25,12 @@ from tests.conftest import ROOT, snapshot
     ('init_reorder', True, 'config.init_reorder reorders the model config.init_from names'),
     ('model.gelu', 'relu', "config.model.gelu must be one of \\('exact', 'tanh'\\)"),
     ('mesh.data', 64, 'config.mesh.data=64 but only'),
+    # NaN and infinities pass range checks written as comparisons: every float field refuses them.
+    ('opt.learning_rate', float('nan'), 'config.opt.learning_rate must be a finite number'),
+    ('activation.alpha', float('nan'), 'config.activation.alpha must be a finite number'),
+    ('activation.lam', float('inf'), 'config.activation.lam must be a finite number, got inf'),
+    ('opt.b2', float('-inf'), 'config.opt.b2 must be a finite number'),
+    ('model.dropout', float('nan'), 'config.model.dropout must be a finite number'),
 ])
 def test_bad_config_values(smoke_config, tmp_path, no_compile, field, value, message):
   section, _, name = field.rpartition('.')
@@ -151,3 +157,38 @@ def test_cli_evaluate_and_sample(good_run, tfds_env):
 def test_evaluate_workdir_without_checkpoint(tmp_path, tfds_env):
   proc = _cli('rag_jax.evaluate', f'--workdir={tmp_path}', env=tfds_env)
   assert proc.returncode != 0 and 'config.json does not exist' in proc.stderr
+
+
+def test_non_finite_flags_are_named():
+  """Every float flag and list flag of numbers of the package's CLIs (cli.parse_flags)."""
+  from absl import flags
+  from rag_jax import cli
+  fv = flags.FlagValues()
+  flags.DEFINE_float('temperature', 0.8, '', flag_values=fv)
+  flags.DEFINE_list('active_fractions', ['1.0'], '', flag_values=fv)
+  flags.DEFINE_list('workdirs', None, '', flag_values=fv)
+  fv(['prog', '--workdirs=nan_run,other'])  # not numbers: left alone
+  assert cli.non_finite_flag(fv) is None
+  fv(['prog', '--temperature=nan'])
+  assert cli.non_finite_flag(fv) == '--temperature=nan: must be a finite number.'
+  fv(['prog', '--temperature=0.5', '--active_fractions=1,inf'])
+  assert cli.non_finite_flag(fv) == '--active_fractions=1,inf: must be a finite number.'
+
+
+def test_every_package_cli_parses_flags_through_cli():
+  for module in ('train', 'evaluate', 'sample', 'export', 'search', 'convert', 'plot'):
+    source = (ROOT / 'rag_jax' / f'{module}.py').read_text()
+    assert 'app.run(main, flags_parser=cli.parse_flags)' in source, module
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['rag_jax.sample', '--workdir=W', '--temperature=nan'], '--temperature=nan'),
+    (['rag_jax.evaluate', '--workdir=W', '--policy=random', '--alpha=nan'], '--alpha=nan'),
+    (['rag_jax.evaluate', '--workdir=W', '--active_fractions=1,inf'], '--active_fractions=1,inf'),
+])
+def test_cli_refuses_non_finite_flags_in_one_line(tfds_env, tmp_path, argv, message):
+  argv = [a.replace('=W', f'={tmp_path}') for a in argv]
+  proc = subprocess.run([sys.executable, '-m', *argv], capture_output=True, text=True,
+                        cwd=ROOT, env=tfds_env, timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.strip() == f'error: {message}: must be a finite number.', proc.stderr
