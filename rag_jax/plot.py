@@ -77,6 +77,9 @@ def main(argv):
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   f = flags.FLAGS
   try:
+    if not f.workdirs:
+      raise WorkdirError('--workdirs names no run; give one or more workdirs, comma-separated.')
+    workdir_lib.check_output_file(f.out)
     print(f'wrote {plot(f.workdirs, f.out, f.log_x)}')
   except WorkdirError as e:
     sys.exit(f'error: {e}')

@@ -37,6 +37,7 @@ from rag_jax import files
 from rag_jax import flops
 from rag_jax import plan as plan_lib
 from rag_jax import runs
+from rag_jax import workdir as workdir_lib
 
 SITES = ('mlp', 'heads')  # the per-layer widths searched (a `layers` site is not)
 
@@ -196,11 +197,13 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   f = flags.FLAGS
+  out = f.out or f'{f.workdir}/plan_{f.active_fraction:g}.json'
   try:
+    if f.out:  # the default lies in the workdir, which run_search checks
+      workdir_lib.check_output_file(out)
     result = run_search(f.workdir, f.active_fraction, f.batches, f.seed, f.max_evaluations)
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
-  out = f.out or f'{f.workdir}/plan_{f.active_fraction:g}.json'
   files.write_json(out, result)
   for split in ('validation', 'test'):
     print(f"{split}: per-layer plan {result[f'plan_{split}_loss']:.4f}, uniform "

@@ -107,6 +107,22 @@ def check_writable(workdir: str, create: bool = False) -> None:
   _check_layout(workdir)
 
 
+def check_output_file(path: str) -> None:
+  """A file a command will write when its work is done, checked before the work: not a
+  directory, its directory made if missing, and writable there. One WorkdirError."""
+  if files.isdir(path):
+    raise WorkdirError(f'--out {path} is a directory; give a file name.')
+  parent = os.path.dirname(path.rstrip('/')) or '.'
+  try:
+    files.makedirs(parent)
+    probe = os.path.join(parent, f'.write_probe.{socket.gethostname()}.{os.getpid()}')
+    files.write_bytes(probe, b'')
+    files.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f'cannot write --out {path} ({e.strerror or e}); nothing was done. Give a '
+                       'path you can write to.') from None
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   files.write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
 
