@@ -32,6 +32,7 @@ import tqdm
 from rag_jax import configuration
 from rag_jax import errors
 from rag_jax import sweeps
+from rag_jax import train
 from rag_jax import workdir as workdir_lib
 
 LOG_FILE = 'sweep.log'
@@ -162,6 +163,11 @@ def prepare(spec: str, sweep_dir: str | None, fractions: list[str],
     if unknown:
       raise ValueError(f'--only names no run of this sweep: {unknown}; see --list.')
     runs = [r for r in runs if r.name in only]
+  for run in runs:  # what `train` checks before it builds anything (the same function)
+    try:
+      train.check_config(run.config, run.overrides)
+    except ValueError as e:
+      raise ValueError(f'run {run.name}: {e} (nothing was run)') from None
   for run in runs if sweep_dir else ():
     check_workdir(run, os.path.join(sweep_dir, run.name))
   return runs

@@ -57,13 +57,12 @@ def check_activation_overrides(argv: list[str], config) -> None:
   without a word: one error instead (exit status 1). `buckets` and `sites` are allowed: on a
   dense run they set how `evaluate --active_fractions` truncates the model (the widths, whole
   heads; and which sites, e.g. whole blocks)."""
-  allowed = tuple(f'--config.activation.{f}' for f in ('enabled', 'buckets', 'sites'))
-  given = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.activation.')
-           and not a.startswith(allowed)]
-  if given and not config.activation.enabled:
-    sys.exit(f'error: {given[0]} has no effect: config.activation.enabled is False (this config '
-             'trains the dense model); add --config.activation.enabled=True, or start from a '
-             'random-activation config (configs/ra_shakespeare_char.py).')
+  fields = [a.split('=')[0][len('--config.'):] for a in argv[1:]
+            if a.startswith('--config.activation.')]
+  try:
+    configuration.check_activation_overrides(fields, config)
+  except ConfigError as e:
+    sys.exit(f'error: {e}')
 
 
 def parse_flags(argv: list[str]) -> list[str]:

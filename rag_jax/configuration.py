@@ -193,6 +193,24 @@ def profile_steps(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
   return first, last
 
 
+# Activation fields that mean something on a dense config: whether it is on, and how `evaluate`
+# truncates a dense model (its widths and sites).
+DENSE_ACTIVATION_FIELDS = ('enabled', 'buckets', 'sites')
+
+
+def check_activation_overrides(fields, config: ml_collections.ConfigDict) -> None:
+  """`activation.F` set (on the command line, or by a sweep) on a config whose activation is off
+  would train the dense model without a word: one ConfigError instead. `fields`: the dotted
+  names given ('activation.lam', ...)."""
+  given = [f for f in fields if f.startswith('activation.')
+           and f.split('.', 1)[1] not in DENSE_ACTIVATION_FIELDS]
+  if given and not config.activation.enabled:
+    raise ConfigError(
+        f'--config.{given[0]} has no effect: config.activation.enabled is False (this config '
+        'trains the dense model); add --config.activation.enabled=True, or start from a '
+        'random-activation config (configs/ra_shakespeare_char.py).')
+
+
 def _non_finite(config, prefix: str = '') -> str | None:
   """The dotted name of the first float field holding NaN or an infinity, else None."""
   for key, value in config.items():

@@ -278,6 +278,17 @@ def reordered(source: runs.Run, dataset: data_lib.Dataset, config) -> runs.Run:
   return source._replace(params=params)
 
 
+def check_config(config: ml_collections.ConfigDict, given=()) -> None:
+  """What a run's config must pass before anything is built, the same for `train` and for every
+  run of a sweep (experiments/sweep.py, before the first one starts): the fields
+  (configuration.validate, finite numbers among them), activation fields `given` (dotted names
+  set on the command line or by the sweep) on a dense config, and the corpus being there.
+  Raises ConfigError or DataError."""
+  configuration.validate(config)
+  configuration.check_activation_overrides(given, config)
+  data_lib.check_source(config)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        allow_config_change: bool = False) -> dict[str, float]:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics.
@@ -288,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   input. `allow_config_change`: resume with a config that differs from the workdir's in more
   than configuration.RESUME_FREE_FIELDS (recorded in config_changes.jsonl).
   """
-  configuration.validate(config)
+  check_config(config)
   mesh = sharding.make_mesh(config)
   workdir_lib.check_writable(workdir, create=True)
   if weights.is_export(workdir):

@@ -189,15 +189,9 @@ def test_every_package_cli_parses_flags_through_cli():
 @pytest.mark.slow
 def test_cli_refuses_non_finite_flags_in_one_line(tfds_env, tmp_path, argv, message):
   argv = [a.replace('=W', f'={tmp_path}') for a in argv]
-  proc = subprocess.run([sys.executable, '-m', *argv], capture_output=True, text=True,
-                        cwd=ROOT, env=tfds_env, timeout=120)
+  proc = _cli(*argv, env=tfds_env)
   assert proc.returncode == 1
   assert proc.stderr.strip() == f'error: {message}: must be a finite number.', proc.stderr
-
-
-def _cli(tfds_env, *argv):
-  return subprocess.run([sys.executable, '-m', *argv], capture_output=True, text=True, cwd=ROOT,
-                        env=tfds_env, timeout=120)
 
 
 @pytest.mark.slow
@@ -205,20 +199,21 @@ def test_output_locations_are_checked_before_the_work(tfds_env, tmp_path):
   """search and plot check --out before they compute (its directory made when missing)."""
   blocker = tmp_path / 'a_file'
   blocker.write_text('mine')
-  proc = _cli(tfds_env, 'rag_jax.search', f'--workdir={tmp_path / "no_run"}',
-              f'--out={blocker}/plan.json')
+  proc = _cli('rag_jax.search', f'--workdir={tmp_path / "no_run"}',
+              f'--out={blocker}/plan.json', env=tfds_env)
   assert proc.returncode == 1
   assert proc.stderr.strip().startswith(f'error: cannot write --out {blocker}/plan.json'), \
       proc.stderr
   assert blocker.read_text() == 'mine'
-  proc = _cli(tfds_env, 'rag_jax.plot', f'--workdirs={tmp_path / "no_run"}', f'--out={tmp_path}')
+  proc = _cli('rag_jax.plot', f'--workdirs={tmp_path / "no_run"}', f'--out={tmp_path}',
+              env=tfds_env)
   assert proc.returncode == 1 and proc.stderr.strip() == \
       f'error: --out {tmp_path} is a directory; give a file name.', proc.stderr
-  proc = _cli(tfds_env, 'rag_jax.plot', '--workdirs=', f'--out={tmp_path / "x.png"}')
+  proc = _cli('rag_jax.plot', '--workdirs=', f'--out={tmp_path / "x.png"}', env=tfds_env)
   assert proc.returncode == 1 and 'names no run' in proc.stderr
   assert not (tmp_path / 'x.png').exists()
   # A missing directory is made before the work, which then fails on its own input.
-  proc = _cli(tfds_env, 'rag_jax.plot', f'--workdirs={tmp_path / "no_run"}',
-              f'--out={tmp_path / "new" / "dir" / "loss.png"}')
+  proc = _cli('rag_jax.plot', f'--workdirs={tmp_path / "no_run"}',
+              f'--out={tmp_path / "new" / "dir" / "loss.png"}', env=tfds_env)
   assert proc.returncode == 1 and (tmp_path / 'new' / 'dir').is_dir()
   assert 'no_run' in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

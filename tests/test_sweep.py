@@ -5,6 +5,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,22 +119,45 @@ def test_every_run_is_trained_with_its_overrides_and_evaluated(smoke_sweep):
 
 @pytest.mark.slow
 def test_failing_run_is_reported_and_the_others_go_on(smoke_sweep, env, tmp_path):
-  """A run whose data is missing fails; the next run (a copy of the dense run whose evaluation
-  was lost) is still evaluated; the report names the failure and its log; exit status 1."""
+  """A run whose context is longer than the data fails (found when train loads the data); the
+  next run (a copy of the dense run whose evaluation was lost) is still evaluated; the report
+  names the failure and its log; exit status 1."""
   sweep_dir, _ = smoke_sweep
   shutil.copytree(os.path.join(sweep_dir, DENSE), tmp_path / 'runs' / DENSE)
   os.remove(tmp_path / 'runs' / DENSE / 'eval_curve.json')
   path = write_sweep_file(tmp_path / 'failing.py', (
-      "  yield {'data.dataset': 'text_files', 'data.paths': '/nonexistent/*.txt'}\n"
+      "  yield {'model.block_size': 200000}\n"
       '  yield dict(sweeps.DENSE)\n'))
   proc = launch(env, f'--config={path}', f'--sweep_dir={tmp_path / "runs"}')
   assert proc.returncode == 1
-  name = 'dataset=text_files,paths=-nonexistent--.txt'
+  name = 'block_size=200000'
   assert '2 runs in' in proc.stdout and '0 finished, 2 to run' in proc.stdout
   report = proc.stderr[proc.stderr.index('1 of 2 run(s) failed'):]
-  assert f'{name}: rag_jax.train exited with 1: error: config.data.paths' in report
+  assert f'{name}: rag_jax.train exited with 1: error: the validation split has' in report
   assert f'log: {tmp_path / "runs" / name / "sweep.log"}' in report
   assert os.path.exists(tmp_path / 'runs' / DENSE / 'eval_curve.json')  # the other went on
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('entry,message', [
+    ("{'data.dataset': 'text_files', 'data.paths': '/nonexistent/*.txt'}",
+     "config.data.paths: '/nonexistent/\\*.txt' matches no file"),
+    ("{**sweeps.DENSE, 'activation.lam': 0.5}",
+     '--config.activation.lam has no effect: config.activation.enabled is False'),
+])
+def test_runs_train_would_refuse_stop_the_sweep_before_anything_runs(env, tmp_path, entry,
+                                                                     message):
+  """The sweep checks every run with train's own check (train.check_config) first."""
+  path = write_sweep_file(tmp_path / 'refused.py', (
+      '  yield dict(sweeps.DENSE)\n'
+      f'  yield {entry}\n'))
+  proc = launch(env, f'--config={path}', f'--sweep_dir={tmp_path / "runs"}')
+  assert proc.returncode == 1
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f'error: {path}: run ') and \
+      lines[0].endswith('(nothing was run)'), proc.stderr
+  assert re.search(message, lines[0]), lines[0]
+  assert not os.path.exists(tmp_path / 'runs')
 
 
 @pytest.mark.slow

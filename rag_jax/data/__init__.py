@@ -105,6 +105,20 @@ def prepare(config: ml_collections.ConfigDict):
   return builder
 
 
+def check_source(config: ml_collections.ConfigDict) -> None:
+  """The corpus a config names is there, checked without reading it: a directory of prepared
+  token arrays with its manifest, or text files that exist. (A TFDS dataset is built, or
+  downloaded, when first loaded.) One DataError."""
+  if config.data.dataset == 'tokens':
+    token_dir.check(os.fspath(files.path(config.data.paths)))
+  elif config.data.dataset == 'text_files':
+    from rag_jax.data import text_files  # pylint: disable=g-import-not-at-top  (imports TFDS)
+    try:
+      text_files.resolve_paths(config.data.paths)
+    except text_files.TextFilesError as e:
+      raise DataError(str(e)) from None
+
+
 def _split_name(config, split: str) -> str:
   return (config.data.get('splits') or {}).get(split, split)  # a TFDS split expression
 

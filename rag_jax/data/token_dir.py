@@ -41,6 +41,11 @@ def _manifest(directory: str) -> dict:
   return manifest
 
 
+def check(directory: str) -> None:
+  """DIR is a prepared corpus (its manifest readable), or one DataError."""
+  _manifest(directory)
+
+
 def load(directory: str, tokenizer: tokenizers.Tokenizer | None, splits: tuple[str, ...],
          block_size: int) -> tuple[tokenizers.Tokenizer, dict[str, np.ndarray]]:
   """The directory's tokenizer and the token arrays of `splits` (memory-mapped, read-only).
