@@ -52,17 +52,10 @@ def _config_spec(argv: list[str]) -> str | None:
   return spec
 
 
-def check_activation_overrides(argv: list[str], config) -> None:
-  """`--config.activation.F=V` on a config whose activation is off would train the dense model
-  without a word: one error instead (exit status 1). `buckets` and `sites` are allowed: on a
-  dense run they set how `evaluate --active_fractions` truncates the model (the widths, whole
-  heads; and which sites, e.g. whole blocks)."""
-  fields = [a.split('=')[0][len('--config.'):] for a in argv[1:]
-            if a.startswith('--config.activation.')]
-  try:
-    configuration.check_activation_overrides(fields, config)
-  except ConfigError as e:
-    sys.exit(f'error: {e}')
+def config_overrides(argv: list[str]) -> list[str]:
+  """The dotted fields `--config.FIELD=VALUE` sets in `argv` ('activation.lam', ...): what
+  configuration.check_activation_overrides checks (train.check_config)."""
+  return [a.split('=')[0][len('--config.'):] for a in argv[1:] if a.startswith('--config.')]
 
 
 def parse_flags(argv: list[str]) -> list[str]:

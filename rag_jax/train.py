@@ -290,16 +290,17 @@ def check_config(config: ml_collections.ConfigDict, given=()) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       allow_config_change: bool = False) -> dict[str, float]:
+                       allow_config_change: bool = False, given=()) -> dict[str, float]:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics.
 
   Raises errors.Interrupted after saving the current step when SIGTERM or SIGINT arrives,
   FloatingPointError (nothing saved) when the loss or the parameters to save are not finite,
   and a ConfigError, DataError or WorkdirError, before anything is compiled or written, for bad
   input. `allow_config_change`: resume with a config that differs from the workdir's in more
-  than configuration.RESUME_FREE_FIELDS (recorded in config_changes.jsonl).
+  than configuration.RESUME_FREE_FIELDS (recorded in config_changes.jsonl). `given`: the fields
+  the command line set (check_config).
   """
-  check_config(config)
+  check_config(config, given)
   mesh = sharding.make_mesh(config)
   workdir_lib.check_writable(workdir, create=True)
   if weights.is_export(workdir):
@@ -486,14 +487,13 @@ def main(argv):
   workdir_lib.quiet_logs()
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
-  cli.check_activation_overrides(sys.argv, flags.FLAGS.config)
   distributed = flags.FLAGS.distributed
   sharding.set_cpu_devices(flags.FLAGS.config, distributed=bool(
       distributed or (distributed is None and 'JAX_COORDINATOR_ADDRESS' in os.environ)))
   initialize_distributed(distributed)
   try:
     last = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir,
-                              flags.FLAGS.allow_config_change)
+                              flags.FLAGS.allow_config_change, cli.config_overrides(sys.argv))
   except Interrupted as e:
     print(f'rag_jax: {e}', file=sys.stderr)
     sys.exit(128 + e.signum)

@@ -86,6 +86,13 @@ def check_readable(workdir: str) -> None:
   _check_layout(workdir)
 
 
+def _probe_write(directory: str) -> None:
+  """Writes and removes an empty file of this process's own in `directory` (OSError if not)."""
+  probe = os.path.join(directory, f'.write_probe.{socket.gethostname()}.{os.getpid()}')
+  files.write_bytes(probe, b'')
+  files.remove(probe)
+
+
 def check_writable(workdir: str, create: bool = False) -> None:
   """A workdir to write into: a directory (made when `create`) where a file can be written,
   checked before any work so that no result is computed and then lost. One WorkdirError."""
@@ -97,10 +104,8 @@ def check_writable(workdir: str, create: bool = False) -> None:
       files.makedirs(workdir)
     except OSError as e:
       raise WorkdirError(f'cannot create workdir {workdir} ({e.strerror}).') from None
-  probe = os.path.join(workdir, f'.write_probe.{socket.gethostname()}.{os.getpid()}')
   try:
-    files.write_bytes(probe, b'')
-    files.remove(probe)
+    _probe_write(workdir)
   except OSError as e:
     raise WorkdirError(f'cannot write into workdir {workdir} ({e.strerror}); nothing was done. '
                        'Give a directory you can write to.') from None
@@ -115,9 +120,7 @@ def check_output_file(path: str) -> None:
   parent = os.path.dirname(path.rstrip('/')) or '.'
   try:
     files.makedirs(parent)
-    probe = os.path.join(parent, f'.write_probe.{socket.gethostname()}.{os.getpid()}')
-    files.write_bytes(probe, b'')
-    files.remove(probe)
+    _probe_write(parent)
   except OSError as e:
     raise WorkdirError(f'cannot write --out {path} ({e.strerror or e}); nothing was done. Give a '
                        'path you can write to.') from None

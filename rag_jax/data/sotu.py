@@ -24,6 +24,7 @@ import tempfile
 from absl import app, flags
 import numpy as np
 
+from rag_jax import files
 from rag_jax.data import token_dir
 from rag_jax.data import tokenizers
 from rag_jax.errors import DataError
@@ -111,7 +112,7 @@ def prepare(out: str, vocab_size: int = 2048, tarball: str = '') -> dict:
       'characters': {s: sum(len(docs[n]) for n in names) for s, names in split.items()},
   }
   token_dir.write(out, arrays, tokenizer, manifest)
-  return token_dir.files.read_json(os.path.join(out, token_dir.MANIFEST))
+  return files.read_json(os.path.join(out, token_dir.MANIFEST))
 
 
 def _define_flags():  # at run time only: importing the module defines no flags
