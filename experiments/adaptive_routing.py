@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from rag_jax import activation
-from rag_jax import data as data_lib
+from rag_jax.data import pipeline as data_lib
 from rag_jax import evaluate
 from rag_jax import files
 from rag_jax import runs

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 
 from rag_jax import configuration
-from rag_jax import data as data_lib
+from rag_jax.data import pipeline as data_lib
 from rag_jax import runs
 from rag_jax import sharding
 from rag_jax import train

@@ -1,4 +1,4 @@
-"""Host memory and time of loading a tokenized corpus (`rag_jax.data.load`).
+"""Host memory and time of loading a tokenized corpus (`rag_jax.data.pipeline.load`).
 
     python experiments/bench_data.py --out=results/bench_data.json [--megabytes=128]
         [--tokenizers=char,byte] [--compare=PATH_TO_ANOTHER_CHECKOUT]
@@ -35,7 +35,7 @@ SHAKESPEARE = os.path.join(bench_common.ROOT, 'rag_jax', 'data', 'corpora', 'tin
 _CHILD = r'''
 import json, resource, sys, time
 import ml_collections
-from rag_jax import data
+from rag_jax.data import pipeline as data
 data_dir, paths, tokenizer = sys.argv[1:4]
 config = ml_collections.ConfigDict({
     'data': {'dataset': 'text_files', 'paths': paths, 'data_dir': data_dir,

@@ -30,7 +30,7 @@ from ml_collections import config_flags
 import bench_common
 
 from rag_jax import configuration
-from rag_jax import data as data_lib
+from rag_jax.data import pipeline as data_lib
 from rag_jax import files
 from rag_jax import runs
 from rag_jax import sharding

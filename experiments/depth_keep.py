@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from rag_jax import activation
-from rag_jax import data as data_lib
+from rag_jax.data import pipeline as data_lib
 from rag_jax import evaluate
 from rag_jax import runs
 from rag_jax import workdir as workdir_lib

@@ -31,7 +31,7 @@ import numpy as np
 
 import bench_common
 
-from rag_jax import data as data_lib
+from rag_jax.data import pipeline as data_lib
 from rag_jax import evaluate
 from rag_jax import files
 from rag_jax import runs

@@ -30,12 +30,12 @@ import numpy as np
 import bench_common
 
 from rag_jax import activation
-from rag_jax import export
 from rag_jax import files
 from rag_jax import runs
 from rag_jax import sample as sample_lib
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import gpt
+from rag_jax.models import submodel
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained nested RA run.', required=True)
 _OUT = flags.DEFINE_string('out', None, 'JSON output.', required=True)
@@ -56,7 +56,7 @@ def main(argv):
   model, params, cfg = run.model, run.params, run.model.cfg
   plan = activation.make_plan(jax.random.key(0), run.config.activation, cfg,
                               fraction=_FRACTION.value)
-  d_params, d_model = export.submodel(params, model, plan)
+  d_params, d_model = submodel.submodel(params, model, plan)
   options = sample_lib.compiler_options()
 
   def prefilled(m, p):

@@ -268,6 +268,29 @@ def _blocks(k, key, act, num_layers: int, a=None) -> list[plan_lib.Block]:
   return [plan_lib.StaticBlock(o) if isinstance(o, bool) else plan_lib.DrawnBlock(o) for o in on]
 
 
+# The sites a per-layer plan (`rag_jax.search`) chooses widths for (a `layers` site is not).
+PER_LAYER_SITES = ('mlp', 'heads')
+
+
+def site_dims(cfg) -> dict[str, int]:
+  return {'mlp': cfg.mlp_dim, 'heads': cfg.num_heads}
+
+
+def plan_of(buckets: dict, act, cfg, static: bool = False) -> plan_lib.Plan:
+  """The plan whose layer l runs bucket `buckets[site][l]` (0-based: d*(j+1)/act.buckets units)
+  at each site given. `static`: StaticWidth (Python ints); else DrawnWidth (traced ints)."""
+  dims, out = site_dims(cfg), []
+  for l in range(cfg.num_layers):
+    sites = {}
+    for site in buckets:
+      b = buckets[site][l]
+      kind = plan_lib.StaticWidth if static else plan_lib.DrawnWidth
+      sites[site] = kind(bucket=int(b) if static else b, perm=None, d=dims[site],
+                         buckets=act.buckets, rescale=act.rescale)
+    out.append(plan_lib.LayerPlan(**sites))
+  return tuple(out)
+
+
 def make_plan(key: jax.Array, act: ml_collections.ConfigDict, model_cfg,
               fraction: float | None = None) -> plan_lib.Plan:
   """What is on in every layer for one step.

@@ -22,7 +22,7 @@ import optax
 
 from rag_jax import activation
 from rag_jax import cli
-from rag_jax import data as data_lib
+from rag_jax.data import pipeline as data_lib
 from rag_jax import files
 from rag_jax import flops
 from rag_jax import plan as plan_lib

@@ -44,13 +44,13 @@ import numpy as np
 
 from rag_jax import activation
 from rag_jax import cli
-from rag_jax import export
 from rag_jax import plan as plan_lib
 from rag_jax import runs
 from rag_jax import sampling
 from rag_jax import speculative
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import gpt
+from rag_jax.models import submodel
 from rag_jax.models import widths as widths_lib
 
 # `speculative`: the full model's output, drafted by a narrow width (rag_jax/speculative.py).
@@ -182,7 +182,7 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
     if policy == 'fixed' and act.structure == 'nested':
       # A fixed nested width is a smaller dense model (rag_jax.export): it computes and caches
       # the keys and values of its own heads only.
-      params, model = export.submodel(params, model, fixed)
+      params, model = submodel.submodel(params, model, fixed)
       cfg, fixed = model.cfg, None
     plan_at = lambda t: fixed
     plans_from = lambda first, L: fixed

@@ -31,35 +31,12 @@ import numpy as np
 
 from rag_jax import activation
 from rag_jax import cli
-from rag_jax import data as data_lib
+from rag_jax.data import pipeline as data_lib
 from rag_jax import evaluate as evaluate_lib
 from rag_jax import files
 from rag_jax import flops
-from rag_jax import plan as plan_lib
 from rag_jax import runs
 from rag_jax import workdir as workdir_lib
-
-SITES = ('mlp', 'heads')  # the per-layer widths searched (a `layers` site is not)
-
-
-def site_dims(cfg) -> dict[str, int]:
-  return {'mlp': cfg.mlp_dim, 'heads': cfg.num_heads}
-
-
-def plan_of(buckets: dict[str, Any], act, cfg, static: bool = False) -> plan_lib.Plan:
-  """The plan whose layer l runs bucket `buckets[site][l]` (0-based: d*(j+1)/act.buckets units)
-  at each searched site. `static`: StaticWidth (Python ints); else DrawnWidth (traced ints)."""
-  dims, out = site_dims(cfg), []
-  for l in range(cfg.num_layers):
-    sites = {}
-    for site in buckets:
-      b = buckets[site][l]
-      kind = plan_lib.StaticWidth if static else plan_lib.DrawnWidth
-      sites[site] = kind(bucket=int(b) if static else b, perm=None, d=dims[site],
-                         buckets=act.buckets, rescale=act.rescale)
-    out.append(plan_lib.LayerPlan(**sites))
-  return tuple(out)
-
 
 def plan_flops(buckets: dict[str, list[int]], act, cfg) -> float:
   """Forward FLOPs per token of a per-layer plan, in evaluate's count (flops.flops_per_token is
@@ -74,15 +51,16 @@ def search(params, model, act, tokens: np.ndarray, target_flops: float, batches:
   """The greedy per-layer search (module docstring). Returns {'buckets', 'flops_per_token',
   'search_loss', 'evaluations', 'history', 'within_budget'}."""
   cfg = model.cfg
-  sites = [s for s in SITES if s in activation.parse_sites(act.sites)]
+  sites = [s for s in activation.PER_LAYER_SITES if s in activation.parse_sites(act.sites)]
   if not sites:
-    raise ValueError(f'the run switches none of {SITES} (sites {act.sites!r}): nothing to search.')
+    raise ValueError(f'the run switches none of {activation.PER_LAYER_SITES} '
+                     f'(sites {act.sites!r}): nothing to search.')
   windows = np.stack([data_lib.train_batch(tokens, batch_size, cfg.block_size, seed, i)
                       for i in range(batches)])  # [batches, B, T+1], fixed for the search
 
   @jax.jit
   def score(buckets_SxL):
-    plan = plan_of({s: buckets_SxL[i] for i, s in enumerate(sites)}, act, cfg)
+    plan = activation.plan_of({s: buckets_SxL[i] for i, s in enumerate(sites)}, act, cfg)
     step = evaluate_lib.make_eval_step(model, lambda key, shape: plan)
     ones = jnp.ones((batch_size,), jnp.float32)
     total = jax.lax.map(lambda w: step(params, w, ones, jax.random.key(0))[0], windows)
@@ -159,15 +137,15 @@ def run_search(workdir: str, fraction: float, batches: int = 8, seed: int = 0,
   # The budget: every searched site at `fraction` of its width, not rounded to a bucket (so a
   # fraction between buckets asks for a mix); the uniform comparator is the widest uniform
   # bucket within it.
-  target = flops.flops_per_token(cfg, **{s: fraction for s in SITES
+  target = flops.flops_per_token(cfg, **{s: fraction for s in activation.PER_LAYER_SITES
                                           if s in activation.parse_sites(act.sites)})
   uniform_fraction = max(1, int(fraction * act.buckets + 1e-6)) / act.buckets
   splits = data_lib.load(config, tokenizer, ('validation', 'test')).splits
   result = search(params, model, act, splits['validation'], target, batches,
                   min(config.eval_batch_size, 32), seed, max_evaluations)
   uniform = activation.make_plan(jax.random.key(0), act, cfg, uniform_fraction)
-  found = plan_of(result['buckets'], act, cfg, static=True)
-  dims = site_dims(cfg)
+  found = activation.plan_of(result['buckets'], act, cfg, static=True)
+  dims = activation.site_dims(cfg)
   result.update(
       workdir=files.absolute(workdir), step=int(step), active_fraction=fraction, seed=seed,
       batches=batches, target_flops_per_token=target,

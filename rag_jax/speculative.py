@@ -1,7 +1,7 @@
 """Self-speculative decoding: the model's own narrow width drafts, the full width verifies.
 
 A nested random-activation model holds a good narrow sub-model (its fixed width at a, sliced
-out as `export.submodel` would write it). Each iteration of one compiled loop:
+out as `submodel.submodel` slices it). Each iteration of one compiled loop:
 
 1. **Draft.** The narrow model proposes k tokens d_1..d_k, one at a time (greedy, or drawn
    from its processed distribution q under the same temperature / top-k / top-p).
@@ -41,9 +41,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from rag_jax import activation
-from rag_jax import export
 from rag_jax import sampling
 from rag_jax.models import gpt
+from rag_jax.models import submodel
 
 DRAFT_CACHES = ('shared', 'separate')
 PAD = 0
@@ -69,7 +69,7 @@ def check(cfg: gpt.GPTConfig, act, prompt_length: int, num_tokens: int, draft_fr
                      "random-activation run with structure 'nested'.")
   if not 0 < draft_fraction < 1:
     raise ValueError(f'--draft_fraction must be in (0, 1), got {draft_fraction}.')
-  export.check_fraction(act, cfg, draft_fraction, flag='--draft_fraction')
+  submodel.check_fraction(act, cfg, draft_fraction, flag='--draft_fraction')
   if not isinstance(draft_tokens, int) or draft_tokens < 1:
     raise ValueError(f'--draft_tokens must be a positive integer, got {draft_tokens!r}.')
   if draft_cache not in DRAFT_CACHES:
@@ -94,8 +94,8 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
   token_key, act_key = jax.random.split(key)
   row_keys_B = jax.vmap(lambda i: jax.random.fold_in(token_key, i))(sample_ids_B)
   plan = activation.make_plan(act_key, act, cfg, fraction=draft_fraction)
-  d_params, d_model = export.submodel(params, model, plan)
-  kept_layers = [b['layer'] for b in export.kept_units(plan, cfg)]  # the draft's blocks
+  d_params, d_model = submodel.submodel(params, model, plan)
+  kept_layers = [b['layer'] for b in submodel.kept_units(plan, cfg)]  # the draft's blocks
   h = d_model.cfg.num_heads
   shared = draft_cache == 'shared'
 

@@ -34,7 +34,8 @@ import tqdm
 from rag_jax import activation
 from rag_jax import cli
 from rag_jax import configuration
-from rag_jax import data as data_lib
+from rag_jax.data import pipeline as data_lib
+from rag_jax.data import tokenizers
 from rag_jax import evaluate as evaluate_lib
 from rag_jax import metrics as metrics_lib
 from rag_jax import plan as plan_lib
@@ -324,7 +325,7 @@ def _train(config, workdir, mesh, allow_config_change):
   if resume is not None:
     saved = workdir_lib.load_config(workdir)
     changes = workdir_lib.check_resume(saved, config, workdir, resume, allow_config_change)
-  tokenizer = data_lib.tokenizers.load(tokenizer_path) if resume is not None else None
+  tokenizer = tokenizers.load(tokenizer_path) if resume is not None else None
   source = None
   if resume is None and config.get('init_from'):  # a fresh run from another model's parameters
     source = runs.load_init(config)
@@ -371,7 +372,7 @@ def _train(config, workdir, mesh, allow_config_change):
     if jax.process_index() == 0:
       workdir_lib.record_config_change(workdir, resume, saved, changes)
       workdir_lib.save_config(config, workdir)
-      data_lib.tokenizers.save(tokenizer, tokenizer_path)
+      tokenizers.save(tokenizer, tokenizer_path)
 
     # 2. Compile once; run.
     train_step = jit_train_step(model, tx, config, shard)

@@ -21,7 +21,7 @@ def load_config(name: str, arg: str | None = None):
 def tfds_dir(tmp_path_factory):
   """A TFDS data_dir holding tiny_shakespeare, built from the bundled copy (no download)."""
   import ml_collections
-  from rag_jax import data
+  from rag_jax.data import pipeline as data
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   data.prepare(ml_collections.ConfigDict({'data': {'dataset': 'tiny_shakespeare', 'paths': '',
                                                    'data_dir': data_dir}}))

@@ -19,7 +19,7 @@ import sys
 import jax
 import numpy as np
 
-from rag_jax import data as data_lib
+from rag_jax.data import pipeline as data_lib
 from rag_jax import runs
 from rag_jax import sharding
 from rag_jax import train

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rag_jax import data
+from rag_jax.data import pipeline as data
 from rag_jax import errors
 from rag_jax import train
 from tests.conftest import ROOT, snapshot

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rag_jax import configuration
-from rag_jax import data as data_lib
+from rag_jax.data import pipeline as data_lib
 from rag_jax import flops
 from rag_jax import runs
 from rag_jax import sweeps

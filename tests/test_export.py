@@ -20,6 +20,7 @@ from rag_jax import sample
 from rag_jax import train
 from rag_jax import weights
 from rag_jax.models import gpt
+from rag_jax.models import submodel
 from tests.conftest import ROOT, load_config, snapshot
 
 CFG = gpt.GPTConfig(vocab_size=50, num_layers=4, num_heads=4, embed_dim=32, mlp_dim=64,
@@ -39,7 +40,7 @@ def _act(sites, rescale=False):
 def test_sub_model_equals_the_parent_at_its_fraction(sites, fraction, rescale):
   params = runs.init_params(gpt.GPT(CFG), jax.random.key(0))
   plan = activation.make_plan(jax.random.key(1), _act(sites, rescale), CFG, fraction)
-  sub, shape, kept = export.slice_params(jax.device_get(params), CFG, plan)
+  sub, shape, kept = submodel.slice_params(jax.device_get(params), CFG, plan)
   sub_cfg = gpt.GPTConfig(**{**CFG.__dict__, **shape})
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (3, 16)), jnp.int32)
   want, _ = gpt.GPT(CFG).apply({'params': params}, tokens, plan=plan)
@@ -63,7 +64,7 @@ def test_spaced_blocks_export(fraction, kept):
   act = _act('mlp,layers')
   act.layer_schedule = 'spaced'
   plan = activation.make_plan(jax.random.key(1), act, CFG, fraction)
-  sub, shape, units = export.slice_params(jax.device_get(params), CFG, plan)
+  sub, shape, units = submodel.slice_params(jax.device_get(params), CFG, plan)
   assert [u['layer'] for u in units] == kept and shape['num_layers'] == len(kept)
   np.testing.assert_array_equal(sub[f'block_{len(kept) - 1}']['mlp']['w_out'][:2],
                                 np.asarray(params[f'block_{kept[-1]}']['mlp']['w_out'])[:2])
@@ -82,8 +83,8 @@ def test_per_layer_plan_exports_as_blocks_of_their_own_widths():
   params = runs.init_params(gpt.GPT(CFG), jax.random.key(0))
   act = _act('mlp,heads')
   buckets = {'mlp': [3, 1, 0, 2], 'heads': [1, 3, 0, 2]}
-  plan = search.plan_of(buckets, act, CFG, static=True)
-  sub, shape, kept = export.slice_params(jax.device_get(params), CFG, plan)
+  plan = activation.plan_of(buckets, act, CFG, static=True)
+  sub, shape, kept = submodel.slice_params(jax.device_get(params), CFG, plan)
   assert shape['layer_heads'] == (2, 4, 1, 3) and shape['layer_mlp_dims'] == (64, 32, 16, 48)
   sub_cfg = gpt.GPTConfig(**{**CFG.__dict__, **shape})
   assert sub_cfg.per_layer and sub_cfg.block(2).num_heads == 1
@@ -109,11 +110,11 @@ def test_random_structure_does_not_export():
   act = _act('mlp')
   act.structure = 'random'
   with pytest.raises(ValueError, match="structure is 'random'.*only nested widths export"):
-    export.check_fraction(act, CFG, 0.5)
+    submodel.check_fraction(act, CFG, 0.5)
   with pytest.raises(ValueError, match=r'0.3 is not one of the widths .*0.25, 0.5, 0.75, 1'):
-    export.check_fraction(_act('mlp'), CFG, 0.3)
+    submodel.check_fraction(_act('mlp'), CFG, 0.3)
   with pytest.raises(ValueError, match='keeps no whole number of the 4 blocks'):
-    export.check_fraction(_act('layers'), CFG, 0.6)
+    submodel.check_fraction(_act('layers'), CFG, 0.6)
 
 
 def test_safetensors_round_trip_and_int8_error(tmp_path):
@@ -179,7 +180,6 @@ def test_export_scores_what_its_parent_scores(run, tmp_path):
 def test_plan_file_export_scores_what_its_parent_scores(run, tmp_path, tfds_env):
   """`export --plan=FILE` (a rag_jax.search result): the export evaluates (at a = 1 only)
   to the parent's loss under the plan, samples, fine-tunes, and bad plan files are refused."""
-  from rag_jax import search
   parent = runs.load_run(run)
   buckets = {'mlp': [3, 1], 'heads': [1, 2]}
   plan_file = tmp_path / 'plan.json'
@@ -188,7 +188,7 @@ def test_plan_file_export_scores_what_its_parent_scores(run, tmp_path, tfds_env)
   record = export.export(run, None, out, plan_file=str(plan_file))
   assert record['model']['layer_heads'] == (2, 3) and record['model']['layer_mlp_dims'] == (128, 64)
   assert not record['huggingface']['written'] and 'per-layer' in record['huggingface']['why']
-  plan = search.plan_of(buckets, parent.config.activation, parent.model.cfg, static=True)
+  plan = activation.plan_of(buckets, parent.config.activation, parent.model.cfg, static=True)
   tokens = evaluate.data_lib.load(parent.config, parent.tokenizer, ('test',)).splits['test']
   step = jax.jit(evaluate.make_eval_step(parent.model, lambda key, shape: plan))
   want = evaluate.mean_loss(step, parent.params, tokens, parent.config)[0]

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from rag_jax import configuration
-from rag_jax import data as data_lib
+from rag_jax.data import pipeline as data_lib
 from rag_jax import runs
 from rag_jax import train
 from tests.conftest import load_config

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from rag_jax import activation
-from rag_jax import export
 from rag_jax import plan as plan_lib
 from rag_jax import sample as sample_lib
 from rag_jax import sampling
 from rag_jax.data import tokenizers
 from rag_jax.models import gpt
+from rag_jax.models import submodel
 
 CFG = gpt.GPTConfig(vocab_size=20, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64,
                     block_size=12)
@@ -101,7 +101,7 @@ def test_cached_greedy_with_activation_equals_full_rerun(model_params, policy, s
     plan = activation.make_plan(act_key, act, CFG, fraction=0.5)
     assert plan_lib.active_fractions(plan)['mlp'] == 0.5
     if structure == 'nested':
-      sub_params, sub_model = export.submodel(params, model, plan)
+      sub_params, sub_model = submodel.submodel(params, model, plan)
       assert (sub_model.cfg.num_heads, sub_model.cfg.mlp_dim) == (2, 32)
       assert sub_model.cfg.num_layers == (1 if 'layers' in sites else 2)
       assert sub_params['block_0']['attn']['key_value'].shape == (32, 2, 2, 8)  # 2 heads' K/V

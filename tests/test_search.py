@@ -40,7 +40,7 @@ def test_drawn_and_static_plans_score_the_same(model_params):
   ones = np.ones(4, np.float32)
   losses = []
   for static in (True, False):
-    plan = search.plan_of(buckets if static else jax.tree.map(np.int32, buckets), act, CFG,
+    plan = activation.plan_of(buckets if static else jax.tree.map(np.int32, buckets), act, CFG,
                           static=static)
     step = jax.jit(evaluate.make_eval_step(model, lambda key, shape, p=plan: p))
     losses.append(float(step(params, batch, ones, jax.random.key(0))[0]))

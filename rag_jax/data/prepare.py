@@ -10,7 +10,7 @@ stock TFDS builder reads it offline (sha256 checked). tiny_shakespeare ships ins
 from absl import app, flags
 import ml_collections
 
-from rag_jax import data
+from rag_jax.data import pipeline as data
 
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from rag_jax import data
+from rag_jax.data import pipeline as data
 from tests.conftest import SHAKESPEARE_TXT
 
 
