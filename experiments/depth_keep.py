@@ -41,7 +41,7 @@ def score(workdir: str, split: str) -> dict:
   act = config.activation
   tokens = data_lib.load(config, tokenizer, (split,)).splits[split]
   key = jax.random.fold_in(workdir_lib.root_keys(config.seed)['sample'], 1)
-  out = {'schedule': act.get('layer_schedule', 'structure'), 'seed': int(config.seed)}
+  out = {'schedule': activation.setting(act, 'layer_schedule'), 'seed': int(config.seed)}
   for keep, schedule in KEEP.items():
     keep_act = act.copy_and_resolve_references()
     keep_act.layer_schedule = schedule

@@ -85,6 +85,18 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+# Fields added after runs were saved without them (configuration.ADDED_FIELDS completes a loaded
+# config with these defaults: the behaviour those runs had).
+ADDED = ('sandwich_random', 'distill_weight', 'distill_temperature', 'narrow_weight',
+         'full_warmup_steps', 'layer_schedule')
+DEFAULTS = ml_collections.FrozenConfigDict(default_config())
+
+
+def setting(act, name: str):
+  """`act.name`, or its default (default_config) for settings made without it."""
+  return act[name] if name in act else DEFAULTS[name]
+
+
 def check_draws(act: ml_collections.ConfigDict, what: str) -> None:
   """The `random` policy on settings that switch nothing off (lam = 0: a dense run without
   --lam) would quietly run the dense model: a ValueError saying `what` would happen instead."""
@@ -114,7 +126,7 @@ def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -
   if act.structure not in STRUCTURES:
     raise ConfigError(f'config.activation.structure must be one of {STRUCTURES}, '
                       f'got {act.structure!r}.')
-  schedule = act.get('layer_schedule', 'structure')
+  schedule = setting(act, 'layer_schedule')
   if schedule not in LAYER_SCHEDULES:
     raise ConfigError(f'config.activation.layer_schedule must be one of {LAYER_SCHEDULES}, '
                       f'got {schedule!r}.')
@@ -126,16 +138,16 @@ def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -
   if act.train_mode not in TRAIN_MODES:
     raise ConfigError(f'config.activation.train_mode must be one of {TRAIN_MODES}, '
                       f'got {act.train_mode!r}.')
-  n = act.get('sandwich_random', 2)
+  n = setting(act, 'sandwich_random')
   if not isinstance(n, int) or isinstance(n, bool) or n < 0:
     raise ConfigError(
         f'config.activation.sandwich_random must be a non-negative integer, got {n!r}.')
-  w, t = act.get('distill_weight', 0.0), act.get('distill_temperature', 1.0)
+  w, t = setting(act, 'distill_weight'), setting(act, 'distill_temperature')
   if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 <= w <= 1:
     raise ConfigError(f'config.activation.distill_weight must be in [0, 1], got {w!r}.')
   if not isinstance(t, (int, float)) or isinstance(t, bool) or t <= 0:
     raise ConfigError(f'config.activation.distill_temperature must be > 0, got {t!r}.')
-  nw = act.get('narrow_weight', 1.0)
+  nw = setting(act, 'narrow_weight')
   if (not isinstance(nw, (int, float)) or isinstance(nw, bool) or not math.isfinite(nw)
       or nw <= 0):
     raise ConfigError(f'config.activation.narrow_weight must be a finite number > 0, got {nw!r}.')
@@ -143,7 +155,7 @@ def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -
     raise ConfigError('config.activation.narrow_weight weighs the narrow passes against the full '
                       "width's, which a `single` step does not have: use train_mode='sandwich' or "
                       "'sandwich_rule'.")
-  warm = act.get('full_warmup_steps', 0)
+  warm = setting(act, 'full_warmup_steps')
   if not isinstance(warm, int) or isinstance(warm, bool) or warm < 0:
     raise ConfigError('config.activation.full_warmup_steps must be a non-negative integer, got '
                       f'{warm!r}.')
@@ -248,7 +260,7 @@ def _blocks(k, key, act, num_layers: int, a=None) -> list[plan_lib.Block]:
   """Which blocks run when k of them do (`bernoulli`: each with probability a, as gates).
   A static k (a fixed fraction) keeps evenly spaced blocks under `spaced`, the first k under
   `rising`; a drawn k drops random ones (uniformly, or with rates rising with depth)."""
-  schedule = act.get('layer_schedule', 'structure')
+  schedule = setting(act, 'layer_schedule')
   if act.structure == 'bernoulli':  # the block is computed, its output gated.
     gates = jax.random.bernoulli(key, a, (num_layers,)).astype(jnp.float32)
     return [plan_lib.BlockMask(g) for g in gates]
@@ -333,17 +345,19 @@ def make_plan(key: jax.Array, act: ml_collections.ConfigDict, model_cfg,
   return tuple(plan)
 
 
+def position_plan(key: jax.Array, act: ml_collections.ConfigDict, model_cfg, t) -> plan_lib.Plan:
+  """The `random` policy's draw for index t of a sequence: make_plan(fold_in(key, t)). Decoding
+  feeds index t through it; a parallel pass (`per_position_plan`) takes it as masks."""
+  return make_plan(jax.random.fold_in(key, t), act, model_cfg)
+
+
 def per_position_plan(key: jax.Array, act: ml_collections.ConfigDict, model_cfg,
                       length: int, start: int = 0) -> plan_lib.Plan:
-  """A fresh draw at every position (the `random` policy), as masks over [length, d].
-
-  Position t uses `make_plan(fold_in(key, t))`, the same draw the sampler makes for the token at
-  position t, so a parallel pass scores exactly what token-by-token generation would run.
-  """
-  positions = start + jnp.arange(length)
-  return jax.vmap(
-      lambda t: plan_lib.as_masks(make_plan(jax.random.fold_in(key, t), act, model_cfg)))(
-          positions)
+  """A fresh draw at every position (the `random` policy), as masks over [length, d]:
+  position t is `position_plan(key, t)`, so a parallel pass scores exactly what token-by-token
+  generation runs."""
+  return jax.vmap(lambda t: plan_lib.as_masks(position_plan(key, act, model_cfg, t)))(
+      start + jnp.arange(length))
 
 
 def compute_fractions(act: ml_collections.ConfigDict, model_cfg,
@@ -378,14 +392,14 @@ def train_passes(act: ml_collections.ConfigDict) -> list[float | None]:
   if act.train_mode == 'sandwich':
     return [1.0, None]
   if act.train_mode == 'sandwich_rule':
-    return [1.0, smallest_fraction(act)] + [None] * act.get('sandwich_random', 2)
+    return [1.0, smallest_fraction(act)] + [None] * setting(act, 'sandwich_random')
   return [None]
 
 
 def run_train_flops_per_token(act: ml_collections.ConfigDict, model_cfg, num_steps: int) -> float:
   """Forward FLOPs per token position of a whole run of `num_steps` steps: the first
   `full_warmup_steps` at the full width alone, the rest at train_flops_per_token."""
-  warm = min(act.get('full_warmup_steps', 0), num_steps) if act.enabled and act.lam > 0 else 0
+  warm = min(setting(act, 'full_warmup_steps'), num_steps) if act.enabled and act.lam > 0 else 0
   return (warm * flops.flops_per_token(model_cfg)
           + (num_steps - warm) * train_flops_per_token(act, model_cfg))
 

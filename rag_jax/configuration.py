@@ -52,10 +52,8 @@ GELUS = ('exact', 'tanh')
 # (workdir.load_config), so an older run resumes and loads as before.
 ADDED_FIELDS = {'init_from': '', 'init_reorder': False, 'data.vocab_size': 0,
                 'model.gelu': 'exact', 'model.head_dim': 0, 'profile_steps': '',
-                'activation.sandwich_random': 2,
-                'activation.distill_weight': 0.0, 'activation.distill_temperature': 1.0,
-                'activation.narrow_weight': 1.0, 'activation.full_warmup_steps': 0,
-                'activation.layer_schedule': 'structure', 'model.layer_heads': (),
+                **{f'activation.{k}': activation.DEFAULTS[k] for k in activation.ADDED},
+                'model.layer_heads': (),
                 'model.layer_mlp_dims': (),
                 'wandb': {'project': '', 'entity': '', 'name': '', 'mode': 'online'}}
 
@@ -297,7 +295,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'config.eval_batches must be a positive integer or -1, got {eval_batches!r}.')
   if get(config, 'activation').enabled:
     activation.validate(config.activation, m)
-    warm = config.activation.get('full_warmup_steps', 0)
+    warm = activation.setting(config.activation, 'full_warmup_steps')
     if warm >= config.num_steps:
       raise ConfigError(f'config.activation.full_warmup_steps ({warm}) must be smaller than '
                         f'config.num_steps ({config.num_steps}): the run would never draw.')

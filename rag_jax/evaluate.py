@@ -18,41 +18,38 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from rag_jax import activation
 from rag_jax import cli
 from rag_jax.data import pipeline as data_lib
 from rag_jax import files
 from rag_jax import flops
-from rag_jax import plan as plan_lib
+from rag_jax import losses
+from rag_jax import policies
 from rag_jax import runs
 from rag_jax import sampling
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import gpt
 
-# The policies a parallel pass scores (activation.POLICIES; `dense` is `fixed` at 1.0), and
-# `adaptive`: each token's width chosen by the narrow width's confidence (`evaluate_adaptive`).
-POLICIES = tuple(p for p in activation.POLICIES if p != 'dense') + ('adaptive',)
+POLICIES = policies.EVALUATED
 ADAPTIVE_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 
 
 def plan_fn(act, model_cfg, policy: str = 'fixed', fraction: float | None = None):
-  """(key, batch shape) -> activation plan for an eval batch, or None for the dense model.
+  """(key, batch shape) -> the activation plan of an eval batch under `policy` (its
+  policies.Policy.eval_plan), or None for the dense model (`fixed` at None or at a nested 1).
 
   `fixed`: static widths at `fraction` (units chosen by the key for random/bernoulli).
   `random`: a fresh draw at every position of every window, as masks; the loss is what
-  token-by-token generation with per-token draws computes (see activation.per_position_plan).
+  token-by-token generation with per-token draws computes.
   """
-  if policy == 'fixed':
-    if fraction is None or (fraction == 1.0 and act.structure == 'nested'):
-      return None
-    return lambda key, shape: activation.make_plan(key, act, model_cfg, fraction=fraction)
-  if policy == 'random':
-    return lambda key, shape: jax.vmap(
-        lambda k: activation.per_position_plan(k, act, model_cfg, shape[1] - 1))(
-            jax.random.split(key, shape[0]))
-  raise ValueError(f'--policy must be one of {POLICIES}, got {policy!r}.')
+  if policy not in ('fixed', 'random'):
+    raise ValueError(f'--policy must be one of {POLICIES}, got {policy!r}.')
+  chosen = (policies.Fixed(act=None) if policy == 'fixed' and fraction is None
+            else policies.make(policy, act, fraction=fraction))
+  if isinstance(chosen, policies.Fixed) and chosen.is_dense:
+    return None
+  return lambda key, shape: chosen.eval_plan(key, model_cfg, shape[0], shape[1] - 1)
 
 
 def make_eval_step(model: gpt.GPT, plan_for=None):
@@ -61,8 +58,7 @@ def make_eval_step(model: gpt.GPT, plan_for=None):
   def eval_step(params, tokens, weights_B, key):
     plan = None if plan_for is None else plan_for(key, tokens.shape)
     logits_BxTxV, _ = model.apply({'params': params}, tokens[:, :-1], plan=plan)
-    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BxTxV.astype(jnp.float32), tokens[:, 1:])
+    losses_BxT = losses.token_losses(logits_BxTxV, tokens[:, 1:])
     return (losses_BxT.sum(-1) * weights_B).sum(), weights_B.sum() * losses_BxT.shape[1]
 
   return eval_step
@@ -96,26 +92,23 @@ def mean_loss(eval_step, params, tokens: np.ndarray, config, batch_sharding=None
 def make_adaptive_step(model: gpt.GPT, act, draft_fraction: float, thresholds):
   """(params, tokens_Bx(T+1), weights_B, key) -> (summed loss per threshold, escalated tokens
   per threshold, scored tokens) of the `adaptive` policy (see `evaluate_adaptive`)."""
-  narrow = activation.make_plan(jax.random.key(0), act, model.cfg, fraction=draft_fraction)
-  masks = plan_lib.as_masks(narrow)
+  policy = policies.Adaptive(act=policies.Act(act), fraction=draft_fraction)
 
   def step(params, tokens, weights_B, key):
     del key
     x_BxT, y_BxT = tokens[:, :-1], tokens[:, 1:]
-    narrow_BxTxV, _ = model.apply({'params': params}, x_BxT, plan=narrow)
+    narrow_BxTxV, _ = model.apply({'params': params}, x_BxT, plan=policy.narrow(model.cfg))
     confidence_BxT = sampling.confidence(narrow_BxTxV)
-    w_BxT = weights_B[:, None] * jnp.ones_like(confidence_BxT)
+    w_BxT = weights_B[:, None] * jnp.ones(y_BxT.shape, jnp.float32)
 
     def one(threshold):
-      escalate_BxT = confidence_BxT < threshold
-      logits_BxTxV, _ = model.apply({'params': params}, x_BxT,
-                                    plan=plan_lib.escalate(masks, escalate_BxT))
-      losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
-          logits_BxTxV.astype(jnp.float32), y_BxT)
+      escalate_BxT, plan = policy.eval_plans(confidence_BxT, model.cfg, threshold)
+      logits_BxTxV, _ = model.apply({'params': params}, x_BxT, plan=plan)
+      losses_BxT = losses.token_losses(logits_BxTxV, y_BxT)
       return (losses_BxT * w_BxT).sum(), (escalate_BxT * w_BxT).sum()
 
-    losses, escalated = jax.lax.map(one, jnp.asarray(thresholds, jnp.float32))
-    return losses, escalated, w_BxT.sum()
+    total, escalated = jax.lax.map(one, jnp.asarray(thresholds, jnp.float32))
+    return total, escalated, w_BxT.sum()
 
   return step
 
@@ -183,7 +176,7 @@ def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
              'step': int(step), 'tokens': count, 'structure': act.structure,
              'sites': act.sites}
     if 'layers' in sites:
-      entry['layer_schedule'] = act.get('layer_schedule', 'structure')
+      entry['layer_schedule'] = activation.setting(act, 'layer_schedule')
     if policy == 'random':
       entry.update(alpha=act.alpha, beta=act.beta, lam=act.lam)
     entries.append(entry)
@@ -240,7 +233,8 @@ def evaluate_adaptive(workdir: str, draft_fraction: float = 0.5, thresholds=ADAP
     rate = float(esc / count)
     cost = narrow + rate * full
     loss = float(total / count)
-    entries.append({'active_fraction': cost / full, 'policy': 'adaptive', 'loss': loss,
+    entries.append({'active_fraction': float(draft_fraction), 'relative_flops': cost / full,
+                    'policy': 'adaptive', 'loss': loss,
                     'bits_per_token': loss / math.log(2), 'flops_per_token': cost,
                     'split': split, 'step': int(step), 'tokens': int(count),
                     'structure': act.structure, 'sites': act.sites, 'threshold': threshold,
@@ -281,11 +275,12 @@ def main(argv):
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   for e in entries:
-    print(f"{e['split']} step {e['step']}: active_fraction={e['active_fraction']:.2f} "
-          f"policy={e['policy']} loss={e['loss']:.4f} bits/token={e['bits_per_token']:.4f} "
-          f"flops/token={e['flops_per_token']:.4g}"
-          + (f" threshold={e['threshold']} escalated={e['escalated']:.3f}"
-             if e['policy'] == 'adaptive' else ''))
+    width = (f"policy=adaptive draft_fraction={e['draft_fraction']:g} threshold={e['threshold']:g} "
+             f"escalated={e['escalated']:.3f} relative_flops={e['relative_flops']:.2f}"
+             if e['policy'] == 'adaptive' else
+             f"policy={e['policy']} active_fraction={e['active_fraction']:.2f}")
+    print(f"{e['split']} step {e['step']}: {width} loss={e['loss']:.4f} "
+          f"bits/token={e['bits_per_token']:.4f} flops/token={e['flops_per_token']:.4g}")
   print(f'wrote {os.path.join(f.workdir, workdir_lib.EVAL_CURVE_FILE)}')
 
 

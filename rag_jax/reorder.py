@@ -20,8 +20,8 @@ from typing import Any, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from rag_jax import losses
 from rag_jax import plan as plan_lib
 from rag_jax.models import gpt
 
@@ -37,8 +37,7 @@ def importance(model: gpt.GPT, params: Any, batches: Iterable[np.ndarray]) -> di
                                     heads=plan_lib.UnitMask(gates['heads'][i], d=H))
                  for i in range(L))
     logits, _ = model.apply({'params': params}, tokens_T1[None, :-1], plan=plan)
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), tokens_T1[None, 1:]).mean()
+    return losses.token_losses(logits, tokens_T1[None, 1:]).mean()
 
   ones = {'mlp': jnp.ones((L, F)), 'heads': jnp.ones((L, H))}
   per_window = jax.jit(jax.vmap(jax.grad(window_loss), in_axes=(None, 0)))

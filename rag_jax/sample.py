@@ -44,22 +44,20 @@ import numpy as np
 
 from rag_jax import activation
 from rag_jax import cli
-from rag_jax import plan as plan_lib
+from rag_jax import flops
+from rag_jax import policies
 from rag_jax import runs
 from rag_jax import sampling
 from rag_jax import speculative
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import gpt
-from rag_jax.models import submodel
-from rag_jax.models import widths as widths_lib
 
-# `speculative`: the full model's output, drafted by a narrow width (rag_jax/speculative.py).
-# `adaptive`: each token at a nested width, escalated to the full width below a confidence.
-GENERATE_POLICIES = activation.POLICIES + ('adaptive',)
-POLICIES = GENERATE_POLICIES + ('speculative',)
+# The policies (rag_jax/policies.py); `generate` runs all but speculative, which has its own loop.
+POLICIES = policies.NAMES
+GENERATE_POLICIES = tuple(p for p in POLICIES if p != policies.Speculative.name)
 # The token choice (greedy, temperature, top-k, top-p): rag_jax/sampling.py.
 sample_token = sampling.sample_token
-PAD = 0  # written after a row's last token
+PAD = policies.PAD
 MAX_TOKENS = 1 << 20  # num_tokens cap: the token buffer is batch x (prompt + num_tokens)
 MAX_PLAN_BYTES = 1 << 30  # policy random: the per-index plans of random/bernoulli units
 PROMPT_PAD = 16  # `sample` pads the prompt array to a multiple of this
@@ -74,20 +72,6 @@ class DecodeState:
   logits: jax.Array       # B x V: prediction for tokens[t]
   done: jax.Array         # B: the row needs no more tokens
   escalated: jax.Array | None = None  # policy adaptive, B x N: the pass fed tokens[i] escalated
-
-
-def _mean_fraction(plan) -> jax.Array:
-  if plan is None:
-    return jnp.float32(1.0)
-  fractions = list(plan_lib.active_fractions(plan).values())
-  return jnp.mean(jnp.stack(fractions)).astype(jnp.float32) if fractions else jnp.float32(1.0)
-
-
-def _take(tree, start, length=None):
-  """Entries [start] (or [start:start+length]) along the leading axis of every leaf."""
-  if length is None:
-    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, start, 0, False), tree)
-  return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, length), tree)
 
 
 # XLA:CPU's YNNPACK fusions run the decode step's small reductions (attention of one query over
@@ -131,8 +115,8 @@ class _Jit:
 def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
              prompt_lengths_B: jax.Array | None = None, sample_ids_B: jax.Array | None = None, *,
              num_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             greedy: bool = False, end_token: int | None = None, policy: str = 'dense',
-             active_fraction: float | None = None,
+             greedy: bool = False, end_token: int | None = None,
+             policy: str | policies.Policy = 'dense', active_fraction: float | None = None,
              act: ml_collections.FrozenConfigDict | None = None,
              threshold: float | None = None) -> tuple[jax.Array, jax.Array]:
   """`num_tokens` tokens after each row's prompt (see the module docstring for the rules).
@@ -142,125 +126,61 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
   continuation, then PAD after the row's last token: `num_tokens` or an end token) and the mean
   active fraction of the forward pass behind each generated token, B x num_tokens (`adaptive`:
   the narrow pass's fraction, plus 1 where the token escalated and paid for both passes).
-  `adaptive` runs at the nested width `active_fraction` and escalates below `threshold`.
+  `policy`: a policies.Policy, or its name with `active_fraction` (fixed's width, adaptive's
+  narrow width), `act` and `threshold` (adaptive).
   """
-  if policy not in GENERATE_POLICIES:
-    raise ValueError(f'policy must be one of {GENERATE_POLICIES}, got {policy!r} (speculative: '
-                     'speculative_generate).')
-  if policy != 'dense' and (act is None or (policy in ('fixed', 'adaptive') and
-                                            active_fraction is None)):
-    raise ValueError(f'policy {policy!r} needs `act` (and `active_fraction` when fixed or '
-                     'adaptive).')
-  if policy == 'adaptive' and threshold is None:
-    raise ValueError('policy adaptive needs `threshold`.')
-  cfg = model.cfg
+  if not isinstance(policy, policies.Policy):
+    if policy not in GENERATE_POLICIES:
+      raise ValueError(f'policy must be one of {GENERATE_POLICIES}, got {policy!r} (speculative: '
+                       'speculative_generate).')
+    if policy == 'adaptive' and threshold is None:
+      raise ValueError('policy adaptive needs `threshold`.')
+    policy = policies.make(policy, act, fraction=active_fraction,
+                           threshold=0.5 if threshold is None else threshold)
   B, P = prompt_BxP.shape
-  N = P + num_tokens
-  T, window = cfg.block_size, max(cfg.block_size // 2, 1)
   token_key, act_key = jax.random.split(key)
+  decoder = policy.decoder(params, model, act_key, P + num_tokens)
   lengths_B = (jnp.full((B,), P, jnp.int32) if prompt_lengths_B is None
                else jnp.asarray(prompt_lengths_B, jnp.int32))
   ids_B = jnp.arange(B) if sample_ids_B is None else sample_ids_B
   row_keys_B = jax.vmap(lambda i: jax.random.fold_in(token_key, i))(ids_B)
+  draw = functools.partial(_draw, row_keys_B=row_keys_B, greedy=greedy,
+                           temperature=temperature, top_k=top_k, top_p=top_p)
+  final = _decode_loop(decoder, prompt_BxP, lengths_B, num_tokens, draw, end_token)
+  # Generated token j of row b came from the pass that fed index lengths_B[b] + j - 1.
+  fed_BxM = lengths_B[:, None] + jnp.arange(num_tokens) - 1
+  fractions_BxM = decoder.cost_N[fed_BxM]
+  if decoder.escalates:
+    fractions_BxM += jnp.take_along_axis(final.escalated, fed_BxM, axis=1)
+  return final.tokens, fractions_BxM
 
-  # Activation: under `random` the plans of all N indices are drawn up front (one vectorised
-  # draw, compiled once); plan_at(t) feeds the token at index t, prefills take theirs as masks.
-  if policy == 'random':
-    table = jax.vmap(lambda t: activation.make_plan(jax.random.fold_in(act_key, t), act, cfg))(
-        jnp.arange(N))
-    plan_at = lambda t: _take(table, t)
-    plans_from = lambda first, L: jax.vmap(plan_lib.as_masks)(_take(table, first, L))
-    fraction_N = jax.vmap(_mean_fraction)(table)
-  elif policy == 'adaptive':
-    narrow = activation.make_plan(act_key, act, cfg, fraction=active_fraction)
-    narrow_masks = plan_lib.as_masks(narrow)
-    fraction_N = jnp.full((N,), _mean_fraction(narrow))
-  else:
-    fixed = (activation.make_plan(act_key, act, cfg, fraction=active_fraction)
-             if policy == 'fixed' else None)
-    fraction_N = jnp.full((N,), _mean_fraction(fixed))
-    if policy == 'fixed' and act.structure == 'nested':
-      # A fixed nested width is a smaller dense model (rag_jax.export): it computes and caches
-      # the keys and values of its own heads only.
-      params, model = submodel.submodel(params, model, fixed)
-      cfg, fixed = model.cfg, None
-    plan_at = lambda t: fixed
-    plans_from = lambda first, L: fixed
 
-  # Drawn nested widths read their weights from separate prefix arrays
-  # (widths.decode_variables, cut once here): a slice of one array inside the loop would be
-  # copied at every step (memory: (buckets + 1) / 2 x the switched weights).
-  if policy == 'random' and act.structure == 'nested':
-    variables = widths_lib.decode_variables(params, act.buckets, range(act.buckets),
-                                            activation.parse_sites(act.sites))
-  elif policy == 'adaptive':  # the narrow width and the full one
-    buckets = {act.buckets - 1} | {site.bucket for layer in narrow for site in (layer.mlp,
-                                                                               layer.heads)
-                                   if site is not None}
-    variables = widths_lib.decode_variables(params, act.buckets, sorted(buckets),
-                                            activation.parse_sites(act.sites))
-  else:
-    variables = {'params': params}
+def _draw(logits_BxV, t, *, row_keys_B, greedy, temperature, top_k, top_p):
+  """The token at index t of every row, from its own key (sampling.sample_token's rules)."""
+  if greedy:
+    return sampling.sample_token(logits_BxV, None, greedy=True)
+  keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, t)
+  return jax.vmap(lambda l_V, k: sampling.sample_token(l_V[None], k, temperature, top_k,
+                                                      top_p)[0])(logits_BxV, keys_B)
 
-  def forward(tokens_BxL, cache, pos, plan):  # -> (logits, cache), with the decode variables
-    return model.apply(variables, tokens_BxL, cache=cache, pos=pos, plan=plan)
 
-  def adaptive_step(token_B, cache, pos, prompt_B, prefilled_B):
-    """`adaptive`, one token: the narrow width, then the full width for the rows whose narrow
-    top-1 probability is below the threshold (skipped when no row is); each row keeps the keys
-    and values of the width it ran at. A prompt token (`prompt_B`) takes the width the prefill
-    chose for it (`prefilled_B`), so a row's widths do not depend on the other rows' prompts.
-    Returns (logits, cache, escalated)."""
-    logits_Bx1xV, narrow_cache = forward(token_B[:, None], cache, pos, narrow)
-    logits_BxV = logits_Bx1xV[:, 0]
-    escalate_B = jnp.where(prompt_B, prefilled_B,
-                           sampling.confidence(logits_BxV) < threshold)
-
-    def full():
-      full_Bx1xV, full_cache = forward(token_B[:, None], narrow_cache, pos, None)
-      full_BxV = full_Bx1xV[:, 0]
-      if B > 1:  # the other rows keep their narrow keys and values at `pos`
-        def keep(f, n):
-          at = lambda c: jax.lax.dynamic_slice_in_dim(c, pos, 1, axis=1)
-          kept = jnp.where(escalate_B[:, None, None, None], at(f), at(n))
-          return jax.lax.dynamic_update_slice_in_dim(f, kept, pos, axis=1)
-        full_cache = jax.tree.map(keep, full_cache, narrow_cache)
-      return jnp.where(escalate_B[:, None], full_BxV, logits_BxV), full_cache
-
-    logits_BxV, cache = jax.lax.cond(jnp.any(escalate_B), full,
-                                     lambda: (logits_BxV, narrow_cache))
-    return logits_BxV, cache, escalate_B
-
-  def prefill(tokens_BxL, first):
-    """Feeds the tokens at indices first.. into a fresh cache at positions 0.. ; returns
-    (logits, cache, escalated or None). `adaptive`: a narrow pass, then one pass in which every
-    position runs at its chosen width (masks), as `evaluate --policy=adaptive` scores it."""
-    cache = gpt.init_cache(cfg, B)
-    if policy != 'adaptive':
-      return *forward(tokens_BxL, cache, 0, plans_from(first, tokens_BxL.shape[1])), None
-    logits_BxLxV, narrow_cache = forward(tokens_BxL, cache, 0, narrow)
-    escalate_BxL = sampling.confidence(logits_BxLxV) < threshold
-    return *jax.lax.cond(
-        jnp.any(escalate_BxL),
-        lambda: forward(tokens_BxL, cache, 0, plan_lib.escalate(narrow_masks, escalate_BxL)),
-        lambda: (logits_BxLxV, narrow_cache)), escalate_BxL
+def _decode_loop(decoder: policies.Decoder, prompt_BxP, lengths_B, num_tokens: int, draw,
+                 end_token: int | None) -> DecodeState:
+  """The prefill, then one `lax.while_loop` over indices, every row at the position of its
+  index; when a token would land at position T the cache is rebuilt from the last T//2 tokens.
+  Returns the final state (tokens: prompt, continuation, PAD)."""
+  B, P = prompt_BxP.shape
+  N = P + num_tokens
+  T = decoder.model.cfg.block_size
+  window = max(T // 2, 1)
+  last_B = lengths_B + num_tokens - 1  # each row's last index
 
   def refill(tokens_BxN, t):
     """Cache full: rebuild it from the `window - 1` tokens before index t."""
     if window == 1:
-      return gpt.init_cache(cfg, B), jnp.int32(0)
+      return gpt.init_cache(decoder.model.cfg, B), jnp.int32(0)
     recent_BxW = jax.lax.dynamic_slice_in_dim(tokens_BxN, t - window + 1, window - 1, axis=1)
-    return prefill(recent_BxW, t - window + 1)[1], jnp.int32(window - 1)
-
-  def draw(logits_BxV, t):
-    if greedy:
-      return sampling.sample_token(logits_BxV, None, greedy=True)
-    keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, t)
-    return jax.vmap(lambda l_V, k: sampling.sample_token(l_V[None], k, temperature, top_k,
-                                                        top_p)[0])(
-        logits_BxV, keys_B)
-
-  last_B = lengths_B + num_tokens - 1  # each row's last index
+    return decoder.prefill(recent_BxW, t - window + 1)[1], jnp.int32(window - 1)
 
   def choose(s: DecodeState):
     """Writes the token at index s.t: the prompt's, a sampled one, or PAD when done."""
@@ -281,17 +201,17 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
     else:
       cache, pos = jax.lax.cond(s.pos + 1 >= T, lambda: refill(s.tokens, s.t),
                                 lambda: (s.cache, s.pos + 1))
-    if policy == 'adaptive':
-      prefilled_B = jax.lax.dynamic_index_in_dim(s.escalated, s.t, 1, False)
-      logits_BxV, cache, escalate_B = adaptive_step(token_B, cache, pos, s.t < lengths_B,
-                                                    prefilled_B)
-      escalated = jax.lax.dynamic_update_slice_in_dim(s.escalated, escalate_B[:, None], s.t, 1)
-      return s.replace(cache=cache, t=s.t + 1, pos=pos, logits=logits_BxV, escalated=escalated)
-    logits_Bx1xV, cache = forward(token_B[:, None], cache, pos, plan_at(s.t))
-    return s.replace(cache=cache, t=s.t + 1, pos=pos, logits=logits_Bx1xV[:, 0])
+    if not decoder.escalates:
+      logits_BxV, cache, _ = decoder.step(token_B, cache, pos, s.t)
+      return s.replace(cache=cache, t=s.t + 1, pos=pos, logits=logits_BxV)
+    prefilled_B = jax.lax.dynamic_index_in_dim(s.escalated, s.t, 1, False)
+    logits_BxV, cache, escalate_B = decoder.step(token_B, cache, pos, s.t, s.t < lengths_B,
+                                                 prefilled_B)
+    escalated = jax.lax.dynamic_update_slice_in_dim(s.escalated, escalate_B[:, None], s.t, 1)
+    return s.replace(cache=cache, t=s.t + 1, pos=pos, logits=logits_BxV, escalated=escalated)
 
   t0 = jnp.min(lengths_B)  # the first index some row generates
-  logits_BxPxV, cache, escalate_BxP = prefill(prompt_BxP, 0)
+  logits_BxPxV, cache, escalate_BxP = decoder.prefill(prompt_BxP, 0)
   in_prompt_BxP = jnp.arange(P)[None, :] < lengths_B[:, None]
   tokens_BxN = jnp.full((B, N), PAD, jnp.int32).at[:, :P].set(
       jnp.where(in_prompt_BxP, prompt_BxP, PAD))
@@ -302,13 +222,7 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
                       done=jnp.zeros(B, bool), escalated=escalated_BxN)
   stop = jnp.max(last_B)
   state = jax.lax.while_loop(lambda s: (s.t < stop) & ~jnp.all(s.done), body, state)
-  final, _ = choose(state)  # the last token needs no forward pass
-  # Generated token j of row b came from the pass that fed index lengths_B[b] + j - 1.
-  fed_BxM = lengths_B[:, None] + jnp.arange(num_tokens) - 1
-  fractions_BxM = fraction_N[fed_BxM]
-  if policy == 'adaptive':
-    fractions_BxM += jnp.take_along_axis(final.escalated, fed_BxM, axis=1)
-  return final.tokens, fractions_BxM
+  return choose(state)[0]  # the last token needs no forward pass
 
 
 generate = _Jit(generate, static_argnames=(
@@ -349,7 +263,11 @@ class Samples:
   prompt_lengths: np.ndarray  # R
   text: list[str]             # R: each row's tokens[:length], decoded
   fractions: np.ndarray       # R x num_tokens: active fraction behind each token (NaN after end)
-  policy: str
+  policy: str                 # its name (policies.NAMES)
+  describe: str               # the policy and its settings, e.g. 'fixed 0.5'
+  relative_flops: float | None  # FLOPs per generated token / the dense model's (None:
+                                # speculative, whose cost is `speculation`)
+  escalated: float | None     # adaptive: the share of generated tokens that escalated
   seconds: float              # generation wall time, compilation excluded
   compile_seconds: float
   # policy speculative: per row [iterations, draft tokens proposed, accepted]
@@ -372,10 +290,10 @@ def _is_int(x, low: int, high: int) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and low <= x <= high
 
 
-def _knobs(config, tokenizer, num_tokens, seed, batch, policy, active_fraction, temperature,
-           top_k, top_p, greedy, end, act) -> dict:
+def _knobs(config, tokenizer, num_tokens, seed, batch, temperature, top_k, top_p, greedy,
+           end) -> dict:
   """Checks the sampling settings (ValueError naming the problem); the static knobs of
-  `generate`."""
+  `generate` but the policy."""
   if not _is_int(num_tokens, 1, MAX_TOKENS):
     raise ValueError(f'num_tokens must be an integer in [1, {MAX_TOKENS}], got {num_tokens!r}.')
   if not _is_int(seed, 0, 2**32 - 1):
@@ -388,31 +306,29 @@ def _knobs(config, tokenizer, num_tokens, seed, batch, policy, active_fraction, 
     raise ValueError(f'top_k must be an integer >= 0 (0: all tokens), got {top_k!r}.')
   if not 0 < top_p <= 1:
     raise ValueError(f'top_p must be in (0, 1], got {top_p!r}.')
-  policy = policy or ('fixed' if active_fraction is not None else 'dense')
-  if policy not in POLICIES:
-    raise ValueError(f'policy must be one of {POLICIES}, got {policy!r}.')
-  if policy == 'fixed' and not (active_fraction is not None and 0 < active_fraction <= 1):
-    raise ValueError(f'policy fixed needs --active_fraction (active_fraction=) in (0, 1], '
-                     f'got {active_fraction}.')
-  if policy != 'fixed' and active_fraction is not None:
-    raise ValueError(f'--active_fraction (active_fraction=) goes with policy fixed, not {policy}.')
-  act = config.activation if act is None else act
-  if policy != 'dense':
-    activation.validate(act, config.model)
-  if policy == 'random':
-    activation.check_draws(act, 'policy random would generate with the dense model')
-  m = config.model  # `random` draws a plan per index up front; random/bernoulli units are big.
-  table_bytes = 4 * (m.block_size + num_tokens) * m.num_layers * (m.mlp_dim + m.num_heads)
-  if policy == 'random' and act.structure != 'nested' and table_bytes > MAX_PLAN_BYTES:
-    raise ValueError(f'policy random with structure {act.structure} keeps every step\'s units: '
-                     f'{table_bytes / 2**30:.1f} GiB for {num_tokens} tokens; generate fewer.')
   if end is not None and (tokenizer.unknown(end) or len(tokenizer.encode(end)) != 1):
     raise ValueError(f'the end text {end!r} must be one token the tokenizer knows.')
   return dict(num_tokens=num_tokens, temperature=float(temperature),
               top_k=min(top_k, tokenizer.vocab_size), top_p=float(top_p), greedy=bool(greedy),
-              end_token=None if end is None else int(tokenizer.encode(end)[0]), policy=policy,
-              active_fraction=None if active_fraction is None else float(active_fraction),
-              act=None if policy == 'dense' else ml_collections.FrozenConfigDict(act))
+              end_token=None if end is None else int(tokenizer.encode(end)[0]))
+
+
+def _policy(config, num_tokens, policy, active_fraction, act, draft_fraction, draft_tokens,
+            draft_cache, threshold) -> policies.Policy:
+  """The policy object of `sample`'s arguments (one ValueError naming the problem)."""
+  name = policy or ('fixed' if active_fraction is not None else 'dense')
+  if name in ('dense', 'adaptive', 'speculative') and active_fraction is not None:
+    raise ValueError(f'--active_fraction (active_fraction=) goes with policy fixed, not {name}.')
+  fraction = draft_fraction if name in ('adaptive', 'speculative') else active_fraction
+  act = config.activation if act is None else act
+  out = policies.make(name, act, config.model, fraction=fraction, threshold=threshold,
+                      draft_tokens=draft_tokens, draft_cache=draft_cache)
+  m = config.model  # `random` draws a plan per index up front; random/bernoulli units are big.
+  table_bytes = 4 * (m.block_size + num_tokens) * m.num_layers * (m.mlp_dim + m.num_heads)
+  if name == 'random' and act.structure != 'nested' and table_bytes > MAX_PLAN_BYTES:
+    raise ValueError(f'policy random with structure {act.structure} keeps every step\'s units: '
+                     f'{table_bytes / 2**30:.1f} GiB for {num_tokens} tokens; generate fewer.')
+  return out
 
 
 def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[str], *,
@@ -440,45 +356,22 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
   if not prompts:
     raise ValueError('give at least one prompt.')
-  knobs = _knobs(config, tokenizer, num_tokens, seed, batch, policy, active_fraction,
-                 temperature, top_k, top_p, greedy, end, act)
+  knobs = _knobs(config, tokenizer, num_tokens, seed, batch, temperature, top_k, top_p, greedy,
+                 end)
+  chosen = _policy(config, num_tokens, policy, active_fraction, act, draft_fraction,
+                   draft_tokens, draft_cache, threshold)
   model = runs.make_model(config, tokenizer.vocab_size)
-  encoded = []
-  for i, prompt in enumerate(prompts):
-    try:
-      encoded.append(encode_prompt(tokenizer, prompt, model.cfg))
-    except ValueError as e:
-      raise ValueError(f'prompt {i + 1}: {e}' if len(prompts) > 1 else str(e)) from None
-  rows = [(e, j) for e in encoded for j in range(batch)]
-  # Pad to a multiple of PROMPT_PAD (at most the context): fewer shapes, fewer compilations.
-  P = min(-(-max(len(e) for e in encoded) // PROMPT_PAD) * PROMPT_PAD, model.cfg.block_size)
-  prompt_RxP = np.full((len(rows), P), PAD, np.int32)
-  for r, (e, _) in enumerate(rows):
-    prompt_RxP[r, :len(e)] = e
-  lengths_R = np.asarray([len(e) for e, _ in rows], np.int32)
-  ids_R = np.asarray([sample_id(e, j) for e, j in rows], np.int32)
+  prompt_RxP, lengths_R, ids_R = _prompt_rows(tokenizer, prompts, batch, model.cfg)
   key = jax.random.fold_in(workdir_lib.root_keys(config.seed)['sample'], seed)
-
-  speculation, chosen = None, knobs['policy']
-  if chosen == 'speculative':
-    speculative.check(model.cfg, knobs['act'], int(lengths_R.max()), num_tokens, draft_fraction,
-                      draft_tokens, draft_cache)
+  if isinstance(chosen, policies.Speculative):
+    speculative.check(model.cfg, chosen.act, int(lengths_R.max()), num_tokens, chosen.fraction,
+                      chosen.draft_tokens, chosen.draft_cache)
     program = speculative_generate
-    knobs = {k: v for k, v in knobs.items() if k not in ('policy', 'active_fraction')}
-    knobs.update(draft_fraction=float(draft_fraction), draft_tokens=draft_tokens,
-                 draft_cache=draft_cache)
+    knobs.update(act=chosen.act, draft_fraction=chosen.fraction,
+                 draft_tokens=chosen.draft_tokens, draft_cache=chosen.draft_cache)
   else:
     program = generate
-  if chosen == 'adaptive':
-    if knobs['act'].structure != 'nested':
-      raise ValueError("policy adaptive escalates from a nested width; the run's structure is "
-                       f"{knobs['act'].structure!r}.")
-    if not 0 < draft_fraction < 1:
-      raise ValueError(f'policy adaptive needs a draft_fraction in (0, 1), got {draft_fraction}.')
-    if not threshold >= 0:
-      raise ValueError(f'threshold must be >= 0 (a top-1 probability; 0: never escalate, above '
-                       f'1: always), got {threshold}.')
-    knobs.update(active_fraction=float(draft_fraction), threshold=float(threshold))
+    knobs.update(policy=chosen)
   start = time.perf_counter()
   compiled = program.lower(params, model, prompt_RxP, key, lengths_R, ids_R, **knobs).compile()
   compile_seconds = time.perf_counter() - start
@@ -486,9 +379,10 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
   out = jax.device_get(compiled(params, prompt_RxP, key, lengths_R, ids_R))
   seconds = time.perf_counter() - start
 
+  speculation = None
   if program is speculative_generate:  # every token is the full model's
     tokens_RxN, speculation = np.array(out[0]), np.array(out[1])
-    fractions_RxM = np.ones((len(rows), num_tokens), np.float32)
+    fractions_RxM = np.ones((len(lengths_R), num_tokens), np.float32)
   else:
     tokens_RxN, fractions_RxM = np.array(out[0]), np.array(out[1])
   out_lengths_R = lengths_R + num_tokens
@@ -498,10 +392,50 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
       if hits.size:
         out_lengths_R[r] = length + hits[0] + 1
   fractions_RxM[np.arange(num_tokens)[None] >= (out_lengths_R - lengths_R)[:, None]] = np.nan
+  escalated = (float(np.nanmean(fractions_RxM)) - chosen.fraction
+               if isinstance(chosen, policies.Adaptive) else None)
   return Samples(tokens=tokens_RxN, lengths=out_lengths_R, prompt_lengths=lengths_R,
                  text=[tokenizer.decode(row[:n]) for row, n in zip(tokens_RxN, out_lengths_R)],
-                 fractions=fractions_RxM, policy=chosen,
+                 fractions=fractions_RxM, policy=chosen.name, describe=chosen.describe(),
+                 relative_flops=_relative_flops(chosen, model.cfg, escalated),
+                 escalated=escalated,
                  seconds=seconds, compile_seconds=compile_seconds, speculation=speculation)
+
+
+def _prompt_rows(tokenizer, prompts, batch: int, cfg) -> tuple[np.ndarray, ...]:
+  """(prompts R x P padded with PAD, their lengths R, sampling ids R): row r is sample
+  r % batch of prompt r // batch; P a multiple of PROMPT_PAD (fewer shapes to compile)."""
+  encoded = []
+  for i, prompt in enumerate(prompts):
+    try:
+      encoded.append(encode_prompt(tokenizer, prompt, cfg))
+    except ValueError as e:
+      raise ValueError(f'prompt {i + 1}: {e}' if len(prompts) > 1 else str(e)) from None
+  rows = [(e, j) for e in encoded for j in range(batch)]
+  P = min(-(-max(len(e) for e in encoded) // PROMPT_PAD) * PROMPT_PAD, cfg.block_size)
+  prompt_RxP = np.full((len(rows), P), PAD, np.int32)
+  for r, (e, _) in enumerate(rows):
+    prompt_RxP[r, :len(e)] = e
+  return (prompt_RxP, np.asarray([len(e) for e, _ in rows], np.int32),
+          np.asarray([sample_id(e, j) for e, j in rows], np.int32))
+
+
+def _relative_flops(policy: policies.Policy, cfg, escalated: float | None) -> float | None:
+  """FLOPs per generated token against the dense model's (flops.flops_per_token): a fixed
+  width's, the expectation of random draws, adaptive's narrow pass plus its escalated share of
+  full passes. None for speculative (its cost is in passes: `Samples.speculation`)."""
+  dense = flops.flops_per_token(cfg)
+  if isinstance(policy, policies.Speculative):
+    return None
+  if policy.act is None:
+    return 1.0
+  if isinstance(policy, policies.Adaptive):
+    narrow = flops.flops_per_token(cfg, **activation.compute_fractions(policy.act, cfg,
+                                                                       policy.fraction))
+    return (narrow + escalated * dense) / dense
+  fraction = policy.fraction if isinstance(policy, policies.Fixed) else None
+  return flops.flops_per_token(cfg, **activation.compute_fractions(policy.act, cfg,
+                                                                   fraction)) / dense
 
 
 def _define_flags():
@@ -552,12 +486,21 @@ def main(argv):
     print(text)
     print('-' * 40)
   print(f'{out.tokens_per_sec:.1f} tokens/s ({out.num_generated} tokens in {out.seconds:.2f} s, '
-        f'compile {out.compile_seconds:.1f} s not counted); policy {out.policy}, '
-        f'mean active fraction {out.mean_fraction:.3f}'
-        + ('' if out.speculation is None else
-           f'; {out.speculation[:, 2].sum() / max(out.speculation[:, 1].sum(), 1):.2f} of the '
-           f'draft tokens accepted, {out.num_generated / out.speculation[:, 0].sum():.2f} '
-           'tokens per full-width pass'))
+        f'compile {out.compile_seconds:.1f} s not counted); {cost(out)}')
+
+
+def cost(out: Samples) -> str:
+  """What the generated tokens cost, in words: widths, FLOPs against the dense model, and what
+  speculation accepted or adaptive escalated."""
+  if out.speculation is not None:
+    proposed, accepted = out.speculation[:, 1].sum(), out.speculation[:, 2].sum()
+    return (f'policy {out.describe}: the full model\'s text; {accepted / max(proposed, 1):.2f} of '
+            f'the draft tokens accepted, {out.num_generated / out.speculation[:, 0].sum():.2f} '
+            'tokens per full-width pass')
+  flops_text = f'{out.relative_flops:.2f} of the dense model\'s FLOPs per token'
+  if out.policy == 'adaptive':
+    return f'policy {out.describe}: {flops_text}, {out.escalated:.0%} of the tokens escalated'
+  return f'policy {out.policy}, mean active fraction {out.mean_fraction:.3f}, {flops_text}'
 
 
 if __name__ == '__main__':

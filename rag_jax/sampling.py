@@ -42,3 +42,22 @@ def confidence(logits: jax.Array) -> jax.Array:
   """The top-1 probability of the model's own distribution (float32 softmax at temperature 1,
   whatever the sampling settings), over the last axis."""
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).max(-1)
+
+
+def sample_row(logits_V: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
+               top_p: jax.Array, greedy: jax.Array) -> jax.Array:
+  """One token from one row's logits with that row's own settings as arrays (a decode slot's:
+  rows of one step may differ). The same token `sample_token` draws with the same settings as
+  static values: greedy; top_k 0 keeps all tokens, top_p 1 the whole mass."""
+  logits_V = logits_V.astype(jnp.float32)
+  scaled_V = logits_V / jnp.where(greedy, 1.0, temperature)
+  sorted_V = jnp.sort(scaled_V)[::-1]
+  kth = sorted_V[jnp.clip(top_k - 1, 0, logits_V.shape[-1] - 1)]
+  scaled_V = jnp.where((top_k > 0) & (scaled_V < kth), -jnp.inf, scaled_V)
+  sorted_V = jnp.where((top_k > 0) & (sorted_V < kth), -jnp.inf, sorted_V)
+  probs_V = jax.nn.softmax(sorted_V)
+  keep_V = jnp.cumsum(probs_V) - probs_V < top_p
+  threshold = jnp.min(jnp.where(keep_V, sorted_V, jnp.inf))
+  scaled_V = jnp.where((top_p < 1.0) & (scaled_V < threshold), -jnp.inf, scaled_V)
+  drawn = jax.random.categorical(key, scaled_V).astype(jnp.int32)
+  return jnp.where(greedy, jnp.argmax(logits_V).astype(jnp.int32), drawn)

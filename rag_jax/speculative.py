@@ -41,12 +41,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from rag_jax import activation
+from rag_jax import policies
 from rag_jax import sampling
 from rag_jax.models import gpt
 from rag_jax.models import submodel
 
-DRAFT_CACHES = ('shared', 'separate')
-PAD = 0
+DRAFT_CACHES = policies.DRAFT_CACHES
+PAD = policies.PAD
 
 
 @flax.struct.dataclass

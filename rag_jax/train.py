@@ -37,6 +37,7 @@ from rag_jax import configuration
 from rag_jax.data import pipeline as data_lib
 from rag_jax.data import tokenizers
 from rag_jax import evaluate as evaluate_lib
+from rag_jax import losses
 from rag_jax import metrics as metrics_lib
 from rag_jax import plan as plan_lib
 from rag_jax import reorder
@@ -58,7 +59,8 @@ def logits_fn(params, model: gpt.GPT, tokens_BxT1: jax.Array, dropout_key: jax.A
 
 
 def cross_entropy(logits_BxTxV: jax.Array, tokens_BxT1: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, tokens_BxT1[:, 1:]).mean()
+  """The mean next-token loss of windows of T + 1 tokens (losses.token_losses)."""
+  return losses.token_losses(logits_BxTxV, tokens_BxT1[:, 1:]).mean()
 
 
 def loss_fn(params, model: gpt.GPT, tokens_BxT1: jax.Array, dropout_key: jax.Array | None,
@@ -91,7 +93,7 @@ def train_plans(act_key: jax.Array, act: ml_collections.ConfigDict,
     return [activation.make_plan(act_key, act, model_cfg)]
   smallest = activation.make_plan(act_key, act, model_cfg, activation.smallest_fraction(act))
   return [smallest] + [activation.make_plan(jax.random.fold_in(act_key, i), act, model_cfg)
-                       for i in range(act.get('sandwich_random', 2))]
+                       for i in range(activation.setting(act, 'sandwich_random'))]
 
 
 def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
@@ -117,8 +119,9 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
     if random_activation:
       plans = train_plans(act_key, act, model.cfg)
       metrics.update({f'active_{k}': v for k, v in plan_lib.active_fractions(plans[-1]).items()})
-      weight, temperature = act.get('distill_weight', 0.0), act.get('distill_temperature', 1.0)
-      narrow_weight = act.get('narrow_weight', 1.0)
+      weight = activation.setting(act, 'distill_weight')
+      temperature = activation.setting(act, 'distill_temperature')
+      narrow_weight = activation.setting(act, 'narrow_weight')
 
       def total_loss(params):
         if act.train_mode == 'single':
@@ -137,7 +140,7 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
         (_, (loss, drawn)), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
         return loss, drawn, grads
 
-      warmup = act.get('full_warmup_steps', 0)
+      warmup = activation.setting(act, 'full_warmup_steps')
       if warmup:  # the first steps train the full width alone (one branch runs: no narrow cost)
         def full_width(params):
           loss, grads = jax.value_and_grad(loss_fn)(params, model, batch, dropout_key)

@@ -1,0 +1,257 @@
+"""A decode engine with slots, in the shape a server needs (JetStream's `Engine`).
+
+    engine = Engine(params, model, act, slots=8)
+    state = engine.init_state()
+    prefix = engine.prefill(prompt_tokens, fraction=0.5, key=row_key, settings=Settings(...))
+    state = engine.insert(prefix, state, slot=3)       # the request now decodes in slot 3
+    state, tokens_S = engine.generate(state)            # one step over all slots
+
+Each slot holds one sequence with its own position, width (a fraction the run computes: a
+nested bucket, or 1), sampling settings, key and length limit. `generate` feeds every live
+slot's last token at that slot's own position (the model is vmapped over slots, one sequence
+each) and draws each slot's next token with its own settings, so a sequence gets exactly the
+tokens it gets alone, whatever the other slots hold.
+
+Widths: a step runs one pass per width some live slot uses, over all slots, and each slot keeps
+the pass of its own width (a width no slot uses is skipped by `lax.cond`). All slots at one width
+cost one pass at that width; slots at k widths cost k passes. Every width computes the keys and
+values of every head (only queries, attention outputs and MLP units narrow), so a slot's cache
+is complete at any width and a slot can change width between steps (`set_width`: a server under
+load moves slots to narrower widths).
+
+Keys: the token at index t of a sequence (prompt tokens count) is drawn with fold_in(key, t),
+`key` the sequence's own (the sampler's rule, rag_jax/sample.py). Context: positions are learned
+up to T; when a token would land at position T the slot's cache is rebuilt from its last T//2
+tokens (the sampler's rule).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rag_jax import activation
+from rag_jax import sampling
+from rag_jax.models import gpt
+from rag_jax.models import widths as widths_lib
+
+NO_END = -1  # `Settings.end_token` when no token ends a sequence
+
+
+@flax.struct.dataclass
+class Settings:
+  """One sequence's sampling settings (or S slots' as arrays)."""
+  temperature: jax.Array
+  top_k: jax.Array       # 0: every token
+  top_p: jax.Array       # 1: the whole mass
+  greedy: jax.Array
+  max_tokens: jax.Array  # tokens to generate after the prompt
+  end_token: jax.Array   # NO_END, or a token that ends the sequence (and is emitted)
+
+  @classmethod
+  def make(cls, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           greedy: bool = False, max_tokens: int = 16, end_token: int | None = None) -> Settings:
+    return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.bool_(greedy),
+               jnp.int32(max_tokens), jnp.int32(NO_END if end_token is None else end_token))
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """S slots (the leading axis of every field)."""
+  cache: gpt.Cache        # S x T x H x K per layer
+  history_SxT: jax.Array  # the token fed at each cache position
+  pos: jax.Array          # S: the position the next fed token lands at
+  token: jax.Array        # S: the last chosen token, fed by the next step
+  index: jax.Array        # S: the index of `token` in its sequence (prompt tokens count)
+  generated: jax.Array    # S: tokens chosen after the prompt, `token` included
+  width: jax.Array        # S: the slot's width, an index into Engine.fractions
+  key: jax.Array          # S: the sequence's sampling key
+  settings: Settings
+  live: jax.Array         # S: the slot holds a sequence that wants more tokens
+
+
+class Engine:
+  """Slots decoding one model at the widths `fractions` (default: every width the run computes:
+  its nested buckets, or 1 for a dense run). Programs compile once per prompt length (prefill)
+  and once for the slots (insert, generate)."""
+
+  def __init__(self, params, model: gpt.GPT, act: ml_collections.ConfigDict | None = None, *,
+               slots: int, fractions: Sequence[float] | None = None):
+    cfg = model.cfg
+    nested = act is not None and act.enabled and act.structure == 'nested'
+    if act is not None and act.enabled and not nested:
+      raise ValueError(f"the engine decodes nested widths; the run's structure is "
+                       f'{act.structure!r}.')
+    buckets = act.buckets if nested else 1
+    fractions = tuple(float(f) for f in (fractions or [(j + 1) / buckets
+                                                       for j in range(buckets)]))
+    for f in fractions:
+      if f != 1.0 and not (nested and abs(f * buckets - round(f * buckets)) < 1e-9 and 0 < f):
+        raise ValueError(f'width {f} is not one the run computes '
+                         f'({", ".join(f"{(j + 1) / buckets:g}" for j in range(buckets))}).')
+    if not isinstance(slots, int) or slots < 1:
+      raise ValueError(f'slots must be a positive integer, got {slots!r}.')
+    self.model, self.slots, self.fractions = model, slots, fractions
+    key = jax.random.key(0)  # nested widths: the key chooses no units
+    self.plans = tuple(None if f == 1.0 else activation.make_plan(key, act, cfg, fraction=f)
+                       for f in fractions)
+    self.variables = ({'params': params} if not nested else widths_lib.decode_variables(
+        params, buckets, sorted({round(f * buckets) - 1 for f in fractions}),
+        activation.parse_sites(act.sites)))
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=('width',))
+    self._generate = jax.jit(self._generate_fn, donate_argnums=1)
+    self._insert = jax.jit(self._insert_fn, donate_argnums=1)
+
+  # The public API: host-side checks, then one compiled program each.
+
+  def width_of(self, fraction: float) -> int:
+    """The index in `fractions` of a width (ValueError when the engine does not serve it)."""
+    for i, f in enumerate(self.fractions):
+      if abs(f - fraction) < 1e-9:
+        return i
+    raise ValueError(f'width {fraction} is not one this engine serves ({self.fractions}).')
+
+  def init_state(self) -> DecodeState:
+    """Every slot empty (not live). Built by a compiled program: its buffers are distinct, as
+    donating them to `insert` and `generate` requires."""
+    return jax.jit(self._empty)()
+
+  def _empty(self) -> DecodeState:
+    S, T = self.slots, self.model.cfg.block_size
+    zeros = jnp.zeros((S,), jnp.int32)
+    settings = jax.tree.map(lambda x: jnp.broadcast_to(x, (S,)), Settings.make())
+    return DecodeState(cache=gpt.init_cache(self.model.cfg, S), history_SxT=jnp.zeros(
+        (S, T), jnp.int32), pos=zeros, token=zeros, index=zeros, generated=zeros, width=zeros,
+        key=jax.random.split(jax.random.key(0), S), settings=settings,
+        live=jnp.zeros((S,), bool))
+
+  def prefill(self, prompt: Sequence[int], *, key: jax.Array, settings: Settings,
+              fraction: float = 1.0) -> DecodeState:
+    """A one-slot state: the prompt fed at the width `fraction` and its first token chosen."""
+    T = self.model.cfg.block_size
+    prompt = np.asarray(prompt, np.int32)
+    if not 0 < len(prompt) <= T:
+      raise ValueError(f'a prompt has 1 to {T} tokens (the context), got {len(prompt)}.')
+    padded = -(-len(prompt) // 16) * 16
+    tokens = np.zeros((min(padded, T),), np.int32)
+    tokens[:len(prompt)] = prompt
+    return self._prefill(self.variables, jnp.asarray(tokens), jnp.int32(len(prompt)), key,
+                         settings, width=self.width_of(fraction))
+
+  def insert(self, prefix: DecodeState, state: DecodeState, slot: int) -> DecodeState:
+    if not 0 <= slot < self.slots:
+      raise ValueError(f'slot must be in [0, {self.slots}), got {slot}.')
+    return self._insert(prefix, state, jnp.int32(slot))
+
+  def generate(self, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+    """One step: every live slot's next token (S; the tokens of slots not live are
+    meaningless), and the state after it (a slot whose sequence ended is no longer live)."""
+    return self._generate(self.variables, state)
+
+  def set_width(self, state: DecodeState, slot: int, fraction: float) -> DecodeState:
+    return state.replace(width=state.width.at[slot].set(self.width_of(fraction)))
+
+  def free(self, state: DecodeState, slot: int) -> DecodeState:
+    return state.replace(live=state.live.at[slot].set(False))
+
+  # The compiled programs.
+
+  def _forward(self, variables, tokens_SxL, cache, pos_S, width_S):
+    """Every slot's tokens at its own positions, each slot at its own width: one pass per width
+    a slot uses (vmapped over slots), each slot keeping its width's logits and cache."""
+    def one(plan):
+      def slot(tokens_L, cache, pos):
+        cache_1 = jax.tree.map(lambda c: c[None], cache)
+        logits, new = self.model.apply(variables, tokens_L[None], cache=cache_1, pos=pos,
+                                       plan=plan)
+        return logits[0], jax.tree.map(lambda c: c[0], new)
+      return jax.vmap(slot)(tokens_SxL, cache, pos_S)
+
+    if len(self.plans) == 1:
+      return one(self.plans[0])
+    logits = jnp.zeros(tokens_SxL.shape + (self.model.cfg.vocab_size,), jnp.float32)
+    out_cache = cache
+    for w, plan in enumerate(self.plans):
+      mine_S = width_S == w
+
+      def run(acc, plan=plan, mine_S=mine_S):
+        logits_w, cache_w = one(plan)
+        pick = lambda new, old: jnp.where(
+            mine_S.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+        return pick(logits_w, acc[0]), jax.tree.map(pick, cache_w, acc[1])
+
+      logits, out_cache = jax.lax.cond(jnp.any(mine_S), run, lambda acc: acc,
+                                       (logits, out_cache))
+    return logits, out_cache
+
+  def _choose(self, logits_SxV, state: DecodeState, index_S) -> jax.Array:
+    """Each slot's token at `index_S` from its own key and settings."""
+    s = state.settings
+    keys_S = jax.vmap(jax.random.fold_in)(state.key, index_S)
+    return jax.vmap(sampling.sample_row)(logits_SxV, keys_S, s.temperature, s.top_k, s.top_p,
+                                         s.greedy)
+
+  def _prefill_fn(self, variables, tokens_P, length, key, settings: Settings, *, width: int):
+    cfg = self.model.cfg
+    T = cfg.block_size
+    cache = gpt.init_cache(cfg, 1)
+    logits, cache = self.model.apply(variables, tokens_P[None], cache=cache, pos=0,
+                                     plan=self.plans[width])
+    last_V = jax.lax.dynamic_index_in_dim(logits[0], length - 1, 0, False)
+    history = jnp.zeros((1, T), jnp.int32).at[0, :tokens_P.shape[0]].set(tokens_P)
+    state = DecodeState(cache=cache, history_SxT=history, pos=length[None],
+                        token=jnp.zeros((1,), jnp.int32), index=length[None],
+                        generated=jnp.ones((1,), jnp.int32), width=jnp.int32(width)[None],
+                        key=key[None], settings=jax.tree.map(lambda x: x[None], settings),
+                        live=jnp.ones((1,), bool))
+    token = self._choose(last_V[None], state, length[None])
+    return state.replace(token=token, live=self._wants_more(state, token))
+
+  @staticmethod
+  def _wants_more(state: DecodeState, token_S) -> jax.Array:
+    s = state.settings
+    return state.live & (state.generated < s.max_tokens) & (token_S != s.end_token)
+
+  def _insert_fn(self, prefix: DecodeState, state: DecodeState, slot) -> DecodeState:
+    return jax.tree.map(lambda full, one: jax.lax.dynamic_update_index_in_dim(full, one[0], slot,
+                                                                              0), state, prefix)
+
+  def _generate_fn(self, variables, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+    T = self.model.cfg.block_size
+    state = jax.lax.cond(jnp.any(state.live & (state.pos >= T)),
+                         functools.partial(self._refill, variables), lambda s: s, state)
+    logits_Sx1xV, cache = self._forward(variables, state.token[:, None], state.cache, state.pos,
+                                        state.width)
+    history = jax.vmap(lambda h, t, p: h.at[p].set(t))(state.history_SxT, state.token,
+                                                       jnp.minimum(state.pos, T - 1))
+    index_S = state.index + 1
+    token_S = self._choose(logits_Sx1xV[:, 0], state, index_S)
+    live = state.live
+    step = live.astype(jnp.int32)  # slots not live stay where they are
+    state = state.replace(cache=cache, history_SxT=history, pos=state.pos + step,
+                          token=jnp.where(live, token_S, state.token), index=state.index + step,
+                          generated=state.generated + step)
+    return state.replace(live=self._wants_more(state, token_S)), token_S
+
+  def _refill(self, variables, state: DecodeState) -> DecodeState:
+    """Slots whose next token would land at position T: their cache rebuilt from their last
+    T//2 - 1 tokens at positions 0.. (one prefill at each slot's width), the token then fed at
+    position T//2 - 1."""
+    T = self.model.cfg.block_size
+    keep = max(T // 2, 1) - 1
+    full_S = state.live & (state.pos >= T)
+    recent_SxK = state.history_SxT[:, T - keep:]
+    history = jnp.where(full_S[:, None], jnp.zeros_like(state.history_SxT).at[:, :keep].set(
+        recent_SxK), state.history_SxT)
+    fresh = gpt.init_cache(self.model.cfg, self.slots)
+    if keep:
+      _, fresh = self._forward(variables, recent_SxK, fresh, jnp.zeros_like(state.pos),
+                               state.width)
+    pick = lambda new, old: jnp.where(full_S.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+    return state.replace(cache=jax.tree.map(pick, fresh, state.cache), history_SxT=history,
+                         pos=jnp.where(full_S, keep, state.pos))
