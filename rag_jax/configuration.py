@@ -246,6 +246,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f'config.opt.warmup_steps ({warmup}) must be smaller than config.num_steps '
         f'({config.num_steps}).')
+  _validate_model(config)
+  _validate_data(config)
+  eval_batches = get(config, 'eval_batches')
+  if not _is_int(eval_batches) or (eval_batches <= 0 and eval_batches != -1):
+    raise ConfigError(
+        f'config.eval_batches must be a positive integer or -1, got {eval_batches!r}.')
+  if get(config, 'activation').enabled:
+    activation.validate(config.activation, config.model)
+    warm = activation.setting(config.activation, 'full_warmup_steps')
+    if warm >= config.num_steps:
+      raise ConfigError(f'config.activation.full_warmup_steps ({warm}) must be smaller than '
+                        f'config.num_steps ({config.num_steps}): the run would never draw.')
+  if config.get('init_reorder') and not config.get('init_from'):
+    raise ConfigError('config.init_reorder reorders the model config.init_from names; set '
+                      'config.init_from (a workdir, an export or a converted GPT-2).')
+  _validate_mesh(get(config, 'mesh'))
+  profile_steps(config)
+  wandb = config.get('wandb') or {}
+  if wandb.get('mode', 'online') not in ('online', 'offline', 'disabled'):
+    raise ConfigError("config.wandb.mode must be 'online', 'offline' or 'disabled', got "
+                      f"{wandb.get('mode')!r}.")
+  dtype = config.get('dtype', 'float32')
+  if dtype not in DTYPES:
+    raise ConfigError(f'config.dtype must be one of {DTYPES}, got {dtype!r}.')
+
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+  """The model fields of `validate`."""
   m = config.model
   head_dim = m.get('head_dim', 0)
   if not _is_int(head_dim) or head_dim < 0:
@@ -269,6 +297,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         'site. Set config.activation.enabled=False.')
   if not isinstance(m.dropout, numbers.Real) or not 0 <= m.dropout < 1:
     raise ConfigError(f'config.model.dropout must be in [0, 1), got {m.dropout!r}.')
+  attention = m.get('attention', 'auto')
+  if attention not in ATTENTION:
+    raise ConfigError(f'config.model.attention must be one of {ATTENTION}, got {attention!r}.')
+  gelu = m.get('gelu', 'exact')
+  if gelu not in GELUS:
+    raise ConfigError(f'config.model.gelu must be one of {GELUS}, got {gelu!r}.')
+
+
+def _validate_data(config: ml_collections.ConfigDict) -> None:
+  """The data fields of `validate`."""
   d = config.data
   if d.tokenizer not in TOKENIZERS:
     raise ConfigError(f'config.data.tokenizer must be one of {TOKENIZERS}, got {d.tokenizer!r}.')
@@ -289,34 +327,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if d.eval_split not in ('train', 'validation', 'test'):
     raise ConfigError(
         f"config.data.eval_split must be 'train', 'validation' or 'test', got {d.eval_split!r}.")
-  eval_batches = get(config, 'eval_batches')
-  if not _is_int(eval_batches) or (eval_batches <= 0 and eval_batches != -1):
-    raise ConfigError(
-        f'config.eval_batches must be a positive integer or -1, got {eval_batches!r}.')
-  if get(config, 'activation').enabled:
-    activation.validate(config.activation, m)
-    warm = activation.setting(config.activation, 'full_warmup_steps')
-    if warm >= config.num_steps:
-      raise ConfigError(f'config.activation.full_warmup_steps ({warm}) must be smaller than '
-                        f'config.num_steps ({config.num_steps}): the run would never draw.')
-  if config.get('init_reorder') and not config.get('init_from'):
-    raise ConfigError('config.init_reorder reorders the model config.init_from names; set '
-                      'config.init_from (a workdir, an export or a converted GPT-2).')
-  _validate_mesh(get(config, 'mesh'))
-  profile_steps(config)
-  wandb = config.get('wandb') or {}
-  if wandb.get('mode', 'online') not in ('online', 'offline', 'disabled'):
-    raise ConfigError("config.wandb.mode must be 'online', 'offline' or 'disabled', got "
-                      f"{wandb.get('mode')!r}.")
-  dtype = config.get('dtype', 'float32')
-  if dtype not in DTYPES:
-    raise ConfigError(f'config.dtype must be one of {DTYPES}, got {dtype!r}.')
-  attention = m.get('attention', 'auto')
-  if attention not in ATTENTION:
-    raise ConfigError(f'config.model.attention must be one of {ATTENTION}, got {attention!r}.')
-  gelu = m.get('gelu', 'exact')
-  if gelu not in GELUS:
-    raise ConfigError(f'config.model.gelu must be one of {GELUS}, got {gelu!r}.')
 
 
 def _validate_mesh(mesh: ml_collections.ConfigDict) -> None:

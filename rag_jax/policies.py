@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from rag_jax import activation
+from rag_jax import flops
 from rag_jax import plan as plan_lib
 from rag_jax import sampling
 from rag_jax.models import gpt
@@ -100,6 +101,16 @@ class Policy:
 
   def describe(self) -> str:
     return self.name
+
+  def relative_flops(self, cfg, escalated: float | None = None) -> float | None:
+    """FLOPs per generated token against the dense model's (flops.flops_per_token): a fixed
+    width's; the expectation over draws (random); adaptive's narrow pass plus its `escalated`
+    share of full passes. None for speculative (its cost is in passes)."""
+    if self.act is None:
+      return 1.0
+    fraction = getattr(self, 'fraction', None)
+    narrow = flops.flops_per_token(cfg, **activation.compute_fractions(self.act, cfg, fraction))
+    return narrow / flops.flops_per_token(cfg) + (escalated or 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +278,9 @@ class Speculative(Policy):
 
   def describe(self):
     return f'speculative {self.fraction:g} k={self.draft_tokens}'
+
+  def relative_flops(self, cfg, escalated=None):
+    return None
 
 
 POLICIES = {p.name: p for p in (Fixed, Random, Adaptive, Speculative)}

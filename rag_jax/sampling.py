@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def processed_logits(logits_BxV: jax.Array, temperature: float = 1.0, top_k: int = 0,
@@ -27,6 +28,17 @@ def processed_logits(logits_BxV: jax.Array, temperature: float = 1.0, top_k: int
     threshold_Bx1 = jnp.min(jnp.where(keep, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
     logits_BxV = jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
   return logits_BxV
+
+
+def check(temperature: float, top_k: int, top_p: float, greedy: bool) -> None:
+  """One ValueError naming a bad sampling setting."""
+  if not greedy and not temperature > 0:
+    raise ValueError(f'temperature must be > 0 (or use greedy), got {temperature!r}.')
+  if not (isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool)
+          and 0 <= top_k < 2**31):
+    raise ValueError(f'top_k must be an integer >= 0 (0: all tokens), got {top_k!r}.')
+  if not 0 < top_p <= 1:
+    raise ValueError(f'top_p must be in (0, 1], got {top_p!r}.')
 
 
 def sample_token(logits_BxV: jax.Array, key: jax.Array, temperature: float = 1.0,

@@ -29,11 +29,16 @@ Rows: every row runs its own loop state (`jax.vmap` over rows): its own position
 count of accepted tokens; the loop ends when the slowest row has its tokens, and a finished
 row's later iterations are discarded. Row b's randomness at an iteration is
 fold_in(row key, committed length), so a row's text does not depend on the batch.
-Limits: the whole generation must fit the context (prompt + num_tokens + k <= block_size: no
-cache rebuild as in the plain sampler), and only `nested` structures draft (a fixed width of a
-`random` structure is not a prefix).
+Context: the plain sampler's rule (rag_jax/decode.py). When the next token would land at
+position T the caches are rebuilt from the last T//2 tokens; where a verifying pass of k + 1
+positions would pass position T - 1, the full model decodes alone, one token per pass, so every
+token sees the context it sees in plain sampling (greedy output is the full model's greedy text
+at any length). Only `nested` structures draft (a fixed width of a `random` structure is not a
+prefix), and k stays below T//2.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import flax
 import jax
@@ -54,7 +59,8 @@ PAD = policies.PAD
 class RowState:
   tokens: jax.Array      # [buffer]: prompt, committed tokens, PAD
   n: jax.Array           # committed tokens (the prompt included)
-  cache: gpt.Cache       # the full model's (batch 1); positions < n - 1 hold committed tokens
+  offset: jax.Array      # index - cache position (0 until the first context rebuild)
+  cache: gpt.Cache       # the full model's (batch 1): the committed tokens before index n - 1
   draft_cache: gpt.Cache | None  # `separate` only
   done: jax.Array
   proposed: jax.Array    # draft tokens proposed so far
@@ -75,11 +81,122 @@ def check(cfg: gpt.GPTConfig, act, prompt_length: int, num_tokens: int, draft_fr
     raise ValueError(f'--draft_tokens must be a positive integer, got {draft_tokens!r}.')
   if draft_cache not in DRAFT_CACHES:
     raise ValueError(f'--draft_cache must be one of {DRAFT_CACHES}, got {draft_cache!r}.')
-  if prompt_length + num_tokens + draft_tokens > cfg.block_size:
-    raise ValueError(
-        f'policy speculative keeps the whole text in the context: prompt ({prompt_length}) + '
-        f'num_tokens ({num_tokens}) + draft_tokens ({draft_tokens}) must be at most the '
-        f'context {cfg.block_size}; generate fewer tokens.')
+  if draft_tokens >= cfg.block_size // 2:
+    raise ValueError(f'--draft_tokens ({draft_tokens}) must be below half the context '
+                     f'({cfg.block_size // 2}): a verifying pass fits after a context rebuild.')
+
+
+@dataclasses.dataclass
+class _Models:
+  """The full model and the draft, and how one row decodes (static for one program)."""
+  full_model: gpt.GPT
+  full_params: dict
+  draft_model: gpt.GPT
+  draft_params: dict
+  kept_layers: list[int]  # the full model's blocks the draft keeps
+  shared: bool            # draft_cache == 'shared'
+  k: int
+  temperature: float
+  top_k: int
+  top_p: float
+  greedy: bool
+
+  def full(self, tokens_1xL, cache, pos):
+    return self.full_model.apply({'params': self.full_params}, tokens_1xL, cache=cache, pos=pos)
+
+  def draft(self, tokens_1xL, cache, pos):
+    return self.draft_model.apply({'params': self.draft_params}, tokens_1xL, cache=cache,
+                                  pos=pos)
+
+  def draft_cache_of(self, s: RowState):
+    """The draft's keys and values: its own, or the full model's of its blocks and heads."""
+    if not self.shared:
+      return s.draft_cache
+    h = self.draft_model.cfg.num_heads
+    return [{'k': s.cache[l]['k'][:, :, :h], 'v': s.cache[l]['v'][:, :, :h]}
+            for l in self.kept_layers]
+
+  def probs(self, logits_V):
+    return jax.nn.softmax(sampling.processed_logits(logits_V[None], self.temperature,
+                                                    self.top_k, self.top_p)[0])
+
+  def pick(self, logits_V, key):
+    return sampling.sample_token(logits_V[None], key, self.temperature, self.top_k, self.top_p,
+                                 self.greedy)[0]
+
+
+def _accept(m: _Models, d_k, q_logits_kxV, p_logits, accept_keys, last_key):
+  """(accepted drafts m, the token after them) from the drafts d_1..d_k, their draft logits and
+  the full model's logits p_0..p_k (module docstring, step 3)."""
+  k = m.k
+  if m.greedy:
+    target = jnp.argmax(p_logits, axis=-1).astype(jnp.int32)
+    count = jnp.sum(jnp.cumprod((d_k == target[:k]).astype(jnp.int32)))
+    return count, target[count]
+  p = jax.vmap(m.probs)(p_logits)             # [k + 1, V]
+  q = jax.vmap(m.probs)(q_logits_kxV)         # [k, V]
+  p_d = jnp.take_along_axis(p[:k], d_k[:, None], 1)[:, 0]
+  q_d = jnp.take_along_axis(q, d_k[:, None], 1)[:, 0]
+  u = jax.vmap(lambda key: jax.random.uniform(key))(accept_keys)
+  ok = u * q_d < p_d                          # u < p/q without dividing by q
+  count = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
+  p_m = p[count]
+  q_m = jnp.concatenate([q, jnp.zeros_like(q[:1])])[count]  # q after k acceptances: 0
+  residual = jnp.maximum(p_m - q_m, 0.0)
+  residual = jnp.where(residual.sum() > 0, residual, p_m)
+  return count, jax.random.categorical(last_key, jnp.log(residual)).astype(jnp.int32)
+
+
+def _speculate(m: _Models, s: RowState, row_key):
+  """One iteration: k drafts, one verifying pass, the accepted ones and the next token. Returns
+  (state with the caches updated, drafts accepted, the k + 1 candidate tokens)."""
+  k = m.k
+  keys = jax.random.split(jax.random.fold_in(row_key, s.n), 2 * k + 1)
+  draft_keys, accept_keys, last_key = keys[:k], keys[k:2 * k], keys[2 * k]
+  last = jax.lax.dynamic_index_in_dim(s.tokens, s.n - 1, 0, False)
+  pos = s.n - 1 - s.offset  # the cache position `last` is fed at
+
+  def draft_step(carry, j):
+    c, token = carry
+    logits, c = m.draft(token[None, None], c, pos + j)
+    d = m.pick(logits[0, 0], draft_keys[j])
+    return (c, d), (d, logits[0, 0])
+
+  (d_cache, d_last), (d_k, q_logits_kxV) = jax.lax.scan(
+      draft_step, (m.draft_cache_of(s), last), jnp.arange(k))
+  if not m.shared:  # the k-th draft token's keys and values, for when all k are accepted
+    d_cache = m.draft(d_last[None, None], d_cache, pos + k)[1]
+  p_logits, cache = m.full(jnp.concatenate([last[None], d_k])[None], s.cache, pos)
+  count, next_token = _accept(m, d_k, q_logits_kxV, p_logits[0], accept_keys, last_key)
+  candidates = jnp.where(jnp.arange(k + 1) < count, jnp.concatenate([d_k, d_k[:1]]), next_token)
+  return (s.replace(cache=cache, draft_cache=None if m.shared else d_cache,
+                    proposed=s.proposed + k, accepted=s.accepted + count), count, candidates)
+
+
+def _plain(m: _Models, s: RowState, row_key):
+  """One token from the full model alone (near the end of the context, where k drafts would
+  not fit): what plain sampling computes."""
+  last = jax.lax.dynamic_index_in_dim(s.tokens, s.n - 1, 0, False)
+  pos = s.n - 1 - s.offset
+  logits, cache = m.full(last[None, None], s.cache, pos)
+  d_cache = None if m.shared else m.draft(last[None, None], s.draft_cache, pos)[1]
+  token = m.pick(logits[0, 0], jax.random.fold_in(row_key, s.n))
+  return (s.replace(cache=cache, draft_cache=d_cache), jnp.int32(0),
+          jnp.full((m.k + 1,), token, jnp.int32))
+
+
+def _rebuild(m: _Models, s: RowState) -> RowState:
+  """The plain sampler's context rule: when the next token would land at position T, the caches
+  are rebuilt from the T//2 - 1 tokens before it (positions 0..), and it lands at T//2 - 1."""
+  T = m.full_model.cfg.block_size
+  keep = max(T // 2, 1) - 1
+  recent = jax.lax.dynamic_slice_in_dim(s.tokens, s.n - 1 - keep, keep)[None]
+  cache = gpt.init_cache(m.full_model.cfg, 1)
+  d_cache = None if m.shared else gpt.init_cache(m.draft_model.cfg, 1)
+  if keep:
+    cache = m.full(recent, cache, 0)[1]
+    d_cache = None if m.shared else m.draft(recent, d_cache, 0)[1]
+  return s.replace(cache=cache, draft_cache=d_cache, offset=s.n - 1 - keep)
 
 
 def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
@@ -87,99 +204,45 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
              temperature: float, top_k: int, top_p: float, greedy: bool, end_token: int | None,
              act: ml_collections.FrozenConfigDict, draft_fraction: float, draft_tokens: int,
              draft_cache: str) -> tuple[jax.Array, jax.Array]:
-  """Tokens B x (P + num_tokens) as `sample.generate` returns them, and per row
+  """Tokens B x (P + num_tokens) as `decode.generate` returns them, and per row
   [iterations, draft tokens proposed, accepted] (int32, B x 3)."""
   cfg, k = model.cfg, draft_tokens
   B, P = prompt_BxP.shape
-  N = P + num_tokens
+  N, T = P + num_tokens, cfg.block_size
   token_key, act_key = jax.random.split(key)
   row_keys_B = jax.vmap(lambda i: jax.random.fold_in(token_key, i))(sample_ids_B)
   plan = activation.make_plan(act_key, act, cfg, fraction=draft_fraction)
   d_params, d_model = submodel.submodel(params, model, plan)
-  kept_layers = [b['layer'] for b in submodel.kept_units(plan, cfg)]  # the draft's blocks
-  h = d_model.cfg.num_heads
-  shared = draft_cache == 'shared'
-
-  def full(tokens_1xL, cache, pos):
-    return model.apply({'params': params}, tokens_1xL, cache=cache, pos=pos)
-
-  def draft(tokens_1xL, cache, pos):
-    return d_model.apply({'params': d_params}, tokens_1xL, cache=cache, pos=pos)
-
-  def probs(logits_V):
-    return jax.nn.softmax(sampling.processed_logits(logits_V[None], temperature, top_k, top_p)[0])
-
-  def pick(logits_V, key):
-    return sampling.sample_token(logits_V[None], key, temperature, top_k, top_p, greedy)[0]
+  m = _Models(model, params, d_model, d_params,
+              [b['layer'] for b in submodel.kept_units(plan, cfg)], draft_cache == 'shared', k,
+              temperature, top_k, top_p, greedy)
 
   def row(prompt_P, length, row_key):
     limit = length + num_tokens
     tokens = jnp.full((N + k + 1,), PAD, jnp.int32).at[:P].set(
         jnp.where(jnp.arange(P) < length, prompt_P, PAD))
-    _, cache = full(prompt_P[None], gpt.init_cache(cfg, 1), 0)
-    d_cache = draft(prompt_P[None], gpt.init_cache(d_model.cfg, 1), 0)[1] if not shared else None
+    _, cache = m.full(prompt_P[None], gpt.init_cache(cfg, 1), 0)
+    d_cache = None if m.shared else m.draft(prompt_P[None], gpt.init_cache(d_model.cfg, 1), 0)[1]
     zero = jnp.int32(0)
-    state = RowState(tokens=tokens, n=length, cache=cache, draft_cache=d_cache,
+    state = RowState(tokens=tokens, n=length, offset=zero, cache=cache, draft_cache=d_cache,
                      done=length >= limit, proposed=zero, accepted=zero, iterations=zero)
 
     def body(s: RowState) -> RowState:
-      keys = jax.random.split(jax.random.fold_in(row_key, s.n), 2 * k + 1)
-      draft_keys, accept_keys, last_key = keys[:k], keys[k:2 * k], keys[2 * k]
-      last = jax.lax.dynamic_index_in_dim(s.tokens, s.n - 1, 0, False)
-      if shared:  # the full model's keys and values of the draft's blocks and heads
-        d_cache = [{'k': s.cache[l]['k'][:, :, :h], 'v': s.cache[l]['v'][:, :, :h]}
-                   for l in kept_layers]
-      else:
-        d_cache = s.draft_cache
-
-      def draft_step(carry, j):
-        c, token = carry
-        logits, c = draft(token[None, None], c, s.n - 1 + j)
-        d = pick(logits[0, 0], draft_keys[j])
-        return (c, d), (d, logits[0, 0])
-
-      (d_cache, d_last), (d_k, q_logits_kxV) = jax.lax.scan(
-          draft_step, (d_cache, last), jnp.arange(k))
-      if not shared:  # the k-th draft token's keys and values, for when all k are accepted
-        d_cache = draft(d_last[None, None], d_cache, s.n - 1 + k)[1]
-      fed = jnp.concatenate([last[None], d_k])
-      p_logits, cache = full(fed[None], s.cache, s.n - 1)
-      p_logits = p_logits[0]  # [k + 1, V]: p_i predicts the token after fed[i]
-
-      if greedy:
-        target = jnp.argmax(p_logits, axis=-1).astype(jnp.int32)
-        ok = d_k == target[:k]
-        m = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
-        next_token = target[m]
-      else:
-        p = jax.vmap(probs)(p_logits)             # [k + 1, V]
-        q = jax.vmap(probs)(q_logits_kxV)         # [k, V]
-        p_d = jnp.take_along_axis(p[:k], d_k[:, None], 1)[:, 0]
-        q_d = jnp.take_along_axis(q, d_k[:, None], 1)[:, 0]
-        u = jax.vmap(lambda key: jax.random.uniform(key))(accept_keys)
-        ok = u * q_d < p_d                        # u < p/q without dividing by q
-        m = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
-        p_m = p[m]
-        q_m = jnp.concatenate([q, jnp.zeros_like(q[:1])])[m]  # q after k acceptances: 0
-        residual = jnp.maximum(p_m - q_m, 0.0)
-        residual = jnp.where(residual.sum() > 0, residual, p_m)
-        next_token = jax.random.categorical(last_key, jnp.log(residual)).astype(jnp.int32)
-
-      # Commit d_1..d_m and next_token: positions n..n+m, cut at the end token and the limit.
+      s = jax.lax.cond(s.n - 1 - s.offset >= T, lambda: _rebuild(m, s), lambda: s)
+      fits = s.n - 1 - s.offset + k <= T - 1  # the verifying pass's last position
+      s, accepted, candidates = jax.lax.cond(fits, lambda: _speculate(m, s, row_key),
+                                             lambda: _plain(m, s, row_key))
+      # Commit d_1..d_m and the next token: positions n..n+m, cut at the end token and limit.
       index = jnp.arange(k + 1)
-      new = jnp.where(index < m, jnp.concatenate([d_k, d_k[:1]]), next_token)
-      count = jnp.minimum(m + 1, limit - s.n)
+      count = jnp.minimum(accepted + 1, limit - s.n)
+      hit = jnp.zeros((k + 1,), bool)
       if end_token is not None:
-        hit = (new == end_token) & (index < count)
+        hit = (candidates == end_token) & (index < count)
         count = jnp.where(hit.any(), jnp.argmax(hit) + 1, count)
-      new = jnp.where(index < count, new, PAD)
-      tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, new, s.n, 0)
+      new = jnp.where(index < count, candidates, PAD)
       n = s.n + count
-      done = (n >= limit) | (hit.any() if end_token is not None else False)
-      return s.replace(tokens=tokens, n=n, cache=cache,
-                       draft_cache=d_cache if not shared else None, done=done,
-                       proposed=s.proposed + k, accepted=s.accepted + m,
-                       iterations=s.iterations + 1)
+      return s.replace(tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, new, s.n, 0), n=n,
+                       done=(n >= limit) | hit.any(), iterations=s.iterations + 1)
 
     final = jax.lax.while_loop(lambda s: ~s.done, body, state)
     return final.tokens[:N], jnp.stack([final.iterations, final.proposed, final.accepted])

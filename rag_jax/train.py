@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 from absl import app, flags
 import jax
@@ -314,12 +315,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return _train(config, workdir, mesh, allow_config_change)
 
 
-def _train(config, workdir, mesh, allow_config_change):
-  # 1. Check every input before compiling anything.
+def _check_inputs(config, workdir, allow_config_change) -> dict[str, Any]:
+  """Step 1 of a run, before anything compiles: unfinished checkpoints removed, the saved
+  config checked against this one, the init_from model and the data loaded. Returns resume (the
+  newest step or None), saved (its config), changes, tokenizer, dataset, source (init_from)."""
   removed = workdir_lib.remove_unfinished_checkpoints(workdir)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('rag_jax: unfinished checkpoints removed')
-  tokenizer_path = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
   resume = workdir_lib.latest_step(workdir)
   for step in removed:
     workdir_lib.notice(f'removed the unfinished checkpoint of step {step} (its run stopped while '
@@ -328,7 +330,8 @@ def _train(config, workdir, mesh, allow_config_change):
   if resume is not None:
     saved = workdir_lib.load_config(workdir)
     changes = workdir_lib.check_resume(saved, config, workdir, resume, allow_config_change)
-  tokenizer = tokenizers.load(tokenizer_path) if resume is not None else None
+  tokenizer = (tokenizers.load(os.path.join(workdir, workdir_lib.TOKENIZER_FILE))
+               if resume is not None else None)
   source = None
   if resume is None and config.get('init_from'):  # a fresh run from another model's parameters
     source = runs.load_init(config)
@@ -339,10 +342,36 @@ def _train(config, workdir, mesh, allow_config_change):
       data_lib.load(config, tokenizer, splits)
     multihost_utils.sync_global_devices('rag_jax: dataset prepared')
   dataset = data_lib.load(config, tokenizer, splits)
-  tokenizer = dataset.tokenizer
   if source is not None and config.get('init_reorder'):
     source = reordered(source, dataset, config)
+  return dict(resume=resume, saved=saved, changes=changes, tokenizer=dataset.tokenizer,
+              dataset=dataset, source=source)
 
+
+def _initial_state(config, workdir, inputs, mngr, placed, shard, tx, init_fn, init_key):
+  """The state a run starts from: its newest checkpoint, the init_from model's parameters, or a
+  fresh initialisation (created already split over the mesh: no device holds more than its
+  shard)."""
+  resume, source, changes = inputs['resume'], inputs['source'], inputs['changes']
+  if resume is not None:
+    state = workdir_lib.restore(mngr, resume, placed, workdir)
+    runs.check_finite(state.params, workdir, resume)
+    workdir_lib.notice(f'resuming from step {resume}, the newest complete checkpoint in '
+                       f'{workdir}' + (f'; config changes: {", ".join(changes)}' if changes
+                                       else '') + '.')
+    return state
+  if source is not None:  # another model's parameters, placed shard by shard
+    params = runs.init_params_from(source, placed.params)
+    inputs['source'] = None  # its host copy is no longer needed
+    workdir_lib.notice(f'starting from the parameters of {config.init_from} (step '
+                       f'{source.step}).')
+    return jax.jit(functools.partial(runs.state_from, tx=tx), out_shardings=shard.state)(params)
+  return jax.jit(init_fn, out_shardings=shard.state)(init_key)
+
+
+def _train(config, workdir, mesh, allow_config_change):
+  inputs = _check_inputs(config, workdir, allow_config_change)  # 1. before compiling anything
+  tokenizer, resume = inputs['tokenizer'], inputs['resume']
   model, tx = runs.make_model(config, tokenizer.vocab_size), runs.make_optimizer(config)
   keys = workdir_lib.root_keys(config.seed)
   init_fn = functools.partial(runs.init_state, model, tx, config=config)
@@ -354,28 +383,16 @@ def _train(config, workdir, mesh, allow_config_change):
     # The state's shapes with their shardings: restored into, or filled from init_from.
     placed = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shard.state)
-    if resume is not None:
-      state = workdir_lib.restore(mngr, resume, placed, workdir)
-      runs.check_finite(state.params, workdir, resume)
-      workdir_lib.notice(f'resuming from step {resume}, the newest complete checkpoint in '
-                         f'{workdir}' + (f'; config changes: {", ".join(changes)}' if changes
-                                         else '') + '.')
-    elif source is not None:  # another model's parameters, placed shard by shard
-      params = runs.init_params_from(source, placed.params)
-      state = jax.jit(functools.partial(runs.state_from, tx=tx), out_shardings=shard.state)(params)
-      workdir_lib.notice(f'starting from the parameters of {config.init_from} (step '
-                         f'{source.step}).')
-      source = None  # its host copy is no longer needed
-    else:  # created already split over the mesh: no device holds more than its shard.
-      state = jax.jit(init_fn, out_shardings=shard.state)(keys['init'])
+    state = _initial_state(config, workdir, inputs, mngr, placed, shard, tx, init_fn,
+                           keys['init'])
     resume = resume or 0
     if resume >= config.num_steps:
       workdir_lib.notice(f'the run is at step {resume} of config.num_steps={config.num_steps}: '
                          'nothing to train (raise num_steps to go on).')
     if jax.process_index() == 0:
-      workdir_lib.record_config_change(workdir, resume, saved, changes)
+      workdir_lib.record_config_change(workdir, resume, inputs['saved'], inputs['changes'])
       workdir_lib.save_config(config, workdir)
-      tokenizers.save(tokenizer, tokenizer_path)
+      tokenizers.save(tokenizer, os.path.join(workdir, workdir_lib.TOKENIZER_FILE))
 
     # 2. Compile once; run.
     train_step = jit_train_step(model, tx, config, shard)
@@ -383,69 +400,11 @@ def _train(config, workdir, mesh, allow_config_change):
         shard.state.params, shard.batch, shard.batch, shard.replicated))
     log = metrics_lib.MetricsLog(workdir, resume, config)
     profiler = metrics_lib.Profiler(config, workdir)
-    train_tokens, eval_tokens = dataset.splits['train'], dataset.splits[config.data.eval_split]
-    T, B, N = config.model.block_size, config.batch_size, config.num_steps
-    rows = data_lib.process_rows(shard.batch, B)  # this process's rows of each batch
-    # The parameters about to be saved are scored on one eval batch (the eval step's shapes:
-    # nothing more to compile) and checked for NaN: a diverged state is never saved.
-    probe = data_lib.put(next(data_lib.eval_batches(eval_tokens, T, config.eval_batch_size, 1)),
-                         shard.batch)
-
-    def save(step, state):
-      total, count = eval_step(state.params, *probe, jax.random.key(0))
-      loss = float(total) / float(count)
-      finite = bool(runs.all_finite(state.params))
-      if not (finite and math.isfinite(loss)):
-        mngr.wait_until_finished()
-        raise FloatingPointError(
-            f'the parameters after step {step} give an eval loss of {loss}'
-            f'{"" if finite else " and hold NaN or infinite values"}; stopping without saving '
-            f'them. {_newest(mngr, workdir)} Resume from it with a lower '
-            'config.opt.learning_rate and --allow_config_change, or start a new --workdir.')
-      mngr.save(step, args=ocp.args.StandardSave(state))
-
-    lr = runs.make_lr_schedule(config)
-    speed = Throughput(B * T)
-    pending, last = [], {}
-    bar = tqdm.tqdm(total=N, initial=resume, desc='train', unit='step',
+    bar = tqdm.tqdm(total=config.num_steps, initial=resume, desc='train', unit='step',
                     disable=jax.process_index() != 0, dynamic_ncols=True)
     with jax.set_mesh(mesh), StopSignals(mngr) as signals:
-      for step in range(resume + 1, N + 1):
-        batch = data_lib.put(data_lib.train_batch(train_tokens, B, T, config.seed, step - 1, rows),
-                             shard.batch, B)
-        profiler.before(step)
-        state, metrics = train_step(state, batch, keys['train'])
-        profiler.after(step, metrics)
-        pending.append(metrics)
-        bar.update(1)
-        speed.start(state, step)
-        stop = signals.requested(step)
-        eval_now = itstime(step, config.eval_every, N)
-        save_now = itstime(step, config.checkpoint_every, N) or stop
-        if not (itstime(step, config.log_every, N) or eval_now or save_now):
-          continue
-        last, pending = _mean_metrics(pending), []
-        if not math.isfinite(last['train_loss']):
-          mngr.wait_until_finished()
-          raise FloatingPointError(
-              f'train loss is {last["train_loss"]} at step {step}; stopping without saving it. '
-              f'{_newest(mngr, workdir)} Lower config.opt.learning_rate (resuming with '
-              '--allow_config_change) or check the data.')
-        last.update(learning_rate=float(lr(step - 1)), **speed.rate(step))
-        if eval_now:
-          last['eval_loss'], _ = evaluate_lib.mean_loss(eval_step, state.params, eval_tokens,
-                                                        config, shard.batch)
-        log.write(step, last)
-        bar.set_postfix({k: f'{last[k]:.4g}' for k in ('train_loss', 'eval_loss',
-                                                       'tokens_per_sec') if k in last})
-        if save_now:
-          save(step, state)
-        if stop:  # `finally` waits for the save before the exception leaves
-          name = signal.Signals(signals.signum).name
-          raise Interrupted(
-              f'stopped by {name} after step {step}; saved the checkpoint of step {step} in '
-              f'{workdir}. Run the same command to resume.', signals.signum, step)
-        speed.restart(step)
+      last = _run_steps(config, workdir, state, resume, inputs['dataset'], shard, keys['train'],
+                        train_step, eval_step, mngr, log, profiler, bar, signals)
     mngr.wait_until_finished()
     return last
   finally:
@@ -455,6 +414,74 @@ def _train(config, workdir, mesh, allow_config_change):
     if log is not None:
       log.close()
       profiler.stop()
+
+
+def _run_steps(config, workdir, state, resume, dataset, shard, train_key, train_step, eval_step,
+               mngr, log, profiler, bar, signals) -> dict[str, float]:
+  """Steps resume + 1 .. num_steps: metrics logged, evaluated and saved on their schedules, a
+  stop signal saving first. Returns the last logged metrics."""
+  train_tokens, eval_tokens = dataset.splits['train'], dataset.splits[config.data.eval_split]
+  T, B, N = config.model.block_size, config.batch_size, config.num_steps
+  rows = data_lib.process_rows(shard.batch, B)  # this process's rows of each batch
+  # The parameters about to be saved are scored on one eval batch (the eval step's shapes:
+  # nothing more to compile) and checked for NaN: a diverged state is never saved.
+  probe = data_lib.put(next(data_lib.eval_batches(eval_tokens, T, config.eval_batch_size, 1)),
+                       shard.batch)
+  lr = runs.make_lr_schedule(config)
+  speed = Throughput(B * T)
+  pending, last = [], {}
+  for step in range(resume + 1, N + 1):
+    batch = data_lib.put(data_lib.train_batch(train_tokens, B, T, config.seed, step - 1, rows),
+                         shard.batch, B)
+    profiler.before(step)
+    state, metrics = train_step(state, batch, train_key)
+    profiler.after(step, metrics)
+    pending.append(metrics)
+    bar.update(1)
+    speed.start(state, step)
+    stop = signals.requested(step)
+    eval_now = itstime(step, config.eval_every, N)
+    save_now = itstime(step, config.checkpoint_every, N) or stop
+    if not (itstime(step, config.log_every, N) or eval_now or save_now):
+      continue
+    last, pending = _mean_metrics(pending), []
+    if not math.isfinite(last['train_loss']):
+      mngr.wait_until_finished()
+      raise FloatingPointError(
+          f'train loss is {last["train_loss"]} at step {step}; stopping without saving it. '
+          f'{_newest(mngr, workdir)} Lower config.opt.learning_rate (resuming with '
+          '--allow_config_change) or check the data.')
+    last.update(learning_rate=float(lr(step - 1)), **speed.rate(step))
+    if eval_now:
+      last['eval_loss'], _ = evaluate_lib.mean_loss(eval_step, state.params, eval_tokens,
+                                                    config, shard.batch)
+    log.write(step, last)
+    bar.set_postfix({k: f'{last[k]:.4g}' for k in ('train_loss', 'eval_loss',
+                                                   'tokens_per_sec') if k in last})
+    if save_now:
+      _save(step, state, eval_step, probe, mngr, workdir)
+    if stop:  # `finally` waits for the save before the exception leaves
+      name = signal.Signals(signals.signum).name
+      raise Interrupted(
+          f'stopped by {name} after step {step}; saved the checkpoint of step {step} in '
+          f'{workdir}. Run the same command to resume.', signals.signum, step)
+    speed.restart(step)
+  return last
+
+
+def _save(step, state, eval_step, probe, mngr, workdir) -> None:
+  """Saves the state unless its parameters are not finite or score a non-finite loss."""
+  total, count = eval_step(state.params, *probe, jax.random.key(0))
+  loss = float(total) / float(count)
+  finite = bool(runs.all_finite(state.params))
+  if not (finite and math.isfinite(loss)):
+    mngr.wait_until_finished()
+    raise FloatingPointError(
+        f'the parameters after step {step} give an eval loss of {loss}'
+        f'{"" if finite else " and hold NaN or infinite values"}; stopping without saving '
+        f'them. {_newest(mngr, workdir)} Resume from it with a lower '
+        'config.opt.learning_rate and --allow_config_change, or start a new --workdir.')
+  mngr.save(step, args=ocp.args.StandardSave(state))
 
 
 def initialize_distributed(enable: bool | None = None) -> None:

@@ -122,3 +122,14 @@ def test_imports_are_at_the_top():
           if what.split('.')[0] not in OPTIONAL and not names <= OPTIONAL:
             late.append(f'{name}:{node.lineno} imports {what}')
   assert not late, late
+
+
+def test_no_function_is_longer_than_80_lines():
+  """Files of one idea, functions one can read in a glance (docs/design.md)."""
+  long = []
+  for name, path in _modules().items():
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        if node.end_lineno - node.lineno + 1 > 80:
+          long.append(f'{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines')
+  assert not long, long

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rag_jax import activation
+from rag_jax import decode
 from rag_jax import plan as plan_lib
 from rag_jax import sample as sample_lib
 from rag_jax import sampling
@@ -297,9 +298,9 @@ def test_sample_runs_the_model_in_the_runs_dtype(model_params, monkeypatch):
 def test_decode_compiler_options_apply_on_cpu_only():
   """The sampler compiles with `compiler_options()`: XLA:CPU's YNNPACK fusions off on the CPU
   (README: decode speed), nothing elsewhere; an XLA that does not know the option gets none."""
-  opts = sample_lib.compiler_options()
+  opts = decode.compiler_options()
   if jax.default_backend() == 'cpu':
-    assert opts == sample_lib.CPU_COMPILER_OPTIONS
+    assert opts == decode.CPU_COMPILER_OPTIONS
   else:
     assert opts == {}
 

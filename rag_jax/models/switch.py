@@ -46,6 +46,22 @@ def _is_float(x) -> bool:
   return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
+def _residual_slots(shapes):
+  """(buffers, per branch the buffer of each of its residuals): when every branch saves the
+  same kinds of residuals, residual i of every branch shares a buffer of the largest shape;
+  otherwise each branch keeps buffers of its own (zeros when not taken)."""
+  n = len(shapes)
+  aligned = (len({len(s) for s in shapes}) == 1 and
+             all(len({(a.ndim, a.dtype) for a in slot}) == 1 for slot in zip(*shapes)))
+  if aligned:
+    slots = [jax.ShapeDtypeStruct(tuple(max(d) for d in zip(*[a.shape for a in slot])),
+                                  slot[0].dtype) for slot in zip(*shapes)]
+    return slots, [list(range(len(slots)))] * n
+  slots = [a for s in shapes for a in s]
+  offsets = [sum(len(s) for s in shapes[:j]) for j in range(n)]
+  return slots, [list(range(offsets[j], offsets[j] + len(shapes[j]))) for j in range(n)]
+
+
 def switch(index, branches: Sequence[Callable[[Any], Any]], operands: Any) -> Any:
   """`branches[index](operands)`; `index` a Python int (just that branch) or an int32 scalar.
 
@@ -85,24 +101,12 @@ def switch(index, branches: Sequence[Callable[[Any], Any]], operands: Any) -> An
     return fn
 
   shapes = [jax.eval_shape(forward(j), diff, const)[1] for j in range(n)]
-  aligned = (len({len(s) for s in shapes}) == 1 and
-             all(len({(a.ndim, a.dtype) for a in slot}) == 1 for slot in zip(*shapes)))
-  if aligned:  # residual i of every branch shares a buffer of the largest shape.
-    slots = [jax.ShapeDtypeStruct(tuple(max(d) for d in zip(*[a.shape for a in slot])),
-                                  slot[0].dtype) for slot in zip(*shapes)]
-    slot_of = [list(range(len(slots)))] * n
-  else:  # unusual branches: each keeps slots of its own (zeros when not taken).
-    slots = [a for s in shapes for a in s]
-    offsets = [sum(len(s) for s in shapes[:j]) for j in range(n)]
-    slot_of = [list(range(offsets[j], offsets[j] + len(shapes[j]))) for j in range(n)]
-
-  def pad(x, aval):
-    return jnp.pad(x, [(0, m - s) for s, m in zip(x.shape, aval.shape)])
+  slots, slot_of = _residual_slots(shapes)
 
   def fill(j, saved):
     out = [jnp.zeros(a.shape, a.dtype) for a in slots]
     for i, x in zip(slot_of[j], saved):
-      out[i] = pad(x, slots[i])
+      out[i] = jnp.pad(x, [(0, m - s) for s, m in zip(x.shape, slots[i].shape)])
     return out
 
   @jax.custom_vjp

@@ -1,0 +1,128 @@
+"""The slot engine (rag_jax/engine.py): slots at different positions, widths and settings give
+each sequence exactly what it gets alone, and what the compiled sampler gives it."""
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from rag_jax import activation
+from rag_jax import engine as engine_lib
+from rag_jax import sample as sample_lib
+from rag_jax.models import gpt
+from tests.conftest import ROOT
+
+CFG = gpt.GPTConfig(vocab_size=20, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64,
+                    block_size=12)
+ACT = activation.default_config()
+ACT.update(enabled=True, lam=0.75, buckets=4)
+ACT = ml_collections.FrozenConfigDict(ACT)
+
+
+@pytest.fixture(scope='module')
+def model_params():
+  model = gpt.GPT(CFG)
+  params = model.init(jax.random.key(0), jnp.zeros((1, CFG.block_size), jnp.int32))['params']
+  return model, jax.tree.map(lambda p: p * 3.0, params)  # well separated greedy choices
+
+
+def decode(engine, requests, steps, widths_at=None):
+  """Runs `requests` [(prompt, fraction, key, settings)] in slots 0.. ; `widths_at[step]`:
+  {slot: fraction} set before that step. Returns each request's generated tokens."""
+  state, out = engine.init_state(), []
+  for slot, (prompt, fraction, key, settings) in enumerate(requests):
+    prefix = engine.prefill(prompt, key=key, settings=settings, fraction=fraction)
+    out.append([int(prefix.token[0])])
+    state = engine.insert(prefix, state, slot)
+  for step in range(steps):
+    for slot, fraction in (widths_at or {}).get(step, {}).items():
+      state = engine.set_width(state, slot, fraction)
+    live = np.asarray(state.live)
+    state, tokens = engine.generate(state)
+    for slot in np.flatnonzero(live[:len(requests)]):
+      out[slot].append(int(tokens[slot]))
+  return out
+
+
+@pytest.mark.slow
+def test_slots_at_their_own_positions_widths_and_settings_equal_each_alone(model_params):
+  """Three sequences of different prompt lengths, widths and sampling settings, 20 tokens each
+  (across the context rebuild at T = 12), in one engine of 4 slots: each gets exactly its tokens
+  alone in an engine of 1 slot; greedy ones get the compiled sampler's tokens at their width."""
+  model, params = model_params
+  settings = [engine_lib.Settings.make(greedy=True, max_tokens=20),
+              engine_lib.Settings.make(temperature=1.0, top_k=5, max_tokens=20),
+              engine_lib.Settings.make(temperature=0.8, top_p=0.9, max_tokens=12)]
+  requests = [([1, 2, 3], 0.5, jax.random.key(1), settings[0]),
+              ([4, 5], 1.0, jax.random.key(2), settings[1]),
+              ([6, 7, 8, 9, 10], 0.25, jax.random.key(3), settings[2])]
+  together = decode(engine_lib.Engine(params, model, ACT, slots=4), requests, 20)
+  one = engine_lib.Engine(params, model, ACT, slots=1)
+  alone = [decode(one, [r], 20)[0] for r in requests]
+  assert together == alone
+  assert [len(t) for t in together] == [20, 20, 12]  # max_tokens per sequence
+  assert together[1] != decode(one, [(*requests[1][:2], jax.random.key(9), settings[1])], 20)[0]
+  ref, _ = sample_lib.generate(params, model, jnp.asarray([[1, 2, 3]]), jax.random.key(0),
+                               num_tokens=20, greedy=True, policy='fixed', active_fraction=0.5,
+                               act=ACT)
+  assert together[0] == list(np.asarray(ref[0, 3:]))
+
+
+@pytest.mark.slow
+def test_a_slot_changes_width_between_steps_and_ends_at_its_end_token(model_params):
+  """A sequence moved from the full width to a quarter after 4 steps decodes the same beside
+  other slots as alone (every width caches every head's keys and values); its tokens after the
+  move follow the narrow width. A sequence stops at its end token, which it emits."""
+  model, params = model_params
+  greedy = engine_lib.Settings.make(greedy=True, max_tokens=16)
+  request = ([3, 1, 4], 1.0, jax.random.key(0), greedy)
+  other = ([2, 7], 0.5, jax.random.key(5), greedy)
+  engine = engine_lib.Engine(params, model, ACT, slots=2)
+  moved = decode(engine, [request, other], 16, {4: {0: 0.25}})[0]
+  assert moved == decode(engine_lib.Engine(params, model, ACT, slots=1), [request], 16,
+                         {4: {0: 0.25}})[0]
+  full = decode(engine, [request], 16)[0]
+  assert moved[:5] == full[:5] and moved != full
+  end = full[6]
+  stopped = decode(engine, [(*request[:3], engine_lib.Settings.make(
+      greedy=True, max_tokens=16, end_token=end))], 16)[0]
+  assert stopped == full[:full.index(end) + 1]
+
+
+def test_bad_engine_input_is_refused_with_one_message(model_params):
+  model, params = model_params
+  random_act = ml_collections.FrozenConfigDict({**ACT.to_dict(), 'structure': 'random'})
+  with pytest.raises(ValueError, match="decodes nested widths; the run's structure is 'random'"):
+    engine_lib.Engine(params, model, random_act, slots=2)
+  with pytest.raises(ValueError, match='width 0.3 is not one the run computes'):
+    engine_lib.Engine(params, model, ACT, slots=2, fractions=(0.3,))
+  with pytest.raises(ValueError, match='slots must be a positive integer'):
+    engine_lib.Engine(params, model, ACT, slots=0)
+  engine = engine_lib.Engine(params, model, ACT, slots=2, fractions=(0.5, 1.0))
+  settings = engine_lib.Settings.make()
+  with pytest.raises(ValueError, match=r'width 0.25 is not one this engine serves'):
+    engine.prefill([1], key=jax.random.key(0), settings=settings, fraction=0.25)
+  with pytest.raises(ValueError, match='a prompt has 1 to 12 tokens'):
+    engine.prefill([1] * 13, key=jax.random.key(0), settings=settings)
+  with pytest.raises(ValueError, match=r'slot must be in \[0, 2\)'):
+    engine.insert(None, None, 2)
+  dense = engine_lib.Engine(params, model, None, slots=1)
+  assert dense.fractions == (1.0,)
+
+
+def test_the_engine_and_the_sampler_import_no_data_pipeline_evaluation_or_search():
+  """Decoding sits on the model, plan, policy and sampling layers: importing the engine imports
+  nothing of the data package, evaluate, search, hf_gpt2 or TFDS; the sample CLI adds only the
+  tokenizers and the run loading."""
+  code = ('import sys, importlib; importlib.import_module(sys.argv[1]); '
+          'print(" ".join(sorted(sys.modules)))')
+  forbidden = {'tensorflow_datasets', 'tensorflow', 'rag_jax.data.pipeline', 'rag_jax.evaluate',
+               'rag_jax.search', 'rag_jax.hf_gpt2', 'rag_jax.export', 'rag_jax.train'}
+  for module, also in (('rag_jax.engine', {'rag_jax.data', 'rag_jax.runs', 'rag_jax.workdir'}),
+                       ('rag_jax.sample', set())):
+    loaded = set(subprocess.run([sys.executable, '-c', code, module], check=True, cwd=ROOT,
+                                capture_output=True, text=True).stdout.split())
+    assert module in loaded and not loaded & (forbidden | also), loaded & (forbidden | also)
