@@ -228,10 +228,13 @@ def generate(params, model: gpt.GPT, prompt_BxP: jax.Array, key: jax.Array,
                      done=length >= limit, proposed=zero, accepted=zero, iterations=zero)
 
     def body(s: RowState) -> RowState:
-      s = jax.lax.cond(s.n - 1 - s.offset >= T, lambda: _rebuild(m, s), lambda: s)
-      fits = s.n - 1 - s.offset + k <= T - 1  # the verifying pass's last position
-      s, accepted, candidates = jax.lax.cond(fits, lambda: _speculate(m, s, row_key),
-                                             lambda: _plain(m, s, row_key))
+      if N + k <= T:  # every verifying pass fits the context: no rebuild, no plain steps
+        s, accepted, candidates = _speculate(m, s, row_key)
+      else:
+        s = jax.lax.cond(s.n - 1 - s.offset >= T, lambda: _rebuild(m, s), lambda: s)
+        fits = s.n - 1 - s.offset + k <= T - 1  # the verifying pass's last position
+        s, accepted, candidates = jax.lax.cond(fits, lambda: _speculate(m, s, row_key),
+                                               lambda: _plain(m, s, row_key))
       # Commit d_1..d_m and the next token: positions n..n+m, cut at the end token and limit.
       index = jnp.arange(k + 1)
       count = jnp.minimum(accepted + 1, limit - s.n)

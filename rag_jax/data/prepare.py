@@ -5,7 +5,7 @@
 
 With `--manual_file` present, it is copied to <data_dir>/downloads/manual/input.txt, where the
 stock TFDS builder reads it offline (sha256 checked). tiny_shakespeare ships inside the package
-(`data.BUNDLED_CORPORA`) and is placed there by itself; other datasets are downloaded by TFDS.
+(`data.pipeline.BUNDLED_CORPORA`) and is placed there by itself; other datasets are downloaded by TFDS.
 """
 from absl import app, flags
 import ml_collections
