@@ -7,12 +7,12 @@ WORKDIR ?= runs/shakespeare_char
 # Keep pytest's workers at the machine's cores (2 here).
 PYTEST_WORKERS ?= 2
 
-.PHONY: install data corpus train lint check test bench reference tensorboard clean
+.PHONY: install data corpus train serve lint check test bench reference tensorboard clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,tf]'
+	$(PY) -m pip install --quiet -e '.[dev,tf,serve]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -32,6 +32,10 @@ train: data
 	$(PY) -m rag_jax.train --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(PY) -m rag_jax.evaluate --workdir=$(WORKDIR) --split=test
 	$(PY) -m rag_jax.sample --workdir=$(WORKDIR) --prompt="ROMEO:" --num_tokens=300
+
+# An OpenAI-compatible server of the run in $(WORKDIR), every width a model id (docs/serving.md).
+serve: install
+	$(PY) -m rag_jax.serve --workdir=$(WORKDIR)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -77,11 +77,12 @@ class DecodeState:
 
 class Engine:
   """Slots decoding one model at the widths `fractions` (default: every width the run computes:
-  its nested buckets, or 1 for a dense run). Programs compile once per prompt length (prefill)
-  and once for the slots (insert, generate)."""
+  its nested buckets, or 1 for a dense run). Programs compile once per padded prompt length
+  (prefill: prompts padded to a multiple of `prompt_pad`) and once for the slots (insert,
+  generate)."""
 
   def __init__(self, params, model: gpt.GPT, act: ml_collections.ConfigDict | None = None, *,
-               slots: int, fractions: Sequence[float] | None = None):
+               slots: int, fractions: Sequence[float] | None = None, prompt_pad: int = 16):
     cfg = model.cfg
     nested = act is not None and act.enabled and act.structure == 'nested'
     if act is not None and act.enabled and not nested:
@@ -96,7 +97,8 @@ class Engine:
                          f'({", ".join(f"{(j + 1) / buckets:g}" for j in range(buckets))}).')
     if not isinstance(slots, int) or slots < 1:
       raise ValueError(f'slots must be a positive integer, got {slots!r}.')
-    self.model, self.slots, self.fractions = model, slots, fractions
+    self.model, self.act, self.slots, self.fractions = model, act, slots, fractions
+    self.prompt_pad = prompt_pad  # prompts padded to a multiple of it: one prefill per shape
     key = jax.random.key(0)  # nested widths: the key chooses no units
     self.plans = tuple(None if f == 1.0 else activation.make_plan(key, act, cfg, fraction=f)
                        for f in fractions)
@@ -137,7 +139,7 @@ class Engine:
     prompt = np.asarray(prompt, np.int32)
     if not 0 < len(prompt) <= T:
       raise ValueError(f'a prompt has 1 to {T} tokens (the context), got {len(prompt)}.')
-    padded = -(-len(prompt) // 16) * 16
+    padded = -(-len(prompt) // self.prompt_pad) * self.prompt_pad
     tokens = np.zeros((min(padded, T),), np.int32)
     tokens[:len(prompt)] = prompt
     return self._prefill(self.variables, jnp.asarray(tokens), jnp.int32(len(prompt)), key,

@@ -1,0 +1,213 @@
+"""Continuous batching on the decode engine: requests in, tokens out, widths that give way.
+
+One thread owns the engine (rag_jax/engine.py). Between decode steps it prefills waiting
+requests into free slots; after each step it hands every live slot's token to its request and
+frees the slots of finished or abandoned requests at once. Requests that pin a width (a budget)
+keep it; the others run at the `WidthController`'s width, which falls one bucket at a time while
+the time per output token is above the SLO or requests wait, and rises again when load falls.
+Nothing here knows HTTP (rag_jax/serve.py).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from rag_jax import activation
+from rag_jax import engine as engine_lib
+from rag_jax import flops
+
+
+class QueueFull(Exception):
+  """More requests wait than the queue holds."""
+
+
+@dataclasses.dataclass
+class WidthController:
+  """The width of requests that pin none: full while the server keeps up; one bucket narrower
+  when the smoothed time per output token passes `slo_ms` or requests wait; one wider when it
+  falls below `raise_below` x the SLO with nobody waiting. Never below `min_fraction`."""
+  fractions: Sequence[float]     # the widths served, ascending
+  slo_ms: float | None = None    # None: always full width
+  min_fraction: float = 0.0
+  raise_below: float = 0.6
+  smoothing: float = 0.3         # weight of the newest step in the moving average
+  level: int = -1                # index into `allowed`; starts at the full width
+  ewma_ms: float | None = None
+
+  def __post_init__(self):
+    self.allowed = [f for f in sorted(self.fractions) if f >= self.min_fraction - 1e-9]
+    if not self.allowed:
+      raise ValueError(f'min_fraction {self.min_fraction} is above every width served '
+                       f'({list(self.fractions)}).')
+    self.level = len(self.allowed) - 1
+
+  @property
+  def fraction(self) -> float:
+    return self.allowed[self.level]
+
+  def observe(self, step_ms: float, waiting: int) -> float:
+    """One decode step took `step_ms` with `waiting` requests queued: the width to use next."""
+    self.ewma_ms = step_ms if self.ewma_ms is None else (
+        self.smoothing * step_ms + (1 - self.smoothing) * self.ewma_ms)
+    if self.slo_ms is None:
+      return self.fraction
+    if (self.ewma_ms > self.slo_ms or waiting > 0) and self.level > 0:
+      self.level -= 1
+      self.ewma_ms = None  # judge the new width on its own steps
+    elif (self.ewma_ms < self.raise_below * self.slo_ms and waiting == 0
+          and self.level < len(self.allowed) - 1):
+      self.level += 1
+      self.ewma_ms = None
+    return self.fraction
+
+
+@dataclasses.dataclass
+class Request:
+  """One sequence to decode. `emit(token, fraction)` is called from the scheduler's thread for
+  each token, `finish(reason)` once at the end ('length', 'stop', 'cancelled', or an error)."""
+  prompt: np.ndarray
+  max_tokens: int
+  settings: engine_lib.Settings
+  key: jax.Array
+  fraction: float | None           # None: the controller's width
+  emit: Callable[[int, float], bool]  # False: stop here (a stop string was met)
+  finish: Callable[[str], None]
+  cancelled: bool = False
+  arrived: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+class Scheduler:
+  """The engine's owner: `submit` from any thread; `start` runs the loop in a thread."""
+
+  def __init__(self, engine: engine_lib.Engine, controller: WidthController,
+               max_queue: int = 64, metrics=None):
+    self.engine, self.controller, self.max_queue = engine, controller, max_queue
+    self.metrics = metrics
+    self._waiting: collections.deque[Request] = collections.deque()
+    self._slots: list[Request | None] = [None] * engine.slots
+    self._wake = threading.Condition()
+    self._stop = False
+    self._thread: threading.Thread | None = None
+    self.state = engine.init_state()
+    cfg, act = engine.model.cfg, engine.act
+    self.relative_flops = {  # FLOPs per token of each width against the full width's
+        f: 1.0 if act is None else flops.flops_per_token(
+            cfg, **activation.compute_fractions(act, cfg, f)) / flops.flops_per_token(cfg)
+        for f in engine.fractions}
+
+  # Any thread.
+
+  def submit(self, request: Request) -> None:
+    with self._wake:
+      if len(self._waiting) >= self.max_queue:
+        raise QueueFull(f'{len(self._waiting)} requests are waiting (the queue holds '
+                        f'{self.max_queue}); retry later.')
+      self._waiting.append(request)
+      self._wake.notify()
+
+  def busy(self) -> tuple[int, int]:
+    """(waiting requests, occupied slots)."""
+    with self._wake:
+      return len(self._waiting), sum(r is not None for r in self._slots)
+
+  def start(self) -> None:
+    self._thread = threading.Thread(target=self.run, name='rag_jax-scheduler', daemon=True)
+    self._thread.start()
+
+  def stop(self, timeout: float = 30.0) -> None:
+    with self._wake:
+      self._stop = True
+      self._wake.notify()
+    if self._thread is not None:
+      self._thread.join(timeout)
+
+  # The scheduler's thread.
+
+  def run(self) -> None:
+    while True:
+      with self._wake:
+        while not self._stop and not self._waiting and all(r is None for r in self._slots):
+          self._wake.wait(0.5)
+        if self._stop:
+          break
+      self._admit()
+      if any(r is not None for r in self._slots):
+        self._step()
+    for i, r in enumerate(self._slots):  # stopping: whatever still runs ends here
+      if r is not None:
+        self._release(i, 'cancelled')
+
+  def _admit(self) -> None:
+    """Prefills waiting requests into free slots (the oldest first)."""
+    while True:
+      with self._wake:
+        free = [i for i, r in enumerate(self._slots) if r is None]
+        if not free or not self._waiting:
+          return
+        request = self._waiting.popleft()
+      if request.cancelled:
+        request.finish('cancelled')
+        continue
+      fraction = request.fraction or self.controller.fraction
+      try:
+        prefix = self.engine.prefill(request.prompt, key=request.key, fraction=fraction,
+                                     settings=request.settings)
+      except ValueError as e:
+        request.finish(f'error: {e}')
+        continue
+      slot = free[0]
+      self.state = self.engine.insert(prefix, self.state, slot)
+      self._slots[slot] = request
+      if self.metrics:
+        self.metrics.first_token(time.perf_counter() - request.arrived)
+      if not self._deliver(slot, int(prefix.token[0]), fraction):
+        self._release(slot, 'stop')
+      elif not bool(prefix.live[0]):
+        self._release(slot, 'length')
+
+  def _step(self) -> None:
+    """One decode step over every slot, the width of unpinned slots adjusted after it."""
+    live_before = np.asarray(self.state.live)
+    widths = np.asarray(self.state.width)
+    start = time.perf_counter()
+    self.state, tokens = self.engine.generate(self.state)
+    tokens, live_after = np.asarray(tokens), np.asarray(self.state.live)
+    step_ms = 1000 * (time.perf_counter() - start)
+    for slot, request in enumerate(self._slots):
+      if request is None:
+        continue
+      if request.cancelled:
+        self._release(slot, 'cancelled')
+        continue
+      if not live_before[slot]:
+        self._release(slot, 'length')
+        continue
+      fraction = self.engine.fractions[widths[slot]]
+      if not self._deliver(slot, int(tokens[slot]), fraction):
+        self._release(slot, 'stop')
+      elif not live_after[slot]:
+        self._release(slot, 'length')
+    waiting, _ = self.busy()
+    if self.metrics:
+      self.metrics.step(step_ms / 1000, sum(r is not None for r in self._slots))
+    target = self.controller.observe(step_ms, waiting)
+    for slot, request in enumerate(self._slots):
+      if request is not None and request.fraction is None and live_after[slot] and (
+          self.engine.fractions[widths[slot]] != target):
+        self.state = self.engine.set_width(self.state, slot, target)
+
+  def _deliver(self, slot: int, token: int, fraction: float) -> bool:
+    if self.metrics:
+      self.metrics.token(fraction)
+    return self._slots[slot].emit(token, fraction)
+
+  def _release(self, slot: int, reason: str) -> None:
+    request, self._slots[slot] = self._slots[slot], None
+    self.state = self.engine.free(self.state, slot)
+    request.finish(reason)

@@ -1,0 +1,199 @@
+"""The completions server (rag_jax/serve.py) over a real loopback socket, with the official
+`openai` client: round trips, a budget by model name, equality with `sample --greedy` under
+concurrent mixed widths, bad requests, a client that goes away, a full queue, SIGTERM; and the
+load-adaptive width controller on a synthetic latency trace."""
+import concurrent.futures
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from rag_jax import runs
+from rag_jax import sample as sample_lib
+from rag_jax import scheduler
+from rag_jax import train
+from tests.conftest import ROOT, load_config
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+class Served:
+  """`python -m rag_jax.serve` in a subprocess, ready once it prints its `serving` line."""
+
+  def __init__(self, workdir, env, *flags):
+    self.port = free_port()
+    self.proc = subprocess.Popen(
+        [sys.executable, '-m', 'rag_jax.serve', f'--workdir={workdir}', f'--port={self.port}',
+         *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    self.lines = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+      line = self.proc.stdout.readline()
+      if not line:
+        break
+      self.lines.append(line)
+      if line.startswith('serving '):
+        break
+    assert self.lines and self.lines[-1].startswith('serving '), ''.join(self.lines)
+    self.url = f'http://127.0.0.1:{self.port}'
+    self.client = openai.OpenAI(base_url=f'{self.url}/v1', api_key='none', max_retries=0)
+
+  def post(self, body, **kw):
+    return httpx.post(f'{self.url}/v1/completions', content=body if isinstance(body, str)
+                      else json.dumps(body), timeout=60, **kw)
+
+  def stop(self):
+    if self.proc.poll() is None:
+      self.proc.send_signal(signal.SIGTERM)
+      self.proc.wait(60)
+
+
+@pytest.fixture(scope='module')
+def served_run(tmp_path_factory, tfds_dir, tfds_env):
+  config = load_config('ra_shakespeare_char', 'smoke')
+  config.data.data_dir = tfds_dir
+  workdir = str(tmp_path_factory.mktemp('served') / 'ra')
+  train.train_and_evaluate(config, workdir)
+  server = Served(workdir, tfds_env, '--slots=4')
+  yield workdir, server
+  server.stop()
+
+
+@pytest.mark.slow
+def test_openai_client_round_trip_and_greedy_equals_sample_under_mixed_widths(served_run):
+  workdir, server = served_run
+  ids = [m.id for m in server.client.models.list().data]
+  assert ids == ['ra', 'ra@0.25', 'ra@0.5', 'ra@0.75', 'ra@1']
+  run = runs.load_run(workdir)
+  jobs = [('ROMEO:', 'ra@0.5'), ('JULIET:', 'ra@0.25'), ('First Citizen:', 'ra'),
+          ('KING:', 'ra@0.75'), ('ROMEO:', 'ra'), ('Nurse:', 'ra@0.5')]
+
+  def complete(job):
+    prompt, model = job
+    return server.client.completions.create(model=model, prompt=prompt, max_tokens=40,
+                                            temperature=0)
+
+  with concurrent.futures.ThreadPoolExecutor(6) as pool:  # 6 requests, 4 slots, 4 widths
+    answers = list(pool.map(complete, jobs))
+  for (prompt, model), answer in zip(jobs, answers):
+    fraction = float(model.partition('@')[2] or 1)
+    want = sample_lib.sample(run.params, run.config, prompt, tokenizer=run.tokenizer,
+                             num_tokens=40, greedy=True,
+                             active_fraction=None if fraction == 1 else fraction)
+    assert prompt + answer.choices[0].text == want.text[0], model
+    assert answer.choices[0].finish_reason == 'length'
+    assert answer.usage.completion_tokens == 40
+    assert answer.usage.model_extra['mean_active_fraction'] == fraction
+  # Streaming: the same text in pieces, then the usage.
+  pieces = list(server.client.completions.create(model='ra@0.5', prompt='ROMEO:', max_tokens=40,
+                                                 temperature=0, stream=True))
+  assert ''.join(p.choices[0].text for p in pieces if p.choices) == answers[0].choices[0].text
+  # Sampled: a seed gives `sample --seed`'s text; a stop string ends the text before it.
+  sampled = server.client.completions.create(model='ra', prompt='ROMEO:', max_tokens=30,
+                                             temperature=0.8, seed=3)
+  want = sample_lib.sample(run.params, run.config, 'ROMEO:', tokenizer=run.tokenizer,
+                           num_tokens=30, temperature=0.8, seed=3)
+  assert 'ROMEO:' + sampled.choices[0].text == want.text[0]
+  stop = sampled.choices[0].text[5:7]
+  cut = server.client.completions.create(model='ra', prompt='ROMEO:', max_tokens=30,
+                                         temperature=0.8, seed=3, stop=stop)
+  text = sampled.choices[0].text
+  assert cut.choices[0].text == text[:text.index(stop)]
+  assert cut.choices[0].finish_reason == 'stop'
+
+
+@pytest.mark.slow
+def test_bad_requests_get_their_status_and_the_server_goes_on(served_run):
+  _, server = served_run
+  cases = [
+      ('{"prompt": ', 400, 'not valid JSON'),
+      ({'model': 'other', 'prompt': 'a'}, 404, "model 'other' is not served"),
+      ({'model': 'ra@0.3', 'prompt': 'a'}, 400, 'width 0.3 is not one this engine serves'),
+      ({'prompt': 'a', 'active_fraction': 1.5}, 400, r'active_fraction must be in (0, 1]'),
+      ({'prompt': 'a\u00e9'}, 400, 'does not know'),
+      ({'prompt': 'a' * 500}, 400, "the model's context is"),
+      ({'prompt': 'a', 'max_tokens': -1}, 400, 'max_tokens must be an integer'),
+      ({'prompt': 'a', 'max_tokens': 10**9}, 400, 'max_tokens must be an integer'),
+      ({'prompt': 'a', 'policy': 'speculative'}, 400, 'is not served'),
+      ({'prompt': 'a', 'temperature': -1}, 400, 'temperature out of range'),
+      ({'prompt': []}, 400, 'prompt must be a string'),
+  ]
+  for body, status, message in cases:
+    response = server.post(body)
+    assert response.status_code == status, (body, response.text)
+    err = response.json()['error']
+    assert message in err['message'] and err['type'], (body, err)
+  assert server.client.completions.create(model='ra', prompt='a', max_tokens=3).usage
+  metrics = httpx.get(f'{server.url}/metrics').text
+  assert 'rag_requests_total{outcome="400"}' in metrics
+  assert 'rag_time_per_output_token_seconds_bucket' in metrics
+
+
+@pytest.mark.slow
+def test_a_client_that_goes_away_frees_its_slot(served_run):
+  _, server = served_run
+  with httpx.stream('POST', f'{server.url}/v1/completions', timeout=60, content=json.dumps(
+      {'model': 'ra', 'prompt': 'ROMEO:', 'max_tokens': 1000, 'stream': True})) as response:
+    lines = response.iter_lines()
+    assert next(l for l in lines if l.startswith('data:'))
+  deadline = time.time() + 10
+  while httpx.get(f'{server.url}/health').json()['busy_slots'] and time.time() < deadline:
+    time.sleep(0.05)
+  assert httpx.get(f'{server.url}/health').json()['busy_slots'] == 0
+
+
+@pytest.mark.slow
+def test_a_full_queue_answers_429_and_sigterm_drains(served_run, tfds_env):
+  """One slot and a queue of one: a third concurrent request is refused with 429; SIGTERM lets
+  the request in flight finish, then the server exits 0."""
+  workdir, _ = served_run
+  server = Served(workdir, tfds_env, '--slots=1', '--max_queue=1')
+  try:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      first = pool.submit(server.post, {'prompt': 'ROMEO:', 'max_tokens': 1000})
+      while httpx.get(f'{server.url}/health').json()['busy_slots'] == 0:
+        time.sleep(0.01)
+      second = pool.submit(server.post, {'prompt': 'JULIET:', 'max_tokens': 5})
+      while httpx.get(f'{server.url}/health').json()['waiting'] == 0:
+        time.sleep(0.01)
+      refused = server.post({'prompt': 'KING:', 'max_tokens': 5})
+      assert refused.status_code == 429 and 'waiting' in refused.json()['error']['message']
+      server.proc.send_signal(signal.SIGTERM)
+      assert first.result().json()['usage']['completion_tokens'] == 1000
+      assert second.result().status_code == 200
+    assert server.proc.wait(60) == 0
+  finally:
+    server.stop()
+
+
+def test_a_server_on_a_damaged_run_refuses_to_start_with_one_line(tmp_path, tfds_env):
+  (tmp_path / 'config.json').write_text('{not json')
+  proc = subprocess.run([sys.executable, '-m', 'rag_jax.serve', f'--workdir={tmp_path}',
+                         f'--port={free_port()}'], cwd=ROOT, env=tfds_env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 1 and proc.stderr.strip().startswith('error: '), proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_width_controller_narrows_under_load_and_widens_after():
+  """A synthetic trace of step times (ms) and waiting requests: above the 20 ms SLO or with a
+  queue the width falls one bucket per decision, not below the floor; well under the SLO with no
+  queue it rises back to full."""
+  c = scheduler.WidthController([0.25, 0.5, 0.75, 1.0], slo_ms=20, min_fraction=0.5,
+                                smoothing=1.0)
+  trace = [(10, 0), (30, 0), (30, 0), (30, 0), (15, 2), (15, 0), (5, 0), (5, 0), (5, 0)]
+  assert [c.observe(ms, waiting) for ms, waiting in trace] == [
+      1.0, 0.75, 0.5, 0.5, 0.5, 0.5, 0.75, 1.0, 1.0]
+  assert scheduler.WidthController([0.5, 1.0]).observe(1000, 10) == 1.0  # no SLO: full width
+  with pytest.raises(ValueError, match='above every width'):
+    scheduler.WidthController([0.25, 0.5], min_fraction=0.75)
