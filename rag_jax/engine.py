@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from rag_jax import activation
+from rag_jax import decode
 from rag_jax import sampling
 from rag_jax.models import gpt
 from rag_jax.models import widths as widths_lib
@@ -105,9 +106,17 @@ class Engine:
     self.variables = ({'params': params} if not nested else widths_lib.decode_variables(
         params, buckets, sorted({round(f * buckets) - 1 for f in fractions}),
         activation.parse_sites(act.sites)))
-    self._prefill = jax.jit(self._prefill_fn, static_argnames=('width',))
-    self._generate = jax.jit(self._generate_fn, donate_argnums=1)
+    # The sampler's CPU compiler options (decode.compiler_options: a decode step's reductions
+    # ran 2x slower here without them).
+    jit = functools.partial(jax.jit, compiler_options=decode.compiler_options())
+    self._prefill = jit(self._prefill_fn, static_argnames=('width',))
+    self._generate = jit(self._generate_fn, donate_argnums=1)
+    self._generate_steps = jit(self._steps_fn, donate_argnums=1, static_argnames=('steps',))
     self._insert = jax.jit(self._insert_fn, donate_argnums=1)
+    self._set_width = jax.jit(lambda s, slot, w: s.replace(width=s.width.at[slot].set(w)),
+                              donate_argnums=0)
+    self._free = jax.jit(lambda s, slot: s.replace(live=s.live.at[slot].set(False)),
+                         donate_argnums=0)
 
   # The public API: host-side checks, then one compiled program each.
 
@@ -155,17 +164,25 @@ class Engine:
     meaningless), and the state after it (a slot whose sequence ended is no longer live)."""
     return self._generate(self.variables, state)
 
+  def generate_steps(self, state: DecodeState, steps: int
+                     ) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """`steps` steps in one program (one round trip from the host for `steps` tokens per
+    slot, as vLLM's multi-step scheduling): (state, tokens steps x S, live steps x S: whether
+    the slot was live when it chose that token)."""
+    return self._generate_steps(self.variables, state, steps=steps)
+
   def set_width(self, state: DecodeState, slot: int, fraction: float) -> DecodeState:
-    return state.replace(width=state.width.at[slot].set(self.width_of(fraction)))
+    return self._set_width(state, jnp.int32(slot), jnp.int32(self.width_of(fraction)))
 
   def free(self, state: DecodeState, slot: int) -> DecodeState:
-    return state.replace(live=state.live.at[slot].set(False))
+    return self._free(state, jnp.int32(slot))
 
   # The compiled programs.
 
-  def _forward(self, variables, tokens_SxL, cache, pos_S, width_S):
+  def _forward(self, variables, tokens_SxL, cache, pos_S, width_S, live_S):
     """Every slot's tokens at its own positions, each slot at its own width: one pass per width
-    a slot uses (vmapped over slots), each slot keeping its width's logits and cache."""
+    a live slot uses (vmapped over slots), each slot keeping its width's logits and cache (slots
+    not live: whatever a pass gives them)."""
     def one(plan):
       def slot(tokens_L, cache, pos):
         cache_1 = jax.tree.map(lambda c: c[None], cache)
@@ -176,6 +193,15 @@ class Engine:
 
     if len(self.plans) == 1:
       return one(self.plans[0])
+    # All live slots at one width (the common case): that width's pass alone, no selection.
+    first = width_S[jnp.argmax(live_S)]
+    width_S = jnp.where(live_S, width_S, first)
+    return jax.lax.cond(jnp.all(width_S == first), lambda: jax.lax.switch(first, [
+        lambda plan=plan: one(plan) for plan in self.plans]),
+        lambda: self._mixed(one, tokens_SxL, cache, width_S))
+
+  def _mixed(self, one, tokens_SxL, cache, width_S):
+    """Slots at several widths: a pass per width in use, each slot keeping its own."""
     logits = jnp.zeros(tokens_SxL.shape + (self.model.cfg.vocab_size,), jnp.float32)
     out_cache = cache
     for w, plan in enumerate(self.plans):
@@ -195,8 +221,7 @@ class Engine:
     """Each slot's token at `index_S` from its own key and settings."""
     s = state.settings
     keys_S = jax.vmap(jax.random.fold_in)(state.key, index_S)
-    return jax.vmap(sampling.sample_row)(logits_SxV, keys_S, s.temperature, s.top_k, s.top_p,
-                                         s.greedy)
+    return sampling.sample_rows(logits_SxV, keys_S, s.temperature, s.top_k, s.top_p, s.greedy)
 
   def _prefill_fn(self, variables, tokens_P, length, key, settings: Settings, *, width: int):
     cfg = self.model.cfg
@@ -228,7 +253,7 @@ class Engine:
     state = jax.lax.cond(jnp.any(state.live & (state.pos >= T)),
                          functools.partial(self._refill, variables), lambda s: s, state)
     logits_Sx1xV, cache = self._forward(variables, state.token[:, None], state.cache, state.pos,
-                                        state.width)
+                                        state.width, state.live)
     history = jax.vmap(lambda h, t, p: h.at[p].set(t))(state.history_SxT, state.token,
                                                        jnp.minimum(state.pos, T - 1))
     index_S = state.index + 1
@@ -239,6 +264,14 @@ class Engine:
                           token=jnp.where(live, token_S, state.token), index=state.index + step,
                           generated=state.generated + step)
     return state.replace(live=self._wants_more(state, token_S)), token_S
+
+  def _steps_fn(self, variables, state: DecodeState, *, steps: int):
+    def step(s, _):
+      live = s.live
+      s, token_S = self._generate_fn(variables, s)
+      return s, (token_S, live)
+    state, (tokens, live) = jax.lax.scan(step, state, None, length=steps)
+    return state, tokens, live
 
   def _refill(self, variables, state: DecodeState) -> DecodeState:
     """Slots whose next token would land at position T: their cache rebuilt from their last
@@ -253,7 +286,7 @@ class Engine:
     fresh = gpt.init_cache(self.model.cfg, self.slots)
     if keep:
       _, fresh = self._forward(variables, recent_SxK, fresh, jnp.zeros_like(state.pos),
-                               state.width)
+                               state.width, full_S)
     pick = lambda new, old: jnp.where(full_S.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
     return state.replace(cache=jax.tree.map(pick, fresh, state.cache), history_SxT=history,
                          pos=jnp.where(full_S, keep, state.pos))

@@ -73,3 +73,24 @@ def sample_row(logits_V: jax.Array, key: jax.Array, temperature: jax.Array, top_
   scaled_V = jnp.where((top_p < 1.0) & (scaled_V < threshold), -jnp.inf, scaled_V)
   drawn = jax.random.categorical(key, scaled_V).astype(jnp.int32)
   return jnp.where(greedy, jnp.argmax(logits_V).astype(jnp.int32), drawn)
+
+
+def sample_rows(logits_SxV: jax.Array, keys_S: jax.Array, temperature_S: jax.Array,
+                top_k_S: jax.Array, top_p_S: jax.Array, greedy_S: jax.Array) -> jax.Array:
+  """`sample_row` over rows of their own settings. The sort that top-k and top-p need runs only
+  when some row asks for one (a sort of the vocabulary costs more than a small model's step),
+  and no random draw runs when every row is greedy."""
+  def truncated():
+    return jax.vmap(sample_row)(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S, greedy_S)
+
+  def whole():
+    logits_SxV_ = logits_SxV.astype(jnp.float32)
+    scaled = logits_SxV_ / jnp.where(greedy_S, 1.0, temperature_S)[:, None]
+    drawn = jax.vmap(jax.random.categorical)(keys_S, scaled).astype(jnp.int32)
+    return jnp.where(greedy_S, jnp.argmax(logits_SxV_, -1).astype(jnp.int32), drawn)
+
+  def greedy():
+    return jnp.argmax(logits_SxV, -1).astype(jnp.int32)
+
+  return jax.lax.cond(jnp.all(greedy_S), greedy, lambda: jax.lax.cond(
+      jnp.any((top_k_S > 0) | (top_p_S < 1.0)), truncated, whole))

@@ -86,11 +86,13 @@ class Scheduler:
   """The engine's owner: `submit` from any thread; `start` runs the loop in a thread."""
 
   def __init__(self, engine: engine_lib.Engine, controller: WidthController,
-               max_queue: int = 64, metrics=None):
+               max_queue: int = 64, metrics=None, steps: int = 1):
     self.engine, self.controller, self.max_queue = engine, controller, max_queue
+    self.steps = steps  # decode steps per round trip from the host
     self.metrics = metrics
     self._waiting: collections.deque[Request] = collections.deque()
     self._slots: list[Request | None] = [None] * engine.slots
+    self._width = [0] * engine.slots  # each slot's width (an index into engine.fractions)
     self._wake = threading.Condition()
     self._stop = False
     self._thread: threading.Thread | None = None
@@ -163,6 +165,7 @@ class Scheduler:
         continue
       slot = free[0]
       self.state = self.engine.insert(prefix, self.state, slot)
+      self._width[slot] = self.engine.width_of(fraction)
       self._slots[slot] = request
       if self.metrics:
         self.metrics.first_token(time.perf_counter() - request.arrived)
@@ -172,24 +175,26 @@ class Scheduler:
         self._release(slot, 'length')
 
   def _step(self) -> None:
-    """One decode step over every slot, the width of unpinned slots adjusted after it."""
-    live_before = np.asarray(self.state.live)
-    widths = np.asarray(self.state.width)
+    """`steps` decode steps over every slot in one program, then their tokens delivered (one
+    transfer from the device: the host keeps each slot's width, and a slot holding a request
+    is live, as finished ones leave at once); the width of unpinned slots adjusted after."""
     start = time.perf_counter()
-    self.state, tokens = self.engine.generate(self.state)
-    tokens, live_after = np.asarray(tokens), np.asarray(self.state.live)
-    step_ms = 1000 * (time.perf_counter() - start)
+    if self.steps == 1:
+      self.state, tokens = self.engine.generate(self.state)
+      tokens_KxS, live_KxS = tokens[None], self.state.live[None] | True
+    else:
+      self.state, tokens_KxS, live_KxS = self.engine.generate_steps(self.state, self.steps)
+    tokens_KxS, live_KxS, live_after = jax.device_get((tokens_KxS, live_KxS, self.state.live))
+    step_ms = 1000 * (time.perf_counter() - start) / self.steps
     for slot, request in enumerate(self._slots):
       if request is None:
         continue
       if request.cancelled:
         self._release(slot, 'cancelled')
         continue
-      if not live_before[slot]:
-        self._release(slot, 'length')
-        continue
-      fraction = self.engine.fractions[widths[slot]]
-      if not self._deliver(slot, int(tokens[slot]), fraction):
+      fraction = self.engine.fractions[self._width[slot]]
+      chosen = tokens_KxS[live_KxS[:, slot], slot]
+      if not all(self._deliver(slot, int(t), fraction) for t in chosen):
         self._release(slot, 'stop')
       elif not live_after[slot]:
         self._release(slot, 'length')
@@ -198,9 +203,10 @@ class Scheduler:
       self.metrics.step(step_ms / 1000, sum(r is not None for r in self._slots))
     target = self.controller.observe(step_ms, waiting)
     for slot, request in enumerate(self._slots):
-      if request is not None and request.fraction is None and live_after[slot] and (
-          self.engine.fractions[widths[slot]] != target):
+      if request is not None and request.fraction is None and (
+          self.engine.fractions[self._width[slot]] != target):
         self.state = self.engine.set_width(self.state, slot, target)
+        self._width[slot] = self.engine.width_of(target)
 
   def _deliver(self, slot: int, token: int, fraction: float) -> bool:
     if self.metrics:

@@ -98,6 +98,7 @@ class Completion:
   loop: asyncio.AbstractEventLoop
   tokenizer: object
   stop: list[str]
+  stream: bool  # send text as it comes (else the text is decoded once, at the end)
   tokens: list[int] = dataclasses.field(default_factory=list)
   fractions: list[float] = dataclasses.field(default_factory=list)
   text: str = ''
@@ -110,6 +111,8 @@ class Completion:
     False once a stop string appears (the text ends before it)."""
     self.tokens.append(token)
     self.fractions.append(fraction)
+    if not (self.stream or self.stop):
+      return True
     text = self.tokenizer.decode(self.tokens)
     hit = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
     if hit >= 0:
@@ -122,7 +125,7 @@ class Completion:
 
   def _send(self, text: str) -> None:
     new, self.text = text[len(self.text):], text
-    if new:
+    if new and self.stream:
       self.loop.call_soon_threadsafe(self.events.put_nowait, ('text', new))
 
   def finish(self, reason: str) -> None:
@@ -136,7 +139,8 @@ class Server:
   """The run, its engine and scheduler, and the request handlers."""
 
   def __init__(self, workdir: str, slots: int = 8, slo_ms: float | None = None,
-               min_fraction: float = 0.0, max_queue: int = 64, max_tokens: int = 1024):
+               min_fraction: float = 0.0, max_queue: int = 64, max_tokens: int = 1024,
+               steps: int = 4):
     run = runs.load_run(workdir)
     self.config, self.tokenizer, self.params = run.config, run.tokenizer, run.params
     act = run.config.activation
@@ -147,7 +151,7 @@ class Server:
     self.controller = scheduler_lib.WidthController(self.engine.fractions, slo_ms, min_fraction)
     self.metrics = Metrics()
     self.scheduler = scheduler_lib.Scheduler(self.engine, self.controller, max_queue,
-                                             self.metrics)
+                                             self.metrics, steps)
     self.max_tokens = max_tokens
     self.sample_key = workdir_lib.root_keys(run.config.seed)['sample']
 
@@ -159,7 +163,11 @@ class Server:
     for f in self.engine.fractions:
       prefix = self.engine.prefill([0], key=jax.random.key(0), settings=settings, fraction=f)
       state = self.engine.insert(prefix, state, 0)
-    jax.block_until_ready(self.engine.generate(state)[1])
+    state = self.engine.set_width(state, 0, self.engine.fractions[-1])
+    if self.scheduler.steps > 1:
+      state = self.engine.generate_steps(state, self.scheduler.steps)[0]
+    state, tokens = self.engine.generate(state)
+    jax.block_until_ready(self.engine.free(state, 0).live)
     return time.perf_counter() - start
 
   def model_ids(self) -> list[str]:
@@ -241,7 +249,7 @@ class Server:
 
   def submit(self, spec: dict, prompt: np.ndarray, loop) -> Completion:
     """Queues one prompt; its key is `rag_jax.sample`'s for the same seed (sample 0)."""
-    completion = Completion(loop, self.tokenizer, spec['stop'])
+    completion = Completion(loop, self.tokenizer, spec['stop'], spec['stream'])
     key = jax.random.split(jax.random.fold_in(self.sample_key, spec['seed']))[0]
     key = jax.random.fold_in(key, decode.sample_id(prompt, 0))
     settings = engine_lib.Settings.make(
@@ -392,6 +400,8 @@ def _define_flags():
   flags.DEFINE_integer('max_queue', 64, 'Requests that may wait for a slot (then 429).')
   flags.DEFINE_integer('max_tokens', 1024, 'The largest max_tokens a request may ask.')
   flags.DEFINE_float('drain_s', 30.0, 'On SIGTERM: seconds to finish requests in flight.')
+  flags.DEFINE_integer('steps_per_call', 4, 'Decode steps per round trip from the host (more: '
+                       'less host overhead per token, new requests wait longer for a slot).')
 
 
 def main(argv):
@@ -400,11 +410,13 @@ def main(argv):
   f = flags.FLAGS
   for name, ok in (('slots', f.slots >= 1), ('max_queue', f.max_queue >= 0),
                    ('max_tokens', f.max_tokens >= 1), ('port', 0 <= f.port < 65536),
-                   ('slo_ms', f.slo_ms is None or f.slo_ms > 0)):
+                   ('slo_ms', f.slo_ms is None or f.slo_ms > 0),
+                   ('steps_per_call', f.steps_per_call >= 1)):
     if not ok:
       sys.exit(f'error: --{name}={getattr(f, name)} is out of range.')
   try:
-    server = Server(f.workdir, f.slots, f.slo_ms, f.min_fraction, f.max_queue, f.max_tokens)
+    server = Server(f.workdir, f.slots, f.slo_ms, f.min_fraction, f.max_queue, f.max_tokens,
+                    f.steps_per_call)
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   seconds = server.warm_up()

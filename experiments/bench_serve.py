@@ -1,0 +1,212 @@
+"""The completions server under load: concurrency against one-at-a-time sampling, and open-loop
+Poisson arrivals for the server pinned at full width, pinned at a narrower width, and
+load-adaptive (widths that give way under load). Loopback only, bounded in count and time.
+
+    .venv/bin/python experiments/bench_serve.py --workdir=RUN \
+        --out=results/serve/bench_serve_cpu.json
+
+1. Concurrency: `--concurrency` greedy requests of `--max_tokens` tokens at once, at full width
+   and at `--fraction`, total tokens/s; against `rag_jax.sample` on the same prompts one at a
+   time (compiled once), in the same run.
+2. Open loop: Poisson arrivals at multiples of the full-width server's saturation rate (its
+   concurrency throughput / max_tokens), `--requests` per rate, every request streamed: time to
+   first token, time per output token (p50, p99), throughput and the mean width, for `full`
+   (model RUN, no SLO), `pinned` (RUN@fraction) and `adaptive` (RUN on a server started with
+   `--slo_ms`, falling to `--min_fraction`).
+Writes the JSON and a plot beside it (.png).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+import httpx
+import numpy as np
+
+from rag_jax import files
+from rag_jax import runs
+from rag_jax import sample as sample_lib
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A trained nested RA run.', required=True)
+_OUT = flags.DEFINE_string('out', None, 'JSON output.', required=True)
+_SLOTS = flags.DEFINE_integer('slots', 16, 'Decode slots of the server.')
+_CONCURRENCY = flags.DEFINE_integer('concurrency', 16, 'Requests at once (part 1).')
+_MAX_TOKENS = flags.DEFINE_integer('max_tokens', 64, 'Tokens per request.')
+_FRACTION = flags.DEFINE_float('fraction', 0.5, 'The pinned narrow width.')
+_RATES = flags.DEFINE_list('rates', ['0.5', '1', '2'], 'Offered loads, x saturation.')
+_REQUESTS = flags.DEFINE_integer('requests', 48, 'Requests per offered load.')
+_SLO_MS = flags.DEFINE_float('slo_ms', None, 'The adaptive server\'s target time per output '
+                             'token (default: 1.5x the full width\'s p50 at half load).')
+_MIN_FRACTION = flags.DEFINE_float('min_fraction', 0.25, 'The adaptive server\'s floor.')
+_TIME_LIMIT = flags.DEFINE_float('time_limit_s', 120, 'Per offered load, at most.')
+_STEPS = flags.DEFINE_integer('steps_per_call', 4, 'The servers\' decode steps per call.')
+PROMPTS = ['The President', 'Fellow citizens', 'Congress shall', 'In the year', 'Our nation',
+           'We must', 'The people of', 'Tonight I']
+
+
+def start_server(workdir: str, *extra) -> tuple[subprocess.Popen, str, float]:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  start = time.perf_counter()
+  proc = subprocess.Popen([sys.executable, '-m', 'rag_jax.serve', f'--workdir={workdir}',
+                           f'--port={port}', f'--slots={_SLOTS.value}',
+                           f'--steps_per_call={_STEPS.value}', *extra],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  line = proc.stdout.readline()
+  if not line.startswith('serving'):
+    raise RuntimeError(f'the server did not start: {line!r}')
+  return proc, f'http://127.0.0.1:{port}', time.perf_counter() - start
+
+
+def stop_server(proc):
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(60)
+
+
+async def one(client, url, model, prompt, max_tokens, temperature=0.0) -> dict:
+  """One streamed request: arrival, first-token and last-token times, tokens, mean width."""
+  sent = time.perf_counter()
+  first = last = None
+  usage = {}
+  body = {'model': model, 'prompt': prompt, 'max_tokens': max_tokens,
+          'temperature': temperature, 'stream': True}
+  async with client.stream('POST', f'{url}/v1/completions', json=body, timeout=600) as r:
+    async for line in r.aiter_lines():
+      if not line.startswith('data: ') or line == 'data: [DONE]':
+        continue
+      chunk = json.loads(line[6:])
+      now = time.perf_counter()
+      if chunk['choices'] and chunk['choices'][0]['text']:
+        first = first or now
+        last = now
+      usage = chunk.get('usage') or usage
+  return {'sent': sent, 'first': first, 'last': last, 'tokens': usage['completion_tokens'],
+          'width': usage['mean_active_fraction']}
+
+
+async def concurrent(url, model, n, max_tokens) -> dict:
+  """`n` greedy requests at once, not streamed: total tokens/s (median of 3 rounds)."""
+  async def plain(client, prompt):
+    body = {'model': model, 'prompt': prompt, 'max_tokens': max_tokens, 'temperature': 0}
+    r = await client.post(f'{url}/v1/completions', json=body, timeout=600)
+    return r.json()['usage']['completion_tokens']
+
+  rates = []
+  async with httpx.AsyncClient(limits=httpx.Limits(max_connections=n)) as client:
+    for _ in range(3):
+      start = time.perf_counter()
+      tokens = await asyncio.gather(*[plain(client, PROMPTS[i % len(PROMPTS)])
+                                      for i in range(n)])
+      rates.append(sum(tokens) / (time.perf_counter() - start))
+  return {'tokens_per_sec': float(np.median(rates)), 'rounds': rates}
+
+
+async def open_loop(url, model, rate, n, max_tokens, time_limit) -> dict:
+  """Poisson arrivals at `rate` requests/s (seeded), all awaited or cut at the time limit."""
+  rng = np.random.default_rng(0)
+  gaps = rng.exponential(1 / rate, n)
+  async with httpx.AsyncClient(limits=httpx.Limits(max_connections=n)) as client:
+    start, tasks = time.perf_counter(), []
+    for i, gap in enumerate(gaps):
+      await asyncio.sleep(gap)
+      tasks.append(asyncio.create_task(one(client, url, model, PROMPTS[i % len(PROMPTS)],
+                                           max_tokens)))
+    done, pending = await asyncio.wait(tasks, timeout=time_limit)
+    for t in pending:
+      t.cancel()
+    seconds = time.perf_counter() - start
+  rows = [t.result() for t in done if not t.exception()]
+  ttft = [r['first'] - r['sent'] for r in rows if r['first']]
+  tpot = [(r['last'] - r['first']) / (r['tokens'] - 1) for r in rows if r['tokens'] > 1]
+  pct = lambda xs, q: 1000 * float(np.percentile(xs, q)) if xs else None
+  return {'rate': rate, 'completed': len(rows), 'unfinished': len(pending),
+          'tokens_per_sec': sum(r['tokens'] for r in rows) / seconds,
+          'ttft_ms_p50': pct(ttft, 50), 'ttft_ms_p99': pct(ttft, 99),
+          'tpot_ms_p50': pct(tpot, 50), 'tpot_ms_p99': pct(tpot, 99),
+          'mean_width': float(np.mean([r['width'] for r in rows])) if rows else None}
+
+
+def one_at_a_time(workdir, n, max_tokens) -> dict:
+  """`rag_jax.sample`, greedy, the same prompts one after another."""
+  run = runs.load_run(workdir)
+  sample = lambda p: sample_lib.sample(run.params, run.config, p, tokenizer=run.tokenizer,
+                                       num_tokens=max_tokens, greedy=True)
+  outs = [sample(PROMPTS[i % len(PROMPTS)]) for i in range(n)]
+  # Generation time only: each call also compiles its program, which its `seconds` leave out.
+  return {'tokens_per_sec': sum(o.num_generated for o in outs) / sum(o.seconds for o in outs)}
+
+
+def main(argv):
+  del argv
+  workdir, name = _WORKDIR.value, os.path.basename(_WORKDIR.value.rstrip('/'))
+  n, m, a = _CONCURRENCY.value, _MAX_TOKENS.value, _FRACTION.value
+  out = {'workdir': workdir, 'slots': _SLOTS.value, 'max_tokens': m, 'fraction': a,
+         'command': ' '.join(sys.argv), 'cores': os.cpu_count()}
+  out['sample_one_at_a_time'] = one_at_a_time(workdir, n, m)
+  proc, url, out['ready_seconds'] = start_server(workdir)
+  try:
+    out['concurrent_full'] = asyncio.run(concurrent(url, name, n, m))
+    out['concurrent_pinned'] = asyncio.run(concurrent(url, f'{name}@{a:g}', n, m))
+    saturation = out['concurrent_full']['tokens_per_sec'] / m
+    out['saturation_requests_per_sec'] = saturation
+    rates = [float(r) * saturation for r in _RATES.value]
+    for variant, model in (('full', name), ('pinned', f'{name}@{a:g}')):
+      out[variant] = [asyncio.run(open_loop(url, model, r, _REQUESTS.value, m,
+                                            _TIME_LIMIT.value)) for r in rates]
+  finally:
+    stop_server(proc)
+  slo = _SLO_MS.value or 1.5 * out['full'][0]['tpot_ms_p50']
+  out['slo_ms'] = slo
+  proc, url, _ = start_server(workdir, f'--slo_ms={slo}', f'--min_fraction={_MIN_FRACTION.value}')
+  try:
+    out['adaptive'] = [asyncio.run(open_loop(url, name, r, _REQUESTS.value, m, _TIME_LIMIT.value))
+                       for r in rates]
+  finally:
+    stop_server(proc)
+  out['ratios'] = {
+      'concurrent_full_over_sample': out['concurrent_full']['tokens_per_sec'] /
+                                     out['sample_one_at_a_time']['tokens_per_sec'],
+      'pinned_over_full': out['concurrent_pinned']['tokens_per_sec'] /
+                          out['concurrent_full']['tokens_per_sec']}
+  files.write_json(_OUT.value, out)
+  plot(out, os.path.splitext(_OUT.value)[0] + '.png')
+  print(json.dumps(out['ratios'], indent=1))
+  for variant in ('full', 'pinned', 'adaptive'):
+    for r in out[variant]:
+      print(f"{variant:>8} {r['rate']:6.1f} req/s: {r['tokens_per_sec']:7.0f} tok/s, TPOT p50 "
+            f"{r['tpot_ms_p50']:.1f} p99 {r['tpot_ms_p99']:.1f} ms, TTFT p99 "
+            f"{r['ttft_ms_p99']:.0f} ms, width {r['mean_width']:.2f}, "
+            f"{r['unfinished']} unfinished")
+
+
+def plot(out: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+  for variant in ('full', 'pinned', 'adaptive'):
+    rows = out[variant]
+    rates = [r['rate'] for r in rows]
+    axes[0].plot(rates, [r['tpot_ms_p99'] for r in rows], 'o-', label=variant)
+    axes[1].plot(rates, [r['ttft_ms_p99'] for r in rows], 'o-', label=variant)
+    axes[2].plot(rates, [r['tokens_per_sec'] for r in rows], 'o-', label=variant)
+  axes[0].axhline(out['slo_ms'], color='gray', ls='--', label='SLO')
+  for ax, title in zip(axes, ('p99 time per output token (ms)', 'p99 time to first token (ms)',
+                              'throughput (tokens/s)')):
+    ax.set_xlabel('offered load (requests/s)')
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+if __name__ == '__main__':
+  app.run(main)
