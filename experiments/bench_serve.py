@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -52,18 +52,15 @@ PROMPTS = ['The President', 'Fellow citizens', 'Congress shall', 'In the year', 
 
 
 def start_server(workdir: str, *extra) -> tuple[subprocess.Popen, str, float]:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
   start = time.perf_counter()
   proc = subprocess.Popen([sys.executable, '-m', 'rag_jax.serve', f'--workdir={workdir}',
-                           f'--port={port}', f'--slots={_SLOTS.value}',
+                           '--port=0', f'--slots={_SLOTS.value}',
                            f'--steps_per_call={_STEPS.value}', *extra],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   line = proc.stdout.readline()
   if not line.startswith('serving'):
     raise RuntimeError(f'the server did not start: {line!r}')
-  return proc, f'http://127.0.0.1:{port}', time.perf_counter() - start
+  return proc, re.search(r'on (http://\S+) ', line).group(1), time.perf_counter() - start
 
 
 def stop_server(proc):

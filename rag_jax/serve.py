@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -392,7 +393,7 @@ class _Uvicorn(uvicorn.Server):
 def _define_flags():
   flags.DEFINE_string('workdir', None, 'A trained run (or an export) to serve.', required=True)
   flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on (loopback by default).')
-  flags.DEFINE_integer('port', 8000, 'Port to listen on.')
+  flags.DEFINE_integer('port', 8000, 'Port to listen on (0: one the system picks, printed).')
   flags.DEFINE_integer('slots', 8, 'Decode slots: requests decoded together.')
   flags.DEFINE_float('slo_ms', None, 'Target time per output token; unpinned requests narrow '
                      'while it is passed or requests wait (unset: always full width).')
@@ -420,11 +421,20 @@ def main(argv):
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   seconds = server.warm_up()
-  print(f'serving {f.workdir} as {", ".join(server.model_ids())} on http://{f.host}:{f.port} '
+  # The socket is bound here (port 0: one the system picks) and handed to uvicorn, so the port
+  # printed is the one served, with no window for another process to take it.
+  sock = socket.socket(socket.AF_INET6 if ':' in f.host else socket.AF_INET)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    sock.bind((f.host, f.port))
+  except OSError as e:
+    sys.exit(f'error: cannot listen on {f.host}:{f.port}: {e.strerror}.')
+  port = sock.getsockname()[1]
+  print(f'serving {f.workdir} as {", ".join(server.model_ids())} on http://{f.host}:{port} '
         f'({f.slots} slots; compiled in {seconds:.1f} s)', flush=True)
-  config = uvicorn.Config(make_app(server), host=f.host, port=f.port, log_level='warning',
+  config = uvicorn.Config(make_app(server), log_level='warning',
                           timeout_graceful_shutdown=int(f.drain_s))
-  _Uvicorn(config).run()  # SIGTERM/SIGINT: stop accepting, drain, then return
+  _Uvicorn(config).run(sockets=[sock])  # SIGTERM/SIGINT: stop accepting, drain, then return
   print('stopped', flush=True)
 
 

@@ -4,8 +4,8 @@ concurrent mixed widths, bad requests, a client that goes away, a full queue, SI
 load-adaptive width controller on a synthetic latency trace."""
 import concurrent.futures
 import json
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,20 +21,13 @@ from rag_jax import train
 from tests.conftest import ROOT, load_config
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 class Served:
   """`python -m rag_jax.serve` in a subprocess, ready once it prints its `serving` line."""
 
   def __init__(self, workdir, env, *flags):
-    self.port = free_port()
-    self.proc = subprocess.Popen(
-        [sys.executable, '-m', 'rag_jax.serve', f'--workdir={workdir}', f'--port={self.port}',
-         *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    self.proc = subprocess.Popen(  # port 0: the server binds one and prints it
+        [sys.executable, '-m', 'rag_jax.serve', f'--workdir={workdir}', '--port=0', *flags],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.lines = []
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -45,7 +38,7 @@ class Served:
       if line.startswith('serving '):
         break
     assert self.lines and self.lines[-1].startswith('serving '), ''.join(self.lines)
-    self.url = f'http://127.0.0.1:{self.port}'
+    self.url = re.search(r'on (http://\S+) ', self.lines[-1]).group(1)
     self.client = openai.OpenAI(base_url=f'{self.url}/v1', api_key='none', max_retries=0)
 
   def post(self, body, **kw):
@@ -179,7 +172,7 @@ def test_a_full_queue_answers_429_and_sigterm_drains(served_run, tfds_env):
 def test_a_server_on_a_damaged_run_refuses_to_start_with_one_line(tmp_path, tfds_env):
   (tmp_path / 'config.json').write_text('{not json')
   proc = subprocess.run([sys.executable, '-m', 'rag_jax.serve', f'--workdir={tmp_path}',
-                         f'--port={free_port()}'], cwd=ROOT, env=tfds_env, capture_output=True,
+                         '--port=0'], cwd=ROOT, env=tfds_env, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 1 and proc.stderr.strip().startswith('error: '), proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
