@@ -172,7 +172,9 @@ def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
     entry = {'active_fraction': float(fraction) if fraction is not None else
              float(np.mean(realized)), 'policy': policy, 'loss': loss,
              'bits_per_token': loss / math.log(2),
-             'flops_per_token': flops.flops_per_token(cfg, **compute), 'split': split,
+             'flops_per_token': flops.flops_per_token(cfg, **compute),
+             'relative_flops': flops.flops_per_token(cfg, **compute) / flops.flops_per_token(cfg),
+             'split': split,
              'step': int(step), 'tokens': count, 'structure': act.structure,
              'sites': act.sites}
     if 'layers' in sites:
@@ -243,6 +245,34 @@ def evaluate_adaptive(workdir: str, draft_fraction: float = 0.5, thresholds=ADAP
   return entries
 
 
+def curve_of(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, workdir_lib.EVAL_CURVE_FILE)
+  return files.read_json(path) if files.exists(path) else []
+
+
+def format_table(entries: list[dict], curve: list[dict] = ()) -> str:
+  """One aligned table of scored entries: the policy and its width, FLOPs per token and against
+  the dense model, loss, bits per token, and the loss against the full width's (a = 1, fixed,
+  same split, from `entries` or the saved curve)."""
+  full = {e.get('split'): e['loss'] for e in list(curve) + list(entries)
+          if e['policy'] == 'fixed' and e['active_fraction'] == 1.0}
+  head = entries[0]
+  lines = [f"{head.get('split')} split, step {head['step']}, {head['tokens']:,} tokens scored",
+           f"{'policy':<28} {'FLOPs/token':>11} {'vs dense':>8} {'loss':>8} {'bits/token':>10} "
+           f"{'vs a = 1':>9}"]
+  for e in entries:
+    if e['policy'] == 'adaptive':
+      name = (f"adaptive {e['draft_fraction']:g} @ {e['threshold']:g} "
+              f"(up {e['escalated']:.0%})")
+    else:
+      name = f"{e['policy']} {e['active_fraction']:.2f}"
+    base = full.get(e.get('split'))
+    delta = f"{100 * (e['loss'] / base - 1):+.2f}%" if base else ''
+    lines.append(f"{name:<28} {e['flops_per_token'] / 1e6:>10.3f}M {e['relative_flops']:>8.2f} "
+                 f"{e['loss']:>8.4f} {e['bits_per_token']:>10.4f} {delta:>9}")
+  return '\n'.join(lines)
+
+
 def _define_flags():
   flags.DEFINE_string('workdir', None, 'Workdir of a trained run.', required=True)
   flags.DEFINE_list('active_fractions', ['1.0'], 'Active fractions to evaluate.')
@@ -274,13 +304,11 @@ def main(argv):
                        [float(t) for t in f.thresholds])
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
-  for e in entries:
-    width = (f"policy=adaptive draft_fraction={e['draft_fraction']:g} threshold={e['threshold']:g} "
-             f"escalated={e['escalated']:.3f} relative_flops={e['relative_flops']:.2f}"
-             if e['policy'] == 'adaptive' else
-             f"policy={e['policy']} active_fraction={e['active_fraction']:.2f}")
-    print(f"{e['split']} step {e['step']}: {width} loss={e['loss']:.4f} "
-          f"bits/token={e['bits_per_token']:.4f} flops/token={e['flops_per_token']:.4g}")
+  table = format_table(entries, curve_of(f.workdir))
+  print(table)
+  table_path = os.path.join(f.workdir, workdir_lib.EVAL_TABLE_FILE)
+  files.write_text(table_path, table + '\n')
+  print(f'wrote {table_path}')
   print(f'wrote {os.path.join(f.workdir, workdir_lib.EVAL_CURVE_FILE)}')
 
 

@@ -35,6 +35,7 @@ CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.json'
 METRICS_FILE = 'metrics.jsonl'
 EVAL_CURVE_FILE = 'eval_curve.json'
+EVAL_TABLE_FILE = 'eval_table.txt'  # evaluate's last table, as it printed it
 CHECKPOINT_DIR = 'checkpoints'
 LOCK_FILE = 'train.lock'
 CONFIG_CHANGES_FILE = 'config_changes.jsonl'
