@@ -32,6 +32,9 @@ train: data
 	$(PY) -m rag_jax.train --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(PY) -m rag_jax.evaluate --workdir=$(WORKDIR) --split=test
 	$(PY) -m rag_jax.sample --workdir=$(WORKDIR) --prompt="ROMEO:" --num_tokens=300
+	@# An RA run: the same prompt at half the width too (evaluate above scored every width).
+	@if $(PY) -c "import json, sys; sys.exit(not json.load(open('$(WORKDIR)/config.json'))['activation']['enabled'])"; then \
+	  $(PY) -m rag_jax.sample --workdir=$(WORKDIR) --prompt="ROMEO:" --num_tokens=300 --active_fraction=0.5; fi
 
 # An OpenAI-compatible server of the run in $(WORKDIR), every width a model id (docs/serving.md).
 serve: install

@@ -1,6 +1,6 @@
 """Loss and bits per token of a trained run, written to `eval_curve.json`.
 
-    python -m rag_jax.evaluate --workdir=DIR [--active_fractions=1.0] [--policy=fixed] \
+    python -m rag_jax.evaluate --workdir=DIR [--active_fractions=1,0.5] [--policy=fixed] \
         [--split=test]
 
 Each entry of eval_curve.json: active_fraction, policy, loss (nats per token), bits_per_token,
@@ -132,7 +132,7 @@ def update_eval_curve(workdir: str, entries: list[dict]) -> list[dict]:
   return curve
 
 
-def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
+def evaluate(workdir: str, active_fractions=None, policy: str = 'fixed',
              split: str = 'validation', overrides: dict | None = None,
              draft_fraction: float = 0.5, thresholds=ADAPTIVE_THRESHOLDS) -> list[dict]:
   """Scores the newest checkpoint at each fixed fraction, under the random policy, or under
@@ -141,14 +141,15 @@ def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
   The activation settings are the run's `config.activation` updated by `overrides` (e.g.
   alpha/beta/lam for the random policy, or structure/sites); on a dense run, fixed fractions
   below 1 score the dense model truncated to those widths (nested prefixes by default).
+  `active_fractions=None`: every width a nested RA run computes (its buckets), 1 otherwise.
   """
   if policy not in POLICIES:
     raise ValueError(f'--policy must be one of {POLICIES}, got {policy!r}.')
   if policy == 'adaptive':
     return evaluate_adaptive(workdir, draft_fraction, thresholds, split, overrides)
-  if policy == 'fixed' and not len(active_fractions):
+  if policy == 'fixed' and active_fractions is not None and not len(active_fractions):
     raise ValueError('--active_fractions is empty; give the fractions to score, e.g. 1,0.5,0.25.')
-  for a in active_fractions:
+  for a in active_fractions or ():
     if not 0 < a <= 1:
       raise ValueError(f'active fractions must be in (0, 1], got {a}.')
   def check(act):
@@ -157,6 +158,10 @@ def evaluate(workdir: str, active_fractions=(1.0,), policy: str = 'fixed',
 
   config, model, params, step, act, tokens = _load(workdir, split, overrides, check)
   cfg = model.cfg
+  if active_fractions is None:
+    active_fractions = ([(j + 1) / act.buckets for j in reversed(range(act.buckets))]
+                        if act.enabled and act.structure == 'nested' and not cfg.per_layer
+                        else [1.0])
   if cfg.per_layer and (policy != 'fixed' or min(active_fractions) < 1):
     raise ValueError(f'{workdir} holds blocks of their own widths (an export of a per-layer '
                      'plan): it scores at --active_fractions=1 only (truncation takes one width '
@@ -275,7 +280,8 @@ def format_table(entries: list[dict], curve: list[dict] = ()) -> str:
 
 def _define_flags():
   flags.DEFINE_string('workdir', None, 'Workdir of a trained run.', required=True)
-  flags.DEFINE_list('active_fractions', ['1.0'], 'Active fractions to evaluate.')
+  flags.DEFINE_list('active_fractions', None, 'Active fractions to evaluate (default: every '
+                    'width a nested RA run computes; 1 for a dense run).')
   flags.DEFINE_enum('policy', 'fixed', list(POLICIES), 'Activation policy.')
   flags.DEFINE_enum('split', 'validation', list(data_lib.SPLITS), 'Split to score.')
   flags.DEFINE_float('draft_fraction', 0.5, 'adaptive: the nested width every token runs first.')
@@ -289,7 +295,8 @@ def main(argv):
   del argv
   f = flags.FLAGS
   try:
-    fractions = [float(a) for a in f.active_fractions]
+    fractions = (None if f.active_fractions is None
+                 else [float(a) for a in f.active_fractions])
   except ValueError:
     sys.exit(f'error: --active_fractions must be numbers, got {",".join(f.active_fractions)!r}.')
   if f.policy == 'random' and f['active_fractions'].present:

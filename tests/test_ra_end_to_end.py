@@ -193,3 +193,13 @@ def test_adaptive_routing_and_pass_costs_on_a_trained_run(ra_run, tmp_path, tfds
   assert rows['full_1']['vs_full_1'] == 1.0
   assert np.isclose(costs['bound']['2']['iteration_in_dense_steps'],
                     2 * rows['draft_1']['vs_full_1'] + rows['full_3']['vs_full_1'])
+
+
+@pytest.mark.slow
+def test_evaluate_scores_every_width_of_an_ra_run_by_default(ra_run):
+  _, workdir = ra_run
+  entries = evaluate.evaluate(workdir, split='validation')
+  assert [e['active_fraction'] for e in entries] == [1.0, 0.75, 0.5, 0.25]
+  assert [round(e['relative_flops'], 6) for e in entries] == sorted(
+      (round(e['relative_flops'], 6) for e in entries), reverse=True)
+  assert entries[0]['relative_flops'] == 1.0
