@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from absl import app, flags
+from ml_collections import config_flags
 import jax
 import ml_collections
 import numpy as np
@@ -45,10 +46,11 @@ def load_tokenizer(hf_dir: str) -> tokenizers.BPETokenizer:
 
 
 def convert(hf_dir: str, out: str, base: ml_collections.ConfigDict | None = None,
-            ) -> dict[str, Any]:
+            dtype: str | None = 'float32') -> dict[str, Any]:
   """Writes the GPT-2 checkpoint in `hf_dir` as a rag_jax model directory `out` (new, or an
-  earlier conversion of the same checkpoint); returns its export.json content. Every input is
-  checked before anything is written."""
+  earlier conversion of the same checkpoint); returns its export.json content. The model runs
+  in `dtype` (float32 by default: transformers' logits within 1e-4; None: the base config's).
+  Every input is checked before anything is written."""
   if files.absolute(out) == files.absolute(hf_dir):
     raise ValueError('--out must not be the Hugging Face directory.')
   if base is None:
@@ -68,6 +70,8 @@ def convert(hf_dir: str, out: str, base: ml_collections.ConfigDict | None = None
   config.model.update(fields)
   config.data.tokenizer, config.data.vocab_size = 'bpe', vocab
   config.activation.enabled, config.activation.lam = False, 0.0
+  if dtype is not None:
+    config.dtype = dtype
   if config.get('init_from'):
     config.init_from = ''
   configuration.validate(config)
@@ -76,6 +80,7 @@ def convert(hf_dir: str, out: str, base: ml_collections.ConfigDict | None = None
   workdir_lib.save_config(config, out)
   tokenizers.save(tokenizer, os.path.join(out, workdir_lib.TOKENIZER_FILE))
   record.update(source='huggingface gpt2', model=dict(fields), vocab_size=vocab,
+                dtype=config.get('dtype', 'float32'),
                 parameters=int(sum(np.size(x) for x in jax.tree.leaves(params))),
                 bytes=files.getsize(path))
   files.write_json(os.path.join(out, weights_lib.EXPORT_FILE), record)
@@ -85,8 +90,11 @@ def convert(hf_dir: str, out: str, base: ml_collections.ConfigDict | None = None
 def _define_flags():
   flags.DEFINE_string('hf_dir', None, 'A Hugging Face GPT-2 checkpoint directory.', required=True)
   flags.DEFINE_string('out', None, 'The rag_jax model directory to write.', required=True)
-  flags.DEFINE_string('config', DEFAULT_CONFIG, 'Config file (path.py[:variant]) whose data, '
-                      'optimizer and schedule the converted model carries.')
+  config_flags.DEFINE_config_file(
+      'config', DEFAULT_CONFIG, 'Config file (path.py[:variant]) whose data, optimizer and '
+      'schedule the converted model carries; --config.FIELD=VALUE overrides a field as in '
+      'train. The model runs in float32 unless --config.dtype says otherwise.',
+      lock_config=True)
 
 
 def main(argv):
@@ -94,11 +102,12 @@ def main(argv):
   workdir_lib.quiet_logs()
   f = flags.FLAGS
   try:
-    record = convert(f.hf_dir, f.out, configuration.load_config(f.config))
+    given = cli.config_overrides(sys.argv)
+    record = convert(f.hf_dir, f.out, f.config, None if 'dtype' in given else 'float32')
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   print(f"wrote {f.out}: GPT-2 with {record['parameters']:,} parameters, model "
-        f"{record['model']}, vocabulary {record['vocab_size']}")
+        f"{record['model']}, vocabulary {record['vocab_size']}, running in {record['dtype']}")
 
 
 if __name__ == '__main__':

@@ -244,3 +244,19 @@ def test_export_in_gpt2_layout_loads_in_transformers(bpe_mlp_run, tmp_path):
     r = runs.load_run(bpe_mlp_run)
     cfg = r.model.cfg.__class__(**{**r.model.cfg.__dict__, 'num_heads': 2, 'head_dim': 8})
     hf_gpt2.to_hf(r.params, cfg)
+
+
+@pytest.mark.slow
+def test_convert_runs_in_float32_unless_the_config_says_otherwise(gpt2_dir, tmp_path):
+  """The command line takes `--config.*` overrides as train does; GPT-2's config is bfloat16
+  for training, but a conversion runs in float32 (transformers' logits within 1e-4) unless
+  `--config.dtype` is given, and says which."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  for extra, dtype in (([], 'float32'), (['--config.dtype=bfloat16'], 'bfloat16')):
+    out = tmp_path / dtype
+    proc = subprocess.run([sys.executable, '-m', 'rag_jax.convert', f'--hf_dir={gpt2_dir}',
+                           f'--out={out}', *extra], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith(f'running in {dtype}')
+    assert runs.load_run(str(out)).config.dtype == dtype
