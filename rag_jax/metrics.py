@@ -16,7 +16,6 @@ import os
 import secrets
 from typing import Any
 
-from absl import logging
 from etils import epath
 from etils.epath import gpath
 import jax
@@ -197,8 +196,8 @@ class Profiler:
     if self.active and step == self.steps[1]:
       jax.block_until_ready(outputs)
       self.stop()
-      logging.info('profile of steps %d-%d written under %s', *self.steps,
-                   os.path.join(self.workdir, 'plugins', 'profile'))
+      workdir_lib.notice(f'profile of steps {self.steps[0]}-{self.steps[1]} written to '
+                         f"{os.path.join(self.workdir, 'plugins', 'profile')} (make tensorboard)")
 
   def stop(self) -> None:
     if self.active:

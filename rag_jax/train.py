@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import signal
@@ -400,6 +399,8 @@ def _train(config, workdir, mesh, allow_config_change):
         shard.state.params, shard.batch, shard.batch, shard.replicated))
     log = metrics_lib.MetricsLog(workdir, resume, config)
     profiler = metrics_lib.Profiler(config, workdir)
+    if resume < config.num_steps:
+      workdir_lib.notice('compiling the train step; the first step includes it.')
     bar = tqdm.tqdm(total=config.num_steps, initial=resume, desc='train', unit='step',
                     disable=jax.process_index() != 0, dynamic_ncols=True)
     with jax.set_mesh(mesh), StopSignals(mngr) as signals:
@@ -531,7 +532,17 @@ def main(argv):
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   if last:
-    print(json.dumps(last))
+    print(summary(last, flags.FLAGS.config.num_steps, flags.FLAGS.workdir))
+
+
+def summary(last: dict, step: int, workdir: str) -> str:
+  """The end of a run in one line: its losses and speed, and where it is."""
+  parts = [f"train loss {last['train_loss']:.4f}"]
+  if 'eval_loss' in last:
+    parts.append(f"eval loss {last['eval_loss']:.4f}")
+  if 'tokens_per_sec' in last:
+    parts.append(f"{last['tokens_per_sec']:,.0f} tokens/s")
+  return f"step {step}: {', '.join(parts)}; the run is in {workdir}"
 
 
 if __name__ == '__main__':
