@@ -310,7 +310,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if weights.is_export(workdir):
     raise WorkdirError(f'{workdir} holds a model written by rag_jax.export or rag_jax.convert, not '
                        f'a run; fine-tune it in a new --workdir with --config.init_from={workdir}.')
+  workdir_lib.claim(workdir, config, mark=False)  # before the lock file is made in it
   with _exclusive(workdir):
+    workdir_lib.claim(workdir, config, mark=jax.process_index() == 0)
     return _train(config, workdir, mesh, allow_config_change)
 
 

@@ -38,6 +38,12 @@ EVAL_CURVE_FILE = 'eval_curve.json'
 EVAL_TABLE_FILE = 'eval_table.txt'  # evaluate's last table, as it printed it
 CHECKPOINT_DIR = 'checkpoints'
 LOCK_FILE = 'train.lock'
+# Written by train into every workdir it makes: what says a directory is ours to write into.
+MARKER_FILE = 'rag_jax_workdir.json'
+WORKDIR_FORMAT = 1
+# A run config.json's own fields: a workdir of a run older than MARKER_FILE is one whose
+# config.json has them.
+_RUN_FIELDS = {'model', 'activation', 'opt', 'data', 'num_steps'}
 CONFIG_CHANGES_FILE = 'config_changes.jsonl'
 # A step folder orbax was still writing: `<step>.orbax-checkpoint-tmp-<timestamp>` (local disks;
 # object stores mark a finished step with commit_success.txt instead).
@@ -111,6 +117,39 @@ def check_writable(workdir: str, create: bool = False) -> None:
     raise WorkdirError(f'cannot write into workdir {workdir} ({e.strerror}); nothing was done. '
                        'Give a directory you can write to.') from None
   _check_layout(workdir)
+
+
+def claim(workdir: str, config: ml_collections.ConfigDict, mark: bool = True) -> None:
+  """Before `train` writes into `workdir`: it must be new or empty, or a rag_jax workdir (its
+  MARKER_FILE, or an older run's config.json), and a workdir without checkpoints must not hold
+  another run's config (its config.json, metrics and events would be replaced). One
+  WorkdirError naming what was found; otherwise the marker is written (when `mark`)."""
+  marker = os.path.join(workdir, MARKER_FILE)
+  entries = sorted(e for e in files.listdir(workdir)
+                   if not e.startswith('.write_probe') and e != LOCK_FILE)
+  if entries and not files.exists(marker):
+    saved = None
+    try:
+      saved = files.read_json(os.path.join(workdir, CONFIG_FILE))
+    except (OSError, ValueError):
+      pass
+    if not (isinstance(saved, dict) and _RUN_FIELDS <= saved.keys()):
+      shown = ', '.join(entries[:5]) + (f' and {len(entries) - 5} more' if len(entries) > 5
+                                        else '')
+      what = (f'a {CONFIG_FILE} that is not a rag_jax run config' if CONFIG_FILE in entries
+              else 'no rag_jax run')
+      raise WorkdirError(f'{workdir} is not a rag_jax workdir ({what}; it holds {shown}); train '
+                         'writes only into a new or empty directory or a workdir of its own. '
+                         'Give another --workdir.')
+  if latest_step(workdir) is None and files.exists(os.path.join(workdir, CONFIG_FILE)):
+    changes = configuration.diff(load_config(workdir), config)
+    if changes:
+      fields = ', '.join(list(changes)[:4]) + (' ...' if len(changes) > 4 else '')
+      raise WorkdirError(f'{workdir} holds the config of another run ({fields} differ) and no '
+                         'checkpoint: training here would replace its config.json, metrics and '
+                         'events. Use a new --workdir (or move those files away too).')
+  if mark and not files.exists(marker):
+    files.write_json(marker, {'format': WORKDIR_FORMAT, 'written_by': 'rag_jax.train'})
 
 
 def check_output_file(path: str) -> None:

@@ -403,3 +403,38 @@ def test_unwritable_workdir_is_refused_before_the_work(reference, tfds_env, tmp_
   assert proc.stderr.strip().splitlines()[-1].startswith(
       f'error: cannot write into workdir {workdir} (Permission denied); nothing was done')
   assert not os.path.exists(os.path.join(workdir, 'eval_curve.json'))
+
+
+def test_train_writes_only_into_a_workdir_of_its_own(reference, tfds_dir, tmp_path, no_compile):
+  """A directory holding someone else's files (a Hugging Face model folder, notes), or a workdir
+  whose checkpoints were moved away but whose config.json is another run's, is refused with
+  one line before anything is written into it."""
+  model = tmp_path / 'hf_model'
+  model.mkdir()
+  (model / 'config.json').write_text('{"model_type": "gpt2", "n_layer": 2}')
+  (model / 'model.safetensors').write_bytes(b'weights')
+  notes = tmp_path / 'notes'
+  notes.mkdir()
+  (notes / 'todo.txt').write_text('mine')
+  cases = [(model, r'is not a rag_jax workdir \(a config.json that is not a rag_jax run config; '
+                   r'it holds config.json, model.safetensors\)'),
+           (notes, r'is not a rag_jax workdir \(no rag_jax run; it holds todo.txt\)')]
+  run = tmp_path / 'run'
+  shutil.copytree(reference, run)
+  shutil.move(run / 'checkpoints', tmp_path / 'moved_checkpoints')
+  cases.append((run, r'holds the config of another run \(seed differ\) and no checkpoint'))
+  for directory, message in cases:
+    before = snapshot(directory)
+    with pytest.raises(errors.WorkdirError, match=message):
+      train.train_and_evaluate(_config(tfds_dir, seed=7), str(directory))
+    assert snapshot(directory) == before, directory
+
+
+@pytest.mark.slow
+def test_a_workdir_older_than_the_marker_is_still_ours(reference, tfds_dir, tmp_path):
+  """Runs written before workdirs carried MARKER_FILE resume as before (the marker is added)."""
+  old = tmp_path / 'old'
+  shutil.copytree(reference, old)
+  os.remove(old / workdir_lib.MARKER_FILE)
+  train.train_and_evaluate(_config(tfds_dir, num_steps=STEPS + 2), str(old))
+  assert (old / workdir_lib.MARKER_FILE).exists() and _metrics(str(old))[-1]['step'] == STEPS + 2
