@@ -152,7 +152,6 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
                    draft_tokens, draft_cache, threshold)
   model = runs.make_model(config, tokenizer.vocab_size)
   prompt_RxP, lengths_R, ids_R = decode.prompt_rows(tokenizer, prompts, batch, model.cfg)
-  key = jax.random.fold_in(workdir_lib.root_keys(config.seed)['sample'], seed)
   if isinstance(chosen, policies.Speculative):
     speculative.check(model.cfg, chosen.act, int(lengths_R.max()), num_tokens, chosen.fraction,
                       chosen.draft_tokens, chosen.draft_cache)
@@ -162,6 +161,7 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
   else:
     program = generate
     knobs.update(policy=chosen)
+  key = jax.random.fold_in(workdir_lib.root_keys(config.seed)['sample'], seed)
   start = time.perf_counter()
   compiled = program.lower(params, model, prompt_RxP, key, lengths_R, ids_R, **knobs).compile()
   compile_seconds = time.perf_counter() - start

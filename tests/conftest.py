@@ -47,10 +47,22 @@ def tfds_env(tfds_dir):
 
 @pytest.fixture
 def no_compile(monkeypatch):
-  """Fails the test if anything is jitted."""
+  """Fails the test if anything is compiled: `jax.jit` refuses to wrap, and XLA compiling any
+  program (a module-level jitted function, an eager op of a new shape) fails the test at its
+  end, through JAX's compile-time events."""
   def refuse(*args, **kwargs):
     raise AssertionError('compiled before the input was checked')
   monkeypatch.setattr(jax, 'jit', refuse)
+  compiled = []
+
+  def listen(event, duration, **kwargs):
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiled.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  yield
+  jax.monitoring.unregister_event_duration_listener(listen)
+  assert not compiled, f'{len(compiled)} program(s) compiled before the input was checked'
 
 
 def snapshot(directory) -> dict[str, bytes]:

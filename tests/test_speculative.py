@@ -125,8 +125,13 @@ def test_sampled_tokens_follow_the_full_models_distribution(temperature, top_k, 
     assert stats.chisquare(counts[keep], expected).pvalue > 1e-3, (j, counts, expected)
 
 
-def test_bad_speculative_settings_are_refused_before_compiling(no_compile):
-  _, params = params_of(1.0)
+@pytest.fixture(scope='module')
+def unit_params():  # module-scoped: built before `no_compile` starts listening
+  return params_of(1.0)[1]
+
+
+def test_bad_speculative_settings_are_refused_before_compiling(unit_params, no_compile):
+  params = unit_params
   cases = [
       (dict(config=run_config(enabled=False)), 'needs a random-activation run'),
       (dict(config=run_config(structure='random')), "structure 'nested'"),
