@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -19,24 +21,29 @@
 # (nothing is downloaded), samples from it at the full width and at half width, and plots its
 # losses. For a real run, drop `:smoke` (2000 steps, about 10 minutes on a CPU, less on a GPU).
 #
-# **On Colab**, run the first cell: it clones the repository (set `REPO` to the git URL of your
-# copy) and installs it. Colab already has TensorFlow, which TFDS needs to build the dataset, so
-# the `tf` extra is not installed there. On a GPU runtime also install JAX's CUDA build
-# (`%pip install -q "jax[cuda12]"`). Elsewhere, `make install` in the repository does all this.
-# The tests run this notebook on a CPU with the first cell skipped.
+# **On Colab**, the first cell clones the repository (set `REPO` to the git URL of your copy)
+# and installs it. Colab already has TensorFlow, which TFDS needs to build the dataset, so the
+# `tf` extra is not installed there. On a GPU runtime also install JAX's CUDA build
+# (`%pip install -q "jax[cuda12]"`). **Inside a checkout** (after `make install`), the first
+# cell finds it and installs nothing: `jupyter execute notebooks/colab_quickstart.ipynb` runs
+# the whole notebook headless, as the tests do.
 
 # %% tags=["colab"]
-# Colab only: fetch and install rag_jax (skipped by the tests).
+# Install: on Colab, fetch and install rag_jax; inside a checkout, use the checkout as it is.
 import os
+import pathlib
+import sys
 
-REPO = ''  # the git URL of your copy of rag_jax
-if not os.path.exists('pyproject.toml'):  # not yet inside the repository
-  if not os.path.exists('rag_jax'):
-    if not REPO:
-      raise SystemExit('Set REPO to the git URL of rag_jax, then run this cell again.')
-    # !git clone -q {REPO} rag_jax
+REPO = ''  # on Colab: the git URL of your copy of rag_jax
+CHECKOUT = next((p for p in [pathlib.Path.cwd(), *pathlib.Path.cwd().parents]
+                 if (p / 'pyproject.toml').exists() and (p / 'rag_jax').is_dir()), None)
+if CHECKOUT is None:
+  if 'google.colab' not in sys.modules or not REPO:
+    raise SystemExit('Run this notebook inside a rag_jax checkout, or on Colab with REPO set '
+                     'to the git URL of rag_jax.')
+  # !git clone -q {REPO} rag_jax
   # %cd rag_jax
-# %pip install -q -e .
+  # %pip install -q -e .
 
 # %%
 import os
