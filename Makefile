@@ -7,19 +7,27 @@ WORKDIR ?= runs/shakespeare_char
 # Keep pytest's workers at the machine's cores (2 here).
 PYTEST_WORKERS ?= 2
 
-.PHONY: install data corpus train serve lint check test bench reference tensorboard clean
+.PHONY: install dev data corpus train serve lint check test bench reference tensorboard clean
 
+# `make install`: what training, evaluating, sampling, exporting and plotting need. The tests,
+# the linter and the analyses install the extras too (`make dev`).
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,tf,serve]'
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,tf,hf,wandb,serve,notebooks,tensorboard]'
 	touch $@
 
 install: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
 
 # Builds TFDS tiny_shakespeare into $$TFDS_DATA_DIR (default ~/tensorflow_datasets) from the copy
 # the package ships (rag_jax/data/corpora): nothing is downloaded.
 data: install
+	$(PY) -c 'import tensorflow' 2>/dev/null || $(PY) -m pip install --quiet -e '.[tf]'
 	$(PY) -m rag_jax.data.prepare --dataset=tiny_shakespeare
 
 # The capacity experiment's corpus (configs/ablations/capacity.py): every State of the Union
@@ -38,9 +46,10 @@ train: data
 
 # An OpenAI-compatible server of the run in $(WORKDIR), every width a model id (docs/serving.md).
 serve: install
+	$(PY) -c 'import uvicorn' 2>/dev/null || $(PY) -m pip install --quiet -e '.[serve]'
 	$(PY) -m rag_jax.serve --workdir=$(WORKDIR)
 
-lint: install
+lint: dev
 	$(VENV)/bin/ruff check .
 
 # The edit-test loop: the linter and every test not marked slow (README, "Testing").
@@ -65,7 +74,7 @@ reference: install
 # traces of config.profile_steps, whose plugin is installed here on first use).
 LOGDIR ?= runs
 tensorboard: install
-	$(PY) -c 'import tensorboard_plugin_profile' 2>/dev/null || $(PY) -m pip install --quiet -e '.[profile]'
+	$(PY) -c 'import tensorboard_plugin_profile' 2>/dev/null || $(PY) -m pip install --quiet -e '.[tensorboard,profile]'
 	$(VENV)/bin/tensorboard --logdir $(LOGDIR)
 
 clean:

@@ -30,7 +30,6 @@
 
 # %% tags=["colab"]
 # Install: on Colab, fetch and install rag_jax; inside a checkout, use the checkout as it is.
-import os
 import pathlib
 import sys
 
