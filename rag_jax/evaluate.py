@@ -156,7 +156,8 @@ def evaluate(workdir: str, active_fractions=None, policy: str = 'fixed',
     if policy == 'random':
       activation.check_draws(act, '--policy=random would score the dense model')
 
-  config, model, params, step, act, tokens = _load(workdir, split, overrides, check)
+  narrower = policy != 'fixed' or (active_fractions is not None and min(active_fractions) < 1)
+  config, model, params, step, act, tokens = _load(workdir, split, overrides, check, narrower)
   cfg = model.cfg
   if active_fractions is None:
     active_fractions = ([(j + 1) / act.buckets for j in reversed(range(act.buckets))]
@@ -191,7 +192,7 @@ def evaluate(workdir: str, active_fractions=None, policy: str = 'fixed',
   return entries
 
 
-def _load(workdir: str, split: str, overrides: dict | None, check):
+def _load(workdir: str, split: str, overrides: dict | None, check, widths: bool = True):
   """(config, model, params, step, activation settings, the split's tokens) of the run in
   `workdir` to score: its activation updated by `overrides` and validated, `check(act)` for
   what a policy needs, the workdir checked writable before the work (no result is lost)."""
@@ -199,7 +200,8 @@ def _load(workdir: str, split: str, overrides: dict | None, check):
   act = config.activation
   if overrides:
     act.update({k: v for k, v in overrides.items() if v is not None})
-  activation.validate(act, config.model)
+  if act.enabled or widths:  # a dense run scored at a = 1 uses none of its activation settings
+    activation.validate(act, config.model)
   check(act)
   workdir_lib.check_writable(workdir)
   if split not in data_lib.SPLITS:

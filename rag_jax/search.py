@@ -129,11 +129,15 @@ def run_search(workdir: str, fraction: float, batches: int = 8, seed: int = 0,
                max_evaluations: int = 400) -> dict[str, Any]:
   """Loads `workdir`, searches the per-layer plan at the FLOPs of the uniform `fraction`, and
   scores the plan and the uniform width on the whole validation and test splits."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f'--active_fraction must be in (0, 1], got {fraction}.')
+  for name, value, low in (('batches', batches, 1), ('max_evaluations', max_evaluations, 1),
+                           ('seed', seed, 0)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(f'--{name} must be an integer of at least {low}, got {value!r}.')
   config, tokenizer, model, params, step = runs.load_run(workdir)
   act, cfg = config.activation, model.cfg
   activation.validate(act, config.model)
-  if not 0 < fraction <= 1:
-    raise ValueError(f'--active_fraction must be in (0, 1], got {fraction}.')
   # The budget: every searched site at `fraction` of its width, not rounded to a bucket (so a
   # fraction between buckets asks for a mix); the uniform comparator is the widest uniform
   # bucket within it.

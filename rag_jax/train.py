@@ -37,6 +37,7 @@ from rag_jax import configuration
 from rag_jax.data import pipeline as data_lib
 from rag_jax.data import tokenizers
 from rag_jax import evaluate as evaluate_lib
+from rag_jax import files
 from rag_jax import losses
 from rag_jax import metrics as metrics_lib
 from rag_jax import plan as plan_lib
@@ -306,14 +307,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   check_config(config, given)
   mesh = sharding.make_mesh(config)
+  created = not files.exists(workdir)
   workdir_lib.check_writable(workdir, create=True)
   if weights.is_export(workdir):
     raise WorkdirError(f'{workdir} holds a model written by rag_jax.export or rag_jax.convert, not '
                        f'a run; fine-tune it in a new --workdir with --config.init_from={workdir}.')
   workdir_lib.claim(workdir, config, mark=False)  # before the lock file is made in it
-  with _exclusive(workdir):
-    workdir_lib.claim(workdir, config, mark=jax.process_index() == 0)
-    return _train(config, workdir, mesh, allow_config_change)
+  try:
+    with _exclusive(workdir):
+      workdir_lib.claim(workdir, config, mark=jax.process_index() == 0)
+      return _train(config, workdir, mesh, allow_config_change)
+  except BaseException:
+    if created and jax.process_index() == 0:  # refused before it wrote anything: no leftovers
+      workdir_lib.remove_if_unused(workdir)
+    raise
 
 
 def _check_inputs(config, workdir, allow_config_change) -> dict[str, Any]:

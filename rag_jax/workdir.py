@@ -152,6 +152,20 @@ def claim(workdir: str, config: ml_collections.ConfigDict, mark: bool = True) ->
     files.write_json(marker, {'format': WORKDIR_FORMAT, 'written_by': 'rag_jax.train'})
 
 
+def remove_if_unused(workdir: str) -> None:
+  """Removes a workdir this train made when it holds nothing but its lock and marker (the run
+  was refused before it saved anything)."""
+  own = {LOCK_FILE, MARKER_FILE}
+  try:
+    entries = set(files.listdir(workdir))
+    if entries <= own:
+      for name in entries:
+        files.remove(os.path.join(workdir, name))
+      files.path(workdir).rmdir()
+  except OSError:
+    pass
+
+
 def check_output_file(path: str) -> None:
   """A file a command will write when its work is done, checked before the work: not a
   directory, its directory made if missing, and writable there. One WorkdirError."""

@@ -217,3 +217,15 @@ def test_output_locations_are_checked_before_the_work(tfds_env, tmp_path):
               f'--out={tmp_path / "new" / "dir" / "loss.png"}', env=tfds_env)
   assert proc.returncode == 1 and (tmp_path / 'new' / 'dir').is_dir()
   assert 'no_run' in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_dense_run_scores_at_full_width_whatever_its_unused_activation_settings(good_run):
+  """A dense run's activation settings matter only when it is scored narrower: buckets that do
+  not divide its heads do not stop `evaluate` at a = 1, and are refused at a = 0.5."""
+  from rag_jax import evaluate
+  _, workdir = good_run
+  (entry,) = evaluate.evaluate(workdir, (1.0,), overrides={'buckets': 3})
+  assert entry['active_fraction'] == 1.0
+  with pytest.raises(errors.ConfigError, match='buckets=3 does not divide'):
+    evaluate.evaluate(workdir, (0.5,), overrides={'buckets': 3})

@@ -291,6 +291,7 @@ def test_short_corpus_is_named_as_short(tfds_dir, tmp_path, no_compile):
   with pytest.raises(errors.DataError, match=r'the train split has 10 tokens, fewer than '
                                              r'block_size \+ 1 = 33'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()  # the refused run leaves no workdir behind
 
 
 @pytest.mark.parametrize('case', ['data_dir_is_a_file', 'paths_name_a_directory',

@@ -69,3 +69,14 @@ def test_search_stays_within_budget_and_is_deterministic(model_params):
   short = search.search(params, model, act, tokens, target, batches=2, batch_size=4,
                         max_evaluations=5)
   assert short['evaluations'] <= 5 and not short['within_budget']
+
+
+def test_search_counts_are_checked_before_the_work(monkeypatch):
+  """--batches=0 (and the other counts) get one message before the run is even loaded."""
+  monkeypatch.setattr(search.runs, 'load_run', lambda w: (_ for _ in ()).throw(
+      AssertionError('loaded before the counts were checked')))
+  for kwargs, message in ((dict(batches=0), '--batches must be an integer of at least 1'),
+                          (dict(max_evaluations=-1), '--max_evaluations must be'),
+                          (dict(seed=-2), '--seed must be an integer of at least 0')):
+    with pytest.raises(ValueError, match=message):
+      search.run_search('unused', 0.5, **kwargs)
