@@ -95,6 +95,8 @@ def check_workdir(run: sweeps.Run, workdir: str) -> None:
 def execute(run: sweeps.Run, cmds: list[list[str]], workdir: str) -> dict | None:
   """Runs the commands in order, output appended to workdir/sweep.log; None, or what failed."""
   os.makedirs(workdir, exist_ok=True)
+  if not os.listdir(workdir):  # a workdir of the sweep's making: train's own (its marker)
+    workdir_lib.mark_workdir(workdir, 'experiments/sweep.py')
   log_path = os.path.join(workdir, LOG_FILE)
   start = time.perf_counter()
   with open(log_path, 'a') as log:

@@ -148,8 +148,16 @@ def claim(workdir: str, config: ml_collections.ConfigDict, mark: bool = True) ->
       raise WorkdirError(f'{workdir} holds the config of another run ({fields} differ) and no '
                          'checkpoint: training here would replace its config.json, metrics and '
                          'events. Use a new --workdir (or move those files away too).')
-  if mark and not files.exists(marker):
-    files.write_json(marker, {'format': WORKDIR_FORMAT, 'written_by': 'rag_jax.train'})
+  if mark:
+    mark_workdir(workdir)
+
+
+def mark_workdir(workdir: str, by: str = 'rag_jax.train') -> None:
+  """Writes MARKER_FILE into `workdir` unless it is there (a tool that makes a workdir for
+  train, such as a sweep writing its log there, marks it first)."""
+  marker = os.path.join(workdir, MARKER_FILE)
+  if not files.exists(marker):
+    files.write_json(marker, {'format': WORKDIR_FORMAT, 'written_by': by})
 
 
 def remove_if_unused(workdir: str) -> None:
