@@ -147,25 +147,29 @@ def test_a_client_that_goes_away_frees_its_slot(served_run):
 
 @pytest.mark.slow
 def test_a_full_queue_answers_429_and_sigterm_drains(served_run, tfds_env):
-  """One slot and a queue of one: a third concurrent request is refused with 429; SIGTERM lets
-  the request in flight finish, then the server exits 0."""
+  """One slot and a queue of one: while a long streamed request holds the slot and a second
+  waits, a third is refused with 429. After SIGTERM the first goes on streaming; once its client
+  leaves, the waiting one is served, and the server exits 0. No step depends on timing."""
   workdir, _ = served_run
-  server = Served(workdir, tfds_env, '--slots=1', '--max_queue=1')
+  server = Served(workdir, tfds_env, '--slots=1', '--max_queue=1', '--max_tokens=1000000')
+  pool = concurrent.futures.ThreadPoolExecutor(1)
   try:
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-      first = pool.submit(server.post, {'prompt': 'ROMEO:', 'max_tokens': 1000})
-      while httpx.get(f'{server.url}/health').json()['busy_slots'] == 0:
-        time.sleep(0.01)
+    with httpx.stream('POST', f'{server.url}/v1/completions', timeout=60, content=json.dumps(
+        {'prompt': 'ROMEO:', 'max_tokens': 1000000, 'stream': True})) as first:
+      lines = (l for l in first.iter_lines() if l.startswith('data:'))
+      next(lines)  # the first request holds the slot
       second = pool.submit(server.post, {'prompt': 'JULIET:', 'max_tokens': 5})
       while httpx.get(f'{server.url}/health').json()['waiting'] == 0:
         time.sleep(0.01)
       refused = server.post({'prompt': 'KING:', 'max_tokens': 5})
       assert refused.status_code == 429 and 'waiting' in refused.json()['error']['message']
       server.proc.send_signal(signal.SIGTERM)
-      assert first.result().json()['usage']['completion_tokens'] == 1000
-      assert second.result().status_code == 200
+      assert all(next(lines) for _ in range(20))  # still streaming after SIGTERM
+    answer = second.result(60)  # the first's client left: its slot went to the second
+    assert answer.status_code == 200 and answer.json()['usage']['completion_tokens'] == 5
     assert server.proc.wait(60) == 0
   finally:
+    pool.shutdown(wait=False)
     server.stop()
 
 
