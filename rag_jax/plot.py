@@ -1,10 +1,12 @@
-"""Training and validation loss against steps, for one or several runs, as a picture.
+"""Loss against steps, and against compute, for one or several runs, as a picture.
 
     python -m rag_jax.plot --workdirs=runs/dense,runs/ra [--out=loss.png] [--log_x]
 
 Reads each workdir's metrics.jsonl (local or gs://, through epath): the training loss as a line,
-the evaluation loss as dots of the same colour; the label is the workdir's name. Writes a PNG
-(default: loss.png in the current directory).
+the evaluation loss as dots of the same colour; the label is the workdir's name. Where a run has
+been scored by `evaluate` (eval_curve.json), a second panel draws its validation loss against
+FLOPs per token: each fixed width a point on a line, the random and adaptive policies as
+separate markers. Writes a PNG (default: loss.png in the current directory).
 """
 from __future__ import annotations
 
@@ -39,11 +41,31 @@ def read_metrics(workdir: str) -> list[dict]:
   return rows
 
 
+def read_curve(workdir: str, split: str = 'validation') -> dict[str, list[tuple]]:
+  """A run's scored entries of `split` as {policy: [(FLOPs per token, loss), ...]} (sorted by
+  FLOPs); {} when the run has not been evaluated."""
+  path = os.path.join(workdir, workdir_lib.EVAL_CURVE_FILE)
+  if not files.exists(path):
+    return {}
+  try:
+    entries = files.read_json(path)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise WorkdirError(f'{path} is damaged ({e}).') from None
+  out = {}
+  for e in entries:
+    if e.get('split', 'validation') == split:
+      out.setdefault(e['policy'], []).append((e['flops_per_token'], e['loss']))
+  return {policy: sorted(points) for policy, points in out.items()}
+
+
 def plot(workdirs: list[str], out: str, log_x: bool = False) -> str:
   """Draws the runs' losses into `out` (PNG); returns `out`."""
   runs = {w: read_metrics(w) for w in workdirs}  # every input checked before drawing
-  fig = figure.Figure(figsize=(7, 4.5))  # no pyplot: a notebook's backend is left alone
-  ax = fig.subplots()
+  curves = {w: read_curve(w) for w in workdirs}
+  scored = any(curves.values())
+  # No pyplot: a notebook's backend is left alone.
+  fig = figure.Figure(figsize=(13, 4.5) if scored else (7, 4.5))
+  ax, *rest = fig.subplots(1, 2 if scored else 1, squeeze=False)[0]
   for i, (workdir, rows) in enumerate(runs.items()):
     color = f'C{i % 10}'
     name = os.path.basename(os.path.normpath(str(files.path(workdir)))) or workdir
@@ -55,15 +77,34 @@ def plot(workdirs: list[str], out: str, log_x: bool = False) -> str:
       ax.plot(*zip(*evals), 'o-', color=color, ms=4, lw=1.5, label=f'{name} eval')
   ax.set_xlabel('step')
   ax.set_ylabel('loss (nats per token)')
+  ax.set_title('loss against steps', fontsize=10)
   if log_x:
     ax.set_xscale('log')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
+  if scored:
+    _draw_compute(rest[0], curves)
   fig.tight_layout()
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', dpi=120)
   files.write_bytes(out, buffer.getvalue())
   return out
+
+
+def _draw_compute(ax, curves: dict[str, dict[str, list[tuple]]]) -> None:
+  """Validation loss against FLOPs per token: fixed widths joined, other policies as markers."""
+  markers = {'random': 'D', 'adaptive': '^'}
+  for i, (workdir, curve) in enumerate(curves.items()):
+    name = os.path.basename(os.path.normpath(str(files.path(workdir)))) or workdir
+    for policy, points in curve.items():
+      style = 'o-' if policy == 'fixed' else markers.get(policy, 's')
+      ax.plot(*zip(*points), style, color=f'C{i % 10}', ms=5, lw=1.5,
+              label=f'{name} {policy}')
+  ax.set_xlabel('forward FLOPs per token')
+  ax.set_ylabel('validation loss (nats per token)')
+  ax.set_title('loss against compute (evaluate)', fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
 
 
 def _define_flags():

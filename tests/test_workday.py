@@ -167,7 +167,18 @@ def test_loss_plot_of_several_runs(tmp_path):
     rows += [{'step': 100, 'train_loss': 1.0, 'eval_loss': scale * 1.2}]
     (tmp_path / name / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
   out = plot.plot([str(tmp_path / 'dense'), f'file://{tmp_path}/ra'], str(tmp_path / 'loss.png'))
-  assert open(out, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+  png = open(out, 'rb').read()
+  assert png[:8] == b'\x89PNG\r\n\x1a\n' and int.from_bytes(png[16:20], 'big') == 840
+  # A scored run adds the panel of loss against compute (a wider picture).
+  curve = [{'policy': 'fixed', 'active_fraction': a, 'loss': 1.2 + (1 - a) / 10,
+            'flops_per_token': 1e6 * a, 'split': 'validation'} for a in (1.0, 0.5, 0.25)]
+  curve += [{'policy': 'fixed', 'active_fraction': 1.0, 'loss': 9.0, 'flops_per_token': 1e6,
+             'split': 'test'}]
+  (tmp_path / 'ra' / 'eval_curve.json').write_text(json.dumps(curve))
+  assert plot.read_curve(str(tmp_path / 'ra')) == {
+      'fixed': [(2.5e5, 1.275), (5e5, 1.25), (1e6, 1.2)]}
+  png = open(plot.plot([str(tmp_path / 'ra')], str(tmp_path / 'two.png')), 'rb').read()
+  assert int.from_bytes(png[16:20], 'big') == 1560
   proc = subprocess.run([sys.executable, '-m', 'rag_jax.plot', f'--workdirs={tmp_path}/dense,'
                          f'{tmp_path}/nothing', f'--out={tmp_path}/b.png'], cwd=ROOT,
                         capture_output=True, text=True, timeout=120)
