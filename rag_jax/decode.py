@@ -155,15 +155,15 @@ def _decode_loop(decoder: policies.Decoder, prompt_BxP, lengths_B, num_tokens: i
   B, P = prompt_BxP.shape
   N = P + num_tokens
   T = decoder.model.cfg.block_size
-  window = max(T // 2, 1)
+  keep = gpt.rebuild_keep(T)
   last_B = lengths_B + num_tokens - 1  # each row's last index
 
   def refill(tokens_BxN, t):
-    """Cache full: rebuild it from the `window - 1` tokens before index t."""
-    if window == 1:
+    """Cache full: rebuild it from the `keep` tokens before index t."""
+    if keep == 0:
       return gpt.init_cache(decoder.model.cfg, B), jnp.int32(0)
-    recent_BxW = jax.lax.dynamic_slice_in_dim(tokens_BxN, t - window + 1, window - 1, axis=1)
-    return decoder.prefill(recent_BxW, t - window + 1)[1], jnp.int32(window - 1)
+    recent_BxK = jax.lax.dynamic_slice_in_dim(tokens_BxN, t - keep, keep, axis=1)
+    return decoder.prefill(recent_BxK, t - keep)[1], jnp.int32(keep)
 
   def choose(s: DecodeState):
     """Writes the token at index s.t: the prompt's, a sampled one, or PAD when done."""

@@ -104,7 +104,7 @@ class Engine:
     self.plans = tuple(None if f == 1.0 else activation.make_plan(key, act, cfg, fraction=f)
                        for f in fractions)
     self.variables = ({'params': params} if not nested else widths_lib.decode_variables(
-        params, buckets, sorted({round(f * buckets) - 1 for f in fractions}),
+        params, buckets, sorted({activation.bucket_index(f, buckets) for f in fractions}),
         activation.parse_sites(act.sites)))
     # The sampler's CPU compiler options (decode.compiler_options: a decode step's reductions
     # ran 2x slower here without them).
@@ -278,7 +278,7 @@ class Engine:
     T//2 - 1 tokens at positions 0.. (one prefill at each slot's width), the token then fed at
     position T//2 - 1."""
     T = self.model.cfg.block_size
-    keep = max(T // 2, 1) - 1
+    keep = gpt.rebuild_keep(T)
     full_S = state.live & (state.pos >= T)
     recent_SxK = state.history_SxT[:, T - keep:]
     history = jnp.where(full_S[:, None], jnp.zeros_like(state.history_SxT).at[:, :keep].set(

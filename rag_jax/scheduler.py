@@ -18,9 +18,8 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from rag_jax import activation
 from rag_jax import engine as engine_lib
-from rag_jax import flops
+from rag_jax import policies
 
 
 class QueueFull(Exception):
@@ -97,10 +96,9 @@ class Scheduler:
     self._stop = False
     self._thread: threading.Thread | None = None
     self.state = engine.init_state()
-    cfg, act = engine.model.cfg, engine.act
+    act = None if engine.act is None else policies.Act(engine.act)
     self.relative_flops = {  # FLOPs per token of each width against the full width's
-        f: 1.0 if act is None else flops.flops_per_token(
-            cfg, **activation.compute_fractions(act, cfg, f)) / flops.flops_per_token(cfg)
+        f: policies.Fixed(act=act, fraction=f).relative_flops(engine.model.cfg)
         for f in engine.fractions}
 
   # Any thread.
@@ -179,11 +177,7 @@ class Scheduler:
     transfer from the device: the host keeps each slot's width, and a slot holding a request
     is live, as finished ones leave at once); the width of unpinned slots adjusted after."""
     start = time.perf_counter()
-    if self.steps == 1:
-      self.state, tokens = self.engine.generate(self.state)
-      tokens_KxS, live_KxS = tokens[None], self.state.live[None] | True
-    else:
-      self.state, tokens_KxS, live_KxS = self.engine.generate_steps(self.state, self.steps)
+    self.state, tokens_KxS, live_KxS = self.engine.generate_steps(self.state, self.steps)
     tokens_KxS, live_KxS, live_after = jax.device_get((tokens_KxS, live_KxS, self.state.live))
     step_ms = 1000 * (time.perf_counter() - start) / self.steps
     for slot, request in enumerate(self._slots):

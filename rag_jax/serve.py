@@ -165,9 +165,7 @@ class Server:
       prefix = self.engine.prefill([0], key=jax.random.key(0), settings=settings, fraction=f)
       state = self.engine.insert(prefix, state, 0)
     state = self.engine.set_width(state, 0, self.engine.fractions[-1])
-    if self.scheduler.steps > 1:
-      state = self.engine.generate_steps(state, self.scheduler.steps)[0]
-    state, tokens = self.engine.generate(state)
+    state = self.engine.generate_steps(state, self.scheduler.steps)[0]
     jax.block_until_ready(self.engine.free(state, 0).live)
     return time.perf_counter() - start
 

@@ -189,7 +189,7 @@ def _rebuild(m: _Models, s: RowState) -> RowState:
   """The plain sampler's context rule: when the next token would land at position T, the caches
   are rebuilt from the T//2 - 1 tokens before it (positions 0..), and it lands at T//2 - 1."""
   T = m.full_model.cfg.block_size
-  keep = max(T // 2, 1) - 1
+  keep = gpt.rebuild_keep(T)
   recent = jax.lax.dynamic_slice_in_dim(s.tokens, s.n - 1 - keep, keep)[None]
   cache = gpt.init_cache(m.full_model.cfg, 1)
   d_cache = None if m.shared else gpt.init_cache(m.draft_model.cfg, 1)

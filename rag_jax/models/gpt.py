@@ -106,6 +106,13 @@ class GPTConfig:
         layer_mlp_dims=tuple(model.get('layer_mlp_dims', ()) or ()))
 
 
+def rebuild_keep(block_size: int) -> int:
+  """The decoders' context rule: when a token would land at position T, the KV cache is rebuilt
+  from the last T//2 - 1 tokens (positions 0..) and the token lands after them, so every token
+  sees between T//2 and T tokens (decode, engine and speculative decoding share it)."""
+  return max(block_size // 2, 1) - 1
+
+
 def init_cache(cfg: GPTConfig, batch_size: int, length: int | None = None,
                dtype: Any = None) -> Cache:
   """An empty KV cache of `length` positions (default: the context length), in `cfg.dtype`
