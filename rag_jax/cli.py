@@ -11,8 +11,10 @@ import re
 import sys
 
 from absl import flags
+from ml_collections import config_flags
 
 from rag_jax import configuration
+from rag_jax import workdir as workdir_lib
 from rag_jax.errors import ConfigError
 
 ACTIVATION_FLAGS = ('alpha', 'beta', 'lam', 'structure', 'sites', 'layer_schedule')
@@ -41,33 +43,60 @@ def activation_overrides() -> dict:
   return {k: f[k].value for k in ACTIVATION_FLAGS if k in f and f[k].value is not None}
 
 
-def _config_spec(argv: list[str]) -> str | None:
-  """The value of --config in `argv` (the last one given), or None."""
-  spec = None
-  for i, a in enumerate(argv[1:], 1):
-    if a.startswith('--config='):
-      spec = a.split('=', 1)[1]
-    elif a == '--config' and i + 1 < len(argv):
-      spec = argv[i + 1]
-  return spec
-
-
 def config_overrides(argv: list[str]) -> list[str]:
   """The dotted fields `--config.FIELD=VALUE` sets in `argv` ('activation.lam', ...): what
   configuration.check_activation_overrides checks (train.check_config)."""
   return [a.split('=')[0][len('--config.'):] for a in argv[1:] if a.startswith('--config.')]
 
 
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """The value of --NAME in `argv` (the last one given), or None."""
+  value = None
+  for i, a in enumerate(argv[1:], 1):
+    if a.startswith(f'--{name}='):
+      value = a.split('=', 1)[1]
+    elif a == f'--{name}' and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _define_run_config(argv: list[str]) -> None:
+  """For a tool that reads a workdir (evaluate, sample, export, search, serve): `--config.FIELD=
+  VALUE` overrides the run's saved config, parsed by ml_collections as `train` parses them
+  (the saved config is the flag's default, so types and unknown fields are checked alike)."""
+  if 'config' in flags.FLAGS or 'workdir' not in flags.FLAGS or not config_overrides(argv):
+    return
+  workdir = _flag_value(argv, 'workdir')
+  if not workdir:
+    sys.exit('error: --config.* overrides the saved config of the run --workdir names; '
+             'give --workdir.')
+  try:
+    saved = workdir_lib.load_config(workdir)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  config_flags.DEFINE_config_dict('config', saved, 'The run\'s saved config (overrides only).',
+                                  lock_config=True)
+
+
+def run_overrides() -> dict:
+  """{dotted field: value} of the `--config.FIELD=VALUE` given to a tool that reads a workdir
+  (runs.load_run applies them); {} when none were."""
+  if 'config' not in flags.FLAGS:
+    return {}
+  return config_flags.get_override_values(flags.FLAGS['config'])
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl `flags_parser` for the CLIs: a missing config file, an unknown variant or a bad
   `--config.FIELD=VALUE` gives one line, no traceback."""
-  spec = _config_spec(argv)
+  spec = _flag_value(argv, 'config')
   if spec is not None:  # config_flags would defer a missing file or bury the message.
     try:
       configuration.load_config(spec)
     except ConfigError as e:
       sys.exit(f'error: --config: {e}')
   try:
+    _define_run_config(argv)  # (ml_collections parses the overrides here already)
     rest = flags.FLAGS(argv)
   except flags.Error as e:
     sys.exit(f'error: {e}')

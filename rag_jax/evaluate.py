@@ -134,7 +134,8 @@ def update_eval_curve(workdir: str, entries: list[dict]) -> list[dict]:
 
 def evaluate(workdir: str, active_fractions=None, policy: str = 'fixed',
              split: str = 'validation', overrides: dict | None = None,
-             draft_fraction: float = 0.5, thresholds=ADAPTIVE_THRESHOLDS) -> list[dict]:
+             draft_fraction: float = 0.5, thresholds=ADAPTIVE_THRESHOLDS,
+             config_overrides: dict | None = None) -> list[dict]:
   """Scores the newest checkpoint at each fixed fraction, under the random policy, or under
   the adaptive policy (`draft_fraction`, `thresholds`: `evaluate_adaptive`).
 
@@ -142,11 +143,14 @@ def evaluate(workdir: str, active_fractions=None, policy: str = 'fixed',
   alpha/beta/lam for the random policy, or structure/sites); on a dense run, fixed fractions
   below 1 score the dense model truncated to those widths (nested prefixes by default).
   `active_fractions=None`: every width a nested RA run computes (its buckets), 1 otherwise.
+  `config_overrides`: {dotted field: value} changing the saved config (runs.load_run), e.g.
+  {'data.paths': ..., 'dtype': 'float32'}.
   """
   if policy not in POLICIES:
     raise ValueError(f'--policy must be one of {POLICIES}, got {policy!r}.')
   if policy == 'adaptive':
-    return evaluate_adaptive(workdir, draft_fraction, thresholds, split, overrides)
+    return evaluate_adaptive(workdir, draft_fraction, thresholds, split, overrides,
+                             config_overrides)
   if policy == 'fixed' and active_fractions is not None and not len(active_fractions):
     raise ValueError('--active_fractions is empty; give the fractions to score, e.g. 1,0.5,0.25.')
   for a in active_fractions or ():
@@ -157,7 +161,8 @@ def evaluate(workdir: str, active_fractions=None, policy: str = 'fixed',
       activation.check_draws(act, '--policy=random would score the dense model')
 
   narrower = policy != 'fixed' or (active_fractions is not None and min(active_fractions) < 1)
-  config, model, params, step, act, tokens = _load(workdir, split, overrides, check, narrower)
+  config, model, params, step, act, tokens = _load(workdir, split, overrides, check, narrower,
+                                                   config_overrides)
   cfg = model.cfg
   if active_fractions is None:
     active_fractions = ([(j + 1) / act.buckets for j in reversed(range(act.buckets))]
@@ -192,11 +197,12 @@ def evaluate(workdir: str, active_fractions=None, policy: str = 'fixed',
   return entries
 
 
-def _load(workdir: str, split: str, overrides: dict | None, check, widths: bool = True):
+def _load(workdir: str, split: str, overrides: dict | None, check, widths: bool = True,
+          config_overrides: dict | None = None):
   """(config, model, params, step, activation settings, the split's tokens) of the run in
   `workdir` to score: its activation updated by `overrides` and validated, `check(act)` for
   what a policy needs, the workdir checked writable before the work (no result is lost)."""
-  config, tokenizer, model, params, step = runs.load_run(workdir)
+  config, tokenizer, model, params, step = runs.load_run(workdir, config_overrides)
   act = config.activation
   if overrides:
     act.update({k: v for k, v in overrides.items() if v is not None})
@@ -210,7 +216,8 @@ def _load(workdir: str, split: str, overrides: dict | None, check, widths: bool 
 
 
 def evaluate_adaptive(workdir: str, draft_fraction: float = 0.5, thresholds=ADAPTIVE_THRESHOLDS,
-                      split: str = 'validation', overrides: dict | None = None) -> list[dict]:
+                      split: str = 'validation', overrides: dict | None = None,
+                      config_overrides: dict | None = None) -> list[dict]:
   """The `adaptive` policy, teacher-forced: every token first runs at the nested width
   `draft_fraction`; where that width's top-1 probability is below a threshold the token
   escalates to the full width. Scored in two parallel passes per window: the narrow one gives
@@ -231,7 +238,8 @@ def evaluate_adaptive(workdir: str, draft_fraction: float = 0.5, thresholds=ADAP
       raise ValueError("--policy=adaptive escalates from a nested width; the run's structure is "
                        f'{act.structure!r}.')
 
-  config, model, params, step, act, tokens = _load(workdir, split, overrides, check)
+  config, model, params, step, act, tokens = _load(workdir, split, overrides, check,
+                                                   config_overrides=config_overrides)
   cfg = model.cfg
   adaptive_step = jax.jit(make_adaptive_step(model, act, draft_fraction, thresholds))
   losses, escalated, count = split_sums(adaptive_step, params, tokens, config)
@@ -310,7 +318,7 @@ def main(argv):
   try:
     overrides = cli.activation_overrides()
     entries = evaluate(f.workdir, fractions, f.policy, f.split, overrides, f.draft_fraction,
-                       [float(t) for t in f.thresholds])
+                       [float(t) for t in f.thresholds], cli.run_overrides())
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   table = format_table(entries, curve_of(f.workdir))

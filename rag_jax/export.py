@@ -103,13 +103,14 @@ def read_plan(path: str, act: ml_collections.ConfigDict, cfg: gpt.GPTConfig
 
 
 def export(workdir: str, fraction: float | None, out: str, int8: bool = False,
-           plan_file: str | None = None) -> dict[str, Any]:
+           plan_file: str | None = None, config_overrides: dict | None = None) -> dict[str, Any]:
   """Writes the sub-model of `workdir` at `fraction` (or, with `plan_file`, at the per-layer
   widths of a `rag_jax.search` plan) into `out`; returns export.json's content. `out` must be
-  new or an earlier export of the same parent, fraction (plan) and int8 setting."""
+  new or an earlier export of the same parent, fraction (plan) and int8 setting.
+  `config_overrides`: changes to the parent's saved config (runs.load_run), e.g. its dtype."""
   if files.absolute(out) == files.absolute(workdir):
     raise ValueError('--out must not be the parent workdir.')
-  config, tokenizer, model, params, step = runs.load_run(workdir)
+  config, tokenizer, model, params, step = runs.load_run(workdir, config_overrides)
   cfg, act = model.cfg, config.activation
   record = {'parent': files.absolute(workdir), 'step': int(step), 'int8': bool(int8),
             'sites': act.sites}
@@ -189,7 +190,7 @@ def main(argv):
   try:
     if f.plan and f['active_fraction'].present:
       raise ValueError('give --active_fraction or --plan, not both.')
-    record = export(f.workdir, f.active_fraction, f.out, f.int8, f.plan)
+    record = export(f.workdir, f.active_fraction, f.out, f.int8, f.plan, cli.run_overrides())
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   hf = record['huggingface']

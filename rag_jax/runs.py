@@ -16,9 +16,12 @@ import ml_collections
 import numpy as np
 import optax
 
+from rag_jax import configuration
+from rag_jax import sweeps
 from rag_jax import weights
 from rag_jax import workdir as workdir_lib
 from rag_jax.data import tokenizers
+from rag_jax.errors import ConfigError
 from rag_jax.errors import WorkdirError
 from rag_jax.models import gpt
 
@@ -99,15 +102,22 @@ class Run(NamedTuple):
   step: int
 
 
-def load_run(workdir: str) -> Run:
+def load_run(workdir: str, overrides: dict[str, Any] | None = None) -> Run:
   """The newest checkpoint of `workdir` with its config and tokenizer, the parameters on this
   process's first device (orbax's partial restore reads no optimizer state); or the weights of
   a directory written by rag_jax.export. WorkdirError when a file is missing or damaged;
-  nothing is written."""
+  nothing is written.
+
+  `overrides` ({dotted field: value}, what `--config.FIELD=VALUE` gives the tools that read a
+  workdir) change the saved config for this load: the dtype, the data to score, evaluation
+  batches, activation settings. An override that changes the parameters' shapes is refused
+  (ConfigError) before anything is restored."""
   config = workdir_lib.load_config(workdir)  # checks that `workdir` is a run's directory
   tokenizer = tokenizers.load(os.path.join(workdir, workdir_lib.TOKENIZER_FILE))
   model = make_model(config, tokenizer.vocab_size)
   abstract = jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
+  if overrides:
+    config, model = _overridden(config, overrides, tokenizer, abstract)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   if weights.is_export(workdir):  # an exported sub-model (rag_jax/export.py)
     params, step = _load_export(workdir, abstract), weights.export_step(workdir)
@@ -126,6 +136,22 @@ def load_run(workdir: str) -> Run:
       mngr.close()
   check_finite(params, workdir, step)
   return Run(config, tokenizer, model, params, step)
+
+
+def _overridden(config, overrides: dict[str, Any], tokenizer, abstract):
+  """(config, model) with `overrides` applied and validated; ConfigError naming the overrides
+  when the model they describe has other parameter shapes than the saved one."""
+  config = sweeps.apply(config, overrides)
+  configuration.validate(config)
+  model = make_model(config, tokenizer.vocab_size)
+  shapes = lambda tree: {k: x.shape for k, x in weights.flatten(tree).items()}
+  if shapes(jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))) != shapes(
+      abstract):
+    fields = ', '.join(f'--config.{k}' for k in overrides if k.startswith(('model.', 'data.')))
+    raise ConfigError(f'{fields or "the overrides"}: a saved run\'s parameters keep their '
+                      'shapes; override fields that do not change them (dtype, data, '
+                      'evaluation, activation).')
+  return config, model
 
 
 def _load_export(directory: str, abstract: Any) -> Any:

@@ -226,7 +226,7 @@ def main(argv):
   workdir_lib.quiet_logs()
   f = flags.FLAGS
   try:
-    config, tokenizer, _, params, _ = runs.load_run(f.workdir)
+    config, tokenizer, _, params, _ = runs.load_run(f.workdir, cli.run_overrides())
     act = config.activation
     act.update(cli.activation_overrides())
     out = sample(params, config, f.prompt, tokenizer=tokenizer, num_tokens=f.num_tokens,

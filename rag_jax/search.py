@@ -126,16 +126,17 @@ def search(params, model, act, tokens: np.ndarray, target_flops: float, batches:
 
 
 def run_search(workdir: str, fraction: float, batches: int = 8, seed: int = 0,
-               max_evaluations: int = 400) -> dict[str, Any]:
-  """Loads `workdir`, searches the per-layer plan at the FLOPs of the uniform `fraction`, and
-  scores the plan and the uniform width on the whole validation and test splits."""
+               max_evaluations: int = 400, config_overrides: dict | None = None) -> dict[str, Any]:
+  """Loads `workdir` (its saved config changed by `config_overrides`, runs.load_run), searches
+  the per-layer plan at the FLOPs of the uniform `fraction`, and scores the plan and the uniform
+  width on the whole validation and test splits."""
   if not 0 < fraction <= 1:
     raise ValueError(f'--active_fraction must be in (0, 1], got {fraction}.')
   for name, value, low in (('batches', batches, 1), ('max_evaluations', max_evaluations, 1),
                            ('seed', seed, 0)):
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
       raise ValueError(f'--{name} must be an integer of at least {low}, got {value!r}.')
-  config, tokenizer, model, params, step = runs.load_run(workdir)
+  config, tokenizer, model, params, step = runs.load_run(workdir, config_overrides)
   act, cfg = config.activation, model.cfg
   activation.validate(act, config.model)
   # The budget: every searched site at `fraction` of its width, not rounded to a bucket (so a
@@ -183,7 +184,8 @@ def main(argv):
   try:
     if f.out:  # the default lies in the workdir, which run_search checks
       workdir_lib.check_output_file(out)
-    result = run_search(f.workdir, f.active_fraction, f.batches, f.seed, f.max_evaluations)
+    result = run_search(f.workdir, f.active_fraction, f.batches, f.seed, f.max_evaluations,
+                        cli.run_overrides())
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   files.write_json(out, result)

@@ -141,8 +141,8 @@ class Server:
 
   def __init__(self, workdir: str, slots: int = 8, slo_ms: float | None = None,
                min_fraction: float = 0.0, max_queue: int = 64, max_tokens: int = 1024,
-               steps: int = 4):
-    run = runs.load_run(workdir)
+               steps: int = 4, config_overrides: dict | None = None):
+    run = runs.load_run(workdir, config_overrides)
     self.config, self.tokenizer, self.params = run.config, run.tokenizer, run.params
     act = run.config.activation
     self.name = workdir.rstrip('/').split('/')[-1] or 'run'
@@ -415,7 +415,7 @@ def main(argv):
       sys.exit(f'error: --{name}={getattr(f, name)} is out of range.')
   try:
     server = Server(f.workdir, f.slots, f.slo_ms, f.min_fraction, f.max_queue, f.max_tokens,
-                    f.steps_per_call)
+                    f.steps_per_call, cli.run_overrides())
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   seconds = server.warm_up()

@@ -153,6 +153,50 @@ def test_cli_evaluate_and_sample(good_run, tfds_env):
   assert again.stdout.split('-' * 40)[0] == proc.stdout.split('-' * 40)[0]
 
 
+def test_run_config_overrides(good_run):
+  """runs.load_run applies `--config.*` overrides to a saved run, and refuses the ones that would
+  not fit its parameters or the config's fields, before restoring anything."""
+  from rag_jax import runs
+  _, workdir = good_run
+  before = snapshot(workdir)
+  run = runs.load_run(workdir, {'dtype': 'bfloat16', 'eval_batches': 2})
+  assert run.config.dtype == 'bfloat16' and run.config.eval_batches == 2
+  assert run.model.cfg.dtype == 'bfloat16'
+  assert runs.load_run(workdir).config.dtype == 'float32'  # the saved config is unchanged
+  with pytest.raises(errors.ConfigError, match=r'--config.model.num_heads: a saved run.s '
+                     r'parameters keep their shapes'):
+    runs.load_run(workdir, {'model.num_heads': 2, 'dtype': 'bfloat16'})
+  with pytest.raises(errors.ConfigError, match='the config has no field `model.heads`'):
+    runs.load_run(workdir, {'model.heads': 2})
+  with pytest.raises(errors.ConfigError, match='config.model.dropout must be in'):
+    runs.load_run(workdir, {'model.dropout': 2.0})
+  assert snapshot(workdir) == before
+
+
+@pytest.mark.slow
+def test_cli_config_overrides_on_a_saved_run(good_run, tfds_env):
+  """The tools that read a workdir take `--config.FIELD=VALUE` as `train` does."""
+  config, workdir = good_run
+  proc = _cli('rag_jax.evaluate', f'--workdir={workdir}', '--split=test',
+              '--config.eval_batches=1', '--config.dtype=bfloat16', env=tfds_env)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(os.path.join(workdir, 'eval_curve.json')) as f:
+    entry = [e for e in json.load(f) if e['split'] == 'test'][-1]
+  assert entry['tokens'] == config.eval_batch_size * config.model.block_size  # one batch
+  proc = _cli('rag_jax.sample', f'--workdir={workdir}', '--prompt=ROMEO:', '--num_tokens=8',
+              '--config.dtype=bfloat16', env=tfds_env)
+  assert proc.returncode == 0 and proc.stdout.startswith('ROMEO:'), proc.stderr[-2000:]
+  before = snapshot(workdir)
+  for args, message in (
+      (['--config.model.num_heads=2'], 'error: --config.model.num_heads: a saved run'),
+      (['--config.model.heads=2'], "error: --config.model.heads: the config has no field 'heads'"),
+      (['--config.dtype=float8'], 'error: config.dtype must be one of')):
+    proc = _cli('rag_jax.evaluate', f'--workdir={workdir}', *args, env=tfds_env)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+  assert snapshot(workdir) == before
+
+
 @pytest.mark.slow
 def test_evaluate_workdir_without_checkpoint(tmp_path, tfds_env):
   proc = _cli('rag_jax.evaluate', f'--workdir={tmp_path}', env=tfds_env)
