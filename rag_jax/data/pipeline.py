@@ -9,12 +9,16 @@ devices (`process_rows`); `put` forms the global batch from those rows.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
 import socket
+import sys
+import urllib.parse
 
 from absl import logging
 from etils import epath
@@ -29,6 +33,11 @@ from rag_jax.data import tokenizers
 from rag_jax.errors import DataError
 
 SPLITS = ('train', 'validation', 'test')
+# TensorFlow, which TFDS loads only to build a stock dataset (text, no numerics), prints notices
+# at start-up: the oneDNN one whatever the log level (off with oneDNN), the CPU-feature one at
+# INFO. Set before it loads, where the user has not set them.
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
 # Corpora shipped inside the package, placed where the stock TFDS builder reads a manual copy, so
 # that they build offline with nothing downloaded (tiny_shakespeare: Shakespeare's plays, public
@@ -84,24 +93,52 @@ def _is_prepared(builder) -> bool:
   return files.exists(os.path.join(str(builder.data_dir), 'dataset_info.json'))
 
 
+def _check_reachable(builder, config: ml_collections.ConfigDict, timeout_s: float = 5.0) -> None:
+  """A stock dataset to download: its host answers within `timeout_s`, or one DataError (TFDS
+  would retry for minutes offline and then name the wrong cause)."""
+  host = urllib.parse.urlparse(builder.info.homepage or '').hostname
+  if not host:
+    return
+  try:
+    socket.create_connection((host, 443), timeout=timeout_s).close()
+  except OSError as e:
+    raise DataError(
+        f'dataset {config.data.dataset!r} is not prepared in {data_dir(config)} and {host} '
+        f'cannot be reached to download it ({type(e).__name__}: {e}); prepare it on a machine '
+        'with a network and copy the data_dir, or give other data: --config.data.dataset='
+        'text_files --config.data.paths=FILES.') from None
+
+
 def prepare(config: ml_collections.ConfigDict):
-  """Builds the dataset once (offline from <data_dir>/downloads/manual when the file is there)."""
+  """Builds the dataset once (offline from <data_dir>/downloads/manual when the file is there),
+  with one line saying so instead of TFDS's progress bars, its "Downloading and preparing"
+  lines and TensorFlow's start-up notices."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = _builder(config)
   if _is_prepared(builder):
     return builder
   manual_dir = os.path.join(data_dir(config), 'downloads', 'manual')
   place_manual_file(BUNDLED_CORPORA.get(config.data.dataset, ''), data_dir(config))
+  if config.data.dataset != 'text_files' and not files.exists(manual_dir):
+    _check_reachable(builder, config)
+  if jax.process_index() == 0:
+    print(f'rag_jax: preparing dataset {config.data.dataset!r} in {data_dir(config)} (once)',
+          file=sys.stderr, flush=True)
+  tfds.disable_progress_bar()
   try:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints where it downloads to
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   except Exception as e:  # pylint: disable=broad-except
+    text = str(e)
+    hint = ''
+    if config.data.dataset != 'text_files':  # a stock dataset: offline, the manual copy
+      hint = f'\nOffline, put the corpus at {manual_dir}/input.txt.'
+    if 'tensorflow' in text.lower():
+      hint += "\nTFDS needs TensorFlow to build a stock dataset: pip install -e '.[tf]'."
     raise DataError(
         f'could not prepare dataset {config.data.dataset!r} in {data_dir(config)}: '
-        f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}\n'
-        f'Offline, put the corpus at {manual_dir}/input.txt.'
-        + ("\nTFDS needs TensorFlow to build a stock dataset: pip install -e '.[tf]'."
-           if 'tensorflow' in str(e).lower() else '')) from None
+        f'{type(e).__name__}: {text.splitlines()[0] if text else ""}{hint}') from None
   return builder
 
 

@@ -11,6 +11,7 @@ import glob
 import hashlib
 import os
 
+from absl import logging
 import tensorflow_datasets as tfds
 
 from rag_jax import files as files_lib
@@ -101,5 +102,11 @@ class RagTextFiles(tfds.core.GeneratorBasedBuilder):
 
 
 def builder(paths: str, data_dir: str) -> RagTextFiles:
-  return RagTextFiles(config=TextFilesConfig(files=resolve_paths(paths)), data_dir=data_dir,
-                      file_format='array_record')
+  resolved = resolve_paths(paths)
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # TFDS warns of every config it was not declared with
+  try:
+    return RagTextFiles(config=TextFilesConfig(files=resolved), data_dir=data_dir,
+                        file_format='array_record')
+  finally:
+    logging.set_verbosity(verbosity)

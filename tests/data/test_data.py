@@ -92,6 +92,42 @@ def test_text_files_missing_file_is_named(tmp_path, smoke_config):
     data.load(config)
 
 
+def test_binary_corpus_is_named_without_the_stock_dataset_hint(tmp_path, smoke_config, capfd):
+  (tmp_path / 'a.txt').write_bytes(bytes(range(128, 256)) * 40)
+  config = _text_files_config(smoke_config, str(tmp_path / 'a.txt'))
+  config.data.data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(data.DataError) as e:
+    data.load(config)
+  assert str(e.value).endswith('a.txt is not UTF-8 text (\'utf-8\' codec can\'t decode byte 0x80 '
+                               'in position 0: invalid start byte).'), str(e.value)
+  assert 'manual' not in str(e.value) and '\n' not in str(e.value)
+  out, err = capfd.readouterr()  # building says one line of its own, none of TFDS's
+  assert f"rag_jax: preparing dataset 'text_files' in {tmp_path / 'tfds'} (once)" in err
+  assert 'Downloading and preparing' not in out + err and 'custom data configuration' not in err
+
+
+def test_unreachable_stock_dataset_is_one_line_at_once(tmp_path, smoke_config, monkeypatch):
+  """Offline, a stock dataset that is not prepared is refused at once (TFDS would retry its
+  download for minutes), naming the host and a way out, not the manual-copy hint."""
+  import socket
+  hosts = []
+
+  def unreachable(address, timeout=None):
+    hosts.append((address, timeout))
+    raise OSError('Network is unreachable')
+  monkeypatch.setattr(socket, 'create_connection', unreachable)
+  smoke_config.data.dataset = 'lm1b'
+  smoke_config.data.data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(data.DataError) as e:
+    data.load(smoke_config)
+  assert hosts == [(('www.statmt.org', 443), 5.0)]
+  assert str(e.value) == (
+      f"dataset 'lm1b' is not prepared in {tmp_path / 'tfds'} and www.statmt.org cannot be "
+      'reached to download it (OSError: Network is unreachable); prepare it on a machine with a '
+      'network and copy the data_dir, or give other data: --config.data.dataset=text_files '
+      '--config.data.paths=FILES.')
+
+
 def test_unknown_tfds_name(smoke_config):
   smoke_config.data.dataset = 'no_such_dataset_xyz'
   with pytest.raises(data.DataError, match='not a TFDS dataset'):
