@@ -307,6 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   check_config(config, given)
   mesh = sharding.make_mesh(config)
+  workdir_lib.check_reachable(workdir)
   created = not files.exists(workdir)
   workdir_lib.check_writable(workdir, create=True)
   if weights.is_export(workdir):

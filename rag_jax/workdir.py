@@ -82,8 +82,17 @@ def _check_layout(workdir: str) -> None:
       raise WorkdirError(f'{path} is a directory; it should be a file. Move it away.')
 
 
+def check_reachable(path: str) -> None:
+  """A cloud path whose store does not answer, or refuses it: one WorkdirError (files)."""
+  try:
+    files.check_reachable(path)
+  except OSError as e:
+    raise WorkdirError(str(e)) from None
+
+
 def check_readable(workdir: str) -> None:
   """A workdir to read: an existing directory, or one WorkdirError."""
+  check_reachable(workdir)
   if not files.exists(workdir):
     raise WorkdirError(f'workdir {workdir} does not exist; give the --workdir of a run written by '
                        'rag_jax.train.')
@@ -103,6 +112,7 @@ def _probe_write(directory: str) -> None:
 def check_writable(workdir: str, create: bool = False) -> None:
   """A workdir to write into: a directory (made when `create`) where a file can be written,
   checked before any work so that no result is computed and then lost. One WorkdirError."""
+  check_reachable(workdir)
   if files.exists(workdir) and not files.isdir(workdir):
     raise WorkdirError(f'workdir {workdir} is a file, not a directory; give a new or existing '
                        'directory.')
@@ -177,6 +187,7 @@ def remove_if_unused(workdir: str) -> None:
 def check_output_file(path: str) -> None:
   """A file a command will write when its work is done, checked before the work: not a
   directory, its directory made if missing, and writable there. One WorkdirError."""
+  check_reachable(path)
   if files.isdir(path):
     raise WorkdirError(f'--out {path} is a directory; give a file name.')
   parent = os.path.dirname(path.rstrip('/')) or '.'

@@ -197,6 +197,58 @@ def test_cli_config_overrides_on_a_saved_run(good_run, tfds_env):
   assert snapshot(workdir) == before
 
 
+@pytest.fixture
+def offline(monkeypatch):
+  """No host answers (socket.create_connection fails at once); the probe's cache is cleared
+  before and after, so no other test sees this one's answers."""
+  import socket
+  from rag_jax import files
+  probed = []
+
+  def unreachable(address, timeout=None):
+    probed.append(address)
+    raise OSError('Network is unreachable')
+  monkeypatch.setattr(socket, 'create_connection', unreachable)
+  files._unreachable.cache_clear()  # pylint: disable=protected-access
+  yield probed
+  files._unreachable.cache_clear()  # pylint: disable=protected-access
+
+
+def test_unreachable_cloud_paths_are_one_line(offline, smoke_config, tmp_path, no_compile):
+  from rag_jax import workdir as workdir_lib
+  cause = ('cannot be reached (OSError: Network is unreachable); check the network, or use a '
+           'local path.')
+  with pytest.raises(errors.WorkdirError) as e:
+    workdir_lib.check_readable('gs://bucket/run')
+  assert str(e.value) == f'gs://bucket/run: storage.googleapis.com {cause}'
+  with pytest.raises(errors.WorkdirError, match='^gs://bucket/run2: storage.googleapis.com'):
+    train.train_and_evaluate(smoke_config, 'gs://bucket/run2')
+  with pytest.raises(errors.WorkdirError, match='^s3://bucket/plan.json: s3.amazonaws.com'):
+    workdir_lib.check_output_file('s3://bucket/plan.json')
+  smoke_config.data.data_dir = 'gs://bucket/tfds'
+  with pytest.raises(data.DataError) as e:
+    train.train_and_evaluate(smoke_config, str(tmp_path / 'run'))
+  assert str(e.value) == f'data_dir gs://bucket/tfds: storage.googleapis.com {cause}'
+  assert offline == [('storage.googleapis.com', 443), ('s3.amazonaws.com', 443)]  # once each
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+
+
+def test_cloud_path_that_cannot_be_looked_up_is_one_line(monkeypatch):
+  """A store that answers but refuses the path (no credentials, no bucket): TensorFlow's or
+  fsspec's own error becomes one OSError naming the path."""
+  from rag_jax import files
+
+  def refuse(self):
+    raise RuntimeError('Error executing an HTTP request: 401 no credentials\n when reading gs://b')
+  monkeypatch.setattr(files, 'ENDPOINTS', {})
+  monkeypatch.setattr(type(files.path('gs://b/run')), 'exists', refuse)
+  with pytest.raises(OSError) as e:
+    files.check_reachable('gs://b/run')
+  assert str(e.value) == ('gs://b/run: cannot be looked up (RuntimeError: Error executing an HTTP '
+                          'request: 401 no credentials).')
+  files.check_reachable('/local/path/not/even/there')  # local paths pass untouched
+
+
 @pytest.mark.slow
 def test_evaluate_workdir_without_checkpoint(tmp_path, tfds_env):
   proc = _cli('rag_jax.evaluate', f'--workdir={tmp_path}', env=tfds_env)

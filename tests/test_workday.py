@@ -85,6 +85,7 @@ def gcs(tmp_path, monkeypatch):
   package writes to a gs:// path goes through epath (nothing here reaches Google Cloud)."""
   to_local = lambda p: str(p).replace('gs://', f'{tmp_path}/')
   monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)  # else TF's gfile, not the mock
+  monkeypatch.setattr(files, 'ENDPOINTS', {})  # no store to probe: the mock answers
 
   def one(fn):
     return lambda original, path, *a, **k: fn(original, to_local(path), *a, **k)

@@ -50,6 +50,10 @@ BUNDLED_CORPORA = {
 def data_dir(config: ml_collections.ConfigDict) -> str:
   path = os.fspath(files.path(
       config.data.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'))
+  try:
+    files.check_reachable(path)
+  except OSError as e:
+    raise DataError(f'data_dir {e}') from None
   if files.exists(path) and not files.isdir(path):
     source = 'config.data.data_dir' if config.data.data_dir else 'the TFDS data_dir'
     raise DataError(f'{source} {path} is a file, not a directory.')
