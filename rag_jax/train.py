@@ -422,9 +422,13 @@ def _train(config, workdir, mesh, allow_config_change):
     if bar is not None:
       bar.close()
     mngr.close()  # waits for a save in flight, also on errors
-    if log is not None:
+    if log is not None:  # the run started: its checkpoints' checksums (none touched before)
       log.close()
       profiler.stop()
+      try:
+        workdir_lib.seal_checkpoints(workdir)
+      except OSError as e:  # a full disk must not hide why the run stopped
+        workdir_lib.notice(f'could not record the checksums of the checkpoints ({e}).')
 
 
 def _run_steps(config, workdir, state, resume, dataset, shard, train_key, train_step, eval_step,
@@ -492,6 +496,8 @@ def _save(step, state, eval_step, probe, mngr, workdir) -> None:
         f'{"" if finite else " and hold NaN or infinite values"}; stopping without saving '
         f'them. {_newest(mngr, workdir)} Resume from it with a lower '
         'config.opt.learning_rate and --allow_config_change, or start a new --workdir.')
+  mngr.wait_until_finished()  # (orbax waits for the save in flight before a new one anyway)
+  workdir_lib.seal_checkpoints(workdir)
   mngr.save(step, args=ocp.args.StandardSave(state))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import hashlib
 import json
 import logging as python_logging
 import os
@@ -37,6 +38,11 @@ METRICS_FILE = 'metrics.jsonl'
 EVAL_CURVE_FILE = 'eval_curve.json'
 EVAL_TABLE_FILE = 'eval_table.txt'  # evaluate's last table, as it printed it
 CHECKPOINT_DIR = 'checkpoints'
+# sha256 of every file of each complete checkpoint, written when it is complete (CHECKSUM_DIR/
+# STEP.json) and checked before it is restored: a damaged file is named as damaged (bytes flipped
+# on disk restore without complaint and only show up as a diverged loss). Local workdirs only
+# (cloud stores check their objects' integrity themselves).
+CHECKSUM_DIR = 'checksums'
 LOCK_FILE = 'train.lock'
 # Written by train into every workdir it makes: what says a directory is ours to write into.
 MARKER_FILE = 'rag_jax_workdir.json'
@@ -388,10 +394,63 @@ class _QuietLateReads:
       self.asyncio_log.disabled = self.asyncio_disabled
 
 
+def _digests(step_dir: str) -> dict[str, str]:
+  out = {}
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      with open(os.path.join(root, name), 'rb') as f:
+        out[os.path.relpath(os.path.join(root, name), step_dir)] = hashlib.file_digest(
+            f, 'sha256').hexdigest()
+  return out
+
+
+def seal_checkpoints(workdir: str) -> None:
+  """Records the checksums of every complete checkpoint that has none, and drops the records of
+  checkpoints orbax has deleted. Call when no save is in flight (after wait_until_finished).
+  Process 0, local workdirs."""
+  root, records = os.path.join(workdir, CHECKPOINT_DIR), os.path.join(workdir, CHECKSUM_DIR)
+  if jax.process_index() != 0 or not files.is_local(workdir) or not files.isdir(root):
+    return
+  steps = {n for n in files.listdir(root) if n.isdigit() and files.isdir(os.path.join(root, n))}
+  files.makedirs(records)
+  for name in files.listdir(records):
+    if name.removesuffix('.json') not in steps:
+      files.remove(os.path.join(records, name))
+  for step in sorted(steps - {n.removesuffix('.json') for n in files.listdir(records)}):
+    files.write_json(os.path.join(records, f'{step}.json'),
+                     _digests(files.local(os.path.join(root, step))))
+
+
+def verify_checkpoint(workdir: str, step: int) -> None:
+  """The files of checkpoint `step` against the checksums recorded when it was complete (none
+  recorded: a run older than the records, or a cloud workdir; nothing to check). WorkdirError
+  naming the first file that differs or is missing."""
+  record = os.path.join(workdir, CHECKSUM_DIR, f'{step}.json')
+  if not files.is_local(workdir) or not files.exists(record):
+    return
+  try:
+    want = files.read_json(record)
+  except (OSError, ValueError):
+    want = None  # a damaged record says nothing about the checkpoint; orbax's checks remain
+  if not isinstance(want, dict):
+    return
+  step_dir = files.local(os.path.join(workdir, CHECKPOINT_DIR, str(step)))
+  have = _digests(step_dir)
+  bad = sorted(n for n in want if have.get(n) != want[n])
+  if bad:
+    how = 'is missing' if bad[0] not in have else 'differs from the checksum recorded at save'
+    raise WorkdirError(
+        f'the checkpoint of step {step} in {os.path.join(workdir, CHECKPOINT_DIR)} is damaged: '
+        f'{bad[0]} {how}{f" ({len(bad)} files in all)" if len(bad) > 1 else ""}. Move that step '
+        'folder away to resume from an older one. Nothing was changed.')
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, workdir: str,
             partial: bool = False) -> Any:
   """Restores `step` onto `abstract_state` (ShapeDtypeStructs carrying shardings); `partial`:
-  only the entries `abstract_state` names (e.g. {'params': ...}: no optimizer state is read)."""
+  only the entries `abstract_state` names (e.g. {'params': ...}: no optimizer state is read).
+  Its files are checked against their checksums first (verify_checkpoint)."""
+  verify_checkpoint(workdir, step)
   try:
     with _QuietLateReads():
       if partial:

@@ -82,21 +82,60 @@ def test_workdir_of_a_different_model(good_run, tmp_path, no_compile):
   assert snapshot(run) == before
 
 
+def _array_files(run, step):
+  return [os.path.join(root, f) for root, _, names in os.walk(os.path.join(run, 'checkpoints',
+                                                                           str(step)))
+          if os.path.basename(root) == 'd' for f in names]  # the array data files
+
+
 def test_damaged_checkpoint(good_run, tmp_path):
+  """Garbage in a checkpoint's files: named as damaged by its checksums; in a run without
+  checksum records (older than them), by orbax's failed restore."""
   config, workdir = good_run
   run = str(tmp_path / 'run')
   shutil.copytree(workdir, run)
-  damaged = 0
-  for root, _, files in os.walk(os.path.join(run, 'checkpoints', '20')):
-    if os.path.basename(root) == 'd':  # the array data files
-      for f in files:
-        with open(os.path.join(root, f), 'wb') as fh:
-          fh.write(b'garbage')
-        damaged += 1
-  assert damaged
+  assert sorted(os.listdir(os.path.join(run, 'checksums'))) == ['10.json', '20.json']
+  for path in _array_files(run, 20):
+    with open(path, 'wb') as fh:
+      fh.write(b'garbage')
+  before = snapshot(run)
+  with pytest.raises(errors.WorkdirError, match=r'checkpoint of step 20 in .* is damaged: '
+                     r'default/.*d/[0-9a-f]+ differs from the checksum recorded at save '
+                     r'\(\d+ files in all\). Move .*Nothing was changed'):
+    train.train_and_evaluate(config, run)
+  assert snapshot(run) == before
+  shutil.rmtree(os.path.join(run, 'checksums'))
   before = snapshot(run)
   with pytest.raises(errors.WorkdirError,
                      match='checkpoint of step 20 .* cannot be restored.*Nothing was changed'):
+    train.train_and_evaluate(config, run)
+  assert snapshot(run) == before
+
+
+def test_flipped_bytes_are_named_by_every_reader(good_run, tmp_path):
+  """Bytes flipped in place (same size) restore without complaint from orbax; the checksums
+  recorded at save name the checkpoint as damaged for a resume, evaluate and sample alike."""
+  from rag_jax import runs
+  config, workdir = good_run
+  run = str(tmp_path / 'run')
+  shutil.copytree(workdir, run)
+  with open(os.path.join(run, 'checksums', '20.json')) as f:
+    recorded = json.load(f)
+  step_dir = os.path.join(run, 'checkpoints', '20')
+  assert set(recorded) == {os.path.relpath(os.path.join(r, n), step_dir)
+                           for r, _, names in os.walk(step_dir) for n in names}
+  target = max(_array_files(run, 20), key=os.path.getsize)
+  with open(target, 'r+b') as fh:
+    fh.seek(os.path.getsize(target) // 2)
+    byte = fh.read(1)
+    fh.seek(-1, 1)
+    fh.write(bytes([byte[0] ^ 0xFF]))
+  before = snapshot(run)
+  message = (f'is damaged: {os.path.relpath(target, step_dir)} differs from the checksum '
+             'recorded at save')
+  with pytest.raises(errors.WorkdirError, match=message):
+    runs.load_run(run)  # what evaluate, sample, export, search and serve load with
+  with pytest.raises(errors.WorkdirError, match=message):
     train.train_and_evaluate(config, run)
   assert snapshot(run) == before
 
