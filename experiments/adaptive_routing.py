@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rag_jax import cli
 from rag_jax import activation
 from rag_jax.data import pipeline as data_lib
 from rag_jax import evaluate
@@ -115,4 +116,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)

@@ -22,6 +22,7 @@ import tempfile
 from absl import app, flags
 import numpy as np
 
+from rag_jax import cli
 import bench_common
 
 _OTHER = flags.DEFINE_string('other', None, 'The other checkout (a git worktree).', required=True)
@@ -85,4 +86,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)

@@ -22,6 +22,7 @@ import tempfile
 
 from absl import app, flags
 
+from rag_jax import cli
 import bench_common
 
 _OUT = flags.DEFINE_string('out', None, 'JSON output.', required=True)
@@ -111,4 +112,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)

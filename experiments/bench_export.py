@@ -24,6 +24,7 @@ import numpy as np
 
 import bench_common
 
+from rag_jax import cli
 from rag_jax import evaluate
 from rag_jax import export
 from rag_jax import files
@@ -119,4 +120,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)

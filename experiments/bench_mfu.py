@@ -38,6 +38,7 @@ import ml_collections
 
 import bench_common
 
+from rag_jax import cli
 from rag_jax import activation
 from rag_jax import files
 from rag_jax import flops
@@ -166,4 +167,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)

@@ -33,6 +33,7 @@ import numpy as np
 
 import bench_common
 
+from rag_jax import cli
 from rag_jax import files
 from rag_jax import sample as sample_lib
 from rag_jax import workdir as workdir_lib
@@ -179,4 +180,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)

@@ -30,6 +30,7 @@ from absl import app, flags
 import httpx
 import numpy as np
 
+from rag_jax import cli
 from rag_jax import files
 from rag_jax import runs
 from rag_jax import sample as sample_lib
@@ -206,4 +207,4 @@ def plot(out: dict, path: str) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)

@@ -23,6 +23,7 @@ import numpy as np
 
 import bench_common
 
+from rag_jax import cli
 from rag_jax import files
 from rag_jax import runs
 from rag_jax import sample as sample_lib
@@ -131,4 +132,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)

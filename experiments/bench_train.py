@@ -29,6 +29,7 @@ from ml_collections import config_flags
 
 import bench_common
 
+from rag_jax import cli
 from rag_jax import configuration
 from rag_jax.data import pipeline as data_lib
 from rag_jax import files
@@ -200,4 +201,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)

@@ -24,6 +24,7 @@ from absl import app, flags
 import jax
 import numpy as np
 
+from rag_jax import cli
 from rag_jax import activation
 from rag_jax.data import pipeline as data_lib
 from rag_jax import evaluate
@@ -103,4 +104,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)

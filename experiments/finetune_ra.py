@@ -31,6 +31,7 @@ import numpy as np
 
 import bench_common
 
+from rag_jax import cli
 from rag_jax.data import pipeline as data_lib
 from rag_jax import evaluate
 from rag_jax import files
@@ -151,4 +152,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)

@@ -39,6 +39,7 @@ import optax
 
 import bench_common
 
+from rag_jax import cli
 from rag_jax import files
 from rag_jax import runs
 from rag_jax import sample as sample_lib
@@ -192,4 +193,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)

@@ -25,6 +25,7 @@ import ml_collections
 
 import bench_common
 
+from rag_jax import cli
 from rag_jax import activation
 from rag_jax import sample as sample_lib
 from rag_jax import train
@@ -125,4 +126,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)

@@ -36,6 +36,7 @@ import numpy as np
 
 import bench_common
 
+from rag_jax import cli
 from rag_jax import files
 from rag_jax import runs
 from rag_jax import sharding
@@ -159,4 +160,4 @@ def _bytes(compiled):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)

@@ -29,6 +29,7 @@ import ml_collections
 
 import bench_common
 
+from rag_jax import cli
 from rag_jax import activation
 from rag_jax import files
 from rag_jax import workdir as workdir_lib
@@ -152,4 +153,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)

@@ -119,6 +119,20 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+def parse_flags_with_output(argv: list[str]) -> list[str]:
+  """`parse_flags`, then the file `--out` names checked (its directory made, writable, not a
+  directory) before any work: the benchmark and experiment scripts' flags parser, so that no
+  measurement is taken and then lost."""
+  rest = parse_flags(argv)
+  out = flags.FLAGS['out'].value if 'out' in flags.FLAGS else None
+  if out:
+    try:
+      workdir_lib.check_output_file(out)
+    except ValueError as e:
+      sys.exit(f'error: {e}')
+  return rest
+
+
 def non_finite_flag(flag_values) -> str | None:
   """The first float flag, or list flag of numbers, given NaN or an infinity (which pass every
   range check written as a comparison), as a message; else None."""

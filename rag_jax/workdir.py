@@ -197,6 +197,8 @@ def check_output_file(path: str) -> None:
   if files.isdir(path):
     raise WorkdirError(f'--out {path} is a directory; give a file name.')
   parent = os.path.dirname(path.rstrip('/')) or '.'
+  if files.exists(parent) and not files.isdir(parent):
+    raise WorkdirError(f'cannot write --out {path}: {parent} is a file; nothing was done.')
   try:
     files.makedirs(parent)
     _probe_write(parent)

@@ -364,3 +364,24 @@ def test_a_dense_run_scores_at_full_width_whatever_its_unused_activation_setting
   assert entry['active_fraction'] == 1.0
   with pytest.raises(errors.ConfigError, match='buckets=3 does not divide'):
     evaluate.evaluate(workdir, (0.5,), overrides={'buckets': 3})
+
+
+def test_experiment_scripts_check_out_before_the_work(tmp_path, tfds_env):
+  """Every script under experiments/ that writes --out parses its flags with
+  cli.parse_flags_with_output; one run shows the check lands before any measurement."""
+  import re
+  scripts = sorted((ROOT / 'experiments').glob('*.py'))
+  writers = [p for p in scripts if "DEFINE_string('out'" in p.read_text()]
+  assert len(writers) >= 15
+  for path in writers:
+    assert re.search(r'app\.run\(main, flags_parser=cli\.parse_flags_with_output\)',
+                     path.read_text()), path.name
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('mine')
+  proc = subprocess.run([sys.executable, 'experiments/bench_sample.py',
+                         f'--out={a_file}/result.json'], cwd=ROOT, env=tfds_env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.strip() == (f'error: cannot write --out {a_file}/result.json: {a_file} is a '
+                                 'file; nothing was done.')
+  assert a_file.read_text() == 'mine'

@@ -361,9 +361,11 @@ def test_bad_paths_and_flags_get_one_line(reference, tfds_env, tmp_path):
       ([py, '-m', 'rag_jax.evaluate', f'--workdir={empty}'],
        'config.json is not the config of a run rag_jax can load'),
       ([py, '-m', 'rag_jax.evaluate', f'--workdir={damaged}'],
-       f'the checkpoint of step {STEPS} in {damaged}/checkpoints cannot be restored'),
+       f'the checkpoint of step {STEPS} in {damaged}/checkpoints is damaged: '
+       'default/manifest.ocdbt differs from the checksum recorded at save.'),
       (_cli_args(damaged, num_steps=STEPS + 10),
-       f'the checkpoint of step {STEPS} in {damaged}/checkpoints cannot be restored'),
+       f'the checkpoint of step {STEPS} in {damaged}/checkpoints is damaged: '
+       'default/manifest.ocdbt differs'),
       ([py, '-m', 'rag_jax.evaluate', f'--workdir={reference}', '--active_fractions='],
        '--active_fractions is empty'),
       ([py, '-m', 'rag_jax.evaluate', f'--workdir={reference}', '--policy=random',
