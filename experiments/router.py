@@ -1,0 +1,156 @@
+"""A learned width router against confidence, a random mix and an oracle, teacher-forced.
+
+    .venv/bin/python experiments/router.py --workdir=RUN --draft_fraction=0.25 \
+        --out=results/router/RUN_a0.25.json [--train_batches=256] [--batches=-1] [--save]
+
+A post-hoc router (rag_jax/router.py: a two-layer MLP on the narrow pass's final hidden state,
+top-1 log-probability and entropy) is fitted, with the RA model frozen, to the per-position gain
+`loss_narrow - loss_full` on `--train_batches` batches of random training windows; then, on
+evaluate's validation windows, for each escalation share s (10-50%) the loss when the share s of
+positions runs at the full width, chosen by
+  * the router (largest predicted gain): `loss_router`;
+  * confidence (lowest narrow top-1 probability, the `adaptive` policy's rule): `loss_confidence`;
+  * chance (`loss_random_mix`: the linear interpolation of the two fixed widths' losses);
+  * the expected-gain oracle (largest KL(p_full || p_narrow), what the context alone can tell:
+    the bound of a causal router that cannot see the next token): `loss_expected_oracle`;
+  * the oracle (largest realised gain, which needs the next token): `loss_oracle`;
+with `flops_ratio`, the FLOPs per token relative to dense (the narrow pass for every token plus
+the full pass for the share s: an escalated token pays both), and the router's precision at the
+share (how many of its choices are among the oracle's). Escalated positions are scored by the
+pure full pass (a full-width context; experiments/adaptive_routing.py measures what a mixed
+context costs). `--save` writes the router into the workdir (router.ROUTER_FILE).
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+import jax
+import numpy as np
+
+from rag_jax import cli
+from rag_jax.data import pipeline as data_lib
+from rag_jax import files
+from rag_jax import flops
+from rag_jax import policies
+from rag_jax import router as router_lib
+from rag_jax import runs
+from rag_jax import workdir as workdir_lib
+
+SHARES = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def _define_flags():  # at run time only: tests import this module beside other scripts' flags
+  flags.DEFINE_string('workdir', None, 'A trained nested RA run.', required=True)
+  flags.DEFINE_float('draft_fraction', 0.25, 'The narrow width every token runs first.')
+  flags.DEFINE_integer('train_batches', 256, 'Batches of random training windows to fit on.')
+  flags.DEFINE_integer('batches', -1, 'Batches of validation windows (-1: the whole split).')
+  flags.DEFINE_integer('batch', 32, 'Windows per batch.')
+  flags.DEFINE_integer('steps', 2000, 'Router training steps.')
+  flags.DEFINE_integer('hidden', 128, 'Router hidden units.')
+  flags.DEFINE_enum('target', 'expected', ['expected', 'realised'], 'What the router learns: '
+                    'the expected gain KL(full || narrow), or the realised loss difference.')
+  flags.DEFINE_bool('save', False, 'Write the router into the workdir.')
+  flags.DEFINE_string('out', None, 'JSON output.', required=True)
+
+
+def compare(loss_narrow, loss_full, predicted, confidence, expected, shares=SHARES,
+            seed: int = 0) -> list:
+  """Per share: the mean loss of each choice of escalated positions (full-context scoring) and
+  the router's precision against the oracle."""
+  gain = (loss_narrow - loss_full).astype(np.float64)
+  base = loss_narrow.astype(np.float64).mean()
+  chance = np.random.default_rng(seed).random(gain.size)
+  rows = []
+  for s in shares:
+    pick = {name: router_lib.escalate(scores, s) for name, scores in (
+        ('router', predicted), ('confidence', -confidence), ('random', chance),
+        ('expected_oracle', expected), ('oracle', gain))}
+    row = {'share': s, **{f'loss_{k}': float(base - gain[m].sum() / gain.size)
+                          for k, m in pick.items()}}
+    row['loss_random_mix'] = float(base - s * gain.mean())  # the expectation of `random`
+    row['precision_router'] = float((pick['router'] & pick['oracle']).sum()
+                                    / max(1, pick['oracle'].sum()))
+    row['precision_confidence'] = float((pick['confidence'] & pick['oracle']).sum()
+                                        / max(1, pick['oracle'].sum()))
+    rows.append(row)
+  return rows
+
+
+def _collect(score, batches):
+  parts = []
+  for tokens, keep in batches:
+    out = jax.device_get(score(tokens))
+    parts.append([np.asarray(a)[keep].reshape(-1, *np.shape(a)[2:]) for a in out])
+  return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if not 0 < f.draft_fraction < 1:
+    sys.exit(f'error: --draft_fraction must be in (0, 1), got {f.draft_fraction}')
+  workdir_lib.quiet_logs()
+  try:
+    run = runs.load_run(f.workdir)
+  except cli.ERRORS as e:
+    sys.exit(f'error: {e}')
+  config, act, cfg = run.config, run.config.activation, run.model.cfg
+  if not act.enabled or act.structure != 'nested':
+    sys.exit('error: --workdir must be a nested random-activation run')
+  score = router_lib.scorer(run.model, run.params, act, f.draft_fraction)
+  splits = data_lib.load(config, run.tokenizer, ('train', 'validation')).splits
+  T = cfg.block_size
+  train = ((data_lib.train_batch(splits['train'], f.batch, T, 1234, i), slice(None))
+           for i in range(f.train_batches))
+  feats, narrow, full, kl = _collect(score, train)
+  target = kl if f.target == 'expected' else narrow - full
+  router, curve = router_lib.fit(feats, target, hidden=f.hidden, steps=f.steps)
+  val = ((tokens, weights > 0) for tokens, weights in
+         data_lib.eval_batches(splits['validation'], T, f.batch, f.batches))
+  v_feats, v_narrow, v_full, v_kl = _collect(score, val)
+  predicted = np.asarray(jax.device_get(router_lib.predict(router, v_feats)))
+  confidence = np.exp(v_feats[:, -2])  # the top-1 log-probability feature
+  narrow_flops = policies.Fixed(act, f.draft_fraction).relative_flops(cfg)
+  rows = compare(v_narrow, v_full, predicted, confidence, v_kl)
+  for row in rows:
+    row['flops_ratio'] = narrow_flops + row['share']
+    for name, bound in (('gain_captured', 'loss_oracle'),
+                        ('gain_captured_causal', 'loss_expected_oracle')):
+      row[name] = ((row['loss_random_mix'] - row['loss_router'])
+                   / max(1e-12, row['loss_random_mix'] - row[bound]))
+  gain = v_narrow - v_full
+  result = {
+      'workdir': f.workdir, 'step': int(run.step), 'draft_fraction': f.draft_fraction,
+      'train_positions': int(len(feats)), 'positions': int(v_narrow.size),
+      'loss_narrow': float(v_narrow.mean()), 'loss_full': float(v_full.mean()),
+      'narrow_flops_ratio': narrow_flops, 'router_fit': curve,
+      'router_corr': float(np.corrcoef(predicted, gain)[0, 1]),
+      'confidence_corr': float(np.corrcoef(-confidence, gain)[0, 1]),
+      'router_corr_expected': float(np.corrcoef(predicted, v_kl)[0, 1]),
+      'target': f.target,
+      'router_parameters': int(sum(np.size(v) for k, v in router.items()
+                                   if k not in ('mean', 'std'))),
+      'router_flops_per_token': 2 * int(router['w1'].size + router['w2'].size),
+      'model_flops_per_token': float(flops.flops_per_token(cfg)),
+      'shares': rows, **{'command': ' '.join(sys.argv)}}
+  files.write_json(f.out, result)
+  if f.save:
+    print(f'wrote {router_lib.save(f.workdir, router, f.draft_fraction)}', file=sys.stderr)
+  print(f"a = {f.draft_fraction}: narrow {result['loss_narrow']:.4f}, full "
+        f"{result['loss_full']:.4f} over {result['positions']} positions; correlation with the "
+        f"gain: router {result['router_corr']:.3f}, confidence {result['confidence_corr']:.3f}")
+  print(f"{'share':>5} {'FLOPs':>6} {'router':>8} {'confid.':>8} {'random':>8} {'E-oracle':>8} "
+        f"{'oracle':>8} {'of E-or.':>8} {'of or.':>6} {'prec.':>6}")
+  for r in rows:
+    print(f"{r['share']:5.1f} {r['flops_ratio']:6.3f} {r['loss_router']:8.4f} "
+          f"{r['loss_confidence']:8.4f} {r['loss_random_mix']:8.4f} "
+          f"{r['loss_expected_oracle']:8.4f} {r['loss_oracle']:8.4f} "
+          f"{r['gain_captured_causal']:8.2f} {r['gain_captured']:6.2f} "
+          f"{r['precision_router']:6.2f}")
+  print(f'wrote {f.out}')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main, flags_parser=cli.parse_flags_with_output)

@@ -1,0 +1,142 @@
+"""A learned width router: which tokens gain most from the full width over a narrow one.
+
+The `adaptive` policy escalates a token from the nested width `a` to the full width when the
+narrow pass's top-1 probability is low; experiments/adaptive_routing.py found that confidence
+marks tokens hard for every width, not the tokens the full width helps. The router here is
+trained to predict that help directly: for each position, from what the narrow pass has already
+computed (its final hidden state after `ln_f`, and its logits' top-1 log-probability and
+entropy), the gain `loss_narrow - loss_full` of running the full width instead, in nats. The
+decision is causal: it reads only the narrow pass at that position, before the full pass is
+paid for.
+
+Post hoc: the RA model is frozen and only the router learns (a two-layer MLP on standardised
+features, squared error), on positions of the training split. Its target is the expected gain
+KL(p_full || p_narrow) (`expected_gain`), not the realised one: the realised gain depends on
+the next token, which the router cannot see, and is mostly noise to it. `fit` returns the
+router as a dict of float32 arrays; `save`/`load` keep it in the workdir (ROUTER_FILE, with the
+width it routes from).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rag_jax import activation
+from rag_jax import weights
+
+ROUTER_FILE = 'router.safetensors'
+
+
+def scorer(model, params, act, fraction: float):
+  """A jitted function of a batch of windows (tokens_Bx(T+1)) giving, per position: the
+  router's features (hidden state, top-1 log-probability, entropy of the narrow pass at
+  `fraction`), the narrow loss, the full loss and the expected gain (`expected_gain`)."""
+  narrow = activation.make_plan(jax.random.key(0), act, model.cfg, fraction=fraction)
+  is_ln_f = lambda module, name: module.name == 'ln_f'
+
+  def losses(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+
+  @jax.jit
+  def score(tokens):
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    (logits, _), state = model.apply({'params': params}, x, plan=narrow,
+                                     capture_intermediates=is_ln_f)
+    hidden = state['intermediates']['ln_f']['__call__'][0].astype(jnp.float32)
+    full = model.apply({'params': params}, x)[0]
+    return (features(hidden, logits), losses(logits, y), losses(full, y),
+            expected_gain(full, logits))
+  return score
+
+
+def expected_gain(full_logits: jax.Array, narrow_logits: jax.Array) -> jax.Array:
+  """KL(p_full || p_narrow) per position: the gain of the full width over the narrow one that
+  the context alone can tell, the expected `loss_narrow - loss_full` when the next token is
+  drawn from the full model. The target the router learns (the realised gain also depends on
+  the next token, which no causal router sees)."""
+  full = jax.nn.log_softmax(full_logits.astype(jnp.float32), axis=-1)
+  narrow = jax.nn.log_softmax(narrow_logits.astype(jnp.float32), axis=-1)
+  return (jnp.exp(full) * (full - narrow)).sum(-1)
+
+
+def features(hidden: jax.Array, logits: jax.Array) -> jax.Array:
+  """[hidden state, top-1 log-probability, entropy] per position (float32)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  entropy = -(jnp.exp(logp) * logp).sum(-1)
+  return jnp.concatenate([hidden, logp.max(-1)[..., None], entropy[..., None]], axis=-1)
+
+
+def init(key: jax.Array, num_features: int, hidden: int, mean: np.ndarray,
+         std: np.ndarray) -> dict[str, jax.Array]:
+  k1, k2 = jax.random.split(key)
+  return {'mean': jnp.asarray(mean, jnp.float32), 'std': jnp.asarray(std, jnp.float32),
+          'w1': jax.random.normal(k1, (num_features, hidden)) / np.sqrt(num_features),
+          'b1': jnp.zeros((hidden,)), 'w2': jax.random.normal(k2, (hidden,)) / np.sqrt(hidden),
+          'b2': jnp.zeros(())}
+
+
+def predict(router: dict[str, jax.Array], feats: jax.Array) -> jax.Array:
+  """The predicted gain of the full width (nats) for each position's features."""
+  z = (feats - router['mean']) / router['std']
+  return jax.nn.gelu(z @ router['w1'] + router['b1']) @ router['w2'] + router['b2']
+
+
+def fit(feats: np.ndarray, gains: np.ndarray, *, hidden: int = 64, steps: int = 600,
+        batch: int = 4096, learning_rate: float = 3e-3, seed: int = 0) -> tuple[dict, list]:
+  """The router fitted to (features, gain) pairs by Adam on the squared error; returns it and
+  the loss every 50 steps. Only the router's parameters learn."""
+  if len(feats) != len(gains) or len(feats) < batch:
+    raise ValueError(f'need at least {batch} positions with features and gains, got '
+                     f'{len(feats)} and {len(gains)}.')
+  mean, std = feats.mean(0), feats.std(0) + 1e-6
+  key = jax.random.key(seed)
+  router = init(key, feats.shape[1], hidden, mean, std)
+  trained = ('w1', 'b1', 'w2', 'b2')
+  tx = optax.adamw(optax.cosine_decay_schedule(learning_rate, steps), weight_decay=1e-4)
+  opt = tx.init({k: router[k] for k in trained})
+  feats_j, gains_j = jnp.asarray(feats, jnp.float32), jnp.asarray(gains, jnp.float32)
+
+  @jax.jit
+  def step(router, opt, idx):
+    def loss(p):
+      return jnp.mean((predict({**router, **p}, feats_j[idx]) - gains_j[idx]) ** 2)
+    value, grads = jax.value_and_grad(loss)({k: router[k] for k in trained})
+    updates, opt = tx.update(grads, opt, {k: router[k] for k in trained})
+    return {**router, **optax.apply_updates({k: router[k] for k in trained}, updates)}, opt, value
+
+  rng, curve = np.random.default_rng(seed), []
+  for i in range(steps):
+    router, opt, value = step(router, opt, rng.integers(0, len(feats), batch))
+    if i % 50 == 0 or i == steps - 1:
+      curve.append((i, float(value)))
+  return router, curve
+
+
+def escalate(scores: np.ndarray, share: float) -> np.ndarray:
+  """The positions to run at the full width: the `share` with the highest scores (ties by
+  position), as a boolean mask."""
+  s = np.ravel(scores)
+  chosen = np.zeros(s.size, bool)
+  chosen[np.argsort(-s, kind='stable')[:int(round(share * s.size))]] = True
+  return chosen
+
+
+def save(workdir: str, router: dict[str, Any], fraction: float) -> str:
+  """Writes the router and the width it routes from into `workdir` (ROUTER_FILE)."""
+  path = os.path.join(workdir, ROUTER_FILE)
+  tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in router.items()}
+  weights.write_tensors(path, {**tensors, 'draft_fraction': np.array([fraction], np.float32)},
+                        {'format': 'rag_jax router'})
+  return path
+
+
+def load(workdir: str) -> tuple[dict[str, jax.Array], float]:
+  """The router saved in `workdir` and the width it routes from."""
+  tensors = weights.read_tensors(os.path.join(workdir, ROUTER_FILE))
+  fraction = float(tensors.pop('draft_fraction')[0])
+  return {k: jnp.asarray(v) for k, v in tensors.items()}, fraction
