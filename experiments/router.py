@@ -16,9 +16,11 @@ positions runs at the full width, chosen by
   * the oracle (largest realised gain, which needs the next token): `loss_oracle`;
 with `flops_ratio`, the FLOPs per token relative to dense (the narrow pass for every token plus
 the full pass for the share s: an escalated token pays both), and the router's precision at the
-share (how many of its choices are among the oracle's). Escalated positions are scored by the
-pure full pass (a full-width context; experiments/adaptive_routing.py measures what a mixed
-context costs). `--save` writes the router into the workdir (router.ROUTER_FILE).
+share (how many of its choices are among the oracle's). These escalated positions are scored
+by the pure full pass (a full-width context). `mixed_context` scores the same choices as
+decoding runs them (`evaluate --policy=adaptive`'s masks: an escalated token reads the narrow
+keys and values of the tokens before it that did not escalate), with `loss_random` a random
+choice at each share. `--save` writes the router into the workdir (router.ROUTER_FILE).
 """
 from __future__ import annotations
 
@@ -28,10 +30,13 @@ from absl import app, flags
 import jax
 import numpy as np
 
+from rag_jax import activation
 from rag_jax import cli
 from rag_jax.data import pipeline as data_lib
 from rag_jax import files
 from rag_jax import flops
+from rag_jax import losses
+from rag_jax import plan as plan_lib
 from rag_jax import policies
 from rag_jax import router as router_lib
 from rag_jax import runs
@@ -77,6 +82,35 @@ def compare(loss_narrow, loss_full, predicted, confidence, expected, shares=SHAR
   return rows
 
 
+def mixed_context(model, params, act, fraction, batches, choices: dict, shares) -> dict:
+  """{name: [loss per share]} scored as decoding runs them: each position at its chosen width,
+  its keys and values those of that width, so an escalated token reads the narrow keys and
+  values of the positions before it that did not escalate (evaluate --policy=adaptive's
+  second pass). `choices`: {name: per-position scores over the concatenated `batches`
+  (higher: escalate)}; each share escalates the positions above that score's quantile."""
+  narrow = plan_lib.as_masks(activation.make_plan(jax.random.key(0), act, model.cfg,
+                                                  fraction=fraction))
+
+  @jax.jit
+  def score(tokens, escalate_BxT):
+    logits, _ = model.apply({'params': params}, tokens[:, :-1],
+                            plan=plan_lib.escalate(narrow, escalate_BxT))
+    return losses.token_losses(logits, tokens[:, 1:])
+
+  cut = {name: [np.quantile(s, 1 - share) for share in shares] for name, s in choices.items()}
+  sums, count, start = {name: np.zeros(len(shares)) for name in choices}, 0, 0
+  for tokens, keep in batches:
+    B, T = tokens.shape[0], tokens.shape[1] - 1
+    n = int(np.sum(keep)) * T
+    for name, s in choices.items():
+      rows = np.zeros((B, T), np.float32) - np.inf  # padded rows: never escalated, not counted
+      rows[keep] = s[start:start + n].reshape(-1, T)
+      for i, c in enumerate(cut[name]):
+        sums[name][i] += float(np.asarray(score(tokens, rows > c))[keep].sum())
+    start, count = start + n, count + n
+  return {name: (v / count).tolist() for name, v in sums.items()}
+
+
 def _collect(score, batches):
   parts = []
   for tokens, keep in batches:
@@ -113,6 +147,14 @@ def main(argv):
   confidence = np.exp(v_feats[:, -2])  # the top-1 log-probability feature
   narrow_flops = policies.Fixed(act, f.draft_fraction).relative_flops(cfg)
   rows = compare(v_narrow, v_full, predicted, confidence, v_kl)
+  val = ((tokens, weights > 0) for tokens, weights in
+         data_lib.eval_batches(splits['validation'], T, f.batch, f.batches))
+  chance = np.random.default_rng(0).random(v_narrow.size)
+  mixed = mixed_context(run.model, run.params, act, f.draft_fraction, val, {
+      'router': predicted, 'confidence': -confidence, 'random': chance,
+      'expected_oracle': v_kl, 'oracle': v_narrow - v_full}, SHARES)
+  for i, row in enumerate(rows):
+    row['mixed_context'] = {f'loss_{name}': v[i] for name, v in mixed.items()}
   for row in rows:
     row['flops_ratio'] = narrow_flops + row['share']
     for name, bound in (('gain_captured', 'loss_oracle'),
@@ -148,6 +190,12 @@ def main(argv):
           f"{r['loss_expected_oracle']:8.4f} {r['loss_oracle']:8.4f} "
           f"{r['gain_captured_causal']:8.2f} {r['gain_captured']:6.2f} "
           f"{r['precision_router']:6.2f}")
+  print('mixed context (as decoding runs them):')
+  print(f"{'share':>5} {'router':>8} {'confid.':>8} {'random':>8} {'E-oracle':>8} {'oracle':>8}")
+  for r in rows:
+    m = r['mixed_context']
+    print(f"{r['share']:5.1f} {m['loss_router']:8.4f} {m['loss_confidence']:8.4f} "
+          f"{m['loss_random']:8.4f} {m['loss_expected_oracle']:8.4f} {m['loss_oracle']:8.4f}")
   print(f'wrote {f.out}')
 
 

@@ -26,13 +26,14 @@ from rag_jax import files
 from rag_jax import flops
 from rag_jax import losses
 from rag_jax import policies
+from rag_jax import router as router_lib
 from rag_jax import runs
-from rag_jax import sampling
 from rag_jax import workdir as workdir_lib
 from rag_jax.models import gpt
 
 POLICIES = policies.EVALUATED
 ADAPTIVE_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
+ROUTER_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3)  # predicted gains (nats) with --router
 
 
 def plan_fn(act, model_cfg, policy: str = 'fixed', fraction: float | None = None):
@@ -89,20 +90,27 @@ def mean_loss(eval_step, params, tokens: np.ndarray, config, batch_sharding=None
   return float(total) / float(count), int(count)
 
 
-def make_adaptive_step(model: gpt.GPT, act, draft_fraction: float, thresholds):
+def make_adaptive_step(model: gpt.GPT, act, draft_fraction: float, thresholds, router=None):
   """(params, tokens_Bx(T+1), weights_B, key) -> (summed loss per threshold, escalated tokens
-  per threshold, scored tokens) of the `adaptive` policy (see `evaluate_adaptive`)."""
-  policy = policies.Adaptive(act=policies.Act(act), fraction=draft_fraction)
+  per threshold, scored tokens) of the `adaptive` policy (see `evaluate_adaptive`); with a
+  `router` (router_lib.Router) the thresholds are predicted gains."""
+  policy = policies.Adaptive(act=policies.Act(act), fraction=draft_fraction, router=router)
 
   def step(params, tokens, weights_B, key):
     del key
     x_BxT, y_BxT = tokens[:, :-1], tokens[:, 1:]
-    narrow_BxTxV, _ = model.apply({'params': params}, x_BxT, plan=policy.narrow(model.cfg))
-    confidence_BxT = sampling.confidence(narrow_BxTxV)
+    narrow = policy.narrow(model.cfg)
+    if router is None:
+      narrow_BxTxV, _ = model.apply({'params': params}, x_BxT, plan=narrow)
+      signal_BxT = policy.signal(narrow_BxTxV)
+    else:
+      (narrow_BxTxV, _), state = model.apply({'params': params}, x_BxT, plan=narrow,
+                                             capture_intermediates=router_lib.is_ln_f)
+      signal_BxT = policy.signal(narrow_BxTxV, router_lib.hidden_of(state))
     w_BxT = weights_B[:, None] * jnp.ones(y_BxT.shape, jnp.float32)
 
     def one(threshold):
-      escalate_BxT, plan = policy.eval_plans(confidence_BxT, model.cfg, threshold)
+      escalate_BxT, plan = policy.eval_plans(signal_BxT, model.cfg, threshold)
       logits_BxTxV, _ = model.apply({'params': params}, x_BxT, plan=plan)
       losses_BxT = losses.token_losses(logits_BxTxV, y_BxT)
       return (losses_BxT * w_BxT).sum(), (escalate_BxT * w_BxT).sum()
@@ -115,8 +123,9 @@ def make_adaptive_step(model: gpt.GPT, act, draft_fraction: float, thresholds):
 
 def update_eval_curve(workdir: str, entries: list[dict]) -> list[dict]:
   path = os.path.join(workdir, workdir_lib.EVAL_CURVE_FILE)
-  # One entry per (fraction, policy, split); adaptive ones per (threshold, draft width).
-  key = lambda e: ((e['policy'], e.get('split'), e['threshold'], e['draft_fraction'])
+  # One entry per (fraction, policy, split); adaptive ones per (threshold, draft width, router).
+  key = lambda e: ((e['policy'], e.get('split'), e['threshold'], e['draft_fraction'],
+                    bool(e.get('router')))
                    if e['policy'] == 'adaptive'
                    else (e['active_fraction'], e['policy'], e.get('split')))
   old = []
@@ -134,10 +143,10 @@ def update_eval_curve(workdir: str, entries: list[dict]) -> list[dict]:
 
 def evaluate(workdir: str, active_fractions=None, policy: str = 'fixed',
              split: str = 'validation', overrides: dict | None = None,
-             draft_fraction: float = 0.5, thresholds=ADAPTIVE_THRESHOLDS,
-             config_overrides: dict | None = None) -> list[dict]:
+             draft_fraction: float | None = 0.5, thresholds=ADAPTIVE_THRESHOLDS,
+             config_overrides: dict | None = None, router: bool = False) -> list[dict]:
   """Scores the newest checkpoint at each fixed fraction, under the random policy, or under
-  the adaptive policy (`draft_fraction`, `thresholds`: `evaluate_adaptive`).
+  the adaptive policy (`draft_fraction`, `thresholds`, `router`: `evaluate_adaptive`).
 
   The activation settings are the run's `config.activation` updated by `overrides` (e.g.
   alpha/beta/lam for the random policy, or structure/sites); on a dense run, fixed fractions
@@ -150,7 +159,9 @@ def evaluate(workdir: str, active_fractions=None, policy: str = 'fixed',
     raise ValueError(f'--policy must be one of {POLICIES}, got {policy!r}.')
   if policy == 'adaptive':
     return evaluate_adaptive(workdir, draft_fraction, thresholds, split, overrides,
-                             config_overrides)
+                             config_overrides, router)
+  if router:
+    raise ValueError('--router goes with --policy=adaptive.')
   if policy == 'fixed' and active_fractions is not None and not len(active_fractions):
     raise ValueError('--active_fractions is empty; give the fractions to score, e.g. 1,0.5,0.25.')
   for a in active_fractions or ():
@@ -215,9 +226,10 @@ def _load(workdir: str, split: str, overrides: dict | None, check, widths: bool 
   return config, model, params, step, act, data_lib.load(config, tokenizer, (split,)).splits[split]
 
 
-def evaluate_adaptive(workdir: str, draft_fraction: float = 0.5, thresholds=ADAPTIVE_THRESHOLDS,
-                      split: str = 'validation', overrides: dict | None = None,
-                      config_overrides: dict | None = None) -> list[dict]:
+def evaluate_adaptive(workdir: str, draft_fraction: float | None = 0.5,
+                      thresholds=ADAPTIVE_THRESHOLDS, split: str = 'validation',
+                      overrides: dict | None = None, config_overrides: dict | None = None,
+                      router: bool = False) -> list[dict]:
   """The `adaptive` policy, teacher-forced: every token first runs at the nested width
   `draft_fraction`; where that width's top-1 probability is below a threshold the token
   escalates to the full width. Scored in two parallel passes per window: the narrow one gives
@@ -226,10 +238,23 @@ def evaluate_adaptive(workdir: str, draft_fraction: float = 0.5, thresholds=ADAP
   generation). Approximation: in generation the confidence of token t would come from a context
   of mixed widths; here it comes from the narrow pass. Realized FLOPs per token: the narrow
   width's plus the escalated share of the full width's (an escalated token pays for both).
-  One entry per threshold."""
+  One entry per threshold. `router`: the workdir's learned router decides instead of confidence
+  (rag_jax/router.py; thresholds are predicted gains in nats; `draft_fraction` None: the
+  router's own width)."""
   thresholds = [float(t) for t in thresholds]
-  if not thresholds or not all(0 < t <= 1 for t in thresholds):
+  learned = router_lib.load(workdir) if router else None
+  if learned is not None:
+    if draft_fraction is None:
+      draft_fraction = learned.fraction
+    if not thresholds or not all(math.isfinite(t) for t in thresholds):
+      raise ValueError(f'--thresholds must be finite gains (nats), got {thresholds}.')
+  elif not thresholds or not all(0 < t <= 1 for t in thresholds):
     raise ValueError(f'--thresholds must be probabilities in (0, 1], got {thresholds}.')
+  if draft_fraction is None:
+    draft_fraction = 0.5
+  if learned is not None and learned.fraction != draft_fraction:
+    raise ValueError(f'the router of {workdir} routes from the width {learned.fraction:g}; give '
+                     f'--draft_fraction={learned.fraction:g}, not {draft_fraction:g}.')
   if not 0 < draft_fraction < 1:
     raise ValueError(f'--draft_fraction must be in (0, 1), got {draft_fraction}.')
 
@@ -241,7 +266,7 @@ def evaluate_adaptive(workdir: str, draft_fraction: float = 0.5, thresholds=ADAP
   config, model, params, step, act, tokens = _load(workdir, split, overrides, check,
                                                    config_overrides=config_overrides)
   cfg = model.cfg
-  adaptive_step = jax.jit(make_adaptive_step(model, act, draft_fraction, thresholds))
+  adaptive_step = jax.jit(make_adaptive_step(model, act, draft_fraction, thresholds, learned))
   losses, escalated, count = split_sums(adaptive_step, params, tokens, config)
   full = flops.flops_per_token(cfg)
   narrow = flops.flops_per_token(cfg, **activation.compute_fractions(act, cfg, draft_fraction))
@@ -255,7 +280,8 @@ def evaluate_adaptive(workdir: str, draft_fraction: float = 0.5, thresholds=ADAP
                     'bits_per_token': loss / math.log(2), 'flops_per_token': cost,
                     'split': split, 'step': int(step), 'tokens': int(count),
                     'structure': act.structure, 'sites': act.sites, 'threshold': threshold,
-                    'draft_fraction': float(draft_fraction), 'escalated': rate})
+                    'draft_fraction': float(draft_fraction), 'escalated': rate,
+                    'router': learned is not None})
   update_eval_curve(workdir, entries)
   return entries
 
@@ -277,8 +303,8 @@ def format_table(entries: list[dict], curve: list[dict] = ()) -> str:
            f"{'vs a = 1':>9}"]
   for e in entries:
     if e['policy'] == 'adaptive':
-      name = (f"adaptive {e['draft_fraction']:g} @ {e['threshold']:g} "
-              f"(up {e['escalated']:.0%})")
+      name = (f"adaptive {e['draft_fraction']:g} @ {e['threshold']:g}"
+              f"{' router' if e.get('router') else ''} (up {e['escalated']:.0%})")
     else:
       name = f"{e['policy']} {e['active_fraction']:.2f}"
     base = full.get(e.get('split'))
@@ -296,7 +322,10 @@ def _define_flags():
   flags.DEFINE_enum('split', 'validation', list(data_lib.SPLITS), 'Split to score.')
   flags.DEFINE_float('draft_fraction', 0.5, 'adaptive: the nested width every token runs first.')
   flags.DEFINE_list('thresholds', [str(t) for t in ADAPTIVE_THRESHOLDS],
-                    'adaptive: escalate to the full width below this top-1 probability.')
+                    'adaptive: escalate to the full width below this top-1 probability (with '
+                    f'--router: above this predicted gain in nats; default {ROUTER_THRESHOLDS}).')
+  flags.DEFINE_bool('router', False, 'adaptive: the workdir\'s learned router decides '
+                    '(experiments/router.py --save); --draft_fraction defaults to its width.')
   cli.define_activation_flags(structure=True)
 
 
@@ -317,8 +346,11 @@ def main(argv):
              '--draft_fraction and --thresholds.')
   try:
     overrides = cli.activation_overrides()
-    entries = evaluate(f.workdir, fractions, f.policy, f.split, overrides, f.draft_fraction,
-                       [float(t) for t in f.thresholds], cli.run_overrides())
+    thresholds = (f.thresholds if f['thresholds'].present or not f.router
+                  else ROUTER_THRESHOLDS)
+    draft = f.draft_fraction if f['draft_fraction'].present or not f.router else None
+    entries = evaluate(f.workdir, fractions, f.policy, f.split, overrides, draft,
+                       [float(t) for t in thresholds], cli.run_overrides(), f.router)
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   table = format_table(entries, curve_of(f.workdir))

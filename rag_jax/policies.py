@@ -20,6 +20,7 @@ the problem.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, ClassVar
 
 import jax
@@ -29,6 +30,7 @@ import ml_collections
 from rag_jax import activation
 from rag_jax import flops
 from rag_jax import plan as plan_lib
+from rag_jax import router as router_lib
 from rag_jax import sampling
 from rag_jax.models import gpt
 from rag_jax.models import submodel
@@ -189,21 +191,30 @@ class AdaptiveDecoder(Decoder):
     `evaluate --policy=adaptive` scores."""
     del first
     cache = gpt.init_cache(self.model.cfg, tokens_BxL.shape[0])
-    logits_BxLxV, narrow_cache = self.forward(tokens_BxL, cache, 0, self.narrow)
-    escalate_BxL = self.policy.escalates(logits_BxLxV)
+    logits_BxLxV, narrow_cache, escalate_BxL = self.narrow_forward(tokens_BxL, cache, 0)
     masks = plan_lib.escalate(plan_lib.as_masks(self.narrow), escalate_BxL)
     return *jax.lax.cond(jnp.any(escalate_BxL),
                          lambda: self.forward(tokens_BxL, cache, 0, masks),
                          lambda: (logits_BxLxV, narrow_cache)), escalate_BxL
+
+  def narrow_forward(self, tokens_BxL, cache, pos):
+    """The narrow pass: (logits, cache, escalate) with the policy's decision per position (from
+    the final hidden state too when a router decides)."""
+    if self.policy.router is None:
+      logits, cache = self.forward(tokens_BxL, cache, pos, self.narrow)
+      return logits, cache, self.policy.escalates(logits)
+    (logits, cache), state = self.model.apply(
+        self.variables, tokens_BxL, cache=cache, pos=pos, plan=self.narrow,
+        capture_intermediates=router_lib.is_ln_f)
+    return logits, cache, self.policy.escalates(logits, router_lib.hidden_of(state))
 
   def step(self, token_B, cache, pos, t, forced_B=None, prefilled_B=None):
     """One token: each row keeps the keys and values of the width it ran at. A prompt token
     (`forced_B`) takes the width the prefill chose for it (`prefilled_B`), so a row's widths do
     not depend on the other rows' prompts."""
     del t
-    logits_Bx1xV, narrow_cache = self.forward(token_B[:, None], cache, pos, self.narrow)
-    logits_BxV = logits_Bx1xV[:, 0]
-    escalate_B = self.policy.escalates(logits_BxV)
+    logits_Bx1xV, narrow_cache, escalate_Bx1 = self.narrow_forward(token_B[:, None], cache, pos)
+    logits_BxV, escalate_B = logits_Bx1xV[:, 0], escalate_Bx1[:, 0]
     if forced_B is not None:
       escalate_B = jnp.where(forced_B, prefilled_B, escalate_B)
 
@@ -225,27 +236,36 @@ class AdaptiveDecoder(Decoder):
 @dataclasses.dataclass(frozen=True)
 class Adaptive(Policy):
   """Every token at the nested width `fraction`, escalated to the full width where that width's
-  top-1 probability is below `threshold` (0: never; above 1: always)."""
+  top-1 probability is below `threshold` (0: never; above 1: always); with a `router`
+  (rag_jax/router.py), where the router's predicted gain of the full width, in nats, is above
+  `threshold` instead."""
   name: ClassVar[str] = 'adaptive'
   fraction: float = 0.5
   threshold: float = 0.5
+  router: router_lib.Router | None = None
 
-  def escalates(self, logits) -> jax.Array:
-    """Which predictions escalate: the narrow width's top-1 probability below the threshold."""
-    return self.below(sampling.confidence(logits), self.threshold)
+  def signal(self, logits, hidden=None) -> jax.Array:
+    """Per position, how much the full width is wanted (escalate above `cutoff`): the router's
+    predicted gain, or minus the narrow width's top-1 probability."""
+    if self.router is None:
+      return -sampling.confidence(logits)
+    return self.router.gain(hidden, logits)
 
-  @staticmethod
-  def below(confidence, threshold) -> jax.Array:
-    return confidence < threshold
+  def cutoff(self, threshold: float) -> float:
+    return threshold if self.router is not None else -threshold
+
+  def escalates(self, logits, hidden=None) -> jax.Array:
+    """Which predictions escalate (the same code in decoding and in evaluation)."""
+    return self.signal(logits, hidden) > self.cutoff(self.threshold)
 
   def narrow(self, cfg, key=None) -> plan_lib.Plan:
     key = jax.random.key(0) if key is None else key  # a nested width: the key chooses nothing
     return activation.make_plan(key, self.act, cfg, fraction=self.fraction)
 
-  def eval_plans(self, confidence_BxL, cfg, threshold) -> tuple[jax.Array, plan_lib.Plan]:
-    """(escalated [B, L], the second pass's plan) from the narrow pass's confidence
-    (sampling.confidence of its logits) at a threshold (evaluate scores several in one pass)."""
-    escalate_BxL = self.below(confidence_BxL, threshold)
+  def eval_plans(self, signal_BxL, cfg, threshold) -> tuple[jax.Array, plan_lib.Plan]:
+    """(escalated [B, L], the second pass's plan) from the narrow pass's `signal` at a
+    threshold (evaluate scores several in one pass)."""
+    escalate_BxL = signal_BxL > self.cutoff(threshold)
     return escalate_BxL, plan_lib.escalate(plan_lib.as_masks(self.narrow(cfg)), escalate_BxL)
 
   def eval_plan(self, key, cfg, batch, length):
@@ -264,7 +284,7 @@ class Adaptive(Policy):
                            narrow=narrow)
 
   def describe(self):
-    return f'adaptive {self.fraction:g} @ {self.threshold:g}'
+    return f'adaptive {self.fraction:g} @ {self.threshold:g}{" router" if self.router else ""}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +309,8 @@ EVALUATED = ('fixed', 'random', 'adaptive')  # what evaluate scores (speculative
 
 
 def make(name: str, act=None, model=None, *, fraction: float | None = None,
-         threshold: float = 0.5, draft_tokens: int = 4, draft_cache: str = 'shared') -> Policy:
+         threshold: float = 0.5, draft_tokens: int = 4, draft_cache: str = 'shared',
+         router: router_lib.Router | None = None) -> Policy:
   """The policy `name` for a run's activation settings `act` (and its `model` config, to check
   them), or one ValueError naming the problem. `fraction`: fixed's width, adaptive's and
   speculative's narrow width."""
@@ -321,7 +342,13 @@ def make(name: str, act=None, model=None, *, fraction: float | None = None,
                      f'{act.structure!r}.')
   if not 0 < fraction < 1:
     raise ValueError(f'policy adaptive needs a draft_fraction in (0, 1), got {fraction}.')
-  if not threshold >= 0:
+  if router is not None:
+    if router.fraction != fraction:
+      raise ValueError(f'the router routes from the width {router.fraction:g}; give '
+                       f'draft_fraction={router.fraction:g}, not {fraction:g}.')
+    if not math.isfinite(threshold):
+      raise ValueError(f'threshold (a predicted gain in nats) must be finite, got {threshold}.')
+  elif not threshold >= 0:
     raise ValueError(f'threshold must be >= 0 (a top-1 probability; 0: never escalate, above '
                      f'1: always), got {threshold}.')
-  return Adaptive(act=act, fraction=fraction, threshold=float(threshold))
+  return Adaptive(act=act, fraction=fraction, threshold=float(threshold), router=router)

@@ -27,9 +27,33 @@ import numpy as np
 import optax
 
 from rag_jax import activation
+from rag_jax import files
 from rag_jax import weights
 
 ROUTER_FILE = 'router.safetensors'
+
+
+class Router:
+  """A fitted router and the nested width it routes from, as `--policy=adaptive --router`
+  uses it. Compared by identity (its arrays are not hashable; two loads are two routers)."""
+
+  def __init__(self, params: dict[str, jax.Array], fraction: float):
+    self.params, self.fraction = params, float(fraction)
+
+  def gain(self, hidden: jax.Array, logits: jax.Array) -> jax.Array:
+    """The predicted gain of the full width for positions of the narrow pass."""
+    return predict(self.params, features(hidden, logits))
+
+
+def is_ln_f(module, name) -> bool:
+  """`capture_intermediates` filter: the final LayerNorm, whose output the router reads."""
+  del name
+  return module.name == 'ln_f'
+
+
+def hidden_of(state) -> jax.Array:
+  """The final LayerNorm's output from a `capture_intermediates` apply's state."""
+  return state['intermediates']['ln_f']['__call__'][0].astype(jnp.float32)
 
 
 def scorer(model, params, act, fraction: float):
@@ -37,7 +61,6 @@ def scorer(model, params, act, fraction: float):
   router's features (hidden state, top-1 log-probability, entropy of the narrow pass at
   `fraction`), the narrow loss, the full loss and the expected gain (`expected_gain`)."""
   narrow = activation.make_plan(jax.random.key(0), act, model.cfg, fraction=fraction)
-  is_ln_f = lambda module, name: module.name == 'ln_f'
 
   def losses(logits, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
@@ -47,7 +70,7 @@ def scorer(model, params, act, fraction: float):
     x, y = tokens[:, :-1], tokens[:, 1:]
     (logits, _), state = model.apply({'params': params}, x, plan=narrow,
                                      capture_intermediates=is_ln_f)
-    hidden = state['intermediates']['ln_f']['__call__'][0].astype(jnp.float32)
+    hidden = hidden_of(state)
     full = model.apply({'params': params}, x)[0]
     return (features(hidden, logits), losses(logits, y), losses(full, y),
             expected_gain(full, logits))
@@ -135,8 +158,13 @@ def save(workdir: str, router: dict[str, Any], fraction: float) -> str:
   return path
 
 
-def load(workdir: str) -> tuple[dict[str, jax.Array], float]:
-  """The router saved in `workdir` and the width it routes from."""
-  tensors = weights.read_tensors(os.path.join(workdir, ROUTER_FILE))
+def load(workdir: str) -> Router:
+  """The router saved in `workdir` (experiments/router.py --save), or a ValueError saying how to
+  make one."""
+  path = os.path.join(workdir, ROUTER_FILE)
+  if not files.exists(path):
+    raise ValueError(f'{workdir} holds no router ({ROUTER_FILE}); fit one with python '
+                     f'experiments/router.py --workdir={workdir} --save --out=router.json.')
+  tensors = weights.read_tensors(path)
   fraction = float(tensors.pop('draft_fraction')[0])
-  return {k: jnp.asarray(v) for k, v in tensors.items()}, fraction
+  return Router({k: jnp.asarray(v) for k, v in tensors.items()}, fraction)

@@ -23,6 +23,7 @@ import numpy as np
 from rag_jax import cli
 from rag_jax import decode
 from rag_jax import policies
+from rag_jax import router as router_lib
 from rag_jax import runs
 from rag_jax import sampling
 from rag_jax import speculative
@@ -108,15 +109,17 @@ def _knobs(config, tokenizer, num_tokens, seed, batch, temperature, top_k, top_p
 
 
 def _policy(config, num_tokens, policy, active_fraction, act, draft_fraction, draft_tokens,
-            draft_cache, threshold) -> policies.Policy:
+            draft_cache, threshold, router=None) -> policies.Policy:
   """The policy object of `sample`'s arguments (one ValueError naming the problem)."""
   name = policy or ('fixed' if active_fraction is not None else 'dense')
   if name in ('dense', 'adaptive', 'speculative') and active_fraction is not None:
     raise ValueError(f'--active_fraction (active_fraction=) goes with policy fixed, not {name}.')
+  if router is not None and name != 'adaptive':
+    raise ValueError(f'a router (--router) goes with policy adaptive, not {name}.')
   fraction = draft_fraction if name in ('adaptive', 'speculative') else active_fraction
   act = config.activation if act is None else act
   out = policies.make(name, act, config.model, fraction=fraction, threshold=threshold,
-                      draft_tokens=draft_tokens, draft_cache=draft_cache)
+                      draft_tokens=draft_tokens, draft_cache=draft_cache, router=router)
   decode.check_plans(out, config.model, config.model.block_size + num_tokens)
   return out
 
@@ -127,7 +130,8 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
            temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
            end: str | None = None, act: ml_collections.ConfigDict | None = None,
            draft_fraction: float = 0.5, draft_tokens: int = 4,
-           draft_cache: str = 'shared', threshold: float = 0.5) -> Samples:
+           draft_cache: str = 'shared', threshold: float = 0.5,
+           router: router_lib.Router | None = None) -> Samples:
   """Generates `batch` continuations of each prompt, compiled (the CLI calls this too).
 
   `config` is the run's config (model, activation, seed) and `tokenizer` its tokenizer
@@ -138,7 +142,8 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
   `Samples.speculation` counts what was accepted) or adaptive (every token at the nested width
   `draft_fraction`, rerun at the full width where that width's top-1 probability is below
   `threshold`: 0 never, above 1 always; `Samples.fractions` then counts both passes of an
-  escalated token); `act` overrides
+  escalated token; with `router`, a learned router's predicted gain above `threshold` nats
+  escalates instead: rag_jax/router.py); `act` overrides
   `config.activation` (alpha, beta, lam, sites, structure, buckets). `end`: a one-token text
   (e.g. '\\n') that ends a row. The key is fold_in(root_keys(config.seed)['sample'], seed).
   Bad input raises one ValueError naming the problem, before anything compiles.
@@ -149,7 +154,7 @@ def sample(params, config: ml_collections.ConfigDict, prompts: str | Sequence[st
   knobs = _knobs(config, tokenizer, num_tokens, seed, batch, temperature, top_k, top_p, greedy,
                  end)
   chosen = _policy(config, num_tokens, policy, active_fraction, act, draft_fraction,
-                   draft_tokens, draft_cache, threshold)
+                   draft_tokens, draft_cache, threshold, router)
   model = runs.make_model(config, tokenizer.vocab_size)
   prompt_RxP, lengths_R, ids_R = decode.prompt_rows(tokenizer, prompts, batch, model.cfg)
   if isinstance(chosen, policies.Speculative):
@@ -213,7 +218,10 @@ def _define_flags():
                      'speculative: the nested width that drafts; adaptive: the width every token '
                      'runs at first.')
   flags.DEFINE_float('threshold', 0.5, 'adaptive: escalate a token to the full width when the '
-                     "narrow width's top-1 probability is below this.")
+                     "narrow width's top-1 probability is below this (with --router: when the "
+                     'predicted gain is above this many nats).')
+  flags.DEFINE_bool('router', False, "adaptive: the workdir's learned router decides "
+                    '(experiments/router.py --save); --draft_fraction defaults to its width.')
   flags.DEFINE_integer('draft_tokens', 4, 'speculative: tokens drafted per full-width pass.')
   flags.DEFINE_enum('draft_cache', 'shared', list(speculative.DRAFT_CACHES),
                     "speculative: the draft reads the full model's keys and values (shared) or "
@@ -229,11 +237,14 @@ def main(argv):
     config, tokenizer, _, params, _ = runs.load_run(f.workdir, cli.run_overrides())
     act = config.activation
     act.update(cli.activation_overrides())
+    router = router_lib.load(f.workdir) if f.router else None
+    draft = (router.fraction if router is not None and not f['draft_fraction'].present
+             else f.draft_fraction)
     out = sample(params, config, f.prompt, tokenizer=tokenizer, num_tokens=f.num_tokens,
                  seed=f.seed, batch=f.batch, policy=f.policy, active_fraction=f.active_fraction,
                  temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, greedy=f.greedy,
-                 end=f.end, act=act, draft_fraction=f.draft_fraction,
-                 draft_tokens=f.draft_tokens, draft_cache=f.draft_cache, threshold=f.threshold)
+                 end=f.end, act=act, draft_fraction=draft, draft_tokens=f.draft_tokens,
+                 draft_cache=f.draft_cache, threshold=f.threshold, router=router)
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   for text in out.text:

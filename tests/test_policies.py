@@ -57,13 +57,44 @@ def test_adaptive_escalates_the_same_tokens_in_decoding_and_in_evaluation(model_
   tokens = jax.random.randint(jax.random.key(1), (3, CFG.block_size), 0, CFG.vocab_size)
   _, _, decoded = policy.decoder(params, model, jax.random.key(0), 16).prefill(tokens, 0)
   narrow, _ = model.apply({'params': params}, tokens, plan=policy.narrow(CFG))
-  scored, _ = policy.eval_plans(sampling.confidence(narrow), CFG, policy.threshold)
+  scored, _ = policy.eval_plans(policy.signal(narrow), CFG, policy.threshold)
   np.testing.assert_array_equal(decoded, scored)
+  np.testing.assert_array_equal(decoded, sampling.confidence(narrow) < 0.6)  # the rule itself
   assert 0 < np.mean(decoded) < 1
   step = evaluate.make_adaptive_step(model, act_config(), 0.5, (0.6,))
   _, escalated, count = step(params, jnp.pad(tokens, ((0, 0), (0, 1))), jnp.ones(3),
                              jax.random.key(0))
   assert int(escalated[0]) == int(np.sum(decoded)) and int(count) == tokens.size
+
+
+def test_a_router_escalates_the_same_tokens_in_decoding_and_in_evaluation(model_params):
+  """With a learned router (here random weights), the decoder's prefill, evaluation's adaptive
+  pass and the escalation count of evaluate's step agree; the threshold is a predicted gain."""
+  from rag_jax import router as router_lib
+  model, params = model_params
+  D = CFG.embed_dim
+  learned = router_lib.Router(router_lib.init(jax.random.key(5), D + 2, 8, np.zeros(D + 2),
+                                              np.ones(D + 2)), 0.5)
+  tokens = jax.random.randint(jax.random.key(1), (3, CFG.block_size), 0, CFG.vocab_size)
+  plan = policies.make('adaptive', act_config(), fraction=0.5).narrow(CFG)
+  (narrow, _), state = model.apply({'params': params}, tokens, plan=plan,
+                                   capture_intermediates=router_lib.is_ln_f)
+  gain = learned.gain(router_lib.hidden_of(state), narrow)
+  threshold = float(np.median(np.asarray(gain)))  # half the positions escalate
+  policy = policies.make('adaptive', act_config(), fraction=0.5, threshold=threshold,
+                         router=learned)
+  _, _, decoded = policy.decoder(params, model, jax.random.key(0), 16).prefill(tokens, 0)
+  scored, _ = policy.eval_plans(gain, CFG, threshold)
+  np.testing.assert_array_equal(decoded, scored)
+  np.testing.assert_array_equal(decoded, np.asarray(gain) > threshold)
+  assert 0.3 < np.mean(decoded) < 0.7
+  step = evaluate.make_adaptive_step(model, act_config(), 0.5, (threshold,), learned)
+  _, escalated, _ = step(params, jnp.pad(tokens, ((0, 0), (0, 1))), jnp.ones(3),
+                         jax.random.key(0))
+  assert int(escalated[0]) == int(np.sum(decoded))
+  with pytest.raises(ValueError, match='the router routes from the width 0.5; give '
+                     'draft_fraction=0.5, not 0.25'):
+    policies.make('adaptive', act_config(), fraction=0.25, router=learned)
 
 
 def test_policy_names_and_bad_settings():

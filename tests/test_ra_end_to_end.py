@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import jax
 import pytest
 
 from rag_jax import activation
@@ -88,6 +89,43 @@ def test_adaptive_policy_spans_the_narrow_and_the_full_width(ra_run):
   assert sorted(e['threshold'] for e in adaptive) == [1e-9, 1.0]
   with pytest.raises(ValueError, match='thresholds must be probabilities'):
     evaluate.evaluate(workdir, policy='adaptive', thresholds=(0.0,))
+
+
+@pytest.mark.slow
+def test_router_policy_in_evaluate_and_sample(ra_run, tmp_path, tfds_env):
+  """A router saved in the workdir is what `evaluate --policy=adaptive --router` and `sample
+  --policy=adaptive --router` decide with: a threshold below every predicted gain scores the
+  full width, one above them the narrow width; the CLIs take its width as the draft width."""
+  import shutil
+  from rag_jax import router as router_lib
+  _, source = ra_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(source, workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    D = json.load(f)['model']['embed_dim']
+  params = router_lib.init(jax.random.key(0), D + 2, 4, np.zeros(D + 2), np.ones(D + 2))
+  params['w2'] = params['w2'] * 0  # a constant prediction: its bias
+  params['b2'] = params['b2'] + 0.5
+  router_lib.save(workdir, params, 0.5)
+  fixed = {e['active_fraction']: e for e in evaluate.evaluate(workdir, (1.0, 0.5), 'fixed')}
+  below, above = evaluate.evaluate(workdir, policy='adaptive', draft_fraction=None,
+                                   thresholds=(0.4, 0.6), router=True)
+  assert below['router'] and below['escalated'] > 0.999
+  assert abs(below['loss'] - fixed[1.0]['loss']) < 1e-3
+  assert above['escalated'] == 0 and abs(above['loss'] - fixed[0.5]['loss']) < 1e-5
+  with pytest.raises(ValueError, match='routes from the width 0.5; give --draft_fraction=0.5'):
+    evaluate.evaluate(workdir, policy='adaptive', draft_fraction=0.25, router=True)
+  run = lambda *a: subprocess.run([sys.executable, '-m', *a], cwd=ROOT, env=tfds_env,
+                                  capture_output=True, text=True, timeout=300)
+  proc = run('rag_jax.evaluate', f'--workdir={workdir}', '--policy=adaptive', '--router',
+             '--thresholds=0.6')
+  assert proc.returncode == 0 and 'adaptive 0.5 @ 0.6 router (up 0%)' in proc.stdout, proc.stderr
+  proc = run('rag_jax.sample', f'--workdir={workdir}', '--policy=adaptive', '--router',
+             '--threshold=0.4', '--prompt=ROMEO:', '--num_tokens=12', '--greedy')
+  dense = run('rag_jax.sample', f'--workdir={workdir}', '--prompt=ROMEO:', '--num_tokens=12',
+              '--greedy')
+  assert proc.returncode == 0 and dense.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split('-' * 40)[0] == dense.stdout.split('-' * 40)[0]  # always escalated
 
 
 @pytest.mark.slow

@@ -41,10 +41,12 @@ def test_escalate_takes_the_highest_scores():
 def test_save_and_load_round_trip(tmp_path):
   fitted = router.init(router.jax.random.key(1), 4, 8, np.zeros(4), np.ones(4))
   router.save(str(tmp_path), fitted, 0.25)
-  loaded, fraction = router.load(str(tmp_path))
-  assert fraction == 0.25 and loaded.keys() == fitted.keys()
+  loaded = router.load(str(tmp_path))
+  assert loaded.fraction == 0.25 and loaded.params.keys() == fitted.keys()
   for k in fitted:
-    np.testing.assert_array_equal(np.asarray(loaded[k]), np.asarray(fitted[k]))
+    np.testing.assert_array_equal(np.asarray(loaded.params[k]), np.asarray(fitted[k]))
+  with pytest.raises(ValueError, match='holds no router .* experiments/router.py'):
+    router.load(str(tmp_path / 'other'))
 
 
 def test_compare_by_hand():
@@ -66,3 +68,36 @@ def test_compare_by_hand():
   assert row['loss_expected_oracle'] == pytest.approx((2 + 3 + 1 + 2) / 4)
   assert row['loss_random_mix'] == pytest.approx(2.5 - 0.5 * 0.75)
   assert row['precision_router'] == 1.0 and row['precision_confidence'] == 0.0
+
+
+def test_mixed_context_scores_the_chosen_positions_at_their_widths():
+  """experiments/router.mixed_context against a direct pass with the escalation mask by hand;
+  a share of 0 is the narrow width's loss."""
+  import jax
+  import ml_collections
+  from rag_jax import activation, losses, plan as plan_lib
+  from rag_jax.models import gpt
+  sys.path.insert(0, str(ROOT / 'experiments'))
+  try:
+    import router as experiment  # experiments/router.py
+  finally:
+    sys.path.pop(0)
+  cfg = gpt.GPTConfig(vocab_size=20, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64,
+                      block_size=6)
+  model = gpt.GPT(cfg)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6), jnp.int32))['params']
+  act = activation.default_config()
+  act.update(enabled=True, lam=0.75, buckets=4)
+  act = ml_collections.FrozenConfigDict(act)
+  tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 7), 0, 20))
+  keep = np.array([True, True])
+  scores = np.arange(12, dtype=np.float64)[::-1].copy()  # positions 0..5 of row 0 rank first
+  out = experiment.mixed_context(model, params, act, 0.5, [(tokens, keep)],
+                                 {'s': scores}, (0.0, 0.5))
+  narrow = plan_lib.as_masks(activation.make_plan(jax.random.key(0), act, cfg, fraction=0.5))
+  def direct(mask):
+    logits, _ = model.apply({'params': params}, tokens[:, :-1],
+                            plan=plan_lib.escalate(narrow, jnp.asarray(mask)))
+    return float(losses.token_losses(logits, tokens[:, 1:]).mean())
+  assert out['s'][0] == pytest.approx(direct(np.zeros((2, 6), bool)), abs=1e-6)
+  assert out['s'][1] == pytest.approx(direct(np.array([[True] * 6, [False] * 6])), abs=1e-6)
