@@ -105,15 +105,19 @@ def main(argv):
     draws = jnp.asarray(draws, jnp.int32)
     widths = np.asarray(buckets)[np.asarray(draws)] / NB
     ms = {name: [] for name in fns}
-    for name in fns:
-      jax.block_until_ready(compiled[name](x, layouts[name], draws))
+    out = {name: np.asarray(compiled[name](x, layouts[name], draws)) for name in fns}  # warm-up
+    # The layouts compute the same widths: copies and pieces agree at every draw, and at the
+    # full width both are the dense layer (the timings compare equal work).
+    agree = {'pieces_vs_copies': float(np.abs(out['pieces'] - out['copies']).max())}
+    if pattern == 'full':
+      agree['copies_vs_dense'] = float(np.abs(out['copies'] - out['dense']).max())
     for _ in range(_REPEATS.value):
       for name in fns:
         ms[name].append(bench_common.time_calls(compiled[name], x, layouts[name], draws,
                                                 repeats=1)[0] / T)
     base = float(np.median(ms['dense']))
     results[pattern] = {
-        'mean_width': float(widths.mean()),
+        'mean_width': float(widths.mean()), 'max_abs_difference': agree,
         'layouts': {name: {'ms_per_token': bench_common.stats(v),
                            'vs_dense': float(np.median(v)) / base} for name, v in ms.items()}}
     print(f'{pattern:7s} (mean width {widths.mean():.2f}): ' + ', '.join(

@@ -385,3 +385,33 @@ def test_experiment_scripts_check_out_before_the_work(tmp_path, tfds_env):
   assert proc.stderr.strip() == (f'error: cannot write --out {a_file}/result.json: {a_file} is a '
                                  'file; nothing was done.')
   assert a_file.read_text() == 'mine'
+
+
+def test_a_run_saved_before_the_added_fields_loads_and_resumes(good_run, tmp_path):
+  """configuration.ADDED_FIELDS: a config.json written before those fields existed is completed
+  with the values that give its old behaviour; evaluate's loader and a resume accept it."""
+  from rag_jax import configuration, runs
+  config, workdir = good_run
+  run = str(tmp_path / 'run')
+  shutil.copytree(workdir, run)
+  path = os.path.join(run, 'config.json')
+  with open(path) as f:
+    saved = json.load(f)
+  removed = []
+  for dotted in configuration.ADDED_FIELDS:
+    *parents, leaf = dotted.split('.')
+    node = saved
+    for part in parents:
+      node = node[part]
+    if leaf in node:
+      del node[leaf]
+      removed.append(dotted)
+  assert {'init_from', 'model.gelu', 'wandb'} <= set(removed) and len(removed) >= 8
+  with open(path, 'w') as f:
+    json.dump(saved, f)
+  loaded = runs.load_run(run).config
+  for dotted in removed:
+    want = configuration.ADDED_FIELDS[dotted]
+    got = configuration.get(loaded, dotted)
+    assert (got.to_dict() if hasattr(got, 'to_dict') else got) == want, dotted
+  train.train_and_evaluate(config, run)  # a resume: no field reported as changed

@@ -73,6 +73,16 @@ def test_table_has_every_entry_of_every_run(abl_dir):
                                 'flops_per_token', 'num_steps', 'pareto', 'train_mode'}
 
 
+def test_verdict_by_hand():
+  """d = -0.2, SE of the difference sqrt(0.1^2/4 + 0.1^2/4) = 0.0707: beyond two SE."""
+  ra, dense = {'mean': 1.0, 'sd': 0.1, 'n': 4}, {'mean': 1.2, 'sd': 0.1, 'n': 4}
+  assert collect.verdict(ra, dense) == 'RA better by 0.2000 (2 SE 0.1414)'
+  assert collect.verdict(dense, ra) == 'dense better by 0.2000 (2 SE 0.1414)'
+  near = {'mean': 1.1, 'sd': 0.1, 'n': 4}  # d = -0.1 < 0.1414
+  assert collect.verdict(near, dense) == 'within seed noise (-0.1000, 2 SE 0.1414)'
+  assert collect.verdict({**ra, 'n': 1}, dense) == 'one seed: no verdict'
+
+
 def test_pareto_front():
   flops = [1, 2, 2, 3, 3, 4]
   loss = [3, 2, 2.5, 2, 1, 1]
@@ -82,10 +92,11 @@ def test_pareto_front():
 
 def test_pareto_column_marks_exactly_the_undominated_points(abl_dir):
   table = collect.load_table(abl_dir)
-  for row in table.itertuples():
-    dominated = ((table.flops_per_token <= row.flops_per_token) & (table.loss <= row.loss) &
-                 ((table.flops_per_token < row.flops_per_token) | (table.loss < row.loss))).any()
-    assert row.pareto == (not dominated), row
+  # The column is pareto_mask of the table's own columns (the rule is checked by hand in
+  # test_pareto_front), and some points are off the front.
+  np.testing.assert_array_equal(table.pareto.to_numpy(),
+                                collect.pareto_mask(table.flops_per_token, table.loss))
+  assert 0 < table.pareto.sum() < len(table)
   # Dense is best at full width; at a = 0.5 the best RA run beats it.
   front = table[table.pareto]
   assert front[front.active_fraction == 1.0].run.tolist() == ['enabled=False']
@@ -206,7 +217,7 @@ def test_frontier_table_and_verdicts(tmp_path):
       if not (act.enabled and act.lam > 0):
         trained = base[a_dense] - (0.02 if c.num_steps > 2000 else 0.0)
         return trained + 0.8 * (1 - a) + rng.normal(0, 0.003)
-      ra = {1.0: 1.89, 0.75: 1.90, 0.5: 1.93, 0.25: 2.5}[a]
+      ra = {1.0: 1.90, 0.75: 1.91, 0.5: 1.93, 0.25: 2.5}[a]  # sandwich: 1.89 at a = 1, a tie
       return ra - (0.01 if act.train_mode != 'single' else 0.0) + rng.normal(0, 0.003)
     fractions = (1.0, 0.75, 0.5, 0.25)
     curve = [{'active_fraction': a, 'policy': 'fixed', 'loss': loss(a), 'split': 'validation',
@@ -226,7 +237,7 @@ def test_frontier_table_and_verdicts(tmp_path):
   assert collect.verdict(budgets[0.25]['RA sandwich'], budgets[0.25]['dense trained']).startswith(
       'dense better')
   assert collect.verdict(budgets[1.0]['RA sandwich'], budgets[1.0]['dense trained']).startswith(
-      'within seed noise') or budgets[1.0]['RA sandwich']['mean'] < 1.89
+      'within seed noise')
   costs = result['train_flops']
   assert costs['RA single'] < costs['RA sandwich'] < costs['RA sandwich_rule+distill']
   assert costs['RA single'] < result['dense_family_flops']

@@ -220,9 +220,10 @@ def test_divergence_before_any_save_says_so(tfds_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_checkpoint_of_an_older_version_is_refused(reference, tfds_dir, tmp_path):
-  """A NaN checkpoint (as versions without the guard could save) is refused by evaluate and
-  sample (load_run) and by a resume, with one message, never scored as loss=nan."""
+def test_nan_checkpoint_of_an_older_version_is_refused(reference, tfds_dir, tfds_env, tmp_path):
+  """A NaN checkpoint (as versions without the guard could save) is refused by evaluate,
+  sample, export and serve (their command lines) and by a resume, with one message, never
+  scored as loss=nan; nothing in the workdir changes."""
   workdir = str(tmp_path / 'run')
   shutil.copytree(reference, workdir)
   mngr = workdir_lib.checkpoint_manager(workdir)
@@ -235,6 +236,15 @@ def test_nan_checkpoint_of_an_older_version_is_refused(reference, tfds_dir, tmp_
     runs.load_run(workdir)
   with pytest.raises(errors.WorkdirError, match=f'step {STEPS + 1} .* holds NaN or infinite'):
     train.train_and_evaluate(_config(tfds_dir, num_steps=STEPS + 10), workdir)
+  before = snapshot(workdir)
+  for args in (['rag_jax.evaluate'], ['rag_jax.sample', '--prompt=ROMEO:', '--num_tokens=4'],
+               ['rag_jax.export', f'--out={tmp_path / "sub"}'], ['rag_jax.serve', '--port=0']):
+    proc = subprocess.run([sys.executable, '-m', *args, f'--workdir={workdir}'], cwd=ROOT,
+                          env=tfds_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, (args, proc.stderr[-2000:])
+    assert proc.stderr.startswith('error: ') and f'step {STEPS + 1}' in proc.stderr
+    assert 'holds NaN or infinite' in proc.stderr and 'Traceback' not in proc.stderr, args
+  assert snapshot(workdir) == before and not os.path.exists(tmp_path / 'sub')
 
 
 def test_resume_with_another_config(reference, tfds_dir, tmp_path, no_compile):

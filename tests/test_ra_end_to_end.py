@@ -220,17 +220,22 @@ def test_adaptive_routing_and_pass_costs_on_a_trained_run(ra_run, tmp_path, tfds
     assert proc.returncode == 0, proc.stderr[-2000:]
   routing = json.loads(routing_out.read_text())
   for row in routing['thresholds']:
+    # Two code paths agree: the escalated positions' full-context loss, and the narrow loss less
+    # the least confident share's gain (routing_gains, checked by hand in test_decode_analyses).
     gain = row['gain_over_narrow']
-    assert gain['oracle'] >= gain['least_confident'] - 1e-9
+    assert abs(row['full_context_loss'] - (routing['narrow_loss'] - gain['least_confident'])) < 1e-4
     assert 0 <= row['escalated'] <= 1
   everything = routing['thresholds'][1]  # threshold 1: (nearly) every position escalates
   assert everything['escalated'] > 0.999
   assert abs(everything['full_context_loss'] - routing['full_loss']) < 1e-3
   costs = json.loads(costs_out.read_text())
   rows = costs['programs']
-  assert rows['full_1']['vs_full_1'] == 1.0
+  median = {name: row['ms']['median'] for name, row in rows.items()}  # the raw timings
+  for name, row in rows.items():
+    assert np.isclose(row['vs_full_1'], median[name] / median['full_1'])
+  # A 2-token iteration: 2 draft steps and one 3-token full pass, in full L = 1 steps.
   assert np.isclose(costs['bound']['2']['iteration_in_dense_steps'],
-                    2 * rows['draft_1']['vs_full_1'] + rows['full_3']['vs_full_1'])
+                    (2 * median['draft_1'] + median['full_3']) / median['full_1'])
 
 
 @pytest.mark.slow

@@ -52,3 +52,8 @@ def test_units_that_do_nothing_go_last():
   assert not np.any(new['block_0']['mlp']['w_out'][-1])
   assert np.any(new['block_0']['mlp']['w_out'][0])
   assert not np.any(new['block_1']['attn']['out'][-1])
+  x = jnp.asarray(_tokens()[:, :-1], jnp.int32)  # by_importance's own output computes the same
+  want, _ = model.apply({'params': params}, x)
+  got, _ = model.apply({'params': new}, x)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  assert np.any(new['block_0']['mlp']['w_in'] != params['block_0']['mlp']['w_in'])  # reordered

@@ -63,6 +63,13 @@ def test_uri_workdir_profile_hparams_and_offline_wandb(tfds_env, tmp_path):
   out = _cli('rag_jax.sample', f'--workdir={uri}', '--prompt=ROMEO:', '--num_tokens=8',
              '--seed=0', env=env)
   assert out.stdout.startswith('ROMEO:')
+  # A resume continues the same W&B run: the id file is kept and the new offline run has it.
+  _cli('rag_jax.train', '--config=configs/shakespeare_char.py:smoke', f'--workdir={uri}',
+       '--config.num_steps=30', '--config.wandb.project=rag-test', '--config.wandb.mode=offline',
+       env=env)
+  assert (local / metrics.WANDB_ID_FILE).read_text().strip() == run_id
+  runs_dirs = glob.glob(str(local / 'wandb' / 'offline-run-*'))
+  assert len(runs_dirs) == 2 and all(d.endswith(f'-{run_id}') for d in runs_dirs)
 
 
 def test_profile_steps_checked():
@@ -125,6 +132,33 @@ def test_package_files_go_through_epath_to_gs_paths(gcs):
   lines = (gcs / 'bucket' / 'run' / 'metrics.jsonl').read_text().splitlines()
   assert [json.loads(l) for l in lines] == [{'step': 10, 'train_loss': 2.0},
                                            {'step': 20, 'train_loss': 1.4}]
+
+
+def test_gs_workdir_has_no_lock_and_says_so(gcs, capsys):
+  """A cloud workdir cannot be flock'ed: TrainLock takes none, writes no lock file, and says
+  that keeping one train per workdir is the user's rule."""
+  from rag_jax import workdir as workdir_lib
+  files.makedirs('gs://bucket/run')
+  with workdir_lib.TrainLock('gs://bucket/run'):
+    assert not (gcs / 'bucket' / 'run' / workdir_lib.LOCK_FILE).exists()
+  assert ('rag_jax: gs://bucket/run is not on a local disk: no lock keeps a second train out of '
+          'it.') in capsys.readouterr().err
+
+
+def test_tokens_of_a_gs_data_dir_are_cached_on_the_local_disk(monkeypatch, tmp_path):
+  """A memory map needs a local file: a cloud data_dir's token cache lies under
+  ~/.cache/rag_jax/tokens, one directory per data_dir; a local one's beside its data."""
+  from rag_jax.data import pipeline
+  monkeypatch.setenv('HOME', str(tmp_path))
+
+  class Builder:
+    def __init__(self, data_dir):
+      self.data_dir = data_dir
+  remote = pipeline._cache_root(Builder('gs://bucket/tfds/tiny_shakespeare/1.0.0'))  # pylint: disable=protected-access
+  other = pipeline._cache_root(Builder('gs://bucket/other/1.0.0'))  # pylint: disable=protected-access
+  assert os.path.dirname(remote) == str(tmp_path / '.cache' / 'rag_jax' / 'tokens')
+  assert remote != other
+  assert pipeline._cache_root(Builder('/data/tfds/x/1.0.0')) == '/data/tfds/x/1.0.0/rag_jax_tokens'  # pylint: disable=protected-access
 
 
 def test_tensorboard_events_to_gs_go_through_epath(gcs):

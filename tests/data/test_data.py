@@ -187,9 +187,12 @@ def test_token_cache_rebuilds_a_damaged_file(tmp_path, smoke_config):
   smoke_config.data.data_dir = str(tmp_path / 'tfds')
   first = data.load(smoke_config, splits=('validation',))
   path = first.splits['validation'].filename
+  tokens = np.array(first.splits['validation'])  # a copy: the file is damaged below
   del first
   with open(path, 'wb') as f:
     f.write(b'not a numpy file')
   again = data.load(smoke_config, splits=('validation',))
-  assert again.tokenizer.decode(again.splits['validation'][:5])
-  assert len(again.splits['validation']) > 1000
+  np.testing.assert_array_equal(np.asarray(again.splits['validation']), tokens)
+  assert len(tokens) > 1000
+  text = data.load_texts(smoke_config)['validation']  # and they are the split's text
+  assert again.tokenizer.decode(again.splits['validation']) == text
