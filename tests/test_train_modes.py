@@ -61,12 +61,15 @@ def test_sandwich_with_distillation_weight_zero_equals_plain_sandwich(setup):
   float32 rounding (run op by op, unjitted, they are bit for bit equal, but that takes minutes).
   A positive weight moves the parameters a thousand times further."""
   model, tx, state, tokens = setup
-  act = act_config(train_mode='sandwich', distill_weight=0.0)
+  act = act_config(train_mode='sandwich', distill_weight=0.0, per_layer=False)  # one width
   key = jax.random.key(5)
   new, metrics = jax.jit(train.make_train_step(model, tx, act))(state, tokens, key)
 
-  act_key = jax.random.split(jax.random.fold_in(key, state.step))[1]
-  plan = activation.make_plan(act_key, act, CFG)
+  # The drawn width, as the step reports it (nested widths: the fraction names the plan; no
+  # copy of the step's key schedule here).
+  drawn = float(metrics['active_mlp'])
+  assert drawn < 1 and drawn == float(metrics['active_heads'])
+  plan = activation.make_plan(jax.random.key(0), act, CFG, fraction=drawn)
   loss = lambda p: (train.loss_fn(p, model, tokens, None) +
                     train.loss_fn(p, model, tokens, None, plan))
   grads = jax.jit(jax.grad(loss))(state.params)
