@@ -40,6 +40,7 @@ from rag_jax import plan as plan_lib
 from rag_jax import policies
 from rag_jax import router as router_lib
 from rag_jax import runs
+from rag_jax import sample as sample_lib
 from rag_jax import workdir as workdir_lib
 
 SHARES = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -56,6 +57,7 @@ def _define_flags():  # at run time only: tests import this module beside other 
   flags.DEFINE_enum('target', 'expected', ['expected', 'realised'], 'What the router learns: '
                     'the expected gain KL(full || narrow), or the realised loss difference.')
   flags.DEFINE_bool('save', False, 'Write the router into the workdir.')
+  flags.DEFINE_integer('timing_tokens', 0, 'Also time decoding (tokens per sample; 0: no).')
   flags.DEFINE_string('out', None, 'JSON output.', required=True)
 
 
@@ -111,6 +113,36 @@ def mixed_context(model, params, act, fraction, batches, choices: dict, shares) 
   return {name: (v / count).tolist() for name, v in sums.items()}
 
 
+def timing(run, fitted, fraction: float, tokens: int, repeats: int = 3) -> dict:
+  """Median ms per generated token (compilation excluded) at batch 1 and 8 of: the narrow and
+  the full fixed widths, adaptive by confidence and by the router (thresholds at which neither
+  escalates, so both cost a narrow pass and the difference is the router's), and the router at
+  a threshold that escalates some tokens."""
+  prompt = run.tokenizer.decode(np.asarray(data_lib.load(
+      run.config, run.tokenizer, ('validation',)).splits['validation'][:16]))
+  policies_ = {
+      'fixed_narrow': dict(policy='fixed', active_fraction=fraction),
+      'fixed_full': dict(policy='dense'),
+      'confidence_never': dict(policy='adaptive', draft_fraction=fraction, threshold=0.0),
+      'router_never': dict(policy='adaptive', draft_fraction=fraction, threshold=1e9,
+                           router=fitted),
+      'router_0.1': dict(policy='adaptive', draft_fraction=fraction, threshold=0.1,
+                         router=fitted)}
+  out = {}
+  for batch in (1, 8):
+    for name, kw in policies_.items():
+      ms = []
+      for seed in range(repeats):
+        s = sample_lib.sample(run.params, run.config, prompt, tokenizer=run.tokenizer,
+                              num_tokens=tokens, seed=seed, batch=batch, greedy=True, **kw)
+        ms.append(1e3 * s.seconds / tokens)  # per decode step (all rows at once)
+      out[f'{name}_batch{batch}'] = {'ms_per_step': float(np.median(ms)), 'all': ms}
+  for batch in (1, 8):
+    out[f'router_cost_batch{batch}'] = (out[f'router_never_batch{batch}']['ms_per_step']
+                                        / out[f'confidence_never_batch{batch}']['ms_per_step'] - 1)
+  return out
+
+
 def _collect(score, batches):
   parts = []
   for tokens, keep in batches:
@@ -139,7 +171,8 @@ def main(argv):
            for i in range(f.train_batches))
   feats, narrow, full, kl = _collect(score, train)
   target = kl if f.target == 'expected' else narrow - full
-  router, curve = router_lib.fit(feats, target, hidden=f.hidden, steps=f.steps)
+  router, curve = router_lib.fit(feats, target, hidden=f.hidden, steps=f.steps,
+                                 batch=min(4096, len(feats)))
   val = ((tokens, weights > 0) for tokens, weights in
          data_lib.eval_batches(splits['validation'], T, f.batch, f.batches))
   v_feats, v_narrow, v_full, v_kl = _collect(score, val)
@@ -176,6 +209,9 @@ def main(argv):
       'router_flops_per_token': 2 * int(router['w1'].size + router['w2'].size),
       'model_flops_per_token': float(flops.flops_per_token(cfg)),
       'shares': rows, **{'command': ' '.join(sys.argv)}}
+  if f.timing_tokens:
+    result['timing'] = timing(run, router_lib.Router(router, f.draft_fraction), f.draft_fraction,
+                              f.timing_tokens)
   files.write_json(f.out, result)
   if f.save:
     print(f'wrote {router_lib.save(f.workdir, router, f.draft_fraction)}', file=sys.stderr)
@@ -196,6 +232,9 @@ def main(argv):
     m = r['mixed_context']
     print(f"{r['share']:5.1f} {m['loss_router']:8.4f} {m['loss_confidence']:8.4f} "
           f"{m['loss_random']:8.4f} {m['loss_expected_oracle']:8.4f} {m['loss_oracle']:8.4f}")
+  for name, row in result.get('timing', {}).items():
+    print(f'{name}: ' + (f"{row['ms_per_step']:.3f} ms per step" if isinstance(row, dict)
+                         else f'{100 * row:+.1f}%'))
   print(f'wrote {f.out}')
 
 

@@ -129,6 +129,34 @@ def test_router_policy_in_evaluate_and_sample(ra_run, tmp_path, tfds_env):
 
 
 @pytest.mark.slow
+def test_router_experiment_end_to_end(ra_run, tmp_path, tfds_env):
+  """experiments/router.py on the smoke RA run: it fits, scores every share in both contexts,
+  times decoding and saves a router that evaluate loads."""
+  import shutil
+  _, source = ra_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(source, workdir)
+  out = tmp_path / 'router.json'
+  proc = subprocess.run([sys.executable, 'experiments/router.py', f'--workdir={workdir}',
+                         '--draft_fraction=0.5', '--train_batches=2', '--batch=8', '--batches=2',
+                         '--steps=20', '--timing_tokens=4', '--save', f'--out={out}'], cwd=ROOT,
+                        env=tfds_env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(out.read_text())
+  assert [r['share'] for r in result['shares']] == [0.1, 0.2, 0.3, 0.4, 0.5]
+  gap = result['loss_narrow'] - result['loss_full']
+  for row in result['shares']:
+    assert row['loss_random_mix'] == pytest.approx(result['loss_narrow'] - row['share'] * gap,
+                                                   abs=1e-6)
+    assert set(row['mixed_context']) == {'loss_router', 'loss_confidence', 'loss_random',
+                                         'loss_expected_oracle', 'loss_oracle'}
+  assert result['timing']['router_never_batch8']['ms_per_step'] > 0
+  entries = evaluate.evaluate(workdir, policy='adaptive', draft_fraction=None,
+                              thresholds=(1e9,), router=True)
+  assert entries[0]['escalated'] == 0 and entries[0]['draft_fraction'] == 0.5
+
+
+@pytest.mark.slow
 def test_dense_run_is_truncated_for_the_baseline(tmp_path, smoke_config):
   smoke_config.num_steps = 20
   train.train_and_evaluate(smoke_config, str(tmp_path))

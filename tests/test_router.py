@@ -101,3 +101,4 @@ def test_mixed_context_scores_the_chosen_positions_at_their_widths():
     return float(losses.token_losses(logits, tokens[:, 1:]).mean())
   assert out['s'][0] == pytest.approx(direct(np.zeros((2, 6), bool)), abs=1e-6)
   assert out['s'][1] == pytest.approx(direct(np.array([[True] * 6, [False] * 6])), abs=1e-6)
+
