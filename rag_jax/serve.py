@@ -106,6 +106,18 @@ class Completion:
   finish_reason: str | None = None
   request: scheduler_lib.Request | None = None  # set by Server.submit
   events: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
+  _stable: str = ''  # the text of tokens[:_cut], which later tokens cannot change
+  _cut: int = 0
+
+  def decoded(self) -> str:
+    """The text of all tokens so far, decoding only those after the last character boundary
+    (each token's cost does not grow with the text): a tail that ends in a character still
+    incomplete (U+FFFD) stays undecided until more tokens come."""
+    tail = self.tokenizer.decode(self.tokens[self._cut:])
+    if tail.endswith('\ufffd'):
+      return self._stable + tail
+    self._stable, self._cut = self._stable + tail, len(self.tokens)
+    return self._stable
 
   def emit(self, token: int, fraction: float) -> bool:
     """Takes a token; sends the text that is final (text that may begin a stop string waits);
@@ -114,7 +126,7 @@ class Completion:
     self.fractions.append(fraction)
     if not (self.stream or self.stop):
       return True
-    text = self.tokenizer.decode(self.tokens)
+    text = self.decoded()
     hit = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
     if hit >= 0:
       self._send(text[:hit])
@@ -131,7 +143,7 @@ class Completion:
 
   def finish(self, reason: str) -> None:
     if reason != 'stop' and self.tokens:  # the text held back for a stop string that never came
-      self._send(self.tokenizer.decode(self.tokens))
+      self._send(self.decoded())
     self.finish_reason = reason
     self.loop.call_soon_threadsafe(self.events.put_nowait, ('done', reason))
 

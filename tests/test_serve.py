@@ -194,3 +194,27 @@ def test_width_controller_narrows_under_load_and_widens_after():
   assert scheduler.WidthController([0.5, 1.0]).observe(1000, 10) == 1.0  # no SLO: full width
   with pytest.raises(ValueError, match='above every width'):
     scheduler.WidthController([0.25, 0.5], min_fraction=0.75)
+
+
+@pytest.mark.parametrize('kind,vocab', [('char', 0), ('byte', 0), ('bpe', 300)])
+def test_incremental_detokenizing_equals_decoding_everything(kind, vocab):
+  """Completion.decoded() decodes only the tokens after the last character boundary, and is at
+  every step the text of all tokens so far, split multibyte characters included."""
+  import asyncio
+  import numpy as np
+  from rag_jax import serve
+  from rag_jax.data import tokenizers
+  text = 'Ünïcödé façade — naïve 日本語 text, repeated. ' * 20
+  tok = tokenizers.build(kind, text, vocab)
+  rng = np.random.default_rng(0)
+  ids = list(tok.encode(text))
+  ids += [int(i) for i in rng.integers(0, tok.vocab_size, 200)]  # arbitrary continuations too
+  completion = serve.Completion(asyncio.new_event_loop(), tok, [], False)
+  decoded_tails = 0
+  for i, t in enumerate(ids):
+    completion.tokens.append(t)
+    assert completion.decoded() == tok.decode(ids[:i + 1]), i
+    decoded_tails += completion._cut < len(completion.tokens)  # pylint: disable=protected-access
+  assert completion._cut > len(ids) // 2  # pylint: disable=protected-access
+  if kind == 'byte':
+    assert decoded_tails > 0  # some steps ended inside a multibyte character
