@@ -104,9 +104,9 @@ def make_adaptive_step(model: gpt.GPT, act, draft_fraction: float, thresholds, r
       narrow_BxTxV, _ = model.apply({'params': params}, x_BxT, plan=narrow)
       signal_BxT = policy.signal(narrow_BxTxV)
     else:
-      (narrow_BxTxV, _), state = model.apply({'params': params}, x_BxT, plan=narrow,
-                                             capture_intermediates=router_lib.is_ln_f)
-      signal_BxT = policy.signal(narrow_BxTxV, router_lib.hidden_of(state))
+      (narrow_BxTxV, _), hidden = router_lib.apply_with_hidden(model, {'params': params}, x_BxT,
+                                                               plan=narrow)
+      signal_BxT = policy.signal(narrow_BxTxV, hidden)
     w_BxT = weights_B[:, None] * jnp.ones(y_BxT.shape, jnp.float32)
 
     def one(threshold):
@@ -243,15 +243,13 @@ def evaluate_adaptive(workdir: str, draft_fraction: float | None = 0.5,
   router's own width)."""
   thresholds = [float(t) for t in thresholds]
   learned = router_lib.load(workdir) if router else None
+  if draft_fraction is None:
+    draft_fraction = learned.fraction if learned is not None else 0.5
   if learned is not None:
-    if draft_fraction is None:
-      draft_fraction = learned.fraction
     if not thresholds or not all(math.isfinite(t) for t in thresholds):
       raise ValueError(f'--thresholds must be finite gains (nats), got {thresholds}.')
   elif not thresholds or not all(0 < t <= 1 for t in thresholds):
     raise ValueError(f'--thresholds must be probabilities in (0, 1], got {thresholds}.')
-  if draft_fraction is None:
-    draft_fraction = 0.5
   if learned is not None and learned.fraction != draft_fraction:
     raise ValueError(f'the router of {workdir} routes from the width {learned.fraction:g}; give '
                      f'--draft_fraction={learned.fraction:g}, not {draft_fraction:g}.')

@@ -203,10 +203,9 @@ class AdaptiveDecoder(Decoder):
     if self.policy.router is None:
       logits, cache = self.forward(tokens_BxL, cache, pos, self.narrow)
       return logits, cache, self.policy.escalates(logits)
-    (logits, cache), state = self.model.apply(
-        self.variables, tokens_BxL, cache=cache, pos=pos, plan=self.narrow,
-        capture_intermediates=router_lib.is_ln_f)
-    return logits, cache, self.policy.escalates(logits, router_lib.hidden_of(state))
+    (logits, cache), hidden = router_lib.apply_with_hidden(
+        self.model, self.variables, tokens_BxL, cache=cache, pos=pos, plan=self.narrow)
+    return logits, cache, self.policy.escalates(logits, hidden)
 
   def step(self, token_B, cache, pos, t, forced_B=None, prefilled_B=None):
     """One token: each row keeps the keys and values of the width it ran at. A prompt token

@@ -45,15 +45,12 @@ class Router:
     return predict(self.params, features(hidden, logits))
 
 
-def is_ln_f(module, name) -> bool:
-  """`capture_intermediates` filter: the final LayerNorm, whose output the router reads."""
-  del name
-  return module.name == 'ln_f'
-
-
-def hidden_of(state) -> jax.Array:
-  """The final LayerNorm's output from a `capture_intermediates` apply's state."""
-  return state['intermediates']['ln_f']['__call__'][0].astype(jnp.float32)
+def apply_with_hidden(model, variables, tokens, **kwargs):
+  """`model.apply(variables, tokens, **kwargs)`'s output and the final LayerNorm's output (the
+  hidden state the router reads), float32."""
+  out, state = model.apply(variables, tokens, **kwargs,
+                           capture_intermediates=lambda module, name: module.name == 'ln_f')
+  return out, state['intermediates']['ln_f']['__call__'][0].astype(jnp.float32)
 
 
 def scorer(model, params, act, fraction: float):
@@ -68,9 +65,7 @@ def scorer(model, params, act, fraction: float):
   @jax.jit
   def score(tokens):
     x, y = tokens[:, :-1], tokens[:, 1:]
-    (logits, _), state = model.apply({'params': params}, x, plan=narrow,
-                                     capture_intermediates=is_ln_f)
-    hidden = hidden_of(state)
+    (logits, _), hidden = apply_with_hidden(model, {'params': params}, x, plan=narrow)
     full = model.apply({'params': params}, x)[0]
     return (features(hidden, logits), losses(logits, y), losses(full, y),
             expected_gain(full, logits))

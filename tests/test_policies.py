@@ -77,9 +77,9 @@ def test_a_router_escalates_the_same_tokens_in_decoding_and_in_evaluation(model_
                                               np.ones(D + 2)), 0.5)
   tokens = jax.random.randint(jax.random.key(1), (3, CFG.block_size), 0, CFG.vocab_size)
   plan = policies.make('adaptive', act_config(), fraction=0.5).narrow(CFG)
-  (narrow, _), state = model.apply({'params': params}, tokens, plan=plan,
-                                   capture_intermediates=router_lib.is_ln_f)
-  gain = learned.gain(router_lib.hidden_of(state), narrow)
+  (narrow, _), hidden = router_lib.apply_with_hidden(model, {'params': params}, tokens,
+                                                     plan=plan)
+  gain = learned.gain(hidden, narrow)
   threshold = float(np.median(np.asarray(gain)))  # half the positions escalate
   policy = policies.make('adaptive', act_config(), fraction=0.5, threshold=threshold,
                          router=learned)
