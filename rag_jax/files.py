@@ -78,7 +78,9 @@ ENDPOINTS = {'gs': 'storage.googleapis.com', 's3': 's3.amazonaws.com'}
 
 
 @functools.cache
-def _unreachable(host: str, timeout_s: float) -> str | None:
+def unreachable(host: str, timeout_s: float = 5.0) -> str | None:
+  """Why `host` does not accept a connection on port 443 within `timeout_s` ('gaierror: ...'),
+  or None; asked once per process."""
   try:
     socket.create_connection((host, 443), timeout=timeout_s).close()
   except OSError as e:
@@ -93,7 +95,7 @@ def check_reachable(p: PathLike, timeout_s: float = 5.0) -> None:
     return
   text = os.fspath(p)
   host = ENDPOINTS.get(text.split('://', 1)[0])
-  problem = host and _unreachable(host, timeout_s)
+  problem = host and unreachable(host, timeout_s)
   if problem:
     raise OSError(f'{text}: {host} cannot be reached ({problem}); check the network, or use a '
                   'local path.')

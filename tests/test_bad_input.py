@@ -248,9 +248,9 @@ def offline(monkeypatch):
     probed.append(address)
     raise OSError('Network is unreachable')
   monkeypatch.setattr(socket, 'create_connection', unreachable)
-  files._unreachable.cache_clear()  # pylint: disable=protected-access
+  files.unreachable.cache_clear()
   yield probed
-  files._unreachable.cache_clear()  # pylint: disable=protected-access
+  files.unreachable.cache_clear()
 
 
 def test_unreachable_cloud_paths_are_one_line(offline, smoke_config, tmp_path, no_compile):

@@ -1,13 +1,15 @@
 """The learned width router (rag_jax/router.py) and its experiment's comparison."""
 import math
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rag_jax import configuration
 from rag_jax import router
 from tests.conftest import ROOT
+
+router_experiment = configuration.load_module(str(ROOT / 'experiments' / 'router.py'))
 
 
 def test_expected_gain_is_the_kl_of_full_from_narrow():
@@ -51,17 +53,12 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_compare_by_hand():
   """Four positions, half escalated: each choice's loss computed by hand."""
-  sys.path.insert(0, str(ROOT / 'experiments'))
-  try:
-    import router as experiment  # experiments/router.py
-  finally:
-    sys.path.pop(0)
   narrow = np.array([2.0, 3.0, 1.0, 4.0])
   full = np.array([1.0, 3.0, 1.0, 2.0])  # realised gains 1, 0, 0, 2
   predicted = np.array([0.9, 0.1, 0.0, 0.5])  # the router picks positions 0 and 3
   confidence = np.array([0.9, 0.1, 0.2, 0.8])  # least confident: positions 1 and 2
   expected = np.array([0.1, 0.0, 0.3, 0.2])  # the expected-gain oracle picks 2 and 3
-  (row,) = experiment.compare(narrow, full, predicted, confidence, expected, shares=(0.5,))
+  (row,) = router_experiment.compare(narrow, full, predicted, confidence, expected, shares=(0.5,))
   assert row['loss_router'] == pytest.approx((1 + 3 + 1 + 2) / 4)
   assert row['loss_oracle'] == pytest.approx((1 + 3 + 1 + 2) / 4)
   assert row['loss_confidence'] == pytest.approx((2 + 3 + 1 + 4) / 4)
@@ -77,11 +74,6 @@ def test_mixed_context_scores_the_chosen_positions_at_their_widths():
   import ml_collections
   from rag_jax import activation, losses, plan as plan_lib
   from rag_jax.models import gpt
-  sys.path.insert(0, str(ROOT / 'experiments'))
-  try:
-    import router as experiment  # experiments/router.py
-  finally:
-    sys.path.pop(0)
   cfg = gpt.GPTConfig(vocab_size=20, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64,
                       block_size=6)
   model = gpt.GPT(cfg)
@@ -92,7 +84,7 @@ def test_mixed_context_scores_the_chosen_positions_at_their_widths():
   tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 7), 0, 20))
   keep = np.array([True, True])
   scores = np.arange(12, dtype=np.float64)[::-1].copy()  # positions 0..5 of row 0 rank first
-  out = experiment.mixed_context(model, params, act, 0.5, [(tokens, keep)],
+  out = router_experiment.mixed_context(model, params, act, 0.5, [(tokens, keep)],
                                  {'s': scores}, (0.0, 0.5))
   narrow = plan_lib.as_masks(activation.make_plan(jax.random.key(0), act, cfg, fraction=0.5))
   def direct(mask):

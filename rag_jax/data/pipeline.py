@@ -101,16 +101,13 @@ def _check_reachable(builder, config: ml_collections.ConfigDict, timeout_s: floa
   """A stock dataset to download: its host answers within `timeout_s`, or one DataError (TFDS
   would retry for minutes offline and then name the wrong cause)."""
   host = urllib.parse.urlparse(builder.info.homepage or '').hostname
-  if not host:
-    return
-  try:
-    socket.create_connection((host, 443), timeout=timeout_s).close()
-  except OSError as e:
+  problem = host and files.unreachable(host, timeout_s)
+  if problem:
     raise DataError(
         f'dataset {config.data.dataset!r} is not prepared in {data_dir(config)} and {host} '
-        f'cannot be reached to download it ({type(e).__name__}: {e}); prepare it on a machine '
-        'with a network and copy the data_dir, or give other data: --config.data.dataset='
-        'text_files --config.data.paths=FILES.') from None
+        f'cannot be reached to download it ({problem}); prepare it on a machine with a network '
+        'and copy the data_dir, or give other data: --config.data.dataset=text_files '
+        '--config.data.paths=FILES.')
 
 
 def prepare(config: ml_collections.ConfigDict):

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from rag_jax import files
 from rag_jax.data import pipeline as data
 from tests.conftest import SHAKESPEARE_TXT
 
@@ -116,10 +117,14 @@ def test_unreachable_stock_dataset_is_one_line_at_once(tmp_path, smoke_config, m
     hosts.append((address, timeout))
     raise OSError('Network is unreachable')
   monkeypatch.setattr(socket, 'create_connection', unreachable)
+  files.unreachable.cache_clear()  # no earlier answer about the host, and none left behind
   smoke_config.data.dataset = 'lm1b'
   smoke_config.data.data_dir = str(tmp_path / 'tfds')
-  with pytest.raises(data.DataError) as e:
-    data.load(smoke_config)
+  try:
+    with pytest.raises(data.DataError) as e:
+      data.load(smoke_config)
+  finally:
+    files.unreachable.cache_clear()
   assert hosts == [(('www.statmt.org', 443), 5.0)]
   assert str(e.value) == (
       f"dataset 'lm1b' is not prepared in {tmp_path / 'tfds'} and www.statmt.org cannot be "
