@@ -6,6 +6,11 @@
     state = engine.insert(prefix, state, slot=3)       # the request now decodes in slot 3
     state, tokens_S = engine.generate(state)            # one step over all slots
 
+A slot decodes at a fixed width, or (with an `adaptive` policy, rag_jax/policies.py) at that
+policy's narrow width, escalating a step to the full width where the policy's signal (the narrow
+width's confidence, or a router's predicted gain) passes the slot's own threshold: the same
+passes, decisions and keys and values as `rag_jax.sample --policy=adaptive`.
+
 Each slot holds one sequence with its own position, width (a fraction the run computes: a
 nested bucket, or 1), sampling settings, key and length limit. `generate` feeds every live
 slot's last token at that slot's own position (the model is vmapped over slots, one sequence
@@ -26,6 +31,7 @@ tokens (the sampler's rule).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -37,6 +43,8 @@ import numpy as np
 
 from rag_jax import activation
 from rag_jax import decode
+from rag_jax import policies
+from rag_jax import router as router_lib
 from rag_jax import sampling
 from rag_jax.models import gpt
 from rag_jax.models import widths as widths_lib
@@ -71,6 +79,9 @@ class DecodeState:
   index: jax.Array        # S: the index of `token` in its sequence (prompt tokens count)
   generated: jax.Array    # S: tokens chosen after the prompt, `token` included
   width: jax.Array        # S: the slot's width, an index into Engine.fractions
+  adaptive: jax.Array     # S: the slot escalates to the full width by the engine's policy
+  threshold: jax.Array    # S: an adaptive slot's threshold
+  escalated: jax.Array    # S: `token` was chosen from the full width's pass by escalation
   key: jax.Array          # S: the sequence's sampling key
   settings: Settings
   live: jax.Array         # S: the slot holds a sequence that wants more tokens
@@ -78,12 +89,14 @@ class DecodeState:
 
 class Engine:
   """Slots decoding one model at the widths `fractions` (default: every width the run computes:
-  its nested buckets, or 1 for a dense run). Programs compile once per padded prompt length
-  (prefill: prompts padded to a multiple of `prompt_pad`) and once for the slots (insert,
-  generate)."""
+  its nested buckets, or 1 for a dense run). `adaptive`: the policy of slots prefilled with a
+  threshold (its narrow width and signal; its own threshold is only a default). Programs compile
+  once per padded prompt length (prefill: prompts padded to a multiple of `prompt_pad`) and once
+  for the slots (insert, generate)."""
 
   def __init__(self, params, model: gpt.GPT, act: ml_collections.ConfigDict | None = None, *,
-               slots: int, fractions: Sequence[float] | None = None, prompt_pad: int = 16):
+               slots: int, fractions: Sequence[float] | None = None, prompt_pad: int = 16,
+               adaptive: policies.Adaptive | None = None):
     cfg = model.cfg
     nested = act is not None and act.enabled and act.structure == 'nested'
     if act is not None and act.enabled and not nested:
@@ -99,6 +112,12 @@ class Engine:
     if not isinstance(slots, int) or slots < 1:
       raise ValueError(f'slots must be a positive integer, got {slots!r}.')
     self.model, self.act, self.slots, self.fractions = model, act, slots, fractions
+    self.adaptive = adaptive
+    if adaptive is not None:
+      if 1.0 not in fractions or all(abs(f - adaptive.fraction) > 1e-9 for f in fractions):
+        raise ValueError(f'policy adaptive escalates from {adaptive.fraction:g} to 1: both must '
+                         f'be widths the engine serves ({fractions}).')
+      self.full = fractions.index(1.0)
     self.prompt_pad = prompt_pad  # prompts padded to a multiple of it: one prefill per shape
     key = jax.random.key(0)  # nested widths: the key chooses no units
     self.plans = tuple(None if f == 1.0 else activation.make_plan(key, act, cfg, fraction=f)
@@ -109,7 +128,7 @@ class Engine:
     # The sampler's CPU compiler options (decode.compiler_options: a decode step's reductions
     # ran 2x slower here without them).
     jit = functools.partial(jax.jit, compiler_options=decode.compiler_options())
-    self._prefill = jit(self._prefill_fn, static_argnames=('width',))
+    self._prefill = jit(self._prefill_fn, static_argnames=('width', 'adaptive'))
     self._generate = jit(self._generate_fn, donate_argnums=1)
     self._generate_steps = jit(self._steps_fn, donate_argnums=1, static_argnames=('steps',))
     self._insert = jax.jit(self._insert_fn, donate_argnums=1)
@@ -138,13 +157,23 @@ class Engine:
     settings = jax.tree.map(lambda x: jnp.broadcast_to(x, (S,)), Settings.make())
     return DecodeState(cache=gpt.init_cache(self.model.cfg, S), history_SxT=jnp.zeros(
         (S, T), jnp.int32), pos=zeros, token=zeros, index=zeros, generated=zeros, width=zeros,
-        key=jax.random.split(jax.random.key(0), S), settings=settings,
-        live=jnp.zeros((S,), bool))
+        adaptive=jnp.zeros((S,), bool), threshold=jnp.zeros((S,), jnp.float32),
+        escalated=jnp.zeros((S,), bool), key=jax.random.split(jax.random.key(0), S),
+        settings=settings, live=jnp.zeros((S,), bool))
 
   def prefill(self, prompt: Sequence[int], *, key: jax.Array, settings: Settings,
-              fraction: float = 1.0) -> DecodeState:
-    """A one-slot state: the prompt fed at the width `fraction` and its first token chosen."""
+              fraction: float = 1.0, threshold: float | None = None) -> DecodeState:
+    """A one-slot state: the prompt fed at the width `fraction` and its first token chosen;
+    with a `threshold`, a slot of the engine's adaptive policy (`fraction`: its narrow width)."""
     T = self.model.cfg.block_size
+    if threshold is not None:
+      if self.adaptive is None:
+        raise ValueError('this engine decodes fixed widths only (no adaptive policy).')
+      if abs(fraction - self.adaptive.fraction) > 1e-9:
+        raise ValueError(f'policy adaptive escalates from {self.adaptive.fraction:g} here, not '
+                         f'from {fraction:g}.')
+      if not threshold >= 0:
+        raise ValueError(f'threshold must be >= 0, got {threshold}.')
     prompt = np.asarray(prompt, np.int32)
     if not 0 < len(prompt) <= T:
       raise ValueError(f'a prompt has 1 to {T} tokens (the context), got {len(prompt)}.')
@@ -152,7 +181,8 @@ class Engine:
     tokens = np.zeros((min(padded, T),), np.int32)
     tokens[:len(prompt)] = prompt
     return self._prefill(self.variables, jnp.asarray(tokens), jnp.int32(len(prompt)), key,
-                         settings, width=self.width_of(fraction))
+                         settings, jnp.float32(threshold or 0.0), width=self.width_of(fraction),
+                         adaptive=threshold is not None)
 
   def insert(self, prefix: DecodeState, state: DecodeState, slot: int) -> DecodeState:
     if not 0 <= slot < self.slots:
@@ -165,10 +195,11 @@ class Engine:
     return self._generate(self.variables, state)
 
   def generate_steps(self, state: DecodeState, steps: int
-                     ) -> tuple[DecodeState, jax.Array, jax.Array]:
+                     ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:
     """`steps` steps in one program (one round trip from the host for `steps` tokens per
     slot, as vLLM's multi-step scheduling): (state, tokens steps x S, live steps x S: whether
-    the slot was live when it chose that token)."""
+    the slot was live when it chose that token, escalated steps x S: whether the full width's
+    pass chose it)."""
     return self._generate_steps(self.variables, state, steps=steps)
 
   def set_width(self, state: DecodeState, slot: int, fraction: float) -> DecodeState:
@@ -179,18 +210,26 @@ class Engine:
 
   # The compiled programs.
 
+  def _pass(self, variables, plan, tokens_SxL, cache, pos_S):
+    """Every slot's tokens at its own position, at one width (vmapped over slots): (logits,
+    cache, the router's hidden state or None)."""
+    router = self.adaptive is not None and self.adaptive.router is not None
+
+    def slot(tokens_L, cache, pos):
+      cache_1 = jax.tree.map(lambda c: c[None], cache)
+      kwargs = dict(cache=cache_1, pos=pos, plan=plan)
+      (logits, new), hidden = (router_lib.apply_with_hidden(self.model, variables,
+                                                            tokens_L[None], **kwargs)
+                               if router else (self.model.apply(variables, tokens_L[None],
+                                                                **kwargs), None))
+      return logits[0], jax.tree.map(lambda c: c[0], new), None if hidden is None else hidden[0]
+    return jax.vmap(slot)(tokens_SxL, cache, pos_S)
+
   def _forward(self, variables, tokens_SxL, cache, pos_S, width_S, live_S):
     """Every slot's tokens at its own positions, each slot at its own width: one pass per width
-    a live slot uses (vmapped over slots), each slot keeping its width's logits and cache (slots
-    not live: whatever a pass gives them)."""
-    def one(plan):
-      def slot(tokens_L, cache, pos):
-        cache_1 = jax.tree.map(lambda c: c[None], cache)
-        logits, new = self.model.apply(variables, tokens_L[None], cache=cache_1, pos=pos,
-                                       plan=plan)
-        return logits[0], jax.tree.map(lambda c: c[0], new)
-      return jax.vmap(slot)(tokens_SxL, cache, pos_S)
-
+    a live slot uses, each slot keeping its width's logits, cache and hidden state (slots not
+    live: whatever a pass gives them)."""
+    one = lambda plan: self._pass(variables, plan, tokens_SxL, cache, pos_S)
     if len(self.plans) == 1:
       return one(self.plans[0])
     # All live slots at one width (the common case): that width's pass alone, no selection.
@@ -202,20 +241,12 @@ class Engine:
 
   def _mixed(self, one, tokens_SxL, cache, width_S):
     """Slots at several widths: a pass per width in use, each slot keeping its own."""
-    logits = jnp.zeros(tokens_SxL.shape + (self.model.cfg.vocab_size,), jnp.float32)
-    out_cache = cache
+    out = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: one(self.plans[-1])))
     for w, plan in enumerate(self.plans):
       mine_S = width_S == w
-
-      def run(acc, plan=plan, mine_S=mine_S):
-        logits_w, cache_w = one(plan)
-        pick = lambda new, old: jnp.where(
-            mine_S.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-        return pick(logits_w, acc[0]), jax.tree.map(pick, cache_w, acc[1])
-
-      logits, out_cache = jax.lax.cond(jnp.any(mine_S), run, lambda acc: acc,
-                                       (logits, out_cache))
-    return logits, out_cache
+      run = lambda acc, plan=plan, mine_S=mine_S: jax.tree.map(_pick(mine_S), one(plan), acc)
+      out = jax.lax.cond(jnp.any(mine_S), run, lambda acc: acc, out)
+    return out
 
   def _choose(self, logits_SxV, state: DecodeState, index_S) -> jax.Array:
     """Each slot's token at `index_S` from its own key and settings."""
@@ -223,18 +254,33 @@ class Engine:
     keys_S = jax.vmap(jax.random.fold_in)(state.key, index_S)
     return sampling.sample_rows(logits_SxV, keys_S, s.temperature, s.top_k, s.top_p, s.greedy)
 
-  def _prefill_fn(self, variables, tokens_P, length, key, settings: Settings, *, width: int):
+  def _adaptive_decoder(self, variables, threshold) -> policies.AdaptiveDecoder:
+    """The adaptive policy's passes at `threshold` (a traced value: one program serves all)."""
+    policy = dataclasses.replace(self.adaptive, threshold=threshold)
+    narrow = self.plans[self.width_of(policy.fraction)]
+    return policies.AdaptiveDecoder(self.model, variables, lambda t: narrow,
+                                    lambda first, L: narrow, None, policy=policy, narrow=narrow)
+
+  def _prefill_fn(self, variables, tokens_P, length, key, settings: Settings, threshold, *,
+                  width: int, adaptive: bool):
     cfg = self.model.cfg
     T = cfg.block_size
-    cache = gpt.init_cache(cfg, 1)
-    logits, cache = self.model.apply(variables, tokens_P[None], cache=cache, pos=0,
-                                     plan=self.plans[width])
+    escalated = jnp.zeros((1,), bool)
+    if adaptive:  # the policy's prefill: a narrow pass, then escalated positions at full width
+      logits, cache, escalate_1xP = self._adaptive_decoder(variables, threshold).prefill(
+          tokens_P[None], 0, length=length)
+      escalated = jax.lax.dynamic_index_in_dim(escalate_1xP, length - 1, 1)[0]
+    else:
+      logits, cache = self.model.apply(variables, tokens_P[None], cache=gpt.init_cache(cfg, 1),
+                                       pos=0, plan=self.plans[width])
     last_V = jax.lax.dynamic_index_in_dim(logits[0], length - 1, 0, False)
     history = jnp.zeros((1, T), jnp.int32).at[0, :tokens_P.shape[0]].set(tokens_P)
     state = DecodeState(cache=cache, history_SxT=history, pos=length[None],
                         token=jnp.zeros((1,), jnp.int32), index=length[None],
                         generated=jnp.ones((1,), jnp.int32), width=jnp.int32(width)[None],
-                        key=key[None], settings=jax.tree.map(lambda x: x[None], settings),
+                        adaptive=jnp.full((1,), adaptive), threshold=threshold[None],
+                        escalated=escalated, key=key[None],
+                        settings=jax.tree.map(lambda x: x[None], settings),
                         live=jnp.ones((1,), bool))
     token = self._choose(last_V[None], state, length[None])
     return state.replace(token=token, live=self._wants_more(state, token))
@@ -252,8 +298,13 @@ class Engine:
     T = self.model.cfg.block_size
     state = jax.lax.cond(jnp.any(state.live & (state.pos >= T)),
                          functools.partial(self._refill, variables), lambda s: s, state)
-    logits_Sx1xV, cache = self._forward(variables, state.token[:, None], state.cache, state.pos,
-                                        state.width, state.live)
+    logits_Sx1xV, cache, hidden = self._forward(variables, state.token[:, None], state.cache,
+                                                state.pos, state.width, state.live)
+    escalated_S = jnp.zeros_like(state.live)
+    if self.adaptive is not None:  # adaptive slots whose signal passes their threshold
+      logits_Sx1xV, cache, escalated_S = jax.lax.cond(
+          jnp.any(state.live & state.adaptive), functools.partial(self._escalate, variables),
+          lambda *_: (logits_Sx1xV, cache, escalated_S), state, logits_Sx1xV, cache, hidden)
     history = jax.vmap(lambda h, t, p: h.at[p].set(t))(state.history_SxT, state.token,
                                                        jnp.minimum(state.pos, T - 1))
     index_S = state.index + 1
@@ -262,16 +313,29 @@ class Engine:
     step = live.astype(jnp.int32)  # slots not live stay where they are
     state = state.replace(cache=cache, history_SxT=history, pos=state.pos + step,
                           token=jnp.where(live, token_S, state.token), index=state.index + step,
-                          generated=state.generated + step)
+                          generated=state.generated + step, escalated=escalated_S)
     return state.replace(live=self._wants_more(state, token_S)), token_S
+
+  def _escalate(self, variables, state: DecodeState, logits_Sx1xV, cache, hidden):
+    """The adaptive slots whose policy signal passes their threshold take the full width's
+    pass of this step (logits, and keys and values at the slot's position)."""
+    policy = self.adaptive
+    escalated_S = state.live & state.adaptive & (
+        policy.signal(logits_Sx1xV[:, 0], None if hidden is None else hidden[:, 0])
+        > policy.cutoff(state.threshold))
+    full = lambda: jax.tree.map(_pick(escalated_S), self._pass(
+        variables, self.plans[self.full], state.token[:, None], state.cache, state.pos)[:2],
+        (logits_Sx1xV, cache))
+    logits_Sx1xV, cache = jax.lax.cond(jnp.any(escalated_S), full, lambda: (logits_Sx1xV, cache))
+    return logits_Sx1xV, cache, escalated_S
 
   def _steps_fn(self, variables, state: DecodeState, *, steps: int):
     def step(s, _):
       live = s.live
       s, token_S = self._generate_fn(variables, s)
-      return s, (token_S, live)
-    state, (tokens, live) = jax.lax.scan(step, state, None, length=steps)
-    return state, tokens, live
+      return s, (token_S, live, s.escalated)
+    state, (tokens, live, escalated) = jax.lax.scan(step, state, None, length=steps)
+    return state, tokens, live, escalated
 
   def _refill(self, variables, state: DecodeState) -> DecodeState:
     """Slots whose next token would land at position T: their cache rebuilt from their last
@@ -285,8 +349,20 @@ class Engine:
         recent_SxK), state.history_SxT)
     fresh = gpt.init_cache(self.model.cfg, self.slots)
     if keep:
-      _, fresh = self._forward(variables, recent_SxK, fresh, jnp.zeros_like(state.pos),
-                               state.width, full_S)
-    pick = lambda new, old: jnp.where(full_S.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-    return state.replace(cache=jax.tree.map(pick, fresh, state.cache), history_SxT=history,
-                         pos=jnp.where(full_S, keep, state.pos))
+      _, fresh, _ = self._forward(variables, recent_SxK, fresh, jnp.zeros_like(state.pos),
+                                  state.width, full_S)
+      if self.adaptive is not None:  # adaptive slots: the policy's prefill, as the sampler's
+        def adaptive_fresh():
+          prefill = lambda tokens_K, threshold: jax.tree.map(
+              lambda c: c[0], self._adaptive_decoder(variables, threshold).prefill(
+                  tokens_K[None], 0)[1])
+          return jax.tree.map(_pick(state.adaptive), jax.vmap(prefill)(
+              recent_SxK, state.threshold), fresh)
+        fresh = jax.lax.cond(jnp.any(full_S & state.adaptive), adaptive_fresh, lambda: fresh)
+    return state.replace(cache=jax.tree.map(_pick(full_S), fresh, state.cache),
+                         history_SxT=history, pos=jnp.where(full_S, keep, state.pos))
+
+
+def _pick(mine_S):
+  """(new, old) -> new in the slots `mine_S`, old elsewhere (leading axis: slots)."""
+  return lambda new, old: jnp.where(mine_S.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)

@@ -186,12 +186,15 @@ class AdaptiveDecoder(Decoder):
   narrow: Any = None
   escalates: ClassVar[bool] = True
 
-  def prefill(self, tokens_BxL, first):
+  def prefill(self, tokens_BxL, first, length=None):
     """A narrow pass, then one pass with every position at its chosen width (masks), as
-    `evaluate --policy=adaptive` scores."""
+    `evaluate --policy=adaptive` scores. `length`: positions from it on are padding (the
+    engine's padded prompts), which never escalate."""
     del first
     cache = gpt.init_cache(self.model.cfg, tokens_BxL.shape[0])
     logits_BxLxV, narrow_cache, escalate_BxL = self.narrow_forward(tokens_BxL, cache, 0)
+    if length is not None:
+      escalate_BxL &= jnp.arange(tokens_BxL.shape[1]) < length
     masks = plan_lib.escalate(plan_lib.as_masks(self.narrow), escalate_BxL)
     return *jax.lax.cond(jnp.any(escalate_BxL),
                          lambda: self.forward(tokens_BxL, cache, 0, masks),

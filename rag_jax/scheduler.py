@@ -68,15 +68,18 @@ class WidthController:
 
 @dataclasses.dataclass
 class Request:
-  """One sequence to decode. `emit(token, fraction)` is called from the scheduler's thread for
-  each token, `finish(reason)` once at the end ('length', 'stop', 'cancelled', or an error)."""
+  """One sequence to decode. `emit(token, fraction, flops)` is called from the scheduler's
+  thread for each token (the width whose pass chose it, and its FLOPs against the full width's:
+  an escalated adaptive token paid for its narrow pass too), `finish(reason)` once at the end
+  ('length', 'stop', 'cancelled', or an error)."""
   prompt: np.ndarray
   max_tokens: int
   settings: engine_lib.Settings
   key: jax.Array
-  fraction: float | None           # None: the controller's width
-  emit: Callable[[int, float], bool]  # False: stop here (a stop string was met)
+  fraction: float | None           # None: the controller's width (adaptive: the narrow width)
+  emit: Callable[[int, float, float], bool]  # False: stop here (a stop string was met)
   finish: Callable[[str], None]
+  threshold: float | None = None   # the engine's adaptive policy at this threshold
   cancelled: bool = False
   arrived: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -157,7 +160,7 @@ class Scheduler:
       fraction = request.fraction or self.controller.fraction
       try:
         prefix = self.engine.prefill(request.prompt, key=request.key, fraction=fraction,
-                                     settings=request.settings)
+                                     settings=request.settings, threshold=request.threshold)
       except ValueError as e:
         request.finish(f'error: {e}')
         continue
@@ -167,7 +170,7 @@ class Scheduler:
       self._slots[slot] = request
       if self.metrics:
         self.metrics.first_token(time.perf_counter() - request.arrived)
-      if not self._deliver(slot, int(prefix.token[0]), fraction):
+      if not self._deliver(slot, int(prefix.token[0]), fraction, bool(prefix.escalated[0])):
         self._release(slot, 'stop')
       elif not bool(prefix.live[0]):
         self._release(slot, 'length')
@@ -177,8 +180,10 @@ class Scheduler:
     transfer from the device: the host keeps each slot's width, and a slot holding a request
     is live, as finished ones leave at once); the width of unpinned slots adjusted after."""
     start = time.perf_counter()
-    self.state, tokens_KxS, live_KxS = self.engine.generate_steps(self.state, self.steps)
-    tokens_KxS, live_KxS, live_after = jax.device_get((tokens_KxS, live_KxS, self.state.live))
+    self.state, tokens_KxS, live_KxS, escalated_KxS = self.engine.generate_steps(self.state,
+                                                                              self.steps)
+    tokens_KxS, live_KxS, escalated_KxS, live_after = jax.device_get(
+        (tokens_KxS, live_KxS, escalated_KxS, self.state.live))
     step_ms = 1000 * (time.perf_counter() - start) / self.steps
     for slot, request in enumerate(self._slots):
       if request is None:
@@ -187,8 +192,9 @@ class Scheduler:
         self._release(slot, 'cancelled')
         continue
       fraction = self.engine.fractions[self._width[slot]]
-      chosen = tokens_KxS[live_KxS[:, slot], slot]
-      if not all(self._deliver(slot, int(t), fraction) for t in chosen):
+      mine = live_KxS[:, slot]
+      if not all(self._deliver(slot, int(t), fraction, bool(e)) for t, e in zip(
+          tokens_KxS[mine, slot], escalated_KxS[mine, slot])):
         self._release(slot, 'stop')
       elif not live_after[slot]:
         self._release(slot, 'length')
@@ -197,15 +203,17 @@ class Scheduler:
       self.metrics.step(step_ms / 1000, sum(r is not None for r in self._slots))
     target = self.controller.observe(step_ms, waiting)
     for slot, request in enumerate(self._slots):
-      if request is not None and request.fraction is None and (
+      if request is not None and request.fraction is None and request.threshold is None and (
           self.engine.fractions[self._width[slot]] != target):
         self.state = self.engine.set_width(self.state, slot, target)
         self._width[slot] = self.engine.width_of(target)
 
-  def _deliver(self, slot: int, token: int, fraction: float) -> bool:
+  def _deliver(self, slot: int, token: int, fraction: float, escalated: bool) -> bool:
+    flops = self.relative_flops[fraction] + escalated
+    fraction = 1.0 if escalated else fraction
     if self.metrics:
       self.metrics.token(fraction)
-    return self._slots[slot].emit(token, fraction)
+    return self._slots[slot].emit(token, fraction, flops)
 
   def _release(self, slot: int, reason: str) -> None:
     request, self._slots[slot] = self._slots[slot], None

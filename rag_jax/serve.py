@@ -2,20 +2,28 @@
 
     python -m rag_jax.serve --workdir=DIR [--host=127.0.0.1] [--port=8000] [--slots=8]
         [--slo_ms=50 --min_fraction=0.25] [--max_queue=64] [--max_tokens=1024]
+        [--draft_fraction=0.5 --threshold=0.5 | --router]
 
-    GET  /v1/models         the run (`RUN`) and each width it computes (`RUN@0.5`, ...)
+    GET  /v1/models         the run (`RUN`), each width it computes (`RUN@0.5`, ...) and,
+                            for a nested run, `RUN@adaptive`
     POST /v1/completions    prompt (one or a list), max_tokens, temperature (0: greedy), top_p,
-                            stop, seed, stream; extensions: active_fraction, policy
+                            stop, seed, stream; extensions: active_fraction, policy (fixed,
+                            adaptive), threshold
     GET  /health, /metrics  liveness; Prometheus text (requests, tokens per width, queue,
                             slot occupancy, time to first token, time per output token)
 
 `RUN@a` (or `active_fraction=a`) pins a request to width a. `RUN` without a fraction runs at
 the full width while the server keeps up; with `--slo_ms` its width falls one bucket at a time
 down to `--min_fraction` while the time per output token passes the target or requests wait,
-and rises when load falls (rag_jax/scheduler.py). Batching never changes a request's tokens:
+and rises when load falls (rag_jax/scheduler.py). `RUN@adaptive` (or `policy: "adaptive"`)
+decodes at `--draft_fraction` and escalates a token to the full width where the narrow width's
+top-1 probability is below the request's `threshold` (default `--threshold`), or, with
+`--router`, where the run's router (rag_jax/router.py) predicts a larger gain than it, as
+`rag_jax.sample --policy=adaptive`. Batching never changes a request's tokens:
 each sequence decodes in its own slot (rag_jax/engine.py), with the key `rag_jax.sample` uses
-for the same seed, so `temperature=0` returns `sample --greedy`'s text at that width. The usage
-object adds the mean active fraction and the FLOPs per token relative to the full width.
+for the same seed, so `temperature=0` returns `sample --greedy`'s text at that width (or policy).
+The usage object adds the mean active fraction (of the pass that chose each token) and the FLOPs
+per token relative to the full width (an escalated token pays for both passes).
 """
 from __future__ import annotations
 
@@ -42,6 +50,8 @@ import uvicorn
 from rag_jax import cli
 from rag_jax import decode
 from rag_jax import engine as engine_lib
+from rag_jax import policies
+from rag_jax import router as router_lib
 from rag_jax import runs
 from rag_jax import scheduler as scheduler_lib
 from rag_jax import workdir as workdir_lib
@@ -102,6 +112,7 @@ class Completion:
   stream: bool  # send text as it comes (else the text is decoded once, at the end)
   tokens: list[int] = dataclasses.field(default_factory=list)
   fractions: list[float] = dataclasses.field(default_factory=list)
+  flops: list[float] = dataclasses.field(default_factory=list)
   text: str = ''
   finish_reason: str | None = None
   request: scheduler_lib.Request | None = None  # set by Server.submit
@@ -119,11 +130,12 @@ class Completion:
     self._stable, self._cut = self._stable + tail, len(self.tokens)
     return self._stable
 
-  def emit(self, token: int, fraction: float) -> bool:
+  def emit(self, token: int, fraction: float, flops: float) -> bool:
     """Takes a token; sends the text that is final (text that may begin a stop string waits);
     False once a stop string appears (the text ends before it)."""
     self.tokens.append(token)
     self.fractions.append(fraction)
+    self.flops.append(flops)
     if not (self.stream or self.stop):
       return True
     text = self.decoded()
@@ -153,14 +165,27 @@ class Server:
 
   def __init__(self, workdir: str, slots: int = 8, slo_ms: float | None = None,
                min_fraction: float = 0.0, max_queue: int = 64, max_tokens: int = 1024,
-               steps: int = 4, config_overrides: dict | None = None):
+               steps: int = 4, config_overrides: dict | None = None, *,
+               draft_fraction: float | None = None, threshold: float = 0.5,
+               router: bool = False):
     run = runs.load_run(workdir, config_overrides)
     self.config, self.tokenizer, self.params = run.config, run.tokenizer, run.params
     act = run.config.activation
     self.name = workdir.rstrip('/').split('/')[-1] or 'run'
     T = run.model.cfg.block_size
+    self.adaptive = None  # the adaptive policy (a nested run)
+    if act.enabled and act.structure == 'nested':
+      fitted = router_lib.load(workdir) if router else None
+      if fitted is not None and draft_fraction not in (None, fitted.fraction):
+        raise ValueError(f'the router routes from {fitted.fraction:g}, not --draft_fraction='
+                         f'{draft_fraction:g}.')
+      fraction = fitted.fraction if fitted else 0.5 if draft_fraction is None else draft_fraction
+      self.adaptive = policies.make('adaptive', act, run.config.model, fraction=fraction,
+                                    threshold=threshold, router=fitted)
+    elif router or draft_fraction is not None:
+      raise ValueError('--router and --draft_fraction need a nested RA run (policy adaptive).')
     self.engine = engine_lib.Engine(run.params, run.model, act if act.enabled else None,
-                                    slots=slots, prompt_pad=T)
+                                    slots=slots, prompt_pad=T, adaptive=self.adaptive)
     self.controller = scheduler_lib.WidthController(self.engine.fractions, slo_ms, min_fraction)
     self.metrics = Metrics()
     self.scheduler = scheduler_lib.Scheduler(self.engine, self.controller, max_queue,
@@ -176,13 +201,19 @@ class Server:
     for f in self.engine.fractions:
       prefix = self.engine.prefill([0], key=jax.random.key(0), settings=settings, fraction=f)
       state = self.engine.insert(prefix, state, 0)
+    if self.adaptive:
+      prefix = self.engine.prefill([0], key=jax.random.key(0), settings=settings,
+                                   fraction=self.adaptive.fraction,
+                                   threshold=self.adaptive.threshold)
+      state = self.engine.insert(prefix, state, 0)
     state = self.engine.set_width(state, 0, self.engine.fractions[-1])
     state = self.engine.generate_steps(state, self.scheduler.steps)[0]
     jax.block_until_ready(self.engine.free(state, 0).live)
     return time.perf_counter() - start
 
   def model_ids(self) -> list[str]:
-    return [self.name] + [f'{self.name}@{f:g}' for f in self.engine.fractions]
+    return [self.name] + [f'{self.name}@{f:g}' for f in self.engine.fractions] + (
+        [f'{self.name}@adaptive'] if self.adaptive else [])
 
   def parse(self, body) -> dict:
     """The request's settings, or BadRequest naming the problem."""
@@ -194,17 +225,34 @@ class Server:
       raise BadRequest(f'model {model!r} is not served here; GET /v1/models lists '
                        f'{self.model_ids()}.', 404, 'model', 'not_found_error')
     fraction = body.get('active_fraction')
-    if budget:
+    policy = body.get('policy', 'fixed')
+    if budget == 'adaptive':
+      policy = 'adaptive'
+    elif budget:
       try:
         fraction = float(budget)
       except ValueError:
-        raise BadRequest(f'model {model!r}: the budget after @ must be a number.', 404,
-                         'model', 'not_found_error') from None
-    policy = body.get('policy', 'fixed')
-    if policy not in ('fixed', 'dense'):
+        raise BadRequest(f'model {model!r}: the budget after @ must be a number or adaptive.',
+                         404, 'model', 'not_found_error') from None
+    if policy not in ('fixed', 'dense', 'adaptive'):
       raise BadRequest(f'policy {policy!r} is not served: the server decodes fixed widths (a '
-                       'budget per request); rag_jax.sample runs random, adaptive and '
+                       'budget per request) and adaptive ones; rag_jax.sample runs random and '
                        'speculative.', param='policy')
+    threshold = None
+    if policy == 'adaptive':
+      if not self.adaptive:
+        raise BadRequest('policy adaptive needs a nested RA run.', param='policy')
+      threshold = body.get('threshold', self.adaptive.threshold)
+      if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
+          0 <= threshold <= 1e6):
+        raise BadRequest(f'threshold must be a number >= 0, got {threshold!r}.',
+                         param='threshold')
+      if fraction is not None and abs(fraction - self.adaptive.fraction) > 1e-9:
+        raise BadRequest(f'policy adaptive escalates from {self.adaptive.fraction:g} on this '
+                         f'server, not from {fraction!r}.', param='active_fraction')
+      fraction, threshold = self.adaptive.fraction, float(threshold)
+    elif 'threshold' in body:
+      raise BadRequest('threshold goes with policy adaptive.', param='threshold')
     if fraction is not None:
       if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
           0 < fraction <= 1):
@@ -214,7 +262,7 @@ class Server:
         self.engine.width_of(float(fraction))
       except ValueError as e:
         raise BadRequest(str(e), param='active_fraction') from None
-    return dict(fraction=None if fraction is None else float(fraction),
+    return dict(fraction=None if fraction is None else float(fraction), threshold=threshold,
                 prompts=self._prompts(body), **self._sampling(body))
 
   def _prompts(self, body) -> list[np.ndarray]:
@@ -267,20 +315,20 @@ class Server:
         temperature=spec['temperature'] or 1.0, top_p=spec['top_p'],
         greedy=spec['temperature'] == 0, max_tokens=spec['max_tokens'])
     request = scheduler_lib.Request(prompt, spec['max_tokens'], settings, key, spec['fraction'],
-                                    completion.emit, completion.finish)
+                                    completion.emit, completion.finish, spec['threshold'])
     completion.request = request
     self.scheduler.submit(request)
     return completion
 
   def usage(self, prompts, completions) -> dict:
     fractions = [f for c in completions for f in c.fractions]
+    flops = [f for c in completions for f in c.flops]
     generated = sum(len(c.tokens) for c in completions)
     prompt_tokens = int(sum(len(p) for p in prompts))
     return {'prompt_tokens': prompt_tokens, 'completion_tokens': generated,
             'total_tokens': prompt_tokens + generated,
             'mean_active_fraction': float(np.mean(fractions)) if fractions else None,
-            'relative_flops': float(np.mean([self.scheduler.relative_flops[f]
-                                             for f in fractions])) if fractions else None}
+            'relative_flops': float(np.mean(flops)) if flops else None}
 
 
 def make_app(server: Server) -> Starlette:
@@ -411,6 +459,12 @@ def _define_flags():
   flags.DEFINE_integer('max_queue', 64, 'Requests that may wait for a slot (then 429).')
   flags.DEFINE_integer('max_tokens', 1024, 'The largest max_tokens a request may ask.')
   flags.DEFINE_float('drain_s', 30.0, 'On SIGTERM: seconds to finish requests in flight.')
+  flags.DEFINE_float('draft_fraction', None, 'Policy adaptive: the narrow width it escalates '
+                     'from (default 0.5, or the router\'s).')
+  flags.DEFINE_float('threshold', 0.5, 'Policy adaptive: the default threshold (top-1 '
+                     'probability; with --router, predicted gain in nats).')
+  flags.DEFINE_bool('router', False, 'Policy adaptive escalates by the run\'s router '
+                    '(experiments/router.py --save) instead of the narrow width\'s confidence.')
   flags.DEFINE_integer('steps_per_call', 4, 'Decode steps per round trip from the host (more: '
                        'less host overhead per token, new requests wait longer for a slot).')
 
@@ -427,7 +481,8 @@ def main(argv):
       sys.exit(f'error: --{name}={getattr(f, name)} is out of range.')
   try:
     server = Server(f.workdir, f.slots, f.slo_ms, f.min_fraction, f.max_queue, f.max_tokens,
-                    f.steps_per_call, cli.run_overrides())
+                    f.steps_per_call, cli.run_overrides(), draft_fraction=f.draft_fraction,
+                    threshold=f.threshold, router=f.router)
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   seconds = server.warm_up()

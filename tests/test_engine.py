@@ -11,6 +11,8 @@ import pytest
 
 from rag_jax import activation
 from rag_jax import engine as engine_lib
+from rag_jax import policies
+from rag_jax import router as router_lib
 from rag_jax import sample as sample_lib
 from rag_jax.models import gpt
 from tests.conftest import ROOT
@@ -29,13 +31,16 @@ def model_params():
   return model, jax.tree.map(lambda p: p * 3.0, params)  # well separated greedy choices
 
 
-def decode(engine, requests, steps, widths_at=None):
-  """Runs `requests` [(prompt, fraction, key, settings)] in slots 0.. ; `widths_at[step]`:
-  {slot: fraction} set before that step. Returns each request's generated tokens."""
-  state, out = engine.init_state(), []
-  for slot, (prompt, fraction, key, settings) in enumerate(requests):
-    prefix = engine.prefill(prompt, key=key, settings=settings, fraction=fraction)
+def decode(engine, requests, steps, widths_at=None, escalations=None):
+  """Runs `requests` [(prompt, fraction, key, settings[, threshold])] in slots 0.. ;
+  `widths_at[step]`: {slot: fraction} set before that step. Returns each request's generated
+  tokens (and appends to `escalations` each one's escalated flags)."""
+  state, out, escalated = engine.init_state(), [], []
+  for slot, (prompt, fraction, key, settings, *threshold) in enumerate(requests):
+    prefix = engine.prefill(prompt, key=key, settings=settings, fraction=fraction,
+                            threshold=threshold[0] if threshold else None)
     out.append([int(prefix.token[0])])
+    escalated.append([bool(prefix.escalated[0])])
     state = engine.insert(prefix, state, slot)
   for step in range(steps):
     for slot, fraction in (widths_at or {}).get(step, {}).items():
@@ -44,6 +49,9 @@ def decode(engine, requests, steps, widths_at=None):
     state, tokens = engine.generate(state)
     for slot in np.flatnonzero(live[:len(requests)]):
       out[slot].append(int(tokens[slot]))
+      escalated[slot].append(bool(state.escalated[slot]))
+  if escalations is not None:
+    escalations.extend(escalated)
   return out
 
 
@@ -90,6 +98,55 @@ def test_a_slot_changes_width_between_steps_and_ends_at_its_end_token(model_para
   stopped = decode(engine, [(*request[:3], engine_lib.Settings.make(
       greedy=True, max_tokens=16, end_token=end))], 16)[0]
   assert stopped == full[:full.index(end) + 1]
+
+
+@pytest.mark.slow
+def test_adaptive_slots_decode_as_the_sampler_beside_fixed_ones(model_params):
+  """Slots of the adaptive policy (narrow 0.5, escalating where its top-1 probability is below
+  the slot's threshold) beside a fixed slot, 20 tokens each across the context rebuild (T = 12):
+  each adaptive slot gets `sample --policy=adaptive --greedy`'s tokens at its threshold, and
+  escalates where the sampler's token cost says it did (0.5 + 1 for an escalated token)."""
+  model, params = model_params
+  greedy = engine_lib.Settings.make(greedy=True, max_tokens=20)
+  engine = engine_lib.Engine(params, model, ACT, slots=4, adaptive=policies.make(
+      'adaptive', ACT, fraction=0.5, threshold=0.5))
+  requests = [([1, 2, 3], 0.5, jax.random.key(1), greedy, 0.3),
+              ([4, 5], 1.0, jax.random.key(2), greedy),
+              ([6, 7, 8, 9, 10], 0.5, jax.random.key(3), greedy, 0.35)]
+  escalations = []
+  together = decode(engine, requests, 20, escalations=escalations)
+  for (prompt, _, _, _, *threshold), tokens, escalated in zip(requests, together, escalations):
+    if not threshold:
+      assert not any(escalated)
+      continue
+    ref, fractions = sample_lib.generate(params, model, jnp.asarray([prompt]), jax.random.key(0),
+                                         num_tokens=20, greedy=True, policy='adaptive',
+                                         active_fraction=0.5, threshold=threshold[0], act=ACT)
+    assert tokens == list(np.asarray(ref[0, len(prompt):]))
+    np.testing.assert_allclose(0.5 + np.asarray(escalated, np.float32), fractions[0])
+    assert 0 < np.mean(escalated) < 1  # both widths chose tokens
+  # A router's predicted gain as the signal (random weights: some tokens pass 0, some not).
+  D = CFG.embed_dim + 2
+  router = router_lib.Router(router_lib.init(jax.random.key(7), D, 8, np.zeros(D), np.ones(D)),
+                             0.5)
+  policy = policies.make('adaptive', ACT, fraction=0.5, threshold=0.0, router=router)
+  routed = engine_lib.Engine(params, model, ACT, slots=2, adaptive=policy)
+  escalations = []
+  got = decode(routed, [([1, 2, 3], 0.5, jax.random.key(1), greedy, 0.0), requests[1]], 20,
+               escalations=escalations)[0]
+  ref, fractions = sample_lib.generate(params, model, jnp.asarray([[1, 2, 3]]), jax.random.key(0),
+                                       num_tokens=20, greedy=True, policy=policy)
+  assert got == list(np.asarray(ref[0, 3:]))
+  np.testing.assert_allclose(0.5 + np.asarray(escalations[0], np.float32), fractions[0])
+  assert 0 < np.mean(escalations[0]) < 1
+
+  with pytest.raises(ValueError, match='escalates from 0.5 here, not from 0.25'):
+    engine.prefill([1], key=jax.random.key(0), settings=greedy, fraction=0.25, threshold=0.3)
+  with pytest.raises(ValueError, match='decodes fixed widths only'):
+    engine_lib.Engine(params, model, ACT, slots=1).prefill(
+        [1], key=jax.random.key(0), settings=greedy, fraction=0.5, threshold=0.3)
+  with pytest.raises(ValueError, match='both must be widths the engine serves'):
+    engine_lib.Engine(params, model, ACT, slots=1, fractions=(0.5,), adaptive=engine.adaptive)
 
 
 def test_bad_engine_input_is_refused_with_one_message(model_params):

@@ -11,6 +11,7 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -66,27 +67,42 @@ def served_run(tmp_path_factory, tfds_dir, tfds_env):
 def test_openai_client_round_trip_and_greedy_equals_sample_under_mixed_widths(served_run):
   workdir, server = served_run
   ids = [m.id for m in server.client.models.list().data]
-  assert ids == ['ra', 'ra@0.25', 'ra@0.5', 'ra@0.75', 'ra@1']
+  assert ids == ['ra', 'ra@0.25', 'ra@0.5', 'ra@0.75', 'ra@1', 'ra@adaptive']
   run = runs.load_run(workdir)
   jobs = [('ROMEO:', 'ra@0.5'), ('JULIET:', 'ra@0.25'), ('First Citizen:', 'ra'),
-          ('KING:', 'ra@0.75'), ('ROMEO:', 'ra'), ('Nurse:', 'ra@0.5')]
+          ('KING:', 'ra@0.75'), ('ROMEO:', 'ra'), ('Nurse:', 'ra@0.5'),
+          ('JULIET:', 'ra@adaptive'), ('KING:', 'ra@adaptive')]
+  thresholds = {'JULIET:': 0.1, 'KING:': 0.105}  # the smoke run's top-1 is about 0.1
 
   def complete(job):
     prompt, model = job
+    extra = {'threshold': thresholds[prompt]} if model.endswith('adaptive') else None
     return server.client.completions.create(model=model, prompt=prompt, max_tokens=40,
-                                            temperature=0)
+                                            temperature=0, extra_body=extra)
 
-  with concurrent.futures.ThreadPoolExecutor(6) as pool:  # 6 requests, 4 slots, 4 widths
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:  # 8 requests, 4 slots, 5 policies
     answers = list(pool.map(complete, jobs))
   for (prompt, model), answer in zip(jobs, answers):
-    fraction = float(model.partition('@')[2] or 1)
-    want = sample_lib.sample(run.params, run.config, prompt, tokenizer=run.tokenizer,
-                             num_tokens=40, greedy=True,
-                             active_fraction=None if fraction == 1 else fraction)
+    budget = model.partition('@')[2]
+    if budget == 'adaptive':  # escalating from 0.5 where its top-1 probability is low
+      want = sample_lib.sample(run.params, run.config, prompt, tokenizer=run.tokenizer,
+                               num_tokens=40, greedy=True, policy='adaptive',
+                               draft_fraction=0.5, threshold=thresholds[prompt])
+      escalated = float(np.mean(want.fractions) - 0.5)
+      assert 0 < escalated < 1
+      assert answer.usage.model_extra['mean_active_fraction'] == pytest.approx(
+          0.5 + 0.5 * escalated)
+      assert answer.usage.model_extra['relative_flops'] == pytest.approx(
+          answers[0].usage.model_extra['relative_flops'] + escalated)  # both passes paid
+    else:
+      fraction = float(budget or 1)
+      want = sample_lib.sample(run.params, run.config, prompt, tokenizer=run.tokenizer,
+                               num_tokens=40, greedy=True,
+                               active_fraction=None if fraction == 1 else fraction)
+      assert answer.usage.model_extra['mean_active_fraction'] == fraction
     assert prompt + answer.choices[0].text == want.text[0], model
     assert answer.choices[0].finish_reason == 'length'
     assert answer.usage.completion_tokens == 40
-    assert answer.usage.model_extra['mean_active_fraction'] == fraction
   # Streaming: the same text in pieces, then the usage.
   pieces = list(server.client.completions.create(model='ra@0.5', prompt='ROMEO:', max_tokens=40,
                                                  temperature=0, stream=True))
@@ -118,6 +134,10 @@ def test_bad_requests_get_their_status_and_the_server_goes_on(served_run):
       ({'prompt': 'a', 'max_tokens': -1}, 400, 'max_tokens must be an integer'),
       ({'prompt': 'a', 'max_tokens': 10**9}, 400, 'max_tokens must be an integer'),
       ({'prompt': 'a', 'policy': 'speculative'}, 400, 'is not served'),
+      ({'prompt': 'a', 'policy': 'adaptive', 'threshold': -1}, 400, 'threshold must be'),
+      ({'prompt': 'a', 'threshold': 0.5}, 400, 'threshold goes with policy adaptive'),
+      ({'model': 'ra@adaptive', 'prompt': 'a', 'active_fraction': 0.25}, 400,
+       'escalates from 0.5 on this server'),
       ({'prompt': 'a', 'temperature': -1}, 400, 'temperature out of range'),
       ({'prompt': []}, 400, 'prompt must be a string'),
   ]
