@@ -210,14 +210,15 @@ class Engine:
 
   # The compiled programs.
 
-  def _pass(self, variables, plan, tokens_SxL, cache, pos_S):
+  def _pass(self, variables, plan, tokens_SxL, cache, pos_S, read_only=False):
     """Every slot's tokens at its own position, at one width (vmapped over slots): (logits,
-    cache, the router's hidden state or None)."""
+    cache, the router's hidden state or None); `read_only` (a step): the cache is read, and
+    the token's keys and values come back in its place (gpt.GPT)."""
     router = self.adaptive is not None and self.adaptive.router is not None
 
     def slot(tokens_L, cache, pos):
       cache_1 = jax.tree.map(lambda c: c[None], cache)
-      kwargs = dict(cache=cache_1, pos=pos, plan=plan)
+      kwargs = dict(cache=cache_1, pos=pos, plan=plan, read_only=read_only)
       (logits, new), hidden = (router_lib.apply_with_hidden(self.model, variables,
                                                             tokens_L[None], **kwargs)
                                if router else (self.model.apply(variables, tokens_L[None],
@@ -225,11 +226,11 @@ class Engine:
       return logits[0], jax.tree.map(lambda c: c[0], new), None if hidden is None else hidden[0]
     return jax.vmap(slot)(tokens_SxL, cache, pos_S)
 
-  def _forward(self, variables, tokens_SxL, cache, pos_S, width_S, live_S):
+  def _forward(self, variables, tokens_SxL, cache, pos_S, width_S, live_S, read_only=False):
     """Every slot's tokens at its own positions, each slot at its own width: one pass per width
-    a live slot uses, each slot keeping its width's logits, cache and hidden state (slots not
-    live: whatever a pass gives them)."""
-    one = lambda plan: self._pass(variables, plan, tokens_SxL, cache, pos_S)
+    a live slot uses, each slot keeping its width's logits, cache (`read_only`: new keys and
+    values) and hidden state (slots not live: whatever a pass gives them)."""
+    one = lambda plan: self._pass(variables, plan, tokens_SxL, cache, pos_S, read_only)
     if len(self.plans) == 1:
       return one(self.plans[0])
     # All live slots at one width (the common case): that width's pass alone, no selection.
@@ -298,13 +299,16 @@ class Engine:
     T = self.model.cfg.block_size
     state = jax.lax.cond(jnp.any(state.live & (state.pos >= T)),
                          functools.partial(self._refill, variables), lambda s: s, state)
-    logits_Sx1xV, cache, hidden = self._forward(variables, state.token[:, None], state.cache,
-                                                state.pos, state.width, state.live)
+    # The passes read the cache and give each slot's new keys and values, written once after
+    # (in place: a cache that left a branch of the width switch was copied, at every step).
+    logits_Sx1xV, new_kv, hidden = self._forward(variables, state.token[:, None], state.cache,
+                                                 state.pos, state.width, state.live, True)
     escalated_S = jnp.zeros_like(state.live)
     if self.adaptive is not None:  # adaptive slots whose signal passes their threshold
-      logits_Sx1xV, cache, escalated_S = jax.lax.cond(
+      logits_Sx1xV, new_kv, escalated_S = jax.lax.cond(
           jnp.any(state.live & state.adaptive), functools.partial(self._escalate, variables),
-          lambda *_: (logits_Sx1xV, cache, escalated_S), state, logits_Sx1xV, cache, hidden)
+          lambda *_: (logits_Sx1xV, new_kv, escalated_S), state, logits_Sx1xV, new_kv, hidden)
+    cache = jax.vmap(gpt.write_cache)(state.cache, new_kv, jnp.minimum(state.pos, T - 1))
     history = jax.vmap(lambda h, t, p: h.at[p].set(t))(state.history_SxT, state.token,
                                                        jnp.minimum(state.pos, T - 1))
     index_S = state.index + 1
@@ -316,18 +320,19 @@ class Engine:
                           generated=state.generated + step, escalated=escalated_S)
     return state.replace(live=self._wants_more(state, token_S)), token_S
 
-  def _escalate(self, variables, state: DecodeState, logits_Sx1xV, cache, hidden):
+  def _escalate(self, variables, state: DecodeState, logits_Sx1xV, new_kv, hidden):
     """The adaptive slots whose policy signal passes their threshold take the full width's
-    pass of this step (logits, and keys and values at the slot's position)."""
+    pass of this step (logits, and the keys and values it writes)."""
     policy = self.adaptive
     escalated_S = state.live & state.adaptive & (
         policy.signal(logits_Sx1xV[:, 0], None if hidden is None else hidden[:, 0])
         > policy.cutoff(state.threshold))
     full = lambda: jax.tree.map(_pick(escalated_S), self._pass(
-        variables, self.plans[self.full], state.token[:, None], state.cache, state.pos)[:2],
-        (logits_Sx1xV, cache))
-    logits_Sx1xV, cache = jax.lax.cond(jnp.any(escalated_S), full, lambda: (logits_Sx1xV, cache))
-    return logits_Sx1xV, cache, escalated_S
+        variables, self.plans[self.full], state.token[:, None], state.cache, state.pos,
+        True)[:2], (logits_Sx1xV, new_kv))
+    logits_Sx1xV, new_kv = jax.lax.cond(jnp.any(escalated_S), full,
+                                        lambda: (logits_Sx1xV, new_kv))
+    return logits_Sx1xV, new_kv, escalated_S
 
   def _steps_fn(self, variables, state: DecodeState, *, steps: int):
     def step(s, _):

@@ -68,8 +68,9 @@ class Decoder:
   cost_N: jax.Array
   escalates: ClassVar[bool] = False  # whether a pass's rows record an escalation
 
-  def forward(self, tokens_BxL, cache, pos, plan):
-    return self.model.apply(self.variables, tokens_BxL, cache=cache, pos=pos, plan=plan)
+  def forward(self, tokens_BxL, cache, pos, plan, read_only=False):
+    return self.model.apply(self.variables, tokens_BxL, cache=cache, pos=pos, plan=plan,
+                            read_only=read_only)
 
   def prefill(self, tokens_BxL, first):
     """Feeds tokens at indices first.. into a fresh cache at positions 0..: (logits, cache,
@@ -200,14 +201,15 @@ class AdaptiveDecoder(Decoder):
                          lambda: self.forward(tokens_BxL, cache, 0, masks),
                          lambda: (logits_BxLxV, narrow_cache)), escalate_BxL
 
-  def narrow_forward(self, tokens_BxL, cache, pos):
+  def narrow_forward(self, tokens_BxL, cache, pos, read_only=False):
     """The narrow pass: (logits, cache, escalate) with the policy's decision per position (from
     the final hidden state too when a router decides)."""
     if self.policy.router is None:
-      logits, cache = self.forward(tokens_BxL, cache, pos, self.narrow)
+      logits, cache = self.forward(tokens_BxL, cache, pos, self.narrow, read_only)
       return logits, cache, self.policy.escalates(logits)
     (logits, cache), hidden = router_lib.apply_with_hidden(
-        self.model, self.variables, tokens_BxL, cache=cache, pos=pos, plan=self.narrow)
+        self.model, self.variables, tokens_BxL, cache=cache, pos=pos, plan=self.narrow,
+        read_only=read_only)
     return logits, cache, self.policy.escalates(logits, hidden)
 
   def step(self, token_B, cache, pos, t, forced_B=None, prefilled_B=None):
@@ -215,24 +217,19 @@ class AdaptiveDecoder(Decoder):
     (`forced_B`) takes the width the prefill chose for it (`prefilled_B`), so a row's widths do
     not depend on the other rows' prompts."""
     del t
-    logits_Bx1xV, narrow_cache, escalate_Bx1 = self.narrow_forward(token_B[:, None], cache, pos)
+    logits_Bx1xV, narrow_kv, escalate_Bx1 = self.narrow_forward(token_B[:, None], cache, pos,
+                                                                 read_only=True)
     logits_BxV, escalate_B = logits_Bx1xV[:, 0], escalate_Bx1[:, 0]
     if forced_B is not None:
       escalate_B = jnp.where(forced_B, prefilled_B, escalate_B)
 
-    def full():
-      full_Bx1xV, full_cache = self.forward(token_B[:, None], narrow_cache, pos, None)
-      if token_B.shape[0] > 1:  # the other rows keep their narrow keys and values at `pos`
-        def keep(f, n):
-          at = lambda c: jax.lax.dynamic_slice_in_dim(c, pos, 1, axis=1)
-          kept = jnp.where(escalate_B[:, None, None, None], at(f), at(n))
-          return jax.lax.dynamic_update_slice_in_dim(f, kept, pos, axis=1)
-        full_cache = jax.tree.map(keep, full_cache, narrow_cache)
-      return jnp.where(escalate_B[:, None], full_Bx1xV[:, 0], logits_BxV), full_cache
+    def full():  # the escalated rows' logits and keys and values, the others' narrow ones
+      full_Bx1xV, full_kv = self.forward(token_B[:, None], cache, pos, None, True)
+      pick = lambda f, n: jnp.where(escalate_B.reshape((-1,) + (1,) * (f.ndim - 1)), f, n)
+      return pick(full_Bx1xV[:, 0], logits_BxV), jax.tree.map(pick, full_kv, narrow_kv)
 
-    logits_BxV, cache = jax.lax.cond(jnp.any(escalate_B), full,
-                                     lambda: (logits_BxV, narrow_cache))
-    return logits_BxV, cache, escalate_B
+    logits_BxV, new_kv = jax.lax.cond(jnp.any(escalate_B), full, lambda: (logits_BxV, narrow_kv))
+    return logits_BxV, gpt.write_cache(cache, new_kv, pos), escalate_B
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,24 @@ def attend(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS=None, impl: str = 'xla') ->
   return o_BxLxhxK if impl == 'cudnn' else switch.save(o_BxLxhxK)
 
 
+def attend_step(q_Bx1xhxK, k_BxSxhxK, v_BxSxhxK, mask_S, k_Bx1xhxK, v_Bx1xhxK) -> jax.Array:
+  """One query over the cache positions `mask_S` allows and its own key and value, which the
+  cache does not hold: softmax over the S + 1 scores in float32, as `attend` over the updated
+  cache (the same function up to float rounding). Products and sums, reading the cache in place
+  (see _einsum_attention)."""
+  f32 = jnp.float32
+  q_Bx1xhxK = q_Bx1xhxK.astype(f32) * (1 / math.sqrt(q_Bx1xhxK.shape[-1]))
+  s_BxSxh = jnp.sum(q_Bx1xhxK * k_BxSxhxK.astype(f32), axis=-1)
+  s_BxSxh = jnp.where(mask_S[None, :, None], s_BxSxh, jnp.finfo(f32).min)
+  s_Bx1xh = jnp.sum(q_Bx1xhxK * k_Bx1xhxK.astype(f32), axis=-1)
+  m_Bx1xh = jnp.maximum(jnp.max(s_BxSxh, axis=1, keepdims=True), s_Bx1xh)
+  p_BxSxh, p_Bx1xh = jnp.exp(s_BxSxh - m_Bx1xh), jnp.exp(s_Bx1xh - m_Bx1xh)
+  o_Bxhxk = (jnp.sum(p_BxSxh[..., None] * v_BxSxhxK.astype(f32), axis=1)
+             + p_Bx1xh[:, 0, :, None] * v_Bx1xhxK[:, 0].astype(f32))
+  o_Bxhxk = o_Bxhxk / (jnp.sum(p_BxSxh, axis=1) + p_Bx1xh[:, 0])[..., None]
+  return switch.save(o_Bxhxk[:, None].astype(v_BxSxhxK.dtype))
+
+
 def _einsum_attention(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS=None) -> jax.Array:
   """softmax(q k^T / sqrt(K) + mask) v in two einsums, scores and softmax in float32.
 

@@ -113,6 +113,13 @@ def rebuild_keep(block_size: int) -> int:
   return max(block_size // 2, 1) - 1
 
 
+def write_cache(cache: Cache, new: Cache, pos) -> Cache:
+  """`cache` with the keys and values `new` (a read-only pass's, [B x] L x H x K per layer)
+  written at `pos` (the position axis is the third from the end)."""
+  return jax.tree.map(lambda c, n: jax.lax.dynamic_update_slice_in_dim(
+      c, n.astype(c.dtype), pos, axis=c.ndim - 3), cache, new)
+
+
 def init_cache(cfg: GPTConfig, batch_size: int, length: int | None = None,
                dtype: Any = None) -> Cache:
   """An empty KV cache of `length` positions (default: the context length), in `cfg.dtype`
@@ -173,9 +180,12 @@ def _project(x_BxLxD, w_Dx___, b___=None):
   return y.reshape(*x_BxLxD.shape[:-1], *w_Dx___.shape[1:])
 
 
-def _heads(w, x_BxLxD, k_BxSxHxK, v_BxSxHxK, mask_LxS, units, scale, head_mask, impl):
+def _heads(w, x_BxLxD, k_BxSxHxK, v_BxSxHxK, mask_LxS, units, scale, head_mask, impl,
+           new=None):
   """Queries, attention and output projection of the heads `units` (keys and values are given
-  for every head); `head_mask`: None or a 0/1 mask over heads ([H], per position [..., L, H])."""
+  for every head); `head_mask`: None or a 0/1 mask over heads ([H], per position [..., L, H]);
+  `new`: None, or one decode query's own key and value (Bx1xHxK each), attended beside the
+  cache positions `mask_LxS` allows (attention.attend_step)."""
   B, L, D = x_BxLxD.shape
   dt = x_BxLxD.dtype
   wq_DxhxK = widths.restrict(w['query'], units, 1)
@@ -183,7 +193,11 @@ def _heads(w, x_BxLxD, k_BxSxHxK, v_BxSxHxK, mask_LxS, units, scale, head_mask, 
   bq_hxK = widths.restrict(w['query_bias'], units, 0) if 'query_bias' in w else None
   q_BxLxhxK = switch.save(_project(x_BxLxD, wq_DxhxK, bq_hxK))
   k_BxSxhxK, v_BxSxhxK = k_BxSxHxK[:, :, units].astype(dt), v_BxSxHxK[:, :, units].astype(dt)
-  o_BxLxhxK = attention.attend(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS, impl)
+  if new is None:
+    o_BxLxhxK = attention.attend(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS, impl)
+  else:
+    o_BxLxhxK = attention.attend_step(q_BxLxhxK, k_BxSxhxK, v_BxSxhxK, mask_LxS[0],
+                                      *(n[:, :, units].astype(dt) for n in new))
   if head_mask is not None:
     o_BxLxhxK = o_BxLxhxK * head_mask[..., None].astype(dt)
   wo_hKxD = widths.restrict(w['out'], units, 0).reshape(h * K, D).astype(dt)
@@ -230,9 +244,10 @@ class Attention(nn.Module):
       self.key_value_bias = _param(self, 'key_value_bias', nn.initializers.zeros, (2, H, K))
       self.out_bias = _param(self, 'out_bias', nn.initializers.zeros, (D,))
 
-  def write_kv(self, x_BxLxD, cache, pos):
+  def write_kv(self, x_BxLxD, cache, pos, read_only=False):
     """Keys and values of every head, written into the cache at `pos` when there is one;
-    returns (keys, values, new cache)."""
+    returns (keys, values, new cache). `read_only`: the new keys and values themselves take the
+    new cache's place (write_cache writes them)."""
     bias = self.key_value_bias if self.cfg.use_bias else None
     if cache is None:  # keys (0) and values (1) apart, the heads staying the major axis
       k_BxLxHxK, v_BxLxHxK = (
@@ -245,22 +260,31 @@ class Attention(nn.Module):
     # token, about a quarter of the :gpu model's decode step).
     y_BxLx2xHxK = _project(x_BxLxD, self.key_value, bias)
     k_BxLxHxK, v_BxLxHxK = y_BxLx2xHxK[:, :, 0], y_BxLx2xHxK[:, :, 1]
+    if read_only:
+      return k_BxLxHxK, v_BxLxHxK, {'k': k_BxLxHxK, 'v': v_BxLxHxK}
     k = jax.lax.dynamic_update_slice(cache['k'], k_BxLxHxK.astype(cache['k'].dtype), (0, pos, 0, 0))
     v = jax.lax.dynamic_update_slice(cache['v'], v_BxLxHxK.astype(cache['v'].dtype), (0, pos, 0, 0))
     return k, v, {'k': k, 'v': v}
 
-  def __call__(self, x_BxLxD, cache=None, pos=0, heads: plan_lib.Site | None = None):
-    k, v, new_cache = self.write_kv(x_BxLxD, cache, pos)
-    mask_LxS = None
-    if cache is not None:
+  def __call__(self, x_BxLxD, cache=None, pos=0, heads: plan_lib.Site | None = None,
+               read_only=False):
+    """With `read_only` (one decode token), the cache is read as it is, the token's own key and
+    value attended beside its positions before `pos`, and returned in the new cache's place."""
+    k, v, new_cache = self.write_kv(x_BxLxD, cache, pos, read_only)
+    mask_LxS, new = None, None
+    if read_only:
+      k, v, new = cache['k'], cache['v'], (k, v)
+      mask_LxS = jnp.arange(k.shape[1])[None, :] < pos
+    elif cache is not None:
       L, S = x_BxLxD.shape[1], v.shape[1]
       mask_LxS = jnp.arange(S)[None, :] <= (pos + jnp.arange(L))[:, None]
     impl = attention.implementation(self.cfg.attention, self.cfg.head_dim, x_BxLxD.dtype,
                                     causal=mask_LxS is None)
     fn = lambda ops, units, scale, head_mask: _heads(
-        ops['w'], ops['x'], ops['k'], ops['v'], ops['mask'], units, scale, head_mask, impl)
+        ops['w'], ops['x'], ops['k'], ops['v'], ops['mask'], units, scale, head_mask, impl,
+        ops['new'])
     ops = {'w': _weights(self, ('query', 'out', 'query_bias', 'out_bias')), 'x': x_BxLxD,
-           'k': k, 'v': v, 'mask': mask_LxS}
+           'k': k, 'v': v, 'mask': mask_LxS, 'new': new}
     return widths.at_width(heads, fn, ops), new_cache
 
 
@@ -299,31 +323,32 @@ class Block(nn.Module):
     self.mlp = MLP(cfg)
     self.drop = nn.Dropout(cfg.dropout)
 
-  def run(self, x_BxLxD, cache, pos, deterministic, heads, mlp):
-    h, new_cache = self.attn(self.ln_1(x_BxLxD), cache, pos, heads)
+  def run(self, x_BxLxD, cache, pos, deterministic, heads, mlp, read_only=False):
+    h, new_cache = self.attn(self.ln_1(x_BxLxD), cache, pos, heads, read_only)
     x_BxLxD = x_BxLxD + self.drop(h, deterministic=deterministic)
     h = self.mlp(self.ln_2(x_BxLxD), mlp)
     return x_BxLxD + self.drop(h, deterministic=deterministic), new_cache
 
-  def skip(self, x_BxLxD, cache, pos):
+  def skip(self, x_BxLxD, cache, pos, read_only=False):
     if cache is None:
       return x_BxLxD, None
-    return x_BxLxD, self.attn.write_kv(self.ln_1(x_BxLxD), cache, pos)[2]
+    return x_BxLxD, self.attn.write_kv(self.ln_1(x_BxLxD), cache, pos, read_only)[2]
 
   def __call__(self, x_BxLxD, cache=None, pos=0, deterministic=True,
-               layer: plan_lib.LayerPlan | None = None):
+               layer: plan_lib.LayerPlan | None = None, read_only=False):
     layer = layer or plan_lib.LayerPlan()
-    run = lambda: self.run(x_BxLxD, cache, pos, deterministic, layer.heads, layer.mlp)
+    run = lambda: self.run(x_BxLxD, cache, pos, deterministic, layer.heads, layer.mlp, read_only)
     match layer.block:
       case None:
         return run()
       case plan_lib.StaticBlock(on=on):
-        return run() if on else self.skip(x_BxLxD, cache, pos)
+        return run() if on else self.skip(x_BxLxD, cache, pos, read_only)
       case plan_lib.DrawnBlock(on=on):  # only the taken branch runs
-        # `deterministic` stays a Python bool (nn.cond traces its operands).
+        # `deterministic` and `read_only` stay Python bools (nn.cond traces its operands).
         return nn.cond(
-            on, lambda mdl, x, c, p, h, m: Block.run(mdl, x, c, p, deterministic, h, m),
-            lambda mdl, x, c, p, h, m: Block.skip(mdl, x, c, p), self,
+            on, lambda mdl, x, c, p, h, m: Block.run(mdl, x, c, p, deterministic, h, m,
+                                                     read_only),
+            lambda mdl, x, c, p, h, m: Block.skip(mdl, x, c, p, read_only), self,
             x_BxLxD, cache, pos, layer.heads, layer.mlp)
       case plan_lib.BlockMask(mask=mask):  # computed; kept where the gate is 1
         y_BxLxD, new_cache = run()
@@ -336,17 +361,22 @@ class GPT(nn.Module):
 
   `__call__(tokens_BxL)` is the training/eval forward pass (returns `(logits, None)`);
   with `cache=` and `pos=` it processes tokens at positions pos..pos+L-1 against the cache and
-  returns `(logits, new_cache)` (prefill when L > 1, one decode step when L == 1).
+  returns `(logits, new_cache)` (prefill when L > 1, one decode step when L == 1). With
+  `read_only=True` (one token), the cache is only read and the token's keys and values come
+  back in its place, for `write_cache`: a program that picks among passes (the engine's widths)
+  then moves those, not whole caches, and writes the cache once, in place.
   """
   cfg: GPTConfig
 
   @nn.compact
   def __call__(self, tokens_BxL, *, cache: Cache | None = None, pos=0, deterministic=True,
-               plan: plan_lib.Plan | None = None):
+               plan: plan_lib.Plan | None = None, read_only: bool = False):
     cfg = self.cfg
     wte_VxD = _param(self, 'wte', _dense_init(cfg), (cfg.vocab_size, cfg.embed_dim))
     wpe_TxD = _param(self, 'wpe', _dense_init(cfg), (cfg.block_size, cfg.embed_dim))
     B, L = tokens_BxL.shape
+    if read_only and (cache is None or L != 1):
+      raise ValueError('read_only decodes one token against a cache.')
     if cache is not None:
       pe_xLxD = jax.lax.dynamic_slice_in_dim(wpe_TxD, pos, L)
     else:
@@ -362,7 +392,7 @@ class GPT(nn.Module):
     for i in range(cfg.num_layers):
       x_BxLxD, layer_cache = Block(cfg.block(i), name=f'block_{i}')(
           x_BxLxD, None if cache is None else cache[i], pos, deterministic,
-          None if plan is None else plan[i])
+          None if plan is None else plan[i], read_only)
       x_BxLxD = sharding.shard_batch(x_BxLxD)
       if cache is not None:
         new_cache.append(layer_cache)

@@ -123,12 +123,22 @@ def test_decode_step_reads_the_key_value_weight_whole():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('read_only', [False, True])
 @pytest.mark.parametrize('attention', ['einsum', 'xla'])
 @pytest.mark.parametrize('prefill', [1, 5, 16])
-def test_kv_cache_decode_equals_full_forward(prefill, attention):
+def test_kv_cache_decode_equals_full_forward(prefill, attention, read_only):
+  """Decode steps against the cache equal the full forward pass; `read_only` steps (the token's
+  own key and value attended beside the cache, then written by gpt.write_cache) too."""
   model, params, tokens = _init(dataclasses.replace(CFG, attention=attention))
   full_BxTxV, _ = model.apply({'params': params}, tokens)
-  step = jax.jit(lambda p, x, c, pos: model.apply({'params': p}, x, cache=c, pos=pos))
+
+  def step(p, x, c, pos):
+    if not read_only:
+      return model.apply({'params': p}, x, cache=c, pos=pos)
+    logits, new = model.apply({'params': p}, x, cache=c, pos=pos, read_only=True)
+    assert [n['k'].shape for n in new] == [(2, 1, CFG.num_heads, CFG.head_dim)] * CFG.num_layers
+    return logits, gpt.write_cache(c, new, pos)
+  step = jax.jit(step)
   logits, cache = model.apply({'params': params}, tokens[:, :prefill],
                               cache=gpt.init_cache(CFG, 2), pos=0)
   outs = [logits]
