@@ -5,9 +5,9 @@ load-adaptive (widths that give way under load). Loopback only, bounded in count
     .venv/bin/python experiments/bench_serve.py --workdir=RUN \
         --out=results/serve/bench_serve_cpu.json
 
-1. Concurrency: `--concurrency` greedy requests of `--max_tokens` tokens at once, at full width
-   and at `--fraction`, total tokens/s; against `rag_jax.sample` on the same prompts one at a
-   time (compiled once), in the same run.
+1. Concurrency: `--concurrency` greedy requests of `--max_tokens` tokens at once, at full width,
+   at `--fraction` and by policy adaptive (`RUN@adaptive`), total tokens/s and FLOPs per token;
+   against `rag_jax.sample` on the same prompts one at a time (compiled once), in the same run.
 2. Open loop: Poisson arrivals at multiples of the full-width server's saturation rate (its
    concurrency throughput / max_tokens), `--requests` per rate, every request streamed: time to
    first token, time per output token (p50, p99), throughput and the mean width, for `full`
@@ -91,20 +91,23 @@ async def one(client, url, model, prompt, max_tokens, temperature=0.0) -> dict:
 
 
 async def concurrent(url, model, n, max_tokens) -> dict:
-  """`n` greedy requests at once, not streamed: total tokens/s (median of 3 rounds)."""
+  """`n` greedy requests at once, not streamed: total tokens/s (median of 3 rounds) and the
+  mean FLOPs per token relative to the full width (the usage's)."""
   async def plain(client, prompt):
     body = {'model': model, 'prompt': prompt, 'max_tokens': max_tokens, 'temperature': 0}
     r = await client.post(f'{url}/v1/completions', json=body, timeout=600)
-    return r.json()['usage']['completion_tokens']
+    return r.json()['usage']
 
-  rates = []
+  rates, flops = [], []
   async with httpx.AsyncClient(limits=httpx.Limits(max_connections=n)) as client:
     for _ in range(3):
       start = time.perf_counter()
-      tokens = await asyncio.gather(*[plain(client, PROMPTS[i % len(PROMPTS)])
+      usages = await asyncio.gather(*[plain(client, PROMPTS[i % len(PROMPTS)])
                                       for i in range(n)])
-      rates.append(sum(tokens) / (time.perf_counter() - start))
-  return {'tokens_per_sec': float(np.median(rates)), 'rounds': rates}
+      rates.append(sum(u['completion_tokens'] for u in usages) / (time.perf_counter() - start))
+      flops += [u['relative_flops'] for u in usages]
+  return {'tokens_per_sec': float(np.median(rates)), 'rounds': rates,
+          'relative_flops': float(np.mean(flops))}
 
 
 async def open_loop(url, model, rate, n, max_tokens, time_limit) -> dict:
@@ -153,6 +156,8 @@ def main(argv):
   try:
     out['concurrent_full'] = asyncio.run(concurrent(url, name, n, m))
     out['concurrent_pinned'] = asyncio.run(concurrent(url, f'{name}@{a:g}', n, m))
+    # Policy adaptive (narrow 0.5, escalating by confidence at the server's threshold).
+    out['concurrent_policy_adaptive'] = asyncio.run(concurrent(url, f'{name}@adaptive', n, m))
     saturation = out['concurrent_full']['tokens_per_sec'] / m
     out['saturation_requests_per_sec'] = saturation
     rates = [float(r) * saturation for r in _RATES.value]

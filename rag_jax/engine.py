@@ -128,7 +128,7 @@ class Engine:
     # The sampler's CPU compiler options (decode.compiler_options: a decode step's reductions
     # ran 2x slower here without them).
     jit = functools.partial(jax.jit, compiler_options=decode.compiler_options())
-    self._prefill = jit(self._prefill_fn, static_argnames=('width', 'adaptive'))
+    self._prefill = jit(self._prefill_rows, static_argnames=('width', 'adaptive'))
     self._generate = jit(self._generate_fn, donate_argnums=1)
     self._generate_steps = jit(self._steps_fn, donate_argnums=1, static_argnames=('steps',))
     self._insert = jax.jit(self._insert_fn, donate_argnums=1)
@@ -161,11 +161,11 @@ class Engine:
         escalated=jnp.zeros((S,), bool), key=jax.random.split(jax.random.key(0), S),
         settings=settings, live=jnp.zeros((S,), bool))
 
-  def prefill(self, prompt: Sequence[int], *, key: jax.Array, settings: Settings,
-              fraction: float = 1.0, threshold: float | None = None) -> DecodeState:
-    """A one-slot state: the prompt fed at the width `fraction` and its first token chosen;
-    with a `threshold`, a slot of the engine's adaptive policy (`fraction`: its narrow width)."""
+  def check(self, prompt: Sequence[int], fraction: float = 1.0,
+            threshold: float | None = None) -> None:
+    """ValueError naming what makes a request one this engine cannot prefill."""
     T = self.model.cfg.block_size
+    self.width_of(fraction)
     if threshold is not None:
       if self.adaptive is None:
         raise ValueError('this engine decodes fixed widths only (no adaptive policy).')
@@ -174,20 +174,51 @@ class Engine:
                          f'from {fraction:g}.')
       if not threshold >= 0:
         raise ValueError(f'threshold must be >= 0, got {threshold}.')
-    prompt = np.asarray(prompt, np.int32)
     if not 0 < len(prompt) <= T:
       raise ValueError(f'a prompt has 1 to {T} tokens (the context), got {len(prompt)}.')
-    padded = -(-len(prompt) // self.prompt_pad) * self.prompt_pad
-    tokens = np.zeros((min(padded, T),), np.int32)
-    tokens[:len(prompt)] = prompt
-    return self._prefill(self.variables, jnp.asarray(tokens), jnp.int32(len(prompt)), key,
-                         settings, jnp.float32(threshold or 0.0), width=self.width_of(fraction),
-                         adaptive=threshold is not None)
+
+  def prefill(self, prompt: Sequence[int], *, key: jax.Array, settings: Settings,
+              fraction: float = 1.0, threshold: float | None = None) -> DecodeState:
+    """A one-slot state: the prompt fed at the width `fraction` and its first token chosen;
+    with a `threshold`, a slot of the engine's adaptive policy (`fraction`: its narrow width)."""
+    return self.prefill_many([prompt], keys=[key], settings=[settings], fraction=fraction,
+                             thresholds=None if threshold is None else [threshold])
+
+  def prefill_many(self, prompts: Sequence[Sequence[int]], *, keys: Sequence[jax.Array],
+                   settings: Sequence[Settings], fraction: float = 1.0,
+                   thresholds: Sequence[float] | None = None) -> DecodeState:
+    """`prefill` of several prompts at one width (and policy) in one program: a state of R rows,
+    R the number of prompts rounded up to a power of two (the rows after the prompts' repeat
+    the first; `insert_many` leaves them out). Programs compile per R and padded length."""
+    T = self.model.cfg.block_size
+    for i, prompt in enumerate(prompts):
+      self.check(prompt, fraction, None if thresholds is None else thresholds[i])
+    N = len(prompts)
+    R = 1 << (N - 1).bit_length()
+    P = min(T, max(-(-len(p) // self.prompt_pad) * self.prompt_pad for p in prompts))
+    tokens, lengths = np.zeros((R, P), np.int32), np.zeros((R,), np.int32)
+    for r in range(R):
+      prompt = np.asarray(prompts[r if r < N else 0], np.int32)
+      tokens[r, :len(prompt)], lengths[r] = prompt, len(prompt)
+    rows = lambda xs: [*xs, *[xs[0]] * (R - N)]
+    settings = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *rows(settings))
+    threshold = np.asarray(rows(thresholds or [0.0] * N), np.float32)
+    return self._prefill(self.variables, tokens, lengths, jnp.stack(rows(keys)), settings,
+                         threshold, width=self.width_of(fraction),
+                         adaptive=thresholds is not None)
 
   def insert(self, prefix: DecodeState, state: DecodeState, slot: int) -> DecodeState:
-    if not 0 <= slot < self.slots:
-      raise ValueError(f'slot must be in [0, {self.slots}), got {slot}.')
-    return self._insert(prefix, state, jnp.int32(slot))
+    return self.insert_many(prefix, state, [slot])
+
+  def insert_many(self, prefix: DecodeState, state: DecodeState,
+                  slots: Sequence[int]) -> DecodeState:
+    """The first len(slots) rows of a prefilled state into those slots."""
+    if not all(0 <= slot < self.slots for slot in slots):
+      raise ValueError(f'slots must be in [0, {self.slots}), got {list(slots)}.')
+    R = prefix.live.shape[0]
+    # Rows past the slots given go to slot S, which does not exist: the scatter drops them.
+    return self._insert(prefix, state, np.asarray([*slots, *[self.slots] * (R - len(slots))],
+                                                  np.int32))
 
   def generate(self, state: DecodeState) -> tuple[DecodeState, jax.Array]:
     """One step: every live slot's next token (S; the tokens of slots not live are
@@ -262,6 +293,15 @@ class Engine:
     return policies.AdaptiveDecoder(self.model, variables, lambda t: narrow,
                                     lambda first, L: narrow, None, policy=policy, narrow=narrow)
 
+  def _prefill_rows(self, variables, tokens_RxP, lengths_R, keys_R, settings_R: Settings,
+                    thresholds_R, *, width: int, adaptive: bool) -> DecodeState:
+    """`_prefill_fn` of each row (vmapped): a state of R rows."""
+    def row(tokens_P, length, key, settings, threshold):
+      one = self._prefill_fn(variables, tokens_P, length, key, settings, threshold,
+                             width=width, adaptive=adaptive)
+      return jax.tree.map(lambda x: x[0], one)
+    return jax.vmap(row)(tokens_RxP, lengths_R, keys_R, settings_R, thresholds_R)
+
   def _prefill_fn(self, variables, tokens_P, length, key, settings: Settings, threshold, *,
                   width: int, adaptive: bool):
     cfg = self.model.cfg
@@ -291,9 +331,8 @@ class Engine:
     s = state.settings
     return state.live & (state.generated < s.max_tokens) & (token_S != s.end_token)
 
-  def _insert_fn(self, prefix: DecodeState, state: DecodeState, slot) -> DecodeState:
-    return jax.tree.map(lambda full, one: jax.lax.dynamic_update_index_in_dim(full, one[0], slot,
-                                                                              0), state, prefix)
+  def _insert_fn(self, prefix: DecodeState, state: DecodeState, slots_R) -> DecodeState:
+    return jax.tree.map(lambda full, rows: full.at[slots_R].set(rows, mode='drop'), state, prefix)
 
   def _generate_fn(self, variables, state: DecodeState) -> tuple[DecodeState, jax.Array]:
     T = self.model.cfg.block_size

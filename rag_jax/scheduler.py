@@ -147,33 +147,40 @@ class Scheduler:
         self._release(i, 'cancelled')
 
   def _admit(self) -> None:
-    """Prefills waiting requests into free slots (the oldest first)."""
-    while True:
-      with self._wake:
-        free = [i for i, r in enumerate(self._slots) if r is None]
-        if not free or not self._waiting:
-          return
-        request = self._waiting.popleft()
+    """Prefills waiting requests into free slots (the oldest first), those at one width and
+    policy in one program."""
+    with self._wake:
+      free = [i for i, r in enumerate(self._slots) if r is None]
+      taken = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
+    groups: dict[tuple[float, bool], list[Request]] = {}
+    for request in taken:
       if request.cancelled:
         request.finish('cancelled')
         continue
       fraction = request.fraction or self.controller.fraction
       try:
-        prefix = self.engine.prefill(request.prompt, key=request.key, fraction=fraction,
-                                     settings=request.settings, threshold=request.threshold)
+        self.engine.check(request.prompt, fraction, request.threshold)
       except ValueError as e:
         request.finish(f'error: {e}')
         continue
-      slot = free[0]
-      self.state = self.engine.insert(prefix, self.state, slot)
-      self._width[slot] = self.engine.width_of(fraction)
-      self._slots[slot] = request
-      if self.metrics:
-        self.metrics.first_token(time.perf_counter() - request.arrived)
-      if not self._deliver(slot, int(prefix.token[0]), fraction, bool(prefix.escalated[0])):
-        self._release(slot, 'stop')
-      elif not bool(prefix.live[0]):
-        self._release(slot, 'length')
+      groups.setdefault((fraction, request.threshold is not None), []).append(request)
+    for (fraction, adaptive), requests in groups.items():
+      prefix = self.engine.prefill_many(
+          [r.prompt for r in requests], keys=[r.key for r in requests],
+          settings=[r.settings for r in requests], fraction=fraction,
+          thresholds=[r.threshold for r in requests] if adaptive else None)
+      slots, free = free[:len(requests)], free[len(requests):]
+      self.state = self.engine.insert_many(prefix, self.state, slots)
+      tokens, live, escalated = jax.device_get((prefix.token, prefix.live, prefix.escalated))
+      for i, (slot, request) in enumerate(zip(slots, requests)):
+        self._width[slot] = self.engine.width_of(fraction)
+        self._slots[slot] = request
+        if self.metrics:
+          self.metrics.first_token(time.perf_counter() - request.arrived)
+        if not self._deliver(slot, int(tokens[i]), fraction, bool(escalated[i])):
+          self._release(slot, 'stop')
+        elif not live[i]:
+          self._release(slot, 'length')
 
   def _step(self) -> None:
     """`steps` decode steps over every slot in one program, then their tokens delivered (one

@@ -194,15 +194,24 @@ class Server:
     self.sample_key = workdir_lib.root_keys(run.config.seed)['sample']
 
   def warm_up(self) -> float:
-    """Compiles prefill at every width and the decode step before serving; the seconds taken."""
+    """Compiles before serving: the prefill of one prompt at every width (and policy
+    adaptive's), of 2, 4, .. prompts at the full width (a burst of unpinned requests is
+    prefilled together), and the decode step; the seconds taken."""
     start = time.perf_counter()
     state = self.engine.init_state()
     settings = engine_lib.Settings.make(max_tokens=2)
+    key = jax.random.key(0)
     for f in self.engine.fractions:
-      prefix = self.engine.prefill([0], key=jax.random.key(0), settings=settings, fraction=f)
+      state = self.engine.insert(self.engine.prefill([0], key=key, settings=settings,
+                                                     fraction=f), state, 0)
+    rows = 2
+    while rows // 2 < self.engine.slots:
+      prefix = self.engine.prefill_many([[0]] * rows, keys=[key] * rows,
+                                        settings=[settings] * rows)
       state = self.engine.insert(prefix, state, 0)
+      rows *= 2
     if self.adaptive:
-      prefix = self.engine.prefill([0], key=jax.random.key(0), settings=settings,
+      prefix = self.engine.prefill([0], key=key, settings=settings,
                                    fraction=self.adaptive.fraction,
                                    threshold=self.adaptive.threshold)
       state = self.engine.insert(prefix, state, 0)

@@ -149,6 +149,31 @@ def test_adaptive_slots_decode_as_the_sampler_beside_fixed_ones(model_params):
     engine_lib.Engine(params, model, ACT, slots=1, fractions=(0.5,), adaptive=engine.adaptive)
 
 
+def test_prompts_prefilled_together_decode_as_one_by_one(model_params):
+  """Three prompts of different lengths prefilled in one program (4 rows: the last repeats the
+  first) and inserted into slots 2, 0, 3 decode exactly as each prefilled alone; the extra row
+  goes nowhere."""
+  model, params = model_params
+  engine = engine_lib.Engine(params, model, ACT, slots=4)
+  prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
+  keys = [jax.random.key(i) for i in range(3)]
+  settings = [engine_lib.Settings.make(greedy=True, max_tokens=8),
+              engine_lib.Settings.make(temperature=1.0, max_tokens=8),
+              engine_lib.Settings.make(temperature=0.7, top_k=4, max_tokens=8)]
+  prefix = engine.prefill_many(prompts, keys=keys, settings=settings, fraction=0.5)
+  assert prefix.live.shape == (4,)
+  state = engine.insert_many(prefix, engine.init_state(), [2, 0, 3])
+  assert list(np.asarray(state.live)) == [True, False, True, True]
+  first = np.asarray(prefix.token)[:3]
+  out = [[int(t)] for t in first]
+  for _ in range(7):
+    state, tokens = engine.generate(state)
+    for i, slot in enumerate([2, 0, 3]):
+      out[i].append(int(tokens[slot]))
+  alone = decode(engine, [(p, 0.5, k, s) for p, k, s in zip(prompts, keys, settings)], 7)
+  assert out == alone
+
+
 def test_bad_engine_input_is_refused_with_one_message(model_params):
   model, params = model_params
   random_act = ml_collections.FrozenConfigDict({**ACT.to_dict(), 'structure': 'random'})
@@ -164,7 +189,7 @@ def test_bad_engine_input_is_refused_with_one_message(model_params):
     engine.prefill([1], key=jax.random.key(0), settings=settings, fraction=0.25)
   with pytest.raises(ValueError, match='a prompt has 1 to 12 tokens'):
     engine.prefill([1] * 13, key=jax.random.key(0), settings=settings)
-  with pytest.raises(ValueError, match=r'slot must be in \[0, 2\)'):
+  with pytest.raises(ValueError, match=r'slots must be in \[0, 2\), got \[2\]'):
     engine.insert(None, None, 2)
   dense = engine_lib.Engine(params, model, None, slots=1)
   assert dense.fractions == (1.0,)
