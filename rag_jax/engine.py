@@ -113,6 +113,7 @@ class Engine:
       raise ValueError(f'slots must be a positive integer, got {slots!r}.')
     self.model, self.act, self.slots, self.fractions = model, act, slots, fractions
     self.adaptive = adaptive
+    self.compiled: set[tuple[int, bool, int, int]] = set()  # prefills run: (width, adaptive, R, P)
     if adaptive is not None:
       if 1.0 not in fractions or all(abs(f - adaptive.fraction) > 1e-9 for f in fractions):
         raise ValueError(f'policy adaptive escalates from {adaptive.fraction:g} to 1: both must '
@@ -195,7 +196,7 @@ class Engine:
       self.check(prompt, fraction, None if thresholds is None else thresholds[i])
     N = len(prompts)
     R = 1 << (N - 1).bit_length()
-    P = min(T, max(-(-len(p) // self.prompt_pad) * self.prompt_pad for p in prompts))
+    P = max(self.padded_length(p) for p in prompts)
     tokens, lengths = np.zeros((R, P), np.int32), np.zeros((R,), np.int32)
     for r in range(R):
       prompt = np.asarray(prompts[r if r < N else 0], np.int32)
@@ -203,9 +204,20 @@ class Engine:
     rows = lambda xs: [*xs, *[xs[0]] * (R - N)]
     settings = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *rows(settings))
     threshold = np.asarray(rows(thresholds or [0.0] * N), np.float32)
-    return self._prefill(self.variables, tokens, lengths, jnp.stack(rows(keys)), settings,
-                         threshold, width=self.width_of(fraction),
-                         adaptive=thresholds is not None)
+    width = self.width_of(fraction)
+    prefix = self._prefill(self.variables, tokens, lengths, jnp.stack(rows(keys)), settings,
+                           threshold, width=width, adaptive=thresholds is not None)
+    self.compiled.add((width, thresholds is not None, R, P))
+    return prefix
+
+  def padded_length(self, prompt: Sequence[int]) -> int:
+    """The length a prompt is padded to (prefill programs compile per padded length)."""
+    return min(self.model.cfg.block_size, -(-len(prompt) // self.prompt_pad) * self.prompt_pad)
+
+  def ready_rows(self, fraction: float, adaptive: bool, length: int) -> list[int]:
+    """The row counts whose prefill of padded `length` at this width (policy) has compiled."""
+    width = self.width_of(fraction)
+    return sorted(R for w, a, R, P in self.compiled if (w, a, P) == (width, adaptive, length))
 
   def insert(self, prefix: DecodeState, state: DecodeState, slot: int) -> DecodeState:
     return self.insert_many(prefix, state, [slot])

@@ -148,11 +148,11 @@ class Scheduler:
 
   def _admit(self) -> None:
     """Prefills waiting requests into free slots (the oldest first), those at one width and
-    policy in one program."""
+    policy together, in batches whose program has compiled (Server.warm_up compiles them)."""
     with self._wake:
       free = [i for i, r in enumerate(self._slots) if r is None]
       taken = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
-    groups: dict[tuple[float, bool], list[Request]] = {}
+    groups: dict[tuple[float, bool, int], list[Request]] = {}  # width, adaptive, length
     for request in taken:
       if request.cancelled:
         request.finish('cancelled')
@@ -163,24 +163,36 @@ class Scheduler:
       except ValueError as e:
         request.finish(f'error: {e}')
         continue
-      groups.setdefault((fraction, request.threshold is not None), []).append(request)
-    for (fraction, adaptive), requests in groups.items():
-      prefix = self.engine.prefill_many(
-          [r.prompt for r in requests], keys=[r.key for r in requests],
-          settings=[r.settings for r in requests], fraction=fraction,
-          thresholds=[r.threshold for r in requests] if adaptive else None)
-      slots, free = free[:len(requests)], free[len(requests):]
-      self.state = self.engine.insert_many(prefix, self.state, slots)
-      tokens, live, escalated = jax.device_get((prefix.token, prefix.live, prefix.escalated))
-      for i, (slot, request) in enumerate(zip(slots, requests)):
-        self._width[slot] = self.engine.width_of(fraction)
-        self._slots[slot] = request
-        if self.metrics:
-          self.metrics.first_token(time.perf_counter() - request.arrived)
-        if not self._deliver(slot, int(tokens[i]), fraction, bool(escalated[i])):
-          self._release(slot, 'stop')
-        elif not live[i]:
-          self._release(slot, 'length')
+      key = (fraction, request.threshold is not None, self.engine.padded_length(request.prompt))
+      groups.setdefault(key, []).append(request)
+    for (fraction, adaptive, length), group in groups.items():
+      while group:  # in the largest batches already compiled (one prompt always runs)
+        ready = set(self.engine.ready_rows(fraction, adaptive, length))
+        rows = max((n for n in range(1, len(group) + 1) if 1 << (n - 1).bit_length() in ready),
+                   default=1)
+        requests, group = group[:rows], group[rows:]
+        free = self._prefill(requests, fraction, adaptive, free)
+
+  def _prefill(self, requests: list[Request], fraction: float, adaptive: bool,
+               free: list[int]) -> list[int]:
+    """Requests at one width (policy) prefilled together into free slots; the slots left."""
+    prefix = self.engine.prefill_many(
+        [r.prompt for r in requests], keys=[r.key for r in requests],
+        settings=[r.settings for r in requests], fraction=fraction,
+        thresholds=[r.threshold for r in requests] if adaptive else None)
+    slots, free = free[:len(requests)], free[len(requests):]
+    self.state = self.engine.insert_many(prefix, self.state, slots)
+    tokens, live, escalated = jax.device_get((prefix.token, prefix.live, prefix.escalated))
+    for i, (slot, request) in enumerate(zip(slots, requests)):
+      self._width[slot] = self.engine.width_of(fraction)
+      self._slots[slot] = request
+      if self.metrics:
+        self.metrics.first_token(time.perf_counter() - request.arrived)
+      if not self._deliver(slot, int(tokens[i]), fraction, bool(escalated[i])):
+        self._release(slot, 'stop')
+      elif not live[i]:
+        self._release(slot, 'length')
+    return free
 
   def _step(self) -> None:
     """`steps` decode steps over every slot in one program, then their tokens delivered (one

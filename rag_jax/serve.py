@@ -34,6 +34,7 @@ import json
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 
@@ -191,34 +192,47 @@ class Server:
     self.scheduler = scheduler_lib.Scheduler(self.engine, self.controller, max_queue,
                                              self.metrics, steps)
     self.max_tokens = max_tokens
+    self.warming = False  # batched prefills still compiling (warm_up)
     self.sample_key = workdir_lib.root_keys(run.config.seed)['sample']
 
+  def _prefills(self):
+    """(fraction, threshold) of every prefill program: the widths, then policy adaptive."""
+    return [(f, None) for f in self.engine.fractions] + (
+        [(self.adaptive.fraction, self.adaptive.threshold)] if self.adaptive else [])
+
   def warm_up(self) -> float:
-    """Compiles before serving: the prefill of one prompt at every width (and policy
-    adaptive's), of 2, 4, .. prompts at the full width (a burst of unpinned requests is
-    prefilled together), and the decode step; the seconds taken."""
+    """Compiles the prefill of one prompt at every width (and policy adaptive's) and the
+    decode step before serving (the seconds taken); then, in a background thread while the
+    server serves, the prefills of 2, 4, .. prompts (a burst of waiting requests at one width
+    is prefilled together once its program is ready)."""
     start = time.perf_counter()
     state = self.engine.init_state()
     settings = engine_lib.Settings.make(max_tokens=2)
     key = jax.random.key(0)
-    for f in self.engine.fractions:
-      state = self.engine.insert(self.engine.prefill([0], key=key, settings=settings,
-                                                     fraction=f), state, 0)
-    rows = 2
-    while rows // 2 < self.engine.slots:
-      prefix = self.engine.prefill_many([[0]] * rows, keys=[key] * rows,
-                                        settings=[settings] * rows)
-      state = self.engine.insert(prefix, state, 0)
-      rows *= 2
-    if self.adaptive:
-      prefix = self.engine.prefill([0], key=key, settings=settings,
-                                   fraction=self.adaptive.fraction,
-                                   threshold=self.adaptive.threshold)
-      state = self.engine.insert(prefix, state, 0)
+    prompt = [0] * self.engine.model.cfg.block_size  # served prompts pad to the context
+    for fraction, threshold in self._prefills():
+      state = self.engine.insert(self.engine.prefill(
+          prompt, key=key, settings=settings, fraction=fraction, threshold=threshold), state, 0)
+
+    def batches():
+      scratch = self.engine.init_state()
+      for fraction, threshold in sorted(self._prefills(), key=lambda p: -p[0]):  # full first
+        rows = 2
+        while rows // 2 < self.engine.slots:
+          prefix = self.engine.prefill_many(
+              [prompt] * rows, keys=[key] * rows, settings=[settings] * rows, fraction=fraction,
+              thresholds=None if threshold is None else [threshold] * rows)
+          scratch = self.engine.insert(prefix, scratch, 0)  # insert compiles per row count
+          rows *= 2
+      jax.block_until_ready(scratch.live)
+      self.warming = False
     state = self.engine.set_width(state, 0, self.engine.fractions[-1])
     state = self.engine.generate_steps(state, self.scheduler.steps)[0]
     jax.block_until_ready(self.engine.free(state, 0).live)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    self.warming = True
+    threading.Thread(target=batches, name='rag_jax-compile', daemon=True).start()
+    return seconds
 
   def model_ids(self) -> list[str]:
     return [self.name] + [f'{self.name}@{f:g}' for f in self.engine.fractions] + (
@@ -352,7 +366,8 @@ def make_app(server: Server) -> Starlette:
   async def health(_):
     waiting, busy = server.scheduler.busy()
     return JSONResponse({'status': 'ok', 'waiting': waiting, 'busy_slots': busy,
-                         'unpinned_width': server.controller.fraction})
+                         'unpinned_width': server.controller.fraction,
+                         'compiling_batched_prefills': server.warming})
 
   async def metrics(_):
     waiting, _ = server.scheduler.busy()
@@ -503,6 +518,7 @@ def main(argv):
     sock.bind((f.host, f.port))
   except OSError as e:
     sys.exit(f'error: cannot listen on {f.host}:{f.port}: {e.strerror}.')
+  sock.listen(2048)  # connections made once `serving` is printed wait for uvicorn to accept
   port = sock.getsockname()[1]
   print(f'serving {f.workdir} as {", ".join(server.model_ids())} on http://{f.host}:{port} '
         f'({f.slots} slots; compiled in {seconds:.1f} s)', flush=True)

@@ -13,6 +13,7 @@ from rag_jax import activation
 from rag_jax import engine as engine_lib
 from rag_jax import policies
 from rag_jax import router as router_lib
+from rag_jax import scheduler
 from rag_jax import sample as sample_lib
 from rag_jax.models import gpt
 from tests.conftest import ROOT
@@ -172,6 +173,35 @@ def test_prompts_prefilled_together_decode_as_one_by_one(model_params):
       out[i].append(int(tokens[slot]))
   alone = decode(engine, [(p, 0.5, k, s) for p, k, s in zip(prompts, keys, settings)], 7)
   assert out == alone
+
+
+def test_the_scheduler_prefills_waiting_requests_in_batches_already_compiled(model_params):
+  """Three requests waiting at one width: prefilled one by one while only the one-prompt
+  program has run, in one call once the 4-row one has; their first tokens are the same."""
+  model, params = model_params
+  engine = engine_lib.Engine(params, model, ACT, slots=4, prompt_pad=12)
+  calls = []
+  prefill_many = engine.prefill_many
+  engine.prefill_many = lambda prompts, **kw: calls.append(len(prompts)) or prefill_many(
+      prompts, **kw)
+  greedy = engine_lib.Settings.make(greedy=True, max_tokens=4)
+
+  def admit():
+    firsts = [[] for _ in range(3)]
+    sched = scheduler.Scheduler(engine, scheduler.WidthController(engine.fractions))
+    for i, prompt in enumerate([[1, 2], [3], [4, 5, 6]]):
+      sched.submit(scheduler.Request(np.asarray(prompt), 4, greedy, jax.random.key(i), 0.5,
+                                     lambda t, f, c, i=i: firsts[i].append(t) or True,
+                                     lambda reason: None))
+    calls.clear()
+    sched._admit()  # pylint: disable=protected-access
+    return list(calls), firsts
+
+  one_by_one, firsts = admit()
+  engine.prefill_many([[1]] * 4, keys=[jax.random.key(0)] * 4, settings=[greedy] * 4,
+                      fraction=0.5)
+  together, same = admit()
+  assert (one_by_one, together) == ([1, 1, 1], [3]) and firsts == same
 
 
 def test_bad_engine_input_is_refused_with_one_message(model_params):

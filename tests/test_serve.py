@@ -68,6 +68,10 @@ def test_openai_client_round_trip_and_greedy_equals_sample_under_mixed_widths(se
   workdir, server = served_run
   ids = [m.id for m in server.client.models.list().data]
   assert ids == ['ra', 'ra@0.25', 'ra@0.5', 'ra@0.75', 'ra@1', 'ra@adaptive']
+  deadline = time.time() + 300  # requests waiting together are then prefilled together
+  while httpx.get(f'{server.url}/health').json()['compiling_batched_prefills']:
+    assert time.time() < deadline
+    time.sleep(0.2)
   run = runs.load_run(workdir)
   jobs = [('ROMEO:', 'ra@0.5'), ('JULIET:', 'ra@0.25'), ('First Citizen:', 'ra'),
           ('KING:', 'ra@0.75'), ('ROMEO:', 'ra'), ('Nurse:', 'ra@0.5'),
