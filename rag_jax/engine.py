@@ -191,7 +191,6 @@ class Engine:
     """`prefill` of several prompts at one width (and policy) in one program: a state of R rows,
     R the number of prompts rounded up to a power of two (the rows after the prompts' repeat
     the first; `insert_many` leaves them out). Programs compile per R and padded length."""
-    T = self.model.cfg.block_size
     for i, prompt in enumerate(prompts):
       self.check(prompt, fraction, None if thresholds is None else thresholds[i])
     N = len(prompts)
