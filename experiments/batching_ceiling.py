@@ -1,8 +1,8 @@
 """What batching can buy on this machine: a trained run's weight products at batch 1 and at S
 rows, the slot engine's step at 1 and S slots, and the compiled sampler one request at a time.
 
-    python experiments/batching_ceiling.py --workdir=RUN --out=results/serve/batching_ceiling_cpu.json \
-        [--slots=16] [--steps_per_call=8] [--repeats=5]
+    python experiments/batching_ceiling.py --workdir=RUN \
+        --out=results/serve/batching_ceiling_cpu.json [--slots=16] [--steps_per_call=8]
 
 `products`: the run's per-token matrix products alone (for each block: queries, keys and
 values, attention output, MLP in and out; then the output head), jitted, at batch 1 and at batch

@@ -5,6 +5,8 @@
     prefix = engine.prefill(prompt_tokens, fraction=0.5, key=row_key, settings=Settings(...))
     state = engine.insert(prefix, state, slot=3)       # the request now decodes in slot 3
     state, tokens_S = engine.generate(state)            # one step over all slots
+    prefix = engine.prefill_many(prompts, keys=keys, settings=settings_list, fraction=0.5)
+    state = engine.insert_many(prefix, state, slots)    # several prompts in one program
 
 A slot decodes at a fixed width, or (with an `adaptive` policy, rag_jax/policies.py) at that
 policy's narrow width, escalating a step to the full width where the policy's signal (the narrow
@@ -91,8 +93,8 @@ class Engine:
   """Slots decoding one model at the widths `fractions` (default: every width the run computes:
   its nested buckets, or 1 for a dense run). `adaptive`: the policy of slots prefilled with a
   threshold (its narrow width and signal; its own threshold is only a default). Programs compile
-  once per padded prompt length (prefill: prompts padded to a multiple of `prompt_pad`) and once
-  for the slots (insert, generate)."""
+  once per width, padded prompt length (prompts padded to a multiple of `prompt_pad`) and number
+  of rows (prefill_many, insert_many: powers of two), and once for the slots (generate)."""
 
   def __init__(self, params, model: gpt.GPT, act: ml_collections.ConfigDict | None = None, *,
                slots: int, fractions: Sequence[float] | None = None, prompt_pad: int = 16,
@@ -191,6 +193,9 @@ class Engine:
     """`prefill` of several prompts at one width (and policy) in one program: a state of R rows,
     R the number of prompts rounded up to a power of two (the rows after the prompts' repeat
     the first; `insert_many` leaves them out). Programs compile per R and padded length."""
+    if not prompts or len(keys) != len(prompts) or len(settings) != len(prompts) or (
+        thresholds is not None and len(thresholds) != len(prompts)):
+      raise ValueError('give one key, settings (and threshold) per prompt, and a prompt.')
     for i, prompt in enumerate(prompts):
       self.check(prompt, fraction, None if thresholds is None else thresholds[i])
     N = len(prompts)

@@ -171,7 +171,15 @@ class Scheduler:
         rows = max((n for n in range(1, len(group) + 1) if 1 << (n - 1).bit_length() in ready),
                    default=1)
         requests, group = group[:rows], group[rows:]
-        free = self._prefill(requests, fraction, adaptive, free)
+        try:
+          free = self._prefill(requests, fraction, adaptive, free)
+        except Exception as e:  # pylint: disable=broad-except  (the server goes on)
+          for request in requests:
+            slot = next((i for i, r in enumerate(self._slots) if r is request), None)
+            if slot is None:
+              request.finish(f'error: {e}')
+            else:
+              self._release(slot, f'error: {e}')
 
   def _prefill(self, requests: list[Request], fraction: float, adaptive: bool,
                free: list[int]) -> list[int]:

@@ -174,17 +174,24 @@ class Server:
     act = run.config.activation
     self.name = workdir.rstrip('/').split('/')[-1] or 'run'
     T = run.model.cfg.block_size
-    self.adaptive = None  # the adaptive policy (a nested run)
-    if act.enabled and act.structure == 'nested':
+    self.adaptive = None  # the adaptive policy (a nested run with a width below 1)
+    narrow = ([(j + 1) / act.buckets for j in range(act.buckets - 1)]
+              if act.enabled and act.structure == 'nested' else [])
+    if narrow:
       fitted = router_lib.load(workdir) if router else None
       if fitted is not None and draft_fraction not in (None, fitted.fraction):
         raise ValueError(f'the router routes from {fitted.fraction:g}, not --draft_fraction='
                          f'{draft_fraction:g}.')
-      fraction = fitted.fraction if fitted else 0.5 if draft_fraction is None else draft_fraction
+      fraction = (fitted.fraction if fitted else draft_fraction if draft_fraction is not None
+                  else min(narrow, key=lambda f: abs(f - 0.5)))  # 0.5, or the nearest width
+      if all(abs(f - fraction) > 1e-9 for f in narrow):
+        raise ValueError(f'--draft_fraction={fraction:g} is not a width below 1 of the run '
+                         f'({", ".join(f"{f:g}" for f in narrow)}).')
       self.adaptive = policies.make('adaptive', act, run.config.model, fraction=fraction,
                                     threshold=threshold, router=fitted)
     elif router or draft_fraction is not None:
-      raise ValueError('--router and --draft_fraction need a nested RA run (policy adaptive).')
+      raise ValueError('--router and --draft_fraction need a nested RA run with a width below 1 '
+                       '(policy adaptive).')
     self.engine = engine_lib.Engine(run.params, run.model, act if act.enabled else None,
                                     slots=slots, prompt_pad=T, adaptive=self.adaptive)
     self.controller = scheduler_lib.WidthController(self.engine.fractions, slo_ms, min_fraction)
