@@ -199,7 +199,7 @@ class Engine:
     for i, prompt in enumerate(prompts):
       self.check(prompt, fraction, None if thresholds is None else thresholds[i])
     N = len(prompts)
-    R = 1 << (N - 1).bit_length()
+    R = rows_for(N)
     P = max(self.padded_length(p) for p in prompts)
     tokens, lengths = np.zeros((R, P), np.int32), np.zeros((R,), np.int32)
     for r in range(R):
@@ -421,6 +421,11 @@ class Engine:
         fresh = jax.lax.cond(jnp.any(full_S & state.adaptive), adaptive_fresh, lambda: fresh)
     return state.replace(cache=jax.tree.map(_pick(full_S), fresh, state.cache),
                          history_SxT=history, pos=jnp.where(full_S, keep, state.pos))
+
+
+def rows_for(prompts: int) -> int:
+  """The rows of the prefill program that takes `prompts` prompts (a power of two)."""
+  return 1 << (prompts - 1).bit_length()
 
 
 def _pick(mine_S):

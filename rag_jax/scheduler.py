@@ -168,11 +168,12 @@ class Scheduler:
     for (fraction, adaptive, length), group in groups.items():
       while group:  # in the largest batches already compiled (one prompt always runs)
         ready = set(self.engine.ready_rows(fraction, adaptive, length))
-        rows = max((n for n in range(1, len(group) + 1) if 1 << (n - 1).bit_length() in ready),
-                   default=1)
+        rows = max((n for n in range(1, len(group) + 1)
+                    if engine_lib.rows_for(n) in ready), default=1)
         requests, group = group[:rows], group[rows:]
+        slots, free = free[:rows], free[rows:]  # taken even if the prefill fails midway
         try:
-          free = self._prefill(requests, fraction, adaptive, free)
+          self._prefill(requests, fraction, adaptive, slots)
         except Exception as e:  # pylint: disable=broad-except  (the server goes on)
           for request in requests:
             slot = next((i for i, r in enumerate(self._slots) if r is request), None)
@@ -182,13 +183,12 @@ class Scheduler:
               self._release(slot, f'error: {e}')
 
   def _prefill(self, requests: list[Request], fraction: float, adaptive: bool,
-               free: list[int]) -> list[int]:
-    """Requests at one width (policy) prefilled together into free slots; the slots left."""
+               slots: list[int]) -> None:
+    """Requests at one width (policy) prefilled together into the free `slots`."""
     prefix = self.engine.prefill_many(
         [r.prompt for r in requests], keys=[r.key for r in requests],
         settings=[r.settings for r in requests], fraction=fraction,
         thresholds=[r.threshold for r in requests] if adaptive else None)
-    slots, free = free[:len(requests)], free[len(requests):]
     self.state = self.engine.insert_many(prefix, self.state, slots)
     tokens, live, escalated = jax.device_get((prefix.token, prefix.live, prefix.escalated))
     for i, (slot, request) in enumerate(zip(slots, requests)):
@@ -200,7 +200,6 @@ class Scheduler:
         self._release(slot, 'stop')
       elif not live[i]:
         self._release(slot, 'length')
-    return free
 
   def _step(self) -> None:
     """`steps` decode steps over every slot in one program, then their tokens delivered (one
