@@ -346,6 +346,9 @@ def variant(row) -> str:
   warm = row.get('full_warmup_steps')
   if warm is not None and not pd.isna(warm) and warm > 0:
     name += f' warm-up {int(warm)}'
+  mixed = row.get('mixed_share')
+  if mixed is not None and not pd.isna(mixed) and mixed > 0:
+    name += f' mixed {mixed:g}'
   if row.get('init_from'):  # the teacher path: a fine-tune of a trained parent
     name += f" from dense, {row['num_steps']} steps"
   if 'layers' in str(row.get('sites')):  # which blocks it keeps: '[nested]', '[rising]', ...

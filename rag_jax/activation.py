@@ -82,13 +82,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.narrow_weight = 1.0
   # Steps at the start that train the full width alone (a dense warm-up), before any draw.
   c.full_warmup_steps = 0
+  # Sandwich modes: one more pass per step at the smallest width with this share of the
+  # positions (drawn per row and position) at the full width, so the model learns the mixed
+  # contexts that policy `adaptive` decodes. It computes every unit (masks): a full pass's cost.
+  c.mixed_share = 0.0
   return c
 
 
 # Fields added after runs were saved without them (configuration.ADDED_FIELDS completes a loaded
 # config with these defaults: the behaviour those runs had).
 ADDED = ('sandwich_random', 'distill_weight', 'distill_temperature', 'narrow_weight',
-         'full_warmup_steps', 'layer_schedule')
+         'full_warmup_steps', 'layer_schedule', 'mixed_share')
 DEFAULTS = ml_collections.FrozenConfigDict(default_config())
 
 
@@ -159,6 +163,13 @@ def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -
   if not isinstance(warm, int) or isinstance(warm, bool) or warm < 0:
     raise ConfigError('config.activation.full_warmup_steps must be a non-negative integer, got '
                       f'{warm!r}.')
+  mixed = setting(act, 'mixed_share')
+  if (not isinstance(mixed, (int, float)) or isinstance(mixed, bool) or not 0 <= mixed < 1):
+    raise ConfigError(f'config.activation.mixed_share must be in [0, 1), got {mixed!r}.')
+  if mixed and act.train_mode == 'single':
+    raise ConfigError('config.activation.mixed_share adds a pass at the smallest width with some '
+                      "positions at the full width, beside the full width's own pass, which a "
+                      "`single` step does not have: use train_mode='sandwich' or 'sandwich_rule'.")
   if w > 0 and act.train_mode == 'single':
     raise ConfigError('config.activation.distill_weight > 0 distils the full width into the narrow '
                       "ones, which needs the full width in the step: use train_mode='sandwich' or "
@@ -389,10 +400,11 @@ def train_passes(act: ml_collections.ConfigDict) -> list[float | None]:
   (a drawn width)."""
   if not (act.enabled and act.lam > 0):
     return [1.0]
+  mixed = [1.0] if setting(act, 'mixed_share') else []  # masks: every unit computed
   if act.train_mode == 'sandwich':
-    return [1.0, None]
+    return [1.0, None] + mixed
   if act.train_mode == 'sandwich_rule':
-    return [1.0, smallest_fraction(act)] + [None] * setting(act, 'sandwich_random')
+    return [1.0, smallest_fraction(act)] + [None] * setting(act, 'sandwich_random') + mixed
   return [None]
 
 

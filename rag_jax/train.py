@@ -85,6 +85,9 @@ def narrow_loss(logits_BxTxV: jax.Array, teacher_BxTxV: jax.Array | None, tokens
   return (1 - weight) * ce + weight * kl, ce
 
 
+MIXED_KEY = 1 << 20  # folded into the activation key for the mixed pass (drawn widths: 0, 1, ...)
+
+
 def train_plans(act_key: jax.Array, act: ml_collections.ConfigDict,
                 model_cfg) -> list[plan_lib.Plan]:
   """The plans of a training step's narrow passes (the full width, in the sandwich modes, is
@@ -97,6 +100,18 @@ def train_plans(act_key: jax.Array, act: ml_collections.ConfigDict,
                        for i in range(activation.setting(act, 'sandwich_random'))]
 
 
+def mixed_plan(act_key: jax.Array, act: ml_collections.ConfigDict, model_cfg,
+               shape: tuple[int, int]) -> plan_lib.Plan:
+  """The `mixed_share` pass's plan: the smallest width, as masks, with each (row, position) of
+  windows of `shape` (B, T + 1) at the full width with probability `act.mixed_share` (a key
+  folded from the step's activation key, apart from the drawn widths')."""
+  smallest = activation.make_plan(act_key, act, model_cfg, activation.smallest_fraction(act))
+  escalate = jax.random.bernoulli(jax.random.fold_in(act_key, MIXED_KEY),
+                                  activation.setting(act, 'mixed_share'),
+                                  (shape[0], shape[1] - 1))
+  return plan_lib.escalate(plan_lib.as_masks(smallest), escalate)
+
+
 def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
                     act: ml_collections.ConfigDict | None = None):
   """The pure step: (state, batch, train_key) -> (state, metrics).
@@ -106,7 +121,9 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
   that sub-network; `sandwich` adds the full network's loss in the same step; `sandwich_rule`
   adds the full and the smallest widths to `act.sandwich_random` drawn ones (the drawn widths
   of one step use keys folded from its activation key). Losses of the passes are summed, the
-  narrow ones weighted by `act.narrow_weight`. The first `act.full_warmup_steps` steps train the
+  narrow ones weighted by `act.narrow_weight`; `act.mixed_share` adds the smallest width with
+  some positions at the full width (mixed_plan), weighted as the narrow ones. The first
+  `act.full_warmup_steps` steps train the
   full width alone.
   """
   use_dropout = model.cfg.dropout > 0
@@ -123,6 +140,7 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
       weight = activation.setting(act, 'distill_weight')
       temperature = activation.setting(act, 'distill_temperature')
       narrow_weight = activation.setting(act, 'narrow_weight')
+      mixed_share = activation.setting(act, 'mixed_share')
 
       def total_loss(params):
         if act.train_mode == 'single':
@@ -135,6 +153,10 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
           objective, ce = narrow_loss(logits_fn(params, model, batch, dropout_key, plan),
                                       full_logits, batch, weight, temperature)
           total, narrow_ce = total + narrow_weight * objective, narrow_ce + [ce]
+        if mixed_share:
+          objective, _ = narrow_loss(logits_fn(params, model, batch, dropout_key, mixed_plan(
+              act_key, act, model.cfg, batch.shape)), full_logits, batch, weight, temperature)
+          total = total + narrow_weight * objective
         return total, (full, sum(narrow_ce) / len(narrow_ce))
 
       def random_widths(params):

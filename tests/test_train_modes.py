@@ -124,6 +124,9 @@ def test_training_flops_of_each_mode():
   rule = activation.train_flops_per_token(
       act_config(train_mode='sandwich_rule', sandwich_random=2), CFG)
   assert rule == pytest.approx(full + quarter + 2 * mean)
+  mixed = activation.train_flops_per_token(
+      act_config(train_mode='sandwich_rule', sandwich_random=2, mixed_share=0.3), CFG)
+  assert mixed == pytest.approx(rule + full)  # the mixed pass computes every unit (masks)
   dense = activation.default_config()
   assert activation.train_flops_per_token(dense, CFG) == full
   assert quarter < mean < full
@@ -138,6 +141,10 @@ def test_training_flops_of_each_mode():
     ({'train_mode': 'sandwich', 'narrow_weight': 0.0}, 'narrow_weight must be a finite number'),
     ({'train_mode': 'sandwich', 'narrow_weight': float('nan')}, 'narrow_weight must be a finite'),
     ({'narrow_weight': 2.0}, 'narrow_weight weighs the narrow passes'),  # single: no full pass
+    ({'train_mode': 'sandwich_rule', 'mixed_share': 1.0}, r'mixed_share must be in \[0, 1\)'),
+    ({'train_mode': 'sandwich_rule', 'mixed_share': -0.1}, 'mixed_share must be in'),
+    ({'train_mode': 'sandwich_rule', 'mixed_share': float('nan')}, 'mixed_share must be in'),
+    ({'mixed_share': 0.3}, 'mixed_share adds a pass'),  # single: no full pass beside it
 ])
 def test_bad_training_modes_are_refused(overrides, match):
   model = CFG
@@ -211,3 +218,45 @@ def test_a_warmup_as_long_as_the_run_is_refused():
   with pytest.raises(ConfigError, match=r'full_warmup_steps \(60\) must be smaller than '
                                         r'config.num_steps \(60\)'):
     configuration.validate(config)
+
+
+def test_mixed_plan_escalates_a_share_of_positions_per_row():
+  """The mixed pass: the smallest width's units, all units at the escalated (row, position)s,
+  drawn with probability mixed_share per position and differently per row and per step key."""
+  act = act_config(train_mode='sandwich_rule', mixed_share=0.3)
+  plan = train.mixed_plan(jax.random.key(3), act, CFG, (64, CFG.block_size + 1))
+  mask = np.asarray(plan[0].mlp.mask)  # [B, T, F]
+  assert mask.shape == (64, CFG.block_size, CFG.mlp_dim)
+  escalated = mask.min(axis=-1) == 1
+  narrow = mask[~escalated]
+  assert (narrow[:, :CFG.mlp_dim // 4] == 1).all() and (narrow[:, CFG.mlp_dim // 4:] == 0).all()
+  assert 0.2 < escalated.mean() < 0.4 and len({r.tobytes() for r in escalated}) > 32
+  heads = np.asarray(plan[1].heads.mask).min(axis=-1) == 1
+  np.testing.assert_array_equal(heads, escalated)  # every site of a position: one width
+  other = train.mixed_plan(jax.random.key(4), act, CFG, (64, CFG.block_size + 1))
+  assert (np.asarray(other[0].mlp.mask).min(axis=-1) == 1).tolist() != escalated.tolist()
+
+
+@pytest.mark.slow
+def test_mixed_share_adds_the_mixed_pass_to_the_objective(setup):
+  """With SGD at learning rate 1 a step's update is minus its gradient: a step with mixed_share
+  s moves the parameters by the sandwich rule's step plus narrow_weight times the mixed pass's
+  gradient (distilled like the narrow ones, the full width a target only), same activation key."""
+  model, _, state, tokens = setup
+  sgd = optax.sgd(1.0)
+  state = runs.TrainState(step=state.step, params=state.params, opt_state=sgd.init(state.params))
+  key = jax.random.key(12)
+  rule = act_config(train_mode='sandwich_rule', distill_weight=0.5, narrow_weight=2.0)
+  mixed = act_config(train_mode='sandwich_rule', distill_weight=0.5, narrow_weight=2.0,
+                     mixed_share=0.4)
+  after_rule, _ = jax.jit(train.make_train_step(model, sgd, rule))(state, tokens, key)
+  after_mixed, _ = jax.jit(train.make_train_step(model, sgd, mixed))(state, tokens, key)
+  _, act_key = jax.random.split(jax.random.fold_in(key, state.step))
+  plan = train.mixed_plan(act_key, mixed, CFG, tokens.shape)
+  full = train.logits_fn(state.params, model, tokens, None)
+  grad = jax.grad(lambda p: train.narrow_loss(train.logits_fn(p, model, tokens, None, plan),
+                                              full, tokens, 0.5, 1.0)[0])(state.params)
+  for r, m, g in zip(jax.tree.leaves(after_rule.params), jax.tree.leaves(after_mixed.params),
+                     jax.tree.leaves(grad)):
+    np.testing.assert_allclose(m, r - 2.0 * g, rtol=1e-4, atol=1e-6)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad)) > 1e-4
