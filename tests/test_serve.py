@@ -5,6 +5,7 @@ load-adaptive width controller on a synthetic latency trace."""
 import concurrent.futures
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import numpy as np
 import openai
 import pytest
 
+from rag_jax.data import pipeline as data_lib
+from rag_jax import router as router_lib
 from rag_jax import runs
 from rag_jax import sample as sample_lib
 from rag_jax import scheduler
@@ -194,6 +197,44 @@ def test_a_full_queue_answers_429_and_sigterm_drains(served_run, tfds_env):
     assert server.proc.wait(60) == 0
   finally:
     pool.shutdown(wait=False)
+    server.stop()
+
+
+@pytest.mark.slow
+def test_a_server_with_the_runs_router_decodes_as_sample_with_it(served_run, tfds_env, tmp_path):
+  """`--router`: policy adaptive from the router's width (0.25 here, not the default 0.5),
+  escalating where its predicted gain passes the request's threshold; greedy text equals
+  `sample --policy=adaptive --router` at that threshold, with both widths choosing tokens."""
+  workdir = str(tmp_path / 'routed')
+  shutil.copytree(served_run[0], workdir)
+  run = runs.load_run(workdir)
+  # Fitted as experiments/router.py --save fits it: to the expected gain on training windows.
+  score = router_lib.scorer(run.model, run.params, run.config.activation, 0.25)
+  train_split = data_lib.load(run.config, run.tokenizer, ('train',)).splits['train']
+  T = run.model.cfg.block_size
+  feats, _, _, kl = (np.concatenate(p) for p in zip(*(
+      [np.asarray(a).reshape(-1, *np.shape(a)[2:]) for a in score(
+          data_lib.train_batch(train_split, 32, T, 1234, i))] for i in range(4))))
+  fitted, _ = router_lib.fit(feats, kl, hidden=16, steps=100, batch=1024)
+  router_lib.save(workdir, fitted, 0.25)
+  threshold = float(np.median(np.asarray(router_lib.predict(fitted, feats))))
+  server = Served(workdir, tfds_env, '--slots=2', '--router')
+  try:
+    answer = server.client.completions.create(model='routed@adaptive', prompt='ROMEO:',
+                                              max_tokens=30, temperature=0,
+                                              extra_body={'threshold': threshold})
+    want = sample_lib.sample(run.params, run.config, 'ROMEO:', tokenizer=run.tokenizer,
+                             num_tokens=30, greedy=True, policy='adaptive', draft_fraction=0.25,
+                             threshold=threshold, router=router_lib.load(workdir))
+    assert 'ROMEO:' + answer.choices[0].text == want.text[0]
+    escalated = float(np.mean(want.fractions) - 0.25)
+    assert 0 < escalated < 1
+    assert answer.usage.model_extra['mean_active_fraction'] == pytest.approx(
+        0.25 + 0.75 * escalated)
+    wrong = server.post({'model': 'routed@adaptive', 'prompt': 'ROMEO:', 'max_tokens': 5,
+                         'active_fraction': 0.5})
+    assert wrong.status_code == 400, wrong.text
+  finally:
     server.stop()
 
 
