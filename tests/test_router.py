@@ -1,5 +1,6 @@
 """The learned width router (rag_jax/router.py) and its experiment's comparison."""
 import math
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -67,20 +68,27 @@ def test_compare_by_hand():
   assert row['precision_router'] == 1.0 and row['precision_confidence'] == 0.0
 
 
+def _tiny_nested(block_size: int):
+  """A random 2-block model and a nested RA activation of 4 buckets: (model, params, act)."""
+  import jax
+  import ml_collections
+  from rag_jax import activation
+  from rag_jax.models import gpt
+  model = gpt.GPT(gpt.GPTConfig(vocab_size=20, num_layers=2, num_heads=4, embed_dim=32,
+                                mlp_dim=64, block_size=block_size))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6), jnp.int32))['params']
+  act = activation.default_config()
+  act.update(enabled=True, lam=0.75, buckets=4)
+  return model, params, ml_collections.FrozenConfigDict(act)
+
+
 def test_mixed_context_scores_the_chosen_positions_at_their_widths():
   """experiments/router.mixed_context against a direct pass with the escalation mask by hand;
   a share of 0 is the narrow width's loss."""
   import jax
-  import ml_collections
   from rag_jax import activation, losses, plan as plan_lib
-  from rag_jax.models import gpt
-  cfg = gpt.GPTConfig(vocab_size=20, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64,
-                      block_size=6)
-  model = gpt.GPT(cfg)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 6), jnp.int32))['params']
-  act = activation.default_config()
-  act.update(enabled=True, lam=0.75, buckets=4)
-  act = ml_collections.FrozenConfigDict(act)
+  model, params, act = _tiny_nested(block_size=6)
+  cfg = model.cfg
   tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 7), 0, 20))
   keep = np.array([True, True])
   scores = np.arange(12, dtype=np.float64)[::-1].copy()  # positions 0..5 of row 0 rank first
@@ -94,3 +102,19 @@ def test_mixed_context_scores_the_chosen_positions_at_their_widths():
   assert out['s'][0] == pytest.approx(direct(np.zeros((2, 6), bool)), abs=1e-6)
   assert out['s'][1] == pytest.approx(direct(np.array([[True] * 6, [False] * 6])), abs=1e-6)
 
+
+
+@pytest.mark.slow
+def test_router_cost_times_the_four_programs_without_escalating():
+  """experiments/router_cost.measure: both adaptive programs run the narrow pass only (their
+  thresholds are never passed), so their difference is the router's; every median is > 0."""
+  import jax
+  sys.path.insert(0, str(ROOT / 'experiments'))  # its bench_common
+  cost = configuration.load_module(str(ROOT / 'experiments' / 'router_cost.py'))
+  model, params, act = _tiny_nested(block_size=12)
+  D = model.cfg.embed_dim + 2
+  fitted = router.Router(router.init(jax.random.key(3), D, 8, np.zeros(D), np.ones(D)), 0.5)
+  out = cost.measure(params, model, act, 0.5, fitted, batch=2, rounds=1)
+  assert out['escalated'] == {'confidence_never': 0.0, 'router_never': 0.0}
+  assert all(out[k]['ms_per_token'] > 0 for k in cost.programs(model, act, 0.5, fitted))
+  assert math.isfinite(out['router_cost_vs_adaptive_step'])
