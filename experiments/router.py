@@ -20,7 +20,8 @@ share (how many of its choices are among the oracle's). These escalated position
 by the pure full pass (a full-width context). `mixed_context` scores the same choices as
 decoding runs them (`evaluate --policy=adaptive`'s masks: an escalated token reads the narrow
 keys and values of the tokens before it that did not escalate), with `loss_random` a random
-choice at each share. `--save` writes the router into the workdir (router.ROUTER_FILE).
+choice at each share. `--save` writes the router into the workdir (router.ROUTER_FILE), with the
+thresholds at which each share of the validation positions escalates (`--escalation_share`).
 """
 from __future__ import annotations
 
@@ -214,7 +215,9 @@ def main(argv):
                               f.timing_tokens)
   files.write_json(f.out, result)
   if f.save:
-    print(f'wrote {router_lib.save(f.workdir, router, f.draft_fraction)}', file=sys.stderr)
+    path = router_lib.save(f.workdir, router, f.draft_fraction,
+                           router_lib.share_thresholds(predicted))
+    print(f'wrote {path}', file=sys.stderr)
   print(f"a = {f.draft_fraction}: narrow {result['loss_narrow']:.4f}, full "
         f"{result['loss_full']:.4f} over {result['positions']} positions; correlation with the "
         f"gain: router {result['router_corr']:.3f}, confidence {result['confidence_corr']:.3f}")

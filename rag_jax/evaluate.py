@@ -324,6 +324,9 @@ def _define_flags():
                     f'--router: above this predicted gain in nats; default {ROUTER_THRESHOLDS}).')
   flags.DEFINE_bool('router', False, 'adaptive: the workdir\'s learned router decides '
                     '(experiments/router.py --save); --draft_fraction defaults to its width.')
+  flags.DEFINE_list('escalation_shares', None, 'adaptive with --router: the thresholds at which '
+                    'about these shares of tokens escalate (the router\'s table), instead of '
+                    '--thresholds.')
   cli.define_activation_flags(structure=True)
 
 
@@ -346,6 +349,11 @@ def main(argv):
     overrides = cli.activation_overrides()
     thresholds = (f.thresholds if f['thresholds'].present or not f.router
                   else ROUTER_THRESHOLDS)
+    if f.escalation_shares is not None:
+      if not f.router or f['thresholds'].present:
+        raise ValueError('--escalation_shares goes with --router, instead of --thresholds.')
+      learned = router_lib.load(f.workdir)
+      thresholds = [learned.threshold_for(float(s)) for s in f.escalation_shares]
     draft = f.draft_fraction if f['draft_fraction'].present or not f.router else None
     entries = evaluate(f.workdir, fractions, f.policy, f.split, overrides, draft,
                        [float(t) for t in thresholds], cli.run_overrides(), f.router)

@@ -29,16 +29,34 @@ import optax
 from rag_jax import activation
 from rag_jax import files
 from rag_jax import weights
+from rag_jax import workdir as workdir_lib
 
 ROUTER_FILE = 'router.safetensors'
+SHARES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the saved table's shares
 
 
 class Router:
   """A fitted router and the nested width it routes from, as `--policy=adaptive --router`
   uses it. Compared by identity (its arrays are not hashable; two loads are two routers)."""
 
-  def __init__(self, params: dict[str, jax.Array], fraction: float):
+  def __init__(self, params: dict[str, jax.Array], fraction: float,
+               share_thresholds: dict[float, float] | None = None):
     self.params, self.fraction = params, float(fraction)
+    # {share: the threshold at which that share of validation positions escalated}, if saved.
+    self.share_thresholds = dict(sorted((share_thresholds or {}).items()))
+
+  def threshold_for(self, share: float) -> float:
+    """The threshold that escalates about `share` of the tokens: interpolated in the table
+    fitted on validation positions (teacher-forced; decoding's share follows it closely, not
+    exactly). ValueError when the router has no table or `share` is outside it."""
+    shares = list(self.share_thresholds)
+    if not shares:
+      raise ValueError('this router was saved without escalation shares; refit it with '
+                       'experiments/router.py --save, or give a threshold.')
+    if not shares[0] <= share <= shares[-1]:
+      raise ValueError(f'escalation share must be in [{shares[0]:g}, {shares[-1]:g}] (the '
+                       f"router's table), got {share}.")
+    return float(np.interp(share, shares, [self.share_thresholds[s] for s in shares]))
 
   def gain(self, hidden: jax.Array, logits: jax.Array) -> jax.Array:
     """The predicted gain of the full width for positions of the narrow pass."""
@@ -144,12 +162,22 @@ def escalate(scores: np.ndarray, share: float) -> np.ndarray:
   return chosen
 
 
-def save(workdir: str, router: dict[str, Any], fraction: float) -> str:
-  """Writes the router and the width it routes from into `workdir` (ROUTER_FILE)."""
+def share_thresholds(predicted: np.ndarray, shares=SHARES) -> dict[float, float]:
+  """{share: the threshold above which that share of `predicted` gains lies}."""
+  return {float(s): float(np.quantile(predicted, 1 - s)) for s in shares}
+
+
+def save(workdir: str, router: dict[str, Any], fraction: float,
+         thresholds: dict[float, float] | None = None) -> str:
+  """Writes the router, the width it routes from and (optionally) its table of thresholds per
+  escalation share (`share_thresholds`) into `workdir` (ROUTER_FILE)."""
   path = os.path.join(workdir, ROUTER_FILE)
   tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in router.items()}
-  weights.write_tensors(path, {**tensors, 'draft_fraction': np.array([fraction], np.float32)},
-                        {'format': 'rag_jax router'})
+  tensors['draft_fraction'] = np.array([fraction], np.float32)
+  if thresholds:
+    tensors['shares'] = np.asarray(list(thresholds), np.float32)
+    tensors['share_thresholds'] = np.asarray(list(thresholds.values()), np.float32)
+  weights.write_tensors(path, tensors, {'format': 'rag_jax router'})
   return path
 
 
@@ -160,6 +188,28 @@ def load(workdir: str) -> Router:
   if not files.exists(path):
     raise ValueError(f'{workdir} holds no router ({ROUTER_FILE}); fit one with python '
                      f'experiments/router.py --workdir={workdir} --save --out=router.json.')
-  tensors = weights.read_tensors(path)
+  refit = f'refit it with python experiments/router.py --workdir={workdir} --save --out=router.json'
+  try:
+    tensors = weights.read_tensors(path)
+  except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own kinds)
+    raise ValueError(f'{path} is not a readable router file ({type(e).__name__}); {refit}.'
+                     ) from None
+  shapes = {k: np.shape(v) for k, v in tensors.items()}
+  F, H = shapes.get('w1', (0, 0)) if len(shapes.get('w1', ())) == 2 else (0, 0)
+  want = {'mean': (F,), 'std': (F,), 'w1': (F, H), 'b1': (H,), 'w2': (H,), 'b2': (1,),
+          'draft_fraction': (1,)}  # (save writes a scalar as one element)
+  if not F or any(shapes.get(k) != v for k, v in want.items()):
+    raise ValueError(f'{path} is not a rag_jax router (tensors {shapes}); {refit}.')
+  try:
+    D = workdir_lib.load_config(workdir).model.embed_dim
+  except Exception:  # pylint: disable=broad-except  (loading the run itself names that problem)
+    D = None
+  if D is not None and F != D + 2:
+    raise ValueError(f'the router in {workdir} reads {F} features, but this run gives {D + 2} '
+                     f'(its {D}-wide final hidden state, top-1 log-probability and entropy): a '
+                     f'router fitted on another run; {refit}.')
   fraction = float(tensors.pop('draft_fraction')[0])
-  return Router({k: jnp.asarray(v) for k, v in tensors.items()}, fraction)
+  shares, thresholds = tensors.pop('shares', ()), tensors.pop('share_thresholds', ())
+  tensors['b2'] = tensors['b2'].reshape(())
+  return Router({k: jnp.asarray(v) for k, v in tensors.items()}, fraction,
+                {float(s): float(t) for s, t in zip(shares, thresholds)})

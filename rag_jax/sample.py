@@ -222,6 +222,9 @@ def _define_flags():
                      'predicted gain is above this many nats).')
   flags.DEFINE_bool('router', False, "adaptive: the workdir's learned router decides "
                     '(experiments/router.py --save); --draft_fraction defaults to its width.')
+  flags.DEFINE_float('escalation_share', None, 'adaptive with --router: the threshold at which '
+                     'about this share of tokens escalates (from the router\'s table), instead '
+                     'of --threshold.')
   flags.DEFINE_integer('draft_tokens', 4, 'speculative: tokens drafted per full-width pass.')
   flags.DEFINE_enum('draft_cache', 'shared', list(speculative.DRAFT_CACHES),
                     "speculative: the draft reads the full model's keys and values (shared) or "
@@ -240,11 +243,12 @@ def main(argv):
     router = router_lib.load(f.workdir) if f.router else None
     draft = (router.fraction if router is not None and not f['draft_fraction'].present
              else f.draft_fraction)
+    threshold = cli.threshold_of(f, router)
     out = sample(params, config, f.prompt, tokenizer=tokenizer, num_tokens=f.num_tokens,
                  seed=f.seed, batch=f.batch, policy=f.policy, active_fraction=f.active_fraction,
                  temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, greedy=f.greedy,
                  end=f.end, act=act, draft_fraction=draft, draft_tokens=f.draft_tokens,
-                 draft_cache=f.draft_cache, threshold=f.threshold, router=router)
+                 draft_cache=f.draft_cache, threshold=threshold, router=router)
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   for text in out.text:

@@ -8,7 +8,7 @@
                             for a nested run, `RUN@adaptive`
     POST /v1/completions    prompt (one or a list), max_tokens, temperature (0: greedy), top_p,
                             stop, seed, stream; extensions: active_fraction, policy (fixed,
-                            adaptive), threshold
+                            adaptive), threshold, escalation_share (with --router)
     GET  /health, /metrics  liveness; Prometheus text (requests, tokens per width, queue,
                             slot occupancy, time to first token, time per output token)
 
@@ -18,7 +18,8 @@ down to `--min_fraction` while the time per output token passes the target or re
 and rises when load falls (rag_jax/scheduler.py). `RUN@adaptive` (or `policy: "adaptive"`)
 decodes at `--draft_fraction` and escalates a token to the full width where the narrow width's
 top-1 probability is below the request's `threshold` (default `--threshold`), or, with
-`--router`, where the run's router (rag_jax/router.py) predicts a larger gain than it, as
+`--router`, where the run's router (rag_jax/router.py) predicts a larger gain than it (or
+than the router's threshold for the request's `escalation_share`), as
 `rag_jax.sample --policy=adaptive`. Batching never changes a request's tokens:
 each sequence decodes in its own slot (rag_jax/engine.py), with the key `rag_jax.sample` uses
 for the same seed, so `temperature=0` returns `sample --greedy`'s text at that width (or policy).
@@ -273,6 +274,8 @@ class Server:
       if not self.adaptive:
         raise BadRequest('policy adaptive needs a nested RA run.', param='policy')
       threshold = body.get('threshold', self.adaptive.threshold)
+      if 'escalation_share' in body:
+        threshold = self._share_threshold(body)
       if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
           0 <= threshold <= 1e6):
         raise BadRequest(f'threshold must be a number >= 0, got {threshold!r}.',
@@ -281,8 +284,9 @@ class Server:
         raise BadRequest(f'policy adaptive escalates from {self.adaptive.fraction:g} on this '
                          f'server, not from {fraction!r}.', param='active_fraction')
       fraction, threshold = self.adaptive.fraction, float(threshold)
-    elif 'threshold' in body:
-      raise BadRequest('threshold goes with policy adaptive.', param='threshold')
+    elif 'threshold' in body or 'escalation_share' in body:
+      field = 'threshold' if 'threshold' in body else 'escalation_share'
+      raise BadRequest(f'{field} goes with policy adaptive.', param=field)
     if fraction is not None:
       if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
           0 < fraction <= 1):
@@ -294,6 +298,22 @@ class Server:
         raise BadRequest(str(e), param='active_fraction') from None
     return dict(fraction=None if fraction is None else float(fraction), threshold=threshold,
                 prompts=self._prompts(body), **self._sampling(body))
+
+  def _share_threshold(self, body) -> float:
+    """The router's threshold for the request's `escalation_share` (a server with --router)."""
+    share, router = body['escalation_share'], self.adaptive.router
+    if router is None:
+      raise BadRequest('escalation_share needs a server started with --router; give a '
+                       'threshold instead.', param='escalation_share')
+    if 'threshold' in body:
+      raise BadRequest('give threshold or escalation_share, not both.', param='escalation_share')
+    if isinstance(share, bool) or not isinstance(share, (int, float)):
+      raise BadRequest(f'escalation_share must be a number, got {share!r}.',
+                       param='escalation_share')
+    try:
+      return router.threshold_for(float(share))
+    except ValueError as e:
+      raise BadRequest(str(e), param='escalation_share') from None
 
   def _prompts(self, body) -> list[np.ndarray]:
     prompt = body.get('prompt')

@@ -50,6 +50,39 @@ def test_save_and_load_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded.params[k]), np.asarray(fitted[k]))
   with pytest.raises(ValueError, match='holds no router .* experiments/router.py'):
     router.load(str(tmp_path / 'other'))
+  with pytest.raises(ValueError, match='saved without escalation shares'):
+    loaded.threshold_for(0.2)
+
+
+def test_the_share_table_gives_the_threshold_of_a_target_share(tmp_path):
+  predicted = np.random.default_rng(0).normal(size=10_000)
+  table = router.share_thresholds(predicted)
+  fitted = router.init(router.jax.random.key(1), 4, 8, np.zeros(4), np.ones(4))
+  router.save(str(tmp_path), fitted, 0.5, table)
+  loaded = router.load(str(tmp_path))
+  for share in (0.1, 0.25, 0.5):  # 0.25: between two saved shares
+    assert np.mean(predicted > loaded.threshold_for(share)) == pytest.approx(share, abs=0.01)
+  with pytest.raises(ValueError, match=r'escalation share must be in \[0.05, 0.95\]'):
+    loaded.threshold_for(0.99)
+
+
+def test_bad_router_files_and_a_router_of_another_run_are_refused(tmp_path):
+  from rag_jax import workdir as workdir_lib
+  from tests.conftest import load_config
+  path = tmp_path / router.ROUTER_FILE
+  path.write_bytes(b'not a safetensors file')
+  with pytest.raises(ValueError, match='not a readable router file .* experiments/router.py'):
+    router.load(str(tmp_path))
+  from rag_jax import weights
+  weights.write_tensors(str(path), {'w1': np.zeros((3, 2), np.float32)}, {})
+  with pytest.raises(ValueError, match='not a rag_jax router'):
+    router.load(str(tmp_path))
+  config = load_config('shakespeare_char', 'smoke')  # embed_dim 32: 34 features
+  workdir_lib.save_config(config, str(tmp_path))
+  router.save(str(tmp_path), router.init(router.jax.random.key(1), 4, 8, np.zeros(4),
+                                         np.ones(4)), 0.5)
+  with pytest.raises(ValueError, match='reads 4 features, but this run gives 34 .* another run'):
+    router.load(str(tmp_path))
 
 
 def test_compare_by_hand():
@@ -118,3 +151,28 @@ def test_router_cost_times_the_four_programs_without_escalating():
   assert out['escalated'] == {'confidence_never': 0.0, 'router_never': 0.0}
   assert all(out[k]['ms_per_token'] > 0 for k in cost.programs(model, act, 0.5, fitted))
   assert math.isfinite(out['router_cost_vs_adaptive_step'])
+
+
+def test_escalation_share_flag_gives_the_routers_threshold():
+  """cli.threshold_of: --threshold by default; --escalation_share needs a router and no
+  --threshold beside it, and gives the router's threshold for that share."""
+  import types
+  from rag_jax import cli
+
+  class F:
+    """absl's FlagValues as threshold_of reads them."""
+
+    def __init__(self, share=None, threshold=0.5, present=False):
+      self.escalation_share, self.threshold, self._present = share, threshold, present
+
+    def __getitem__(self, name):
+      return types.SimpleNamespace(present=self._present)
+
+  table = router.share_thresholds(np.linspace(0, 1, 1001))
+  fitted = router.Router({}, 0.5, table)
+  assert cli.threshold_of(F(threshold=0.3), fitted) == 0.3
+  assert cli.threshold_of(F(share=0.2), fitted) == pytest.approx(0.8)
+  with pytest.raises(ValueError, match='--escalation_share goes with --router'):
+    cli.threshold_of(F(share=0.2), None)
+  with pytest.raises(ValueError, match='not both'):
+    cli.threshold_of(F(share=0.2, present=True), fitted)

@@ -143,6 +143,8 @@ def test_bad_requests_get_their_status_and_the_server_goes_on(served_run):
       ({'prompt': 'a', 'policy': 'speculative'}, 400, 'is not served'),
       ({'prompt': 'a', 'policy': 'adaptive', 'threshold': -1}, 400, 'threshold must be'),
       ({'prompt': 'a', 'threshold': 0.5}, 400, 'threshold goes with policy adaptive'),
+      ({'prompt': 'a', 'policy': 'adaptive', 'escalation_share': 0.2}, 400,
+       'escalation_share needs a server started with --router'),
       ({'model': 'ra@adaptive', 'prompt': 'a', 'active_fraction': 0.25}, 400,
        'escalates from 0.5 on this server'),
       ({'prompt': 'a', 'temperature': -1}, 400, 'temperature out of range'),
@@ -216,8 +218,9 @@ def test_a_server_with_the_runs_router_decodes_as_sample_with_it(served_run, tfd
       [np.asarray(a).reshape(-1, *np.shape(a)[2:]) for a in score(
           data_lib.train_batch(train_split, 32, T, 1234, i))] for i in range(4))))
   fitted, _ = router_lib.fit(feats, kl, hidden=16, steps=100, batch=1024)
-  router_lib.save(workdir, fitted, 0.25)
-  threshold = float(np.median(np.asarray(router_lib.predict(fitted, feats))))
+  predicted = np.asarray(router_lib.predict(fitted, feats))
+  router_lib.save(workdir, fitted, 0.25, router_lib.share_thresholds(predicted))
+  threshold = float(np.median(predicted))
   server = Served(workdir, tfds_env, '--slots=2', '--router')
   try:
     answer = server.client.completions.create(model='routed@adaptive', prompt='ROMEO:',
@@ -231,9 +234,21 @@ def test_a_server_with_the_runs_router_decodes_as_sample_with_it(served_run, tfd
     assert 0 < escalated < 1
     assert answer.usage.model_extra['mean_active_fraction'] == pytest.approx(
         0.25 + 0.75 * escalated)
-    wrong = server.post({'model': 'routed@adaptive', 'prompt': 'ROMEO:', 'max_tokens': 5,
-                         'active_fraction': 0.5})
-    assert wrong.status_code == 400, wrong.text
+    # A target share instead of a threshold: the router's saved table gives the threshold.
+    by_share = server.client.completions.create(model='routed@adaptive', prompt='ROMEO:',
+                                                max_tokens=30, temperature=0,
+                                                extra_body={'escalation_share': 0.3})
+    want = sample_lib.sample(run.params, run.config, 'ROMEO:', tokenizer=run.tokenizer,
+                             num_tokens=30, greedy=True, policy='adaptive', draft_fraction=0.25,
+                             threshold=router_lib.load(workdir).threshold_for(0.3),
+                             router=router_lib.load(workdir))
+    assert 'ROMEO:' + by_share.choices[0].text == want.text[0]
+    for bad, field in (({'active_fraction': 0.5}, 'active_fraction'),
+                       ({'escalation_share': 0.99}, 'escalation_share'),
+                       ({'escalation_share': 0.3, 'threshold': 0.1}, 'escalation_share')):
+      wrong = server.post({'model': 'routed@adaptive', 'prompt': 'ROMEO:', 'max_tokens': 5,
+                           **bad})
+      assert wrong.status_code == 400 and wrong.json()['error']['param'] == field, wrong.text
   finally:
     server.stop()
 
