@@ -93,6 +93,19 @@ def test_teacher_runs_fine_tune_the_main_sweeps_parents(capacity):
     assert run.name.startswith('init_from=path-')
 
 
+def test_mixed_runs_fine_tune_the_seed_0_ra_run_with_and_without_the_mixed_pass(capacity):
+  main = {r.name: r for r in sweeps.expand(f'{CAPACITY}:main')}
+  mixed = sweeps.expand(f'{CAPACITY}:mixed')
+  assert sorted(r.config.activation.mixed_share for r in mixed) == [0.0, 0.3]
+  for run in mixed:
+    parent = main[os.path.basename(run.config.init_from)]
+    assert parent.random_activation and parent.config.seed == 0
+    assert not run.config.init_reorder and run.config.num_steps == 400
+    # Everything but the schedule, the mixed pass and the parent is the parent's recipe.
+    assert run.config.activation.train_mode == parent.config.activation.train_mode
+    assert run.config.model == parent.config.model
+
+
 def test_scan_runs(capacity):
   scan = sweeps.expand(f'{CAPACITY}:scan')
   main = {r.name for r in sweeps.expand(f'{CAPACITY}:main')}

@@ -24,8 +24,9 @@ width alone); `:equal` is the equal-FLOPs dense runs; ''
 is main, teacher, gap and equal in that order.
 
 Variants: `:scan` (dense models of three widths at four step counts, and of two other shapes:
-the table that chose the recipe; its own sweep_dir), `:smoke` (a tiny model, one seed, budgets 1
-and 0.5, for the tests).
+the table that chose the recipe; its own sweep_dir), `:mixed` (the seed-0 RA run fine-tuned
+with and without `activation.mixed_share`, for the learned router; after `:main`; its own
+sweep_dir), `:smoke` (a tiny model, one seed, budgets 1 and 0.5, for the tests).
 
     make corpus   # python -m rag_jax.data.sotu --out=data/sotu
     python experiments/sweep.py --config=configs/ablations/capacity.py --sweep_dir=runs/capacity
@@ -40,7 +41,7 @@ import ml_collections
 from rag_jax import configuration
 from rag_jax import sweeps
 
-VARIANTS_ = ('', 'main', 'teacher', 'gap', 'equal', 'scan', 'smoke')
+VARIANTS_ = ('', 'main', 'teacher', 'gap', 'equal', 'scan', 'mixed', 'smoke')
 BUDGETS = (1.0, 0.75, 0.5, 0.25)
 SEEDS = (0, 1, 2)
 VOCAB = 2048  # the BPE of `make corpus` (the FLOPs of the output head)
@@ -71,6 +72,10 @@ SCAN_STEPS = (0.5, 1.0, 2.0)
 # fractions of the parent's steps. PARENTS: the main sweep's sweep_dir, where the parents are.
 TEACHER_FRACTIONS = (0.1, 0.25, 0.5)
 PARENTS = os.environ.get('RAG_JAX_CAPACITY_RUNS', 'runs/capacity')
+# `:mixed` (the learned router's mixed contexts, docs/sampling.md): the main sweep's seed-0 RA
+# run fine-tuned for 400 steps with the mixed pass (activation.mixed_share) and without it (0:
+# the control, as many steps on the same schedule).
+MIXED_SHARES = (0.3, 0.0)
 SCAN_BUDGETS = (1.0, 0.5, 0.25)
 
 
@@ -157,6 +162,14 @@ def teacher(config, seed: int, fraction: float) -> dict:
           'opt.warmup_steps': min(config.opt.warmup_steps, steps // 10), 'seed': seed}
 
 
+def mixed(share: float) -> dict:
+  """The `:mixed` fine-tune of the seed-0 RA run at `mixed_share` = `share`."""
+  parent = sweeps.run_name({**RULE, 'seed': 0})
+  return {'init_from': os.path.join(PARENTS, parent), 'num_steps': 400,
+          'opt.warmup_steps': 40, 'opt.learning_rate': 5e-4, 'opt.min_learning_rate': 2e-4,
+          'eval_every': 400, 'checkpoint_every': 200, 'activation.mixed_share': share}
+
+
 def sweep(arg=None):
   """'' = 'main' (the comparison for every seed, the RA run, the slowest, leading each seed),
   then 'teacher' (fine-tunes of the main sweep's dense parents: run after 'main'), 'gap' (the
@@ -165,6 +178,10 @@ def sweep(arg=None):
   config = get_config(arg)
   if arg == 'scan':
     yield from _scan(config)
+    return
+  if arg == 'mixed':
+    for share in MIXED_SHARES:
+      yield mixed(share)
     return
   smoke = arg == 'smoke'
   seeds, budgets = ((0,), (1.0, 0.5)) if smoke else (SEEDS, BUDGETS)
