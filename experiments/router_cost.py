@@ -10,8 +10,9 @@ state, top-1 log-probability and entropy) are initialised at random. The compile
 narrow and the full fixed widths, policy adaptive by confidence at threshold 0 and by the
 router at a threshold no prediction reaches (so neither escalates: both run the narrow pass
 and their difference is the router's), programs interleaved for `--rounds` rounds. The router's
-cost is the median ms per token of the router's program over the confidence rule's, minus 1,
-and the same difference against a full-width step; at batch 1 and 8.
+cost is the median ms per token of the router's program over the confidence rule's, minus 1
+(and the median and quartiles of that ratio paired by round), and the same difference against
+a full-width step; at batch 1 and 8.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _define_flags():  # at run time only: tests import this module beside other 
   flags.DEFINE_float('draft_fraction', 0.5, 'The narrow width of policy adaptive.')
   flags.DEFINE_integer('hidden', 128, "The router's hidden units.")
   flags.DEFINE_list('batches', ['1', '8'], 'Rows decoded at once.')
-  flags.DEFINE_integer('rounds', 5, 'Interleaved rounds (the median is reported).')
+  flags.DEFINE_integer('rounds', 21, 'Interleaved rounds (the median is reported).')
   flags.DEFINE_string('out', None, 'JSON output.', required=True)
 
 
@@ -84,6 +85,11 @@ def measure(params, model, act, fraction: float, router, batch: int, rounds: int
   out['router_cost_vs_adaptive_step'] = med['router_never'] / med['confidence_never'] - 1
   out['router_cost_vs_full_step'] = (med['router_never'] - med['confidence_never']) / med[
       'fixed_full']
+  # Paired by round (the two programs ran back to back): robust to the machine's drift.
+  paired = np.asarray(ms['router_never']) / np.asarray(ms['confidence_never']) - 1
+  out['router_cost_paired'] = {'median': float(np.median(paired)),
+                               'p25': float(np.percentile(paired, 25)),
+                               'p75': float(np.percentile(paired, 75))}
   out['escalated'] = escalated
   return out
 
@@ -119,8 +125,11 @@ def main(argv):
     r = result[f'batch{b}']
     print(f'batch {b}: ' + ', '.join(f'{k} {r[k]["ms_per_token"]:.3f} ms' for k in (
         'fixed_narrow', 'fixed_full', 'confidence_never', 'router_never'))
-          + f'; router +{100 * r["router_cost_vs_adaptive_step"]:.1f}% of an adaptive step, '
-          f'+{100 * r["router_cost_vs_full_step"]:.1f}% of a full one')
+          + f'; router {100 * r["router_cost_vs_adaptive_step"]:+.1f}% of an adaptive step '
+          f'(paired by round: median {100 * r["router_cost_paired"]["median"]:+.1f}%, '
+          f'quartiles {100 * r["router_cost_paired"]["p25"]:+.1f}%, '
+          f'{100 * r["router_cost_paired"]["p75"]:+.1f}%), '
+          f'{100 * r["router_cost_vs_full_step"]:+.1f}% of a full one')
   files.write_json(f.out, result)
   print(f'wrote {f.out}')
 
