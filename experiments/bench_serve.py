@@ -102,16 +102,33 @@ async def concurrent(url, model, n, max_tokens) -> dict:
     r = await client.post(f'{url}/v1/completions', json=body, timeout=600)
     return r.json()['usage']
 
-  rates, flops = [], []
+  rates, flops, shares = [], [], []
   async with httpx.AsyncClient(limits=httpx.Limits(max_connections=n)) as client:
     for _ in range(3):
+      engine = await engine_seconds(client, url)
       start = time.perf_counter()
       usages = await asyncio.gather(*[plain(client, PROMPTS[i % len(PROMPTS)])
                                       for i in range(n)])
-      rates.append(sum(u['completion_tokens'] for u in usages) / (time.perf_counter() - start))
+      seconds = time.perf_counter() - start
+      rates.append(sum(u['completion_tokens'] for u in usages) / seconds)
+      shares.append({k: (v - engine[k]) / seconds
+                     for k, v in (await engine_seconds(client, url)).items()})
       flops += [u['relative_flops'] for u in usages]
   return {'tokens_per_sec': float(np.median(rates)), 'rounds': rates,
-          'relative_flops': float(np.mean(flops))}
+          'relative_flops': float(np.mean(flops)),
+          # The share of each round's wall time the scheduler spent inside engine calls.
+          'engine_share': {k: float(np.median([s[k] for s in shares])) for k in shares[0]}}
+
+
+async def engine_seconds(client, url) -> dict[str, float]:
+  """The server's rag_engine_seconds counters ({'decode': s, 'prefill': s})."""
+  text = (await client.get(f'{url}/metrics')).text
+  out = {'decode': 0.0, 'prefill': 0.0}
+  for line in text.splitlines():
+    if line.startswith('rag_engine_seconds_total{'):
+      call = line.split('call="')[1].split('"')[0]
+      out[call] = float(line.rsplit(' ', 1)[1])
+  return out
 
 
 async def open_loop(url, model, rate, n, max_tokens, time_limit) -> dict:
@@ -186,6 +203,11 @@ def main(argv):
   files.write_json(_OUT.value, out)
   plot(out, os.path.splitext(_OUT.value)[0] + '.png')
   print(json.dumps(out['ratios'], indent=1))
+  for k in ('concurrent_full', 'concurrent_pinned', 'concurrent_policy_adaptive'):
+    share = out[k]['engine_share']
+    print(f"{k}: {out[k]['tokens_per_sec']:.0f} tok/s; the scheduler inside the engine "
+          f"{100 * share['decode']:.0f}% (decode) + {100 * share['prefill']:.0f}% (prefill) "
+          'of the wall time')
   for variant in ('full', 'pinned', 'adaptive'):
     for r in out[variant]:
       print(f"{variant:>8} {r['rate']:6.1f} req/s: {r['tokens_per_sec']:7.0f} tok/s, TPOT p50 "

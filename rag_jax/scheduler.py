@@ -185,12 +185,15 @@ class Scheduler:
   def _prefill(self, requests: list[Request], fraction: float, adaptive: bool,
                slots: list[int]) -> None:
     """Requests at one width (policy) prefilled together into the free `slots`."""
+    start = time.perf_counter()
     prefix = self.engine.prefill_many(
         [r.prompt for r in requests], keys=[r.key for r in requests],
         settings=[r.settings for r in requests], fraction=fraction,
         thresholds=[r.threshold for r in requests] if adaptive else None)
     self.state = self.engine.insert_many(prefix, self.state, slots)
     tokens, live, escalated = jax.device_get((prefix.token, prefix.live, prefix.escalated))
+    if self.metrics:
+      self.metrics.engine('prefill', time.perf_counter() - start)
     for i, (slot, request) in enumerate(zip(slots, requests)):
       self._width[slot] = self.engine.width_of(fraction)
       self._slots[slot] = request
@@ -211,6 +214,8 @@ class Scheduler:
     tokens_KxS, live_KxS, escalated_KxS, live_after = jax.device_get(
         (tokens_KxS, live_KxS, escalated_KxS, self.state.live))
     step_ms = 1000 * (time.perf_counter() - start) / self.steps
+    if self.metrics:
+      self.metrics.engine('decode', step_ms * self.steps / 1000)
     for slot, request in enumerate(self._slots):
       if request is None:
         continue

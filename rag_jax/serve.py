@@ -93,6 +93,10 @@ class Metrics:
     self.tpot = prom.Histogram('rag_time_per_output_token_seconds', 'One decode step.',
                                buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1),
                                registry=r)
+    self.engine_seconds = prom.Counter(
+        'rag_engine_seconds', "The scheduler's time inside engine calls (the rest of its "
+        'time goes to delivering tokens, admitting requests and waiting for them).', ['call'],
+        registry=r)
 
   def first_token(self, seconds: float):
     self.ttft.observe(seconds)
@@ -103,6 +107,9 @@ class Metrics:
   def step(self, seconds: float, busy: int):
     self.tpot.observe(seconds)
     self.busy.set(busy)
+
+  def engine(self, call: str, seconds: float):
+    self.engine_seconds.labels(call=call).inc(seconds)
 
 
 @dataclasses.dataclass

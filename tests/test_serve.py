@@ -126,6 +126,11 @@ def test_openai_client_round_trip_and_greedy_equals_sample_under_mixed_widths(se
   text = sampled.choices[0].text
   assert cut.choices[0].text == text[:text.index(stop)]
   assert cut.choices[0].finish_reason == 'stop'
+  # The scheduler's time inside engine calls, for where a server's time goes (bench_serve.py).
+  metrics = httpx.get(f'{server.url}/metrics').text
+  for call in ('decode', 'prefill'):
+    seconds = re.search(rf'rag_engine_seconds_total{{call="{call}"}} (\S+)', metrics)
+    assert seconds and float(seconds.group(1)) > 0, call
 
 
 @pytest.mark.slow
