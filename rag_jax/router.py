@@ -29,7 +29,6 @@ import optax
 from rag_jax import activation
 from rag_jax import files
 from rag_jax import weights
-from rag_jax import workdir as workdir_lib
 
 ROUTER_FILE = 'router.safetensors'
 SHARES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the saved table's shares
@@ -200,8 +199,8 @@ def load(workdir: str) -> Router:
           'draft_fraction': (1,)}  # (save writes a scalar as one element)
   if not F or any(shapes.get(k) != v for k, v in want.items()):
     raise ValueError(f'{path} is not a rag_jax router (tensors {shapes}); {refit}.')
-  try:
-    D = workdir_lib.load_config(workdir).model.embed_dim
+  try:  # the run's config.json (not workdir.load_config: the decoders import no workdir code)
+    D = int(files.read_json(os.path.join(workdir, 'config.json'))['model']['embed_dim'])
   except Exception:  # pylint: disable=broad-except  (loading the run itself names that problem)
     D = None
   if D is not None and F != D + 2:
