@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rag_jax import cli
 from rag_jax import decode
 from rag_jax import engine as engine_lib
 from rag_jax import files
@@ -136,4 +137,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)

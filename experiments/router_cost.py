@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 import bench_common
 
+from rag_jax import cli
 from rag_jax import decode
 from rag_jax import files
 from rag_jax import flops
@@ -136,4 +137,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_with_output)
