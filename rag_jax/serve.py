@@ -283,9 +283,11 @@ class Server:
       threshold = body.get('threshold', self.adaptive.threshold)
       if 'escalation_share' in body:
         threshold = self._share_threshold(body)
+      low = -1e6 if self.adaptive.router is not None else 0  # a router's gains may be < 0
       if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
-          0 <= threshold <= 1e6):
-        raise BadRequest(f'threshold must be a number >= 0, got {threshold!r}.',
+          low <= threshold <= 1e6):
+        raise BadRequest(f'threshold must be a number in [{low:g}, 1e6] (with a router a '
+                         f'predicted gain in nats, else a top-1 probability), got {threshold!r}.',
                          param='threshold')
       if fraction is not None and abs(fraction - self.adaptive.fraction) > 1e-9:
         raise BadRequest(f'policy adaptive escalates from {self.adaptive.fraction:g} on this '

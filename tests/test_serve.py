@@ -248,6 +248,12 @@ def test_a_server_with_the_runs_router_decodes_as_sample_with_it(served_run, tfd
                              threshold=router_lib.load(workdir).threshold_for(0.3),
                              router=router_lib.load(workdir))
     assert 'ROMEO:' + by_share.choices[0].text == want.text[0]
+    # A router's threshold is a predicted gain in nats, which may be negative: -1000 escalates
+    # every token.
+    every = server.post({'model': 'routed@adaptive', 'prompt': 'ROMEO:', 'max_tokens': 5,
+                         'temperature': 0, 'threshold': -1000})
+    assert every.status_code == 200, every.text
+    assert every.json()['usage']['mean_active_fraction'] == 1.0
     for bad, field in (({'active_fraction': 0.5}, 'active_fraction'),
                        ({'escalation_share': 0.99}, 'escalation_share'),
                        ({'escalation_share': 0.3, 'threshold': 0.1}, 'escalation_share')):
