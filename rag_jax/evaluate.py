@@ -352,8 +352,13 @@ def main(argv):
     if f.escalation_shares is not None:
       if not f.router or f['thresholds'].present:
         raise ValueError('--escalation_shares goes with --router, instead of --thresholds.')
+      try:
+        shares = [float(s) for s in f.escalation_shares]
+      except ValueError:
+        raise ValueError('--escalation_shares must be numbers, got '
+                         f'{",".join(f.escalation_shares)!r}.') from None
       learned = router_lib.load(f.workdir)
-      thresholds = [learned.threshold_for(float(s)) for s in f.escalation_shares]
+      thresholds = [learned.threshold_for(s) for s in shares]
     draft = f.draft_fraction if f['draft_fraction'].present or not f.router else None
     entries = evaluate(f.workdir, fractions, f.policy, f.split, overrides, draft,
                        [float(t) for t in thresholds], cli.run_overrides(), f.router)

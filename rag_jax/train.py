@@ -123,8 +123,7 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
   of one step use keys folded from its activation key). Losses of the passes are summed, the
   narrow ones weighted by `act.narrow_weight`; `act.mixed_share` adds the smallest width with
   some positions at the full width (mixed_plan), weighted as the narrow ones. The first
-  `act.full_warmup_steps` steps train the
-  full width alone.
+  `act.full_warmup_steps` steps train the full width alone.
   """
   use_dropout = model.cfg.dropout > 0
   random_activation = act is not None and act.enabled and act.lam > 0
