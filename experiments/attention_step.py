@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bench_common
+
 from rag_jax import cli
 from rag_jax import decode
-from rag_jax import engine as engine_lib
 from rag_jax import files
 from rag_jax import runs
 from rag_jax import workdir as workdir_lib
@@ -91,19 +92,7 @@ def isolated(shape) -> dict:
 
 
 def engine_ms(run, slots: int) -> float:
-  act = run.config.activation
-  engine = engine_lib.Engine(run.params, run.model, act if act.enabled else None, slots=slots)
-  state = engine.init_state()
-  settings = engine_lib.Settings.make(greedy=True, max_tokens=1 << 30)
-  prompt = run.tokenizer.encode('The ')
-  for s in range(slots):
-    state = engine.insert(engine.prefill(prompt, key=jax.random.key(s), settings=settings),
-                          state, s)
-  box = [state]
-
-  def call():
-    box[0], tokens, _, _ = engine.generate_steps(box[0], 8)
-    return tokens
+  _, call = bench_common.engine_decoding(run, slots, 8)
   return median_ms(call, 32, 5) / 8
 
 

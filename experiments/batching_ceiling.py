@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bench_common
+
 from rag_jax import cli
-from rag_jax import engine as engine_lib
 from rag_jax import files
 from rag_jax import runs
 from rag_jax import sample as sample_lib
@@ -68,19 +69,7 @@ def products(params, rows: int) -> float:
 
 
 def engine_step(run, slots: int, fraction: float) -> float:
-  act = run.config.activation
-  engine = engine_lib.Engine(run.params, run.model, act if act.enabled else None, slots=slots)
-  state = engine.init_state()
-  settings = engine_lib.Settings.make(greedy=True, max_tokens=1 << 30)
-  prompt = run.tokenizer.encode('The ')
-  for s in range(slots):
-    state = engine.insert(engine.prefill(prompt, key=jax.random.key(s), settings=settings,
-                                         fraction=fraction), state, s)
-  box = [state]
-
-  def call():
-    box[0], tokens, _, _ = engine.generate_steps(box[0], _STEPS.value)
-    return tokens
+  _, call = bench_common.engine_decoding(run, slots, _STEPS.value, fraction)
   return median_seconds(call, 32) / _STEPS.value
 
 

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from rag_jax import configuration
+from rag_jax import engine as engine_lib
 from rag_jax.data import pipeline as data_lib
 from rag_jax import runs
 from rag_jax import sharding
@@ -169,3 +170,23 @@ class TrainStep:
       self._dispatch()
     jax.block_until_ready((self.state, self.metrics))
     self.pipelined_ms.append(1e3 * (time.perf_counter() - t0) / steps)
+
+
+def engine_decoding(run, slots: int, steps: int, fraction: float = 1.0):
+  """A slot engine on `run` with every slot live and greedy at `fraction` (the prompt 'The '),
+  and a function that runs `steps` decode steps in one call (returning its tokens, which the
+  caller times)."""
+  act = run.config.activation
+  engine = engine_lib.Engine(run.params, run.model, act if act.enabled else None, slots=slots)
+  state = engine.init_state()
+  settings = engine_lib.Settings.make(greedy=True, max_tokens=1 << 30)
+  prompt = run.tokenizer.encode('The ')
+  for s in range(slots):
+    state = engine.insert(engine.prefill(prompt, key=jax.random.key(s), settings=settings,
+                                         fraction=fraction), state, s)
+  box = [state]
+
+  def call():
+    box[0], tokens, _, _ = engine.generate_steps(box[0], steps)
+    return tokens
+  return engine, call
