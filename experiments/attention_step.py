@@ -4,8 +4,8 @@
         --out=results/attention_step_cpu.json
 
 `isolated`: four layers' attention of one query per row over a B x S x h x K cache (half of it
-valid), jitted with the decoders' compiler options, at the shapes of this project's models
-and slot counts: the model's `attention.attend_step` (two dot products batched over rows and
+valid), jitted with the decoders' compiler options, interleaved for `--rounds` rounds, at the
+shapes of this project's models and slot counts: the model's `attention.attend_step` (two dot products batched over rows and
 heads) against `multiply_reduce` (the earlier implementation: products and sums over the same
 layout, kept here as the reference), checked equal. `engine`: ms per step of the slot engine
 on the trained run `--workdir` (greedy, every slot live, 8 steps per call) with each
@@ -36,7 +36,7 @@ from rag_jax.models import switch
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained nested RA run (the engine part).',
                                required=True)
 _OUT = flags.DEFINE_string('out', None, 'JSON output.', required=True)
-_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved rounds of the engine measurement.')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved rounds of each measurement.')
 
 SHAPES = ((1, 64, 4, 32), (4, 64, 4, 32), (16, 64, 4, 32),  # the default model: rows, S, h, K
           (1, 128, 4, 16), (16, 128, 4, 16),                 # the capacity recipe
@@ -80,11 +80,16 @@ def isolated(shape) -> dict:
   k = jax.random.normal(jax.random.key(1), (B, S, h, K))
   v = jax.random.normal(jax.random.key(2), (B, S, h, K))
   mask = jnp.arange(S) < S // 2
-  out, outputs = {}, {}
+  programs, outputs = {}, {}
   for name, fn in IMPLEMENTATIONS.items():
-    layers = jit(lambda q, k, v, fn=fn: [fn(q * (i + 1), k, v, mask, q, q) for i in range(4)])
-    outputs[name] = np.asarray(layers(q, k, v)[0])
-    out[name] = median_ms(lambda layers=layers: layers(q, k, v), 300)
+    programs[name] = jit(lambda q, k, v, fn=fn: [fn(q * (i + 1), k, v, mask, q, q)
+                                                 for i in range(4)])
+    outputs[name] = np.asarray(programs[name](q, k, v)[0])
+  times = {name: [] for name in programs}
+  for _ in range(_ROUNDS.value):  # interleaved, as the engine's
+    for name, layers in programs.items():
+      times[name].append(median_ms(lambda layers=layers: layers(q, k, v), 300))
+  out = {name: float(np.median(t)) for name, t in times.items()}
   np.testing.assert_allclose(outputs['dot_products'], outputs['multiply_reduce'], rtol=1e-4,
                              atol=1e-5)
   out['speedup'] = out['multiply_reduce'] / out['dot_products']
