@@ -5,11 +5,12 @@
 
 `isolated`: four layers' attention of one query per row over a B x S x h x K cache (half of it
 valid), jitted with the decoders' compiler options, interleaved for `--rounds` rounds, at the
-shapes of this project's models and slot counts: the model's `attention.attend_step` (two dot products batched over rows and
-heads) against `multiply_reduce` (the earlier implementation: products and sums over the same
-layout, kept here as the reference), checked equal. `engine`: ms per step of the slot engine
-on the trained run `--workdir` (greedy, every slot live, 8 steps per call) with each
-implementation swapped in, interleaved for `--rounds` rounds. Medians.
+shapes of this project's models and slot counts: the model's `attention.attend_step` (two dot
+products batched over rows and heads) against `multiply_reduce` (the earlier implementation:
+products and sums over the same layout, kept here as the reference), checked equal. `engine`:
+ms per step of the slot engine on the trained run `--workdir` (greedy, every slot live, 8
+steps per call) with each implementation swapped in, interleaved for `--rounds` rounds.
+Medians.
 """
 from __future__ import annotations
 
