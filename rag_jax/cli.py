@@ -43,21 +43,6 @@ def activation_overrides() -> dict:
   return {k: f[k].value for k in ACTIVATION_FLAGS if k in f and f[k].value is not None}
 
 
-def threshold_of(f, router) -> float:
-  """Policy adaptive's threshold from `--threshold`, or with `--escalation_share` (a router
-  only) the router's threshold for that share; ValueError for a share without a router or
-  beside --threshold."""
-  share = f.escalation_share
-  if share is None:
-    return f.threshold
-  if router is None:
-    raise ValueError('--escalation_share goes with --router (the router saves the thresholds of '
-                     'each share); the confidence rule takes --threshold.')
-  if f['threshold'].present:
-    raise ValueError('give --threshold or --escalation_share, not both.')
-  return router.threshold_for(share)
-
-
 def config_overrides(argv: list[str]) -> list[str]:
   """The dotted fields `--config.FIELD=VALUE` sets in `argv` ('activation.lam', ...): what
   configuration.check_activation_overrides checks (train.check_config)."""

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Sequence
 
 import flax
@@ -176,11 +175,7 @@ class Engine:
       if abs(fraction - self.adaptive.fraction) > 1e-9:
         raise ValueError(f'policy adaptive escalates from {self.adaptive.fraction:g} here, not '
                          f'from {fraction:g}.')
-      if self.adaptive.router is not None:  # a predicted gain in nats: any finite number
-        if not math.isfinite(threshold):
-          raise ValueError(f'threshold must be a finite number, got {threshold}.')
-      elif not threshold >= 0:
-        raise ValueError(f'threshold must be >= 0, got {threshold}.')
+      self.adaptive.check_threshold(threshold)
     if not 0 < len(prompt) <= T:
       raise ValueError(f'a prompt has 1 to {T} tokens (the context), got {len(prompt)}.')
 

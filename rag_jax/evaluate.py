@@ -350,15 +350,15 @@ def main(argv):
     thresholds = (f.thresholds if f['thresholds'].present or not f.router
                   else ROUTER_THRESHOLDS)
     if f.escalation_shares is not None:
-      if not f.router or f['thresholds'].present:
-        raise ValueError('--escalation_shares goes with --router, instead of --thresholds.')
       try:
         shares = [float(s) for s in f.escalation_shares]
       except ValueError:
         raise ValueError('--escalation_shares must be numbers, got '
                          f'{",".join(f.escalation_shares)!r}.') from None
-      learned = router_lib.load(f.workdir)
-      thresholds = [learned.threshold_for(s) for s in shares]
+      learned = router_lib.load(f.workdir) if f.router else None
+      thresholds = [router_lib.request_threshold(
+          learned, 0.0, s, threshold_given=f['thresholds'].present,
+          share_name='--escalation_shares', threshold_name='--thresholds') for s in shares]
     draft = f.draft_fraction if f['draft_fraction'].present or not f.router else None
     entries = evaluate(f.workdir, fractions, f.policy, f.split, overrides, draft,
                        [float(t) for t in thresholds], cli.run_overrides(), f.router)

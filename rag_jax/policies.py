@@ -257,6 +257,20 @@ class Adaptive(Policy):
     """Which predictions escalate (the same code in decoding and in evaluation)."""
     return self.signal(logits, hidden) > self.cutoff(self.threshold)
 
+  def check_threshold(self, threshold) -> float:
+    """`threshold` as a float, or one ValueError: with a router a predicted gain in nats (any
+    finite number), else a top-1 probability (>= 0; 0: never escalate, above 1: always). The
+    one rule for the command line, the engine and a server request."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+      raise ValueError(f'threshold must be a number, got {threshold!r}.')
+    if self.router is not None:
+      if not math.isfinite(threshold):
+        raise ValueError(f'threshold (a predicted gain in nats) must be finite, got {threshold}.')
+    elif not threshold >= 0:
+      raise ValueError(f'threshold must be >= 0 (a top-1 probability; 0: never escalate, above '
+                       f'1: always), got {threshold}.')
+    return float(threshold)
+
   def narrow(self, cfg, key=None) -> plan_lib.Plan:
     key = jax.random.key(0) if key is None else key  # a nested width: the key chooses nothing
     return activation.make_plan(key, self.act, cfg, fraction=self.fraction)
@@ -341,13 +355,8 @@ def make(name: str, act=None, model=None, *, fraction: float | None = None,
                      f'{act.structure!r}.')
   if not 0 < fraction < 1:
     raise ValueError(f'policy adaptive needs a draft_fraction in (0, 1), got {fraction}.')
-  if router is not None:
-    if router.fraction != fraction:
-      raise ValueError(f'the router routes from the width {router.fraction:g}; give '
-                       f'draft_fraction={router.fraction:g}, not {fraction:g}.')
-    if not math.isfinite(threshold):
-      raise ValueError(f'threshold (a predicted gain in nats) must be finite, got {threshold}.')
-  elif not threshold >= 0:
-    raise ValueError(f'threshold must be >= 0 (a top-1 probability; 0: never escalate, above '
-                     f'1: always), got {threshold}.')
-  return Adaptive(act=act, fraction=fraction, threshold=float(threshold), router=router)
+  if router is not None and router.fraction != fraction:
+    raise ValueError(f'the router routes from the width {router.fraction:g}; give '
+                     f'draft_fraction={router.fraction:g}, not {fraction:g}.')
+  policy = Adaptive(act=act, fraction=fraction, threshold=threshold, router=router)
+  return dataclasses.replace(policy, threshold=policy.check_threshold(threshold))

@@ -62,6 +62,26 @@ class Router:
     return predict(self.params, features(hidden, logits))
 
 
+def request_threshold(router: Router | None, threshold: float, share: float | None = None, *,
+                      threshold_given: bool = False, share_name: str = 'escalation_share',
+                      threshold_name: str = 'threshold') -> float:
+  """Policy adaptive's threshold for a request (the command line's, evaluate's, the server's):
+  `threshold`, or, given a target escalation `share`, the `router`'s threshold for it. One
+  ValueError for a share without a router, a share beside a threshold the user gave
+  (`threshold_given`), or a share outside the router's table. `share_name`, `threshold_name`:
+  what the user calls them (a flag, a request field)."""
+  if share is None:
+    return threshold
+  if router is None:
+    raise ValueError(f'{share_name} needs a learned router (--router), which saves the '
+                     f'thresholds of each share; the confidence rule takes {threshold_name}.')
+  if threshold_given:
+    raise ValueError(f'give {threshold_name} or {share_name}, not both.')
+  if isinstance(share, bool) or not isinstance(share, (int, float)):
+    raise ValueError(f'{share_name} must be a number, got {share!r}.')
+  return router.threshold_for(float(share))
+
+
 def apply_with_hidden(model, variables, tokens, **kwargs):
   """`model.apply(variables, tokens, **kwargs)`'s output and the final LayerNorm's output (the
   hidden state the router reads), float32."""
@@ -162,8 +182,15 @@ def escalate(scores: np.ndarray, share: float) -> np.ndarray:
 
 
 def share_thresholds(predicted: np.ndarray, shares=SHARES) -> dict[float, float]:
-  """{share: the threshold above which that share of `predicted` gains lies}."""
-  return {float(s): float(np.quantile(predicted, 1 - s)) for s in shares}
+  """{share: the threshold above which that share of `predicted` gains lies}: halfway between
+  the lowest score `escalate` picks at that share and the highest it leaves, so that `> threshold`
+  (decoding's rule) picks the same positions as `escalate` (the evaluation's) on these scores."""
+  s = np.sort(np.ravel(predicted).astype(np.float64))[::-1]
+  table = {}
+  for share in shares:
+    k = min(max(int(round(share * s.size)), 1), s.size - 1)
+    table[float(share)] = float((s[k - 1] + s[k]) / 2)
+  return table
 
 
 def save(workdir: str, router: dict[str, Any], fraction: float,

@@ -243,7 +243,9 @@ def main(argv):
     router = router_lib.load(f.workdir) if f.router else None
     draft = (router.fraction if router is not None and not f['draft_fraction'].present
              else f.draft_fraction)
-    threshold = cli.threshold_of(f, router)
+    threshold = router_lib.request_threshold(
+        router, f.threshold, f.escalation_share, threshold_given=f['threshold'].present,
+        share_name='--escalation_share', threshold_name='--threshold')
     out = sample(params, config, f.prompt, tokenizer=tokenizer, num_tokens=f.num_tokens,
                  seed=f.seed, batch=f.batch, policy=f.policy, active_fraction=f.active_fraction,
                  temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, greedy=f.greedy,

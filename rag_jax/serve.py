@@ -280,19 +280,17 @@ class Server:
     if policy == 'adaptive':
       if not self.adaptive:
         raise BadRequest('policy adaptive needs a nested RA run.', param='policy')
-      threshold = body.get('threshold', self.adaptive.threshold)
-      if 'escalation_share' in body:
-        threshold = self._share_threshold(body)
-      low = -1e6 if self.adaptive.router is not None else 0  # a router's gains may be < 0
-      if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
-          low <= threshold <= 1e6):
-        raise BadRequest(f'threshold must be a number in [{low:g}, 1e6] (with a router a '
-                         f'predicted gain in nats, else a top-1 probability), got {threshold!r}.',
-                         param='threshold')
+      try:
+        threshold = self.adaptive.check_threshold(router_lib.request_threshold(
+            self.adaptive.router, body.get('threshold', self.adaptive.threshold),
+            body.get('escalation_share'), threshold_given='threshold' in body))
+      except (TypeError, ValueError) as e:
+        raise BadRequest(str(e), param='escalation_share' if 'escalation_share' in body
+                         else 'threshold') from None
       if fraction is not None and abs(fraction - self.adaptive.fraction) > 1e-9:
         raise BadRequest(f'policy adaptive escalates from {self.adaptive.fraction:g} on this '
                          f'server, not from {fraction!r}.', param='active_fraction')
-      fraction, threshold = self.adaptive.fraction, float(threshold)
+      fraction = self.adaptive.fraction
     elif 'threshold' in body or 'escalation_share' in body:
       field = 'threshold' if 'threshold' in body else 'escalation_share'
       raise BadRequest(f'{field} goes with policy adaptive.', param=field)
@@ -307,22 +305,6 @@ class Server:
         raise BadRequest(str(e), param='active_fraction') from None
     return dict(fraction=None if fraction is None else float(fraction), threshold=threshold,
                 prompts=self._prompts(body), **self._sampling(body))
-
-  def _share_threshold(self, body) -> float:
-    """The router's threshold for the request's `escalation_share` (a server with --router)."""
-    share, router = body['escalation_share'], self.adaptive.router
-    if router is None:
-      raise BadRequest('escalation_share needs a server started with --router; give a '
-                       'threshold instead.', param='escalation_share')
-    if 'threshold' in body:
-      raise BadRequest('give threshold or escalation_share, not both.', param='escalation_share')
-    if isinstance(share, bool) or not isinstance(share, (int, float)):
-      raise BadRequest(f'escalation_share must be a number, got {share!r}.',
-                       param='escalation_share')
-    try:
-      return router.threshold_for(float(share))
-    except ValueError as e:
-      raise BadRequest(str(e), param='escalation_share') from None
 
   def _prompts(self, body) -> list[np.ndarray]:
     prompt = body.get('prompt')

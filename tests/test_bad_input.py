@@ -229,7 +229,11 @@ def test_cli_config_overrides_on_a_saved_run(good_run, tfds_env):
   for args, message in (
       (['--config.model.num_heads=2'], 'error: --config.model.num_heads: a saved run'),
       (['--config.model.heads=2'], "error: --config.model.heads: the config has no field 'heads'"),
-      (['--config.dtype=float8'], 'error: config.dtype must be one of')):
+      (['--config.dtype=float8'], 'error: config.dtype must be one of'),
+      (['--policy=adaptive', '--escalation_shares=0.2'],
+       'error: --escalation_shares needs a learned router (--router)'),
+      (['--policy=adaptive', '--escalation_shares=0.2,x'],
+       "error: --escalation_shares must be numbers, got '0.2,x'")):
     proc = _cli('rag_jax.evaluate', f'--workdir={workdir}', *args, env=tfds_env)
     assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
     assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

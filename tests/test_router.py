@@ -62,6 +62,8 @@ def test_the_share_table_gives_the_threshold_of_a_target_share(tmp_path):
   loaded = router.load(str(tmp_path))
   for share in (0.1, 0.25, 0.5):  # 0.25: between two saved shares
     assert np.mean(predicted > loaded.threshold_for(share)) == pytest.approx(share, abs=0.01)
+  for share in router.SHARES:  # decoding's `> threshold` picks what the evaluation's rank picks
+    np.testing.assert_array_equal(predicted > table[share], router.escalate(predicted, share))
   with pytest.raises(ValueError, match=r'escalation share must be in \[0.05, 0.95\]'):
     loaded.threshold_for(0.99)
 
@@ -153,26 +155,18 @@ def test_router_cost_times_the_four_programs_without_escalating():
   assert math.isfinite(out['router_cost_vs_adaptive_step'])
 
 
-def test_escalation_share_flag_gives_the_routers_threshold():
-  """cli.threshold_of: --threshold by default; --escalation_share needs a router and no
-  --threshold beside it, and gives the router's threshold for that share."""
-  import types
-  from rag_jax import cli
-
-  class F:
-    """absl's FlagValues as threshold_of reads them."""
-
-    def __init__(self, share=None, threshold=0.5, present=False):
-      self.escalation_share, self.threshold, self._present = share, threshold, present
-
-    def __getitem__(self, name):
-      return types.SimpleNamespace(present=self._present)
-
+def test_a_requests_threshold_is_given_or_the_routers_for_a_share():
+  """router.request_threshold (sample's flags, evaluate's, a server request's): the threshold
+  by default; a share needs a router and no threshold beside it, and gives the router's
+  threshold for that share; each problem in one message under the user's names."""
   table = router.share_thresholds(np.linspace(0, 1, 1001))
   fitted = router.Router({}, 0.5, table)
-  assert cli.threshold_of(F(threshold=0.3), fitted) == 0.3
-  assert cli.threshold_of(F(share=0.2), fitted) == pytest.approx(0.8)
-  with pytest.raises(ValueError, match='--escalation_share goes with --router'):
-    cli.threshold_of(F(share=0.2), None)
-  with pytest.raises(ValueError, match='not both'):
-    cli.threshold_of(F(share=0.2, present=True), fitted)
+  assert router.request_threshold(fitted, 0.3) == 0.3
+  assert router.request_threshold(None, 0.3) == 0.3
+  assert router.request_threshold(fitted, 0.5, 0.2) == pytest.approx(0.8, abs=1e-3)
+  with pytest.raises(ValueError, match='--escalation_share needs a learned router'):
+    router.request_threshold(None, 0.5, 0.2, share_name='--escalation_share')
+  with pytest.raises(ValueError, match='give threshold or escalation_share, not both'):
+    router.request_threshold(fitted, 0.5, 0.2, threshold_given=True)
+  with pytest.raises(ValueError, match=r'escalation share must be in \[0.05, 0.95\]'):
+    router.request_threshold(fitted, 0.5, 0.99)

@@ -149,7 +149,7 @@ def test_bad_requests_get_their_status_and_the_server_goes_on(served_run):
       ({'prompt': 'a', 'policy': 'adaptive', 'threshold': -1}, 400, 'threshold must be'),
       ({'prompt': 'a', 'threshold': 0.5}, 400, 'threshold goes with policy adaptive'),
       ({'prompt': 'a', 'policy': 'adaptive', 'escalation_share': 0.2}, 400,
-       'escalation_share needs a server started with --router'),
+       'escalation_share needs a learned router'),
       ({'model': 'ra@adaptive', 'prompt': 'a', 'active_fraction': 0.25}, 400,
        'escalates from 0.5 on this server'),
       ({'prompt': 'a', 'temperature': -1}, 400, 'temperature out of range'),

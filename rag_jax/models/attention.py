@@ -34,13 +34,12 @@ def attend_step(q_Bx1xhxK, k_BxSxhxK, v_BxSxhxK, mask_S, k_Bx1xhxK, v_Bx1xhxK) -
   """One query over the cache positions `mask_S` allows and its own key and value, which the
   cache does not hold: softmax over the S + 1 scores in float32, as `attend` over the updated
   cache (the same function up to float rounding); the cache's part as in _one_query."""
-  f32 = jnp.float32
+  q_Bx1xhxK = _scaled(q_Bx1xhxK)
   s_BxhxS = _cache_scores(q_Bx1xhxK, k_BxSxhxK, mask_S)
-  q_Bxhxk = q_Bx1xhxK[:, 0].astype(f32) * (1 / math.sqrt(q_Bx1xhxK.shape[-1]))
-  s_Bxhx1 = jnp.sum(q_Bxhxk * k_Bx1xhxK[:, 0].astype(f32), axis=-1)[..., None]
+  s_Bxhx1 = jnp.sum(q_Bx1xhxK[:, 0] * k_Bx1xhxK[:, 0].astype(jnp.float32), axis=-1)[..., None]
   m_Bxhx1 = jnp.maximum(jnp.max(s_BxhxS, axis=-1, keepdims=True), s_Bxhx1)
   p_BxhxS, p_Bxhx1 = jnp.exp(s_BxhxS - m_Bxhx1), jnp.exp(s_Bxhx1 - m_Bxhx1)
-  o_BxhxK = (_cache_values(p_BxhxS, v_BxSxhxK) + p_Bxhx1 * v_Bx1xhxK[:, 0].astype(f32))
+  o_BxhxK = (_cache_values(p_BxhxS, v_BxSxhxK) + p_Bxhx1 * v_Bx1xhxK[:, 0].astype(jnp.float32))
   o_BxhxK = o_BxhxK / (jnp.sum(p_BxhxS, axis=-1, keepdims=True) + p_Bxhx1)
   return switch.save(o_BxhxK[:, None].astype(v_BxSxhxK.dtype))
 
@@ -68,16 +67,19 @@ def _one_query(q_Bx1xhxK, k_BxSxhxK, v_BxSxhxK, mask_S) -> jax.Array:
   layout), these ran within 7% of it at one row of a short cache, 2.1x faster at one row of
   the :gpu model's cache and 2.0-2.2x at 4-16 rows; the engine's step at 16 slots of the
   default model took 0.79x the time (experiments/attention_step.py)."""
-  p_BxhxS = jax.nn.softmax(_cache_scores(q_Bx1xhxK, k_BxSxhxK, mask_S), axis=-1)
+  p_BxhxS = jax.nn.softmax(_cache_scores(_scaled(q_Bx1xhxK), k_BxSxhxK, mask_S), axis=-1)
   return _cache_values(p_BxhxS, v_BxSxhxK)[:, None].astype(v_BxSxhxK.dtype)
 
 
-def _cache_scores(q_Bx1xhxK, k_BxSxhxK, mask_S) -> jax.Array:
-  """q.k / sqrt(K) over the cache positions `mask_S` allows (float32 B x h x S; the dot in the
-  cache's dtype, accumulated in float32, as the prefill's)."""
-  q_Bx1xhxK = (q_Bx1xhxK.astype(jnp.float32) * (1 / math.sqrt(q_Bx1xhxK.shape[-1]))).astype(
-      k_BxSxhxK.dtype)
-  s_BxhxS = jnp.einsum('BQHK,BSHK->BHS', q_Bx1xhxK, k_BxSxhxK,
+def _scaled(q_Bx1xhxK) -> jax.Array:
+  """The query / sqrt(K), float32."""
+  return q_Bx1xhxK.astype(jnp.float32) * (1 / math.sqrt(q_Bx1xhxK.shape[-1]))
+
+
+def _cache_scores(qs_Bx1xhxK, k_BxSxhxK, mask_S) -> jax.Array:
+  """The scaled query's (`_scaled`) dot with each key over the cache positions `mask_S` allows
+  (float32 B x h x S; the dot in the cache's dtype, accumulated in float32, as the prefill's)."""
+  s_BxhxS = jnp.einsum('BQHK,BSHK->BHS', qs_Bx1xhxK.astype(k_BxSxhxK.dtype), k_BxSxhxK,
                        preferred_element_type=jnp.float32)
   return jnp.where(mask_S[None, None, :], s_BxhxS, jnp.finfo(jnp.float32).min)
 
