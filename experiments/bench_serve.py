@@ -48,6 +48,8 @@ _SLO_MS = flags.DEFINE_float('slo_ms', None, 'The adaptive server\'s target time
 _MIN_FRACTION = flags.DEFINE_float('min_fraction', 0.25, 'The adaptive server\'s floor.')
 _TIME_LIMIT = flags.DEFINE_float('time_limit_s', 120, 'Per offered load, at most.')
 _STEPS = flags.DEFINE_integer('steps_per_call', 4, 'The servers\' decode steps per call.')
+_OPEN_LOOP = flags.DEFINE_bool('open_loop', True, 'Part 2 (--noopen_loop: the concurrency '
+                               'part alone, a few minutes).')
 PROMPTS = ['The President', 'Fellow citizens', 'Congress shall', 'In the year', 'Our nation',
            'We must', 'The people of', 'Tonight I']
 
@@ -102,32 +104,41 @@ async def concurrent(url, model, n, max_tokens) -> dict:
     r = await client.post(f'{url}/v1/completions', json=body, timeout=600)
     return r.json()['usage']
 
-  rates, flops, shares = [], [], []
+  rates, flops, shares, steps = [], [], [], []
   async with httpx.AsyncClient(limits=httpx.Limits(max_connections=n)) as client:
     for _ in range(3):
-      engine = await engine_seconds(client, url)
+      before = await engine_seconds(client, url)
       start = time.perf_counter()
       usages = await asyncio.gather(*[plain(client, PROMPTS[i % len(PROMPTS)])
                                       for i in range(n)])
       seconds = time.perf_counter() - start
       rates.append(sum(u['completion_tokens'] for u in usages) / seconds)
-      shares.append({k: (v - engine[k]) / seconds
-                     for k, v in (await engine_seconds(client, url)).items()})
+      d = {k: v - before[k] for k, v in (await engine_seconds(client, url)).items()}
+      shares.append({k: d[k] / seconds for k in ('decode', 'prefill')})
+      steps.append({'steps': d['steps'], 'ms_per_step': 1000 * d['decode'] / max(d['steps'], 1),
+                    'mean_batch': d['slot_steps'] / max(d['steps'], 1)})
       flops += [u['relative_flops'] for u in usages]
+  median = lambda rows: {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
   return {'tokens_per_sec': float(np.median(rates)), 'rounds': rates,
           'relative_flops': float(np.mean(flops)),
           # The share of each round's wall time the scheduler spent inside engine calls.
-          'engine_share': {k: float(np.median([s[k] for s in shares])) for k in shares[0]}}
+          'engine_share': median(shares),
+          # Decode steps a round ran, the engine's time per step and the slots it carried.
+          'decode_steps': median(steps)}
 
 
 async def engine_seconds(client, url) -> dict[str, float]:
-  """The server's rag_engine_seconds counters ({'decode': s, 'prefill': s})."""
+  """The server's counters: rag_engine_seconds ({'decode': s, 'prefill': s}), the decode
+  steps run ('steps') and their sum of occupied slots ('slot_steps')."""
   text = (await client.get(f'{url}/metrics')).text
-  out = {'decode': 0.0, 'prefill': 0.0}
+  out = {'decode': 0.0, 'prefill': 0.0, 'steps': 0.0, 'slot_steps': 0.0}
   for line in text.splitlines():
     if line.startswith('rag_engine_seconds_total{'):
       call = line.split('call="')[1].split('"')[0]
       out[call] = float(line.rsplit(' ', 1)[1])
+    elif line.startswith(('rag_decode_steps_total ', 'rag_decode_slot_steps_total ')):
+      name = 'steps' if line.startswith('rag_decode_steps') else 'slot_steps'
+      out[name] = float(line.rsplit(' ', 1)[1])
   return out
 
 
@@ -181,33 +192,39 @@ def main(argv):
     out['concurrent_policy_adaptive'] = asyncio.run(concurrent(url, f'{name}@adaptive', n, m))
     saturation = out['concurrent_full']['tokens_per_sec'] / m
     out['saturation_requests_per_sec'] = saturation
-    rates = [float(r) * saturation for r in _RATES.value]
+    rates = [float(r) * saturation for r in _RATES.value] if _OPEN_LOOP.value else []
     for variant, model in (('full', name), ('pinned', f'{name}@{a:g}')):
       out[variant] = [asyncio.run(open_loop(url, model, r, _REQUESTS.value, m,
                                             _TIME_LIMIT.value)) for r in rates]
   finally:
     stop_server(proc)
-  slo = _SLO_MS.value or 1.5 * out['full'][0]['tpot_ms_p50']
-  out['slo_ms'] = slo
-  proc, url, _ = start_server(workdir, f'--slo_ms={slo}', f'--min_fraction={_MIN_FRACTION.value}')
-  try:
-    out['adaptive'] = [asyncio.run(open_loop(url, name, r, _REQUESTS.value, m, _TIME_LIMIT.value))
-                       for r in rates]
-  finally:
-    stop_server(proc)
+  out['adaptive'] = []
+  if rates:
+    slo = _SLO_MS.value or 1.5 * out['full'][0]['tpot_ms_p50']
+    out['slo_ms'] = slo
+    proc, url, _ = start_server(workdir, f'--slo_ms={slo}',
+                                f'--min_fraction={_MIN_FRACTION.value}')
+    try:
+      out['adaptive'] = [asyncio.run(open_loop(url, name, r, _REQUESTS.value, m,
+                                               _TIME_LIMIT.value)) for r in rates]
+    finally:
+      stop_server(proc)
   out['ratios'] = {
       'concurrent_full_over_sample': out['concurrent_full']['tokens_per_sec'] /
                                      out['sample_one_at_a_time']['tokens_per_sec'],
       'pinned_over_full': out['concurrent_pinned']['tokens_per_sec'] /
                           out['concurrent_full']['tokens_per_sec']}
   files.write_json(_OUT.value, out)
-  plot(out, os.path.splitext(_OUT.value)[0] + '.png')
+  if out['full']:
+    plot(out, os.path.splitext(_OUT.value)[0] + '.png')
   print(json.dumps(out['ratios'], indent=1))
   for k in ('concurrent_full', 'concurrent_pinned', 'concurrent_policy_adaptive'):
     share = out[k]['engine_share']
     print(f"{k}: {out[k]['tokens_per_sec']:.0f} tok/s; the scheduler inside the engine "
           f"{100 * share['decode']:.0f}% (decode) + {100 * share['prefill']:.0f}% (prefill) "
-          'of the wall time')
+          f"of the wall time; {out[k]['decode_steps']['steps']:.0f} decode steps a round, "
+          f"{out[k]['decode_steps']['ms_per_step']:.2f} ms each, carrying "
+          f"{out[k]['decode_steps']['mean_batch']:.1f} requests")
   for variant in ('full', 'pinned', 'adaptive'):
     for r in out[variant]:
       print(f"{variant:>8} {r['rate']:6.1f} req/s: {r['tokens_per_sec']:7.0f} tok/s, TPOT p50 "

@@ -133,7 +133,8 @@ class Engine:
     jit = functools.partial(jax.jit, compiler_options=decode.compiler_options())
     self._prefill = jit(self._prefill_rows, static_argnames=('width', 'adaptive'))
     self._generate = jit(self._generate_fn, donate_argnums=1)
-    self._generate_steps = jit(self._steps_fn, donate_argnums=1, static_argnames=('steps',))
+    self._generate_steps = jit(self._steps_fn, donate_argnums=1,
+                               static_argnames=('steps', 'adaptive'))
     self._insert = jax.jit(self._insert_fn, donate_argnums=1)
     self._set_width = jax.jit(lambda s, slot, w: s.replace(width=s.width.at[slot].set(w)),
                               donate_argnums=0)
@@ -240,13 +241,16 @@ class Engine:
     meaningless), and the state after it (a slot whose sequence ended is no longer live)."""
     return self._generate(self.variables, state)
 
-  def generate_steps(self, state: DecodeState, steps: int
+  def generate_steps(self, state: DecodeState, steps: int, adaptive: bool = True
                      ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:
     """`steps` steps in one program (one round trip from the host for `steps` tokens per
     slot, as vLLM's multi-step scheduling): (state, tokens steps x S, live steps x S: whether
     the slot was live when it chose that token, escalated steps x S: whether the full width's
-    pass chose it)."""
-    return self._generate_steps(self.variables, state, steps=steps)
+    pass chose it). `adaptive=False`: the caller knows that no live slot is one of the adaptive
+    policy's (the scheduler does), and a program without that policy's passes runs (with them
+    a 16-slot step of the default model took 1.25x as long, experiments/attention_step.py)."""
+    return self._generate_steps(self.variables, state, steps=steps,
+                                adaptive=adaptive and self.adaptive is not None)
 
   def set_width(self, state: DecodeState, slot: int, fraction: float) -> DecodeState:
     return self._set_width(state, jnp.int32(slot), jnp.int32(self.width_of(fraction)))
@@ -349,16 +353,20 @@ class Engine:
   def _insert_fn(self, prefix: DecodeState, state: DecodeState, slots_R) -> DecodeState:
     return jax.tree.map(lambda full, rows: full.at[slots_R].set(rows, mode='drop'), state, prefix)
 
-  def _generate_fn(self, variables, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+  def _generate_fn(self, variables, state: DecodeState, adaptive: bool = True
+                   ) -> tuple[DecodeState, jax.Array]:
+    """One step; `adaptive` False: without the adaptive policy's passes (no slot is adaptive)."""
     T = self.model.cfg.block_size
+    adaptive = adaptive and self.adaptive is not None
     state = jax.lax.cond(jnp.any(state.live & (state.pos >= T)),
-                         functools.partial(self._refill, variables), lambda s: s, state)
+                         functools.partial(self._refill, variables, adaptive=adaptive),
+                         lambda s: s, state)
     # The passes read the cache and give each slot's new keys and values, written once after
     # (in place: a cache that left a branch of the width switch was copied, at every step).
     logits_Sx1xV, new_kv, hidden = self._forward(variables, state.token[:, None], state.cache,
                                                  state.pos, state.width, state.live, True)
     escalated_S = jnp.zeros_like(state.live)
-    if self.adaptive is not None:  # adaptive slots whose signal passes their threshold
+    if adaptive:  # adaptive slots whose signal passes their threshold
       logits_Sx1xV, new_kv, escalated_S = jax.lax.cond(
           jnp.any(state.live & state.adaptive), functools.partial(self._escalate, variables),
           lambda *_: (logits_Sx1xV, new_kv, escalated_S), state, logits_Sx1xV, new_kv, hidden)
@@ -388,15 +396,15 @@ class Engine:
                                         lambda: (logits_Sx1xV, new_kv))
     return logits_Sx1xV, new_kv, escalated_S
 
-  def _steps_fn(self, variables, state: DecodeState, *, steps: int):
+  def _steps_fn(self, variables, state: DecodeState, *, steps: int, adaptive: bool = True):
     def step(s, _):
       live = s.live
-      s, token_S = self._generate_fn(variables, s)
+      s, token_S = self._generate_fn(variables, s, adaptive)
       return s, (token_S, live, s.escalated)
     state, (tokens, live, escalated) = jax.lax.scan(step, state, None, length=steps)
     return state, tokens, live, escalated
 
-  def _refill(self, variables, state: DecodeState) -> DecodeState:
+  def _refill(self, variables, state: DecodeState, adaptive: bool = True) -> DecodeState:
     """Slots whose next token would land at position T: their cache rebuilt from their last
     T//2 - 1 tokens at positions 0.. (one prefill at each slot's width), the token then fed at
     position T//2 - 1."""
@@ -410,7 +418,7 @@ class Engine:
     if keep:
       _, fresh, _ = self._forward(variables, recent_SxK, fresh, jnp.zeros_like(state.pos),
                                   state.width, full_S)
-      if self.adaptive is not None:  # adaptive slots: the policy's prefill, as the sampler's
+      if adaptive:  # adaptive slots: the policy's prefill, as the sampler's
         def adaptive_fresh():
           prefill = lambda tokens_K, threshold: jax.tree.map(
               lambda c: c[0], self._adaptive_decoder(variables, threshold).prefill(

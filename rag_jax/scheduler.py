@@ -209,8 +209,10 @@ class Scheduler:
     transfer from the device: the host keeps each slot's width, and a slot holding a request
     is live, as finished ones leave at once); the width of unpinned slots adjusted after."""
     start = time.perf_counter()
-    self.state, tokens_KxS, live_KxS, escalated_KxS = self.engine.generate_steps(self.state,
-                                                                              self.steps)
+    adaptive = any(r is not None and r.threshold is not None for r in self._slots)
+    occupied = sum(r is not None for r in self._slots)
+    self.state, tokens_KxS, live_KxS, escalated_KxS = self.engine.generate_steps(
+        self.state, self.steps, adaptive)
     tokens_KxS, live_KxS, escalated_KxS, live_after = jax.device_get(
         (tokens_KxS, live_KxS, escalated_KxS, self.state.live))
     step_ms = 1000 * (time.perf_counter() - start) / self.steps
@@ -231,7 +233,8 @@ class Scheduler:
         self._release(slot, 'length')
     waiting, _ = self.busy()
     if self.metrics:
-      self.metrics.step(step_ms / 1000, sum(r is not None for r in self._slots))
+      self.metrics.step(step_ms / 1000, sum(r is not None for r in self._slots), self.steps,
+                        occupied)
     target = self.controller.observe(step_ms, waiting)
     for slot, request in enumerate(self._slots):
       if request is not None and request.fraction is None and request.threshold is None and (

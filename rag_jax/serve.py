@@ -97,6 +97,11 @@ class Metrics:
         'rag_engine_seconds', "The scheduler's time inside engine calls (the rest of its "
         'time goes to delivering tokens, admitting requests and waiting for them).', ['call'],
         registry=r)
+    self.steps = prom.Counter('rag_decode_steps', 'Decode steps run (each over every slot).',
+                              registry=r)
+    self.slot_steps = prom.Counter('rag_decode_slot_steps', 'Decode steps x the slots holding '
+                                   'a request then (over rag_decode_steps: the mean batch).',
+                                   registry=r)
 
   def first_token(self, seconds: float):
     self.ttft.observe(seconds)
@@ -104,9 +109,13 @@ class Metrics:
   def token(self, fraction: float):
     self.tokens.labels(width=f'{fraction:g}').inc()
 
-  def step(self, seconds: float, busy: int):
+  def step(self, seconds: float, busy: int, steps: int = 1, occupied: int | None = None):
+    """`steps` decode steps of `seconds` each, `occupied` slots holding a request as they ran
+    (`busy`: after them)."""
     self.tpot.observe(seconds)
     self.busy.set(busy)
+    self.steps.inc(steps)
+    self.slot_steps.inc(steps * (busy if occupied is None else occupied))
 
   def engine(self, call: str, seconds: float):
     self.engine_seconds.labels(call=call).inc(seconds)
@@ -217,9 +226,10 @@ class Server:
 
   def warm_up(self) -> float:
     """Compiles the prefill of one prompt at every width (and policy adaptive's) and the
-    decode step before serving (the seconds taken); then, in a background thread while the
-    server serves, the prefills of 2, 4, .. prompts (a burst of waiting requests at one width
-    is prefilled together once its program is ready)."""
+    decode steps (with and without the adaptive policy's passes) before serving (the seconds
+    taken); then, in a background thread while the server serves, the prefills of 2, 4, ..
+    prompts (a burst of waiting requests at one width is prefilled together once its program
+    is ready)."""
     start = time.perf_counter()
     state = self.engine.init_state()
     settings = engine_lib.Settings.make(max_tokens=2)
@@ -242,7 +252,8 @@ class Server:
       jax.block_until_ready(scratch.live)
       self.warming = False
     state = self.engine.set_width(state, 0, self.engine.fractions[-1])
-    state = self.engine.generate_steps(state, self.scheduler.steps)[0]
+    for adaptive in sorted({False, self.adaptive is not None}):  # the step with and without it
+      state = self.engine.generate_steps(state, self.scheduler.steps, adaptive)[0]
     jax.block_until_ready(self.engine.free(state, 0).live)
     seconds = time.perf_counter() - start
     self.warming = True

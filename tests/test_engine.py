@@ -102,6 +102,27 @@ def test_a_slot_changes_width_between_steps_and_ends_at_its_end_token(model_para
 
 
 @pytest.mark.slow
+def test_the_step_without_the_adaptive_passes_decodes_fixed_slots_alike(model_params):
+  """An engine with an adaptive policy whose slots are all fixed: generate_steps without the
+  policy's passes (adaptive=False, as the scheduler runs it then) gives the tokens of the full
+  program and of an engine without the policy, across the context rebuild (T = 12)."""
+  model, params = model_params
+  greedy = engine_lib.Settings.make(greedy=True, max_tokens=20)
+  policy = policies.make('adaptive', ACT, fraction=0.5, threshold=0.5)
+  with_policy = engine_lib.Engine(params, model, ACT, slots=2, adaptive=policy)
+  plain = engine_lib.Engine(params, model, ACT, slots=2)
+
+  def tokens(engine, **kwargs):
+    state = engine.init_state()
+    for slot, (prompt, fraction) in enumerate((([1, 2, 3], 0.5), ([4, 5], 1.0))):
+      state = engine.insert(engine.prefill(prompt, key=jax.random.key(slot), settings=greedy,
+                                           fraction=fraction), state, slot)
+    return np.asarray(engine.generate_steps(state, 15, **kwargs)[1])
+  want = tokens(plain)
+  np.testing.assert_array_equal(tokens(with_policy, adaptive=False), want)
+  np.testing.assert_array_equal(tokens(with_policy), want)
+
+
 def test_adaptive_slots_decode_as_the_sampler_beside_fixed_ones(model_params):
   """Slots of the adaptive policy (narrow 0.5, escalating where its top-1 probability is below
   the slot's threshold) beside a fixed slot, 20 tokens each across the context rebuild (T = 12):

@@ -131,6 +131,9 @@ def test_openai_client_round_trip_and_greedy_equals_sample_under_mixed_widths(se
   for call in ('decode', 'prefill'):
     seconds = re.search(rf'rag_engine_seconds_total{{call="{call}"}} (\S+)', metrics)
     assert seconds and float(seconds.group(1)) > 0, call
+  steps, slot_steps = (float(re.search(rf'^{name}_total (\S+)', metrics, re.M).group(1))
+                       for name in ('rag_decode_steps', 'rag_decode_slot_steps'))
+  assert steps >= 1 and steps <= slot_steps <= steps * 4  # each step carried 1 to 4 requests
 
 
 @pytest.mark.slow
