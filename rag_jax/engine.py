@@ -406,28 +406,37 @@ class Engine:
 
   def _refill(self, variables, state: DecodeState, adaptive: bool = True) -> DecodeState:
     """Slots whose next token would land at position T: their cache rebuilt from their last
-    T//2 - 1 tokens at positions 0.. (one prefill at each slot's width), the token then fed at
-    position T//2 - 1."""
+    T//2 - 1 tokens at positions 0.. (a prefill at the slot's width, or the adaptive policy's
+    prefill for an adaptive slot), the token then fed at position T//2 - 1. One slot at a
+    time, those that need it only: slots reach the context's end at different steps, and a
+    rebuild of every slot for each one that needs it cost the default model's 16-slot engine
+    a 31-token prefill of all 16 slots each time (experiments/bench_serve.py's requests run
+    past the 64-token context)."""
     T = self.model.cfg.block_size
     keep = gpt.rebuild_keep(T)
     full_S = state.live & (state.pos >= T)
     recent_SxK = state.history_SxT[:, T - keep:]
     history = jnp.where(full_S[:, None], jnp.zeros_like(state.history_SxT).at[:, :keep].set(
         recent_SxK), state.history_SxT)
-    fresh = gpt.init_cache(self.model.cfg, self.slots)
+    cache = state.cache
     if keep:
-      _, fresh, _ = self._forward(variables, recent_SxK, fresh, jnp.zeros_like(state.pos),
-                                  state.width, full_S)
-      if adaptive:  # adaptive slots: the policy's prefill, as the sampler's
-        def adaptive_fresh():
-          prefill = lambda tokens_K, threshold: jax.tree.map(
-              lambda c: c[0], self._adaptive_decoder(variables, threshold).prefill(
-                  tokens_K[None], 0)[1])
-          return jax.tree.map(_pick(state.adaptive), jax.vmap(prefill)(
-              recent_SxK, state.threshold), fresh)
-        fresh = jax.lax.cond(jnp.any(full_S & state.adaptive), adaptive_fresh, lambda: fresh)
-    return state.replace(cache=jax.tree.map(_pick(full_S), fresh, state.cache),
-                         history_SxT=history, pos=jnp.where(full_S, keep, state.pos))
+      def one(carry):
+        need_S, cache = carry
+        i = jnp.argmax(need_S)
+        row = lambda x: jax.lax.dynamic_index_in_dim(x, i, 0)  # keeps a leading axis of 1
+        tokens_1xK = row(recent_SxK)
+        _, fresh, _ = self._forward(variables, tokens_1xK, gpt.init_cache(self.model.cfg, 1),
+                                    jnp.zeros((1,), jnp.int32), row(state.width),
+                                    jnp.ones((1,), bool))
+        if adaptive:
+          fresh = jax.lax.cond(
+              state.adaptive[i], lambda: self._adaptive_decoder(
+                  variables, state.threshold[i]).prefill(tokens_1xK, 0)[1], lambda: fresh)
+        cache = jax.tree.map(lambda c, f: jax.lax.dynamic_update_index_in_dim(c, f[0], i, 0),
+                             cache, fresh)
+        return need_S.at[i].set(False), cache
+      _, cache = jax.lax.while_loop(lambda carry: jnp.any(carry[0]), one, (full_S, cache))
+    return state.replace(cache=cache, history_SxT=history, pos=jnp.where(full_S, keep, state.pos))
 
 
 def rows_for(prompts: int) -> int:
