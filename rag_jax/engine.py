@@ -93,8 +93,9 @@ class Engine:
   """Slots decoding one model at the widths `fractions` (default: every width the run computes:
   its nested buckets, or 1 for a dense run). `adaptive`: the policy of slots prefilled with a
   threshold (its narrow width and signal; its own threshold is only a default). Programs compile
-  once per width, padded prompt length (prompts padded to a multiple of `prompt_pad`) and number
-  of rows (prefill_many, insert_many: powers of two), and once for the slots (generate)."""
+  once per width, padded prompt length (`prompt_pad` times a power of two, at most the context:
+  `lengths`) and number of rows (prefill_many, insert_many: powers of two), and once for the
+  slots (generate)."""
 
   def __init__(self, params, model: gpt.GPT, act: ml_collections.ConfigDict | None = None, *,
                slots: int, fractions: Sequence[float] | None = None, prompt_pad: int = 16,
@@ -121,7 +122,9 @@ class Engine:
         raise ValueError(f'policy adaptive escalates from {adaptive.fraction:g} to 1: both must '
                          f'be widths the engine serves ({fractions}).')
       self.full = fractions.index(1.0)
-    self.prompt_pad = prompt_pad  # prompts padded to a multiple of it: one prefill per shape
+    if not isinstance(prompt_pad, int) or prompt_pad < 1:
+      raise ValueError(f'prompt_pad must be a positive integer, got {prompt_pad!r}.')
+    self.prompt_pad = prompt_pad  # the shortest padded prompt: one prefill per padded length
     key = jax.random.key(0)  # nested widths: the key chooses no units
     self.plans = tuple(None if f == 1.0 else activation.make_plan(key, act, cfg, fraction=f)
                        for f in fractions)
@@ -189,10 +192,13 @@ class Engine:
 
   def prefill_many(self, prompts: Sequence[Sequence[int]], *, keys: Sequence[jax.Array],
                    settings: Sequence[Settings], fraction: float = 1.0,
-                   thresholds: Sequence[float] | None = None) -> DecodeState:
+                   thresholds: Sequence[float] | None = None,
+                   length: int | None = None) -> DecodeState:
     """`prefill` of several prompts at one width (and policy) in one program: a state of R rows,
     R the number of prompts rounded up to a power of two (the rows after the prompts' repeat
-    the first; `insert_many` leaves them out). Programs compile per R and padded length."""
+    the first; `insert_many` leaves them out). Programs compile per R and padded length: the
+    longest prompt's (`padded_length`), or `length`, one of `lengths` at least that long (to
+    reuse a program already compiled)."""
     if not prompts or len(keys) != len(prompts) or len(settings) != len(prompts) or (
         thresholds is not None and len(thresholds) != len(prompts)):
       raise ValueError('give one key, settings (and threshold) per prompt, and a prompt.')
@@ -201,6 +207,11 @@ class Engine:
     N = len(prompts)
     R = rows_for(N)
     P = max(self.padded_length(p) for p in prompts)
+    if length is not None:
+      if length not in self.lengths() or length < P:
+        raise ValueError(f'length {length} is not a padded length of at least {P} '
+                         f'({self.lengths()}).')
+      P = length
     tokens, lengths = np.zeros((R, P), np.int32), np.zeros((R,), np.int32)
     for r in range(R):
       prompt = np.asarray(prompts[r if r < N else 0], np.int32)
@@ -214,14 +225,24 @@ class Engine:
     self.compiled.add((width, thresholds is not None, R, P))
     return prefix
 
-  def padded_length(self, prompt: Sequence[int]) -> int:
-    """The length a prompt is padded to (prefill programs compile per padded length)."""
-    return min(self.model.cfg.block_size, -(-len(prompt) // self.prompt_pad) * self.prompt_pad)
+  def lengths(self) -> list[int]:
+    """The padded prompt lengths: `prompt_pad` times 1, 2, 4, .. below the context, and the
+    context (a prefill's cost grows with its padded length, its programs with their number)."""
+    T, out = self.model.cfg.block_size, []
+    while self.prompt_pad << len(out) < T:
+      out.append(self.prompt_pad << len(out))
+    return out + [T]
 
-  def ready_rows(self, fraction: float, adaptive: bool, length: int) -> list[int]:
-    """The row counts whose prefill of padded `length` at this width (policy) has compiled."""
+  def padded_length(self, prompt: Sequence[int]) -> int:
+    """The length a prompt is padded to: the shortest of `lengths` that holds it."""
+    return next(P for P in self.lengths() if P >= len(prompt) or P == self.lengths()[-1])
+
+  def ready(self, fraction: float, adaptive: bool, length: int) -> list[tuple[int, int]]:
+    """(rows, padded length) of the prefills at this width (policy) that have compiled and
+    take prompts of padded `length`."""
     width = self.width_of(fraction)
-    return sorted(R for w, a, R, P in self.compiled if (w, a, P) == (width, adaptive, length))
+    return sorted((R, P) for w, a, R, P in self.compiled
+                  if (w, a) == (width, adaptive) and P >= length)
 
   def insert(self, prefix: DecodeState, state: DecodeState, slot: int) -> DecodeState:
     return self.insert_many(prefix, state, [slot])

@@ -167,13 +167,11 @@ class Scheduler:
       groups.setdefault(key, []).append(request)
     for (fraction, adaptive, length), group in groups.items():
       while group:  # in the largest batches already compiled (one prompt always runs)
-        ready = set(self.engine.ready_rows(fraction, adaptive, length))
-        rows = max((n for n in range(1, len(group) + 1)
-                    if engine_lib.rows_for(n) in ready), default=1)
+        rows, pad = _program(self.engine.ready(fraction, adaptive, length), len(group))
         requests, group = group[:rows], group[rows:]
         slots, free = free[:rows], free[rows:]  # taken even if the prefill fails midway
         try:
-          self._prefill(requests, fraction, adaptive, slots)
+          self._prefill(requests, fraction, adaptive, slots, pad)
         except Exception as e:  # pylint: disable=broad-except  (the server goes on)
           for request in requests:
             slot = next((i for i, r in enumerate(self._slots) if r is request), None)
@@ -183,13 +181,14 @@ class Scheduler:
               self._release(slot, f'error: {e}')
 
   def _prefill(self, requests: list[Request], fraction: float, adaptive: bool,
-               slots: list[int]) -> None:
-    """Requests at one width (policy) prefilled together into the free `slots`."""
+               slots: list[int], length: int | None = None) -> None:
+    """Requests at one width (policy) prefilled together into the free `slots`, padded to
+    `length` (None: their own padded length)."""
     start = time.perf_counter()
     prefix = self.engine.prefill_many(
         [r.prompt for r in requests], keys=[r.key for r in requests],
         settings=[r.settings for r in requests], fraction=fraction,
-        thresholds=[r.threshold for r in requests] if adaptive else None)
+        thresholds=[r.threshold for r in requests] if adaptive else None, length=length)
     self.state = self.engine.insert_many(prefix, self.state, slots)
     tokens, live, escalated = jax.device_get((prefix.token, prefix.live, prefix.escalated))
     if self.metrics:
@@ -253,3 +252,15 @@ class Scheduler:
     request, self._slots[slot] = self._slots[slot], None
     self.state = self.engine.free(self.state, slot)
     request.finish(reason)
+
+
+def _program(ready: list[tuple[int, int]], waiting: int) -> tuple[int, int | None]:
+  """(prompts to prefill now, padded length) for `waiting` prompts of one width and padded
+  length, among the compiled prefills `ready` ((rows, length) taking them): the one that takes
+  the most prompts, the shortest of those, then the fewest rows; none ready: one prompt at its
+  own length (a program that compiles now)."""
+  fits = [(min(R, waiting), -P, -R, P) for R, P in ready if waiting > R // 2]
+  if not fits:
+    return 1, None
+  n, _, _, P = max(fits)
+  return n, P

@@ -185,7 +185,7 @@ class Server:
                min_fraction: float = 0.0, max_queue: int = 64, max_tokens: int = 1024,
                steps: int = 4, config_overrides: dict | None = None, *,
                draft_fraction: float | None = None, threshold: float = 0.5,
-               router: bool = False):
+               router: bool = False, prompt_pad: int = 16):
     run = runs.load_run(workdir, config_overrides)
     self.config, self.tokenizer, self.params = run.config, run.tokenizer, run.params
     act = run.config.activation
@@ -210,7 +210,8 @@ class Server:
       raise ValueError('--router and --draft_fraction need a nested RA run with a width below 1 '
                        '(policy adaptive).')
     self.engine = engine_lib.Engine(run.params, run.model, act if act.enabled else None,
-                                    slots=slots, prompt_pad=T, adaptive=self.adaptive)
+                                    slots=slots, prompt_pad=min(prompt_pad, T),
+                                    adaptive=self.adaptive)
     self.controller = scheduler_lib.WidthController(self.engine.fractions, slo_ms, min_fraction)
     self.metrics = Metrics()
     self.scheduler = scheduler_lib.Scheduler(self.engine, self.controller, max_queue,
@@ -225,30 +226,31 @@ class Server:
         [(self.adaptive.fraction, self.adaptive.threshold)] if self.adaptive else [])
 
   def warm_up(self) -> float:
-    """Compiles the prefill of one prompt at every width (and policy adaptive's) and the
-    decode steps (with and without the adaptive policy's passes) before serving (the seconds
-    taken); then, in a background thread while the server serves, the prefills of 2, 4, ..
-    prompts (a burst of waiting requests at one width is prefilled together once its program
-    is ready)."""
+    """Compiles the prefill of one prompt padded to the context at every width (and policy
+    adaptive's) and the decode steps (with and without the adaptive policy's passes) before
+    serving (the seconds taken); then, in a background thread while the server serves, the
+    prefills of one prompt at the shorter padded lengths and of 2, 4, .. prompts at each (the
+    scheduler uses the shortest and largest program that has compiled: engine.ready)."""
     start = time.perf_counter()
     state = self.engine.init_state()
     settings = engine_lib.Settings.make(max_tokens=2)
     key = jax.random.key(0)
-    prompt = [0] * self.engine.model.cfg.block_size  # served prompts pad to the context
+    lengths = self.engine.lengths()
+    prompt = [0] * lengths[-1]  # the longest padded length takes every prompt
     for fraction, threshold in self._prefills():
       state = self.engine.insert(self.engine.prefill(
           prompt, key=key, settings=settings, fraction=fraction, threshold=threshold), state, 0)
 
-    def batches():
+    def batches():  # the shorter lengths, then batches of 2, 4, .. prompts, full width first
       scratch = self.engine.init_state()
-      for fraction, threshold in sorted(self._prefills(), key=lambda p: -p[0]):  # full first
-        rows = 2
-        while rows // 2 < self.engine.slots:
-          prefix = self.engine.prefill_many(
-              [prompt] * rows, keys=[key] * rows, settings=[settings] * rows, fraction=fraction,
-              thresholds=None if threshold is None else [threshold] * rows)
-          scratch = self.engine.insert(prefix, scratch, 0)  # insert compiles per row count
-          rows *= 2
+      for rows in [1 << k for k in range(self.engine.slots.bit_length() + 1)
+                   if 1 << k < 2 * self.engine.slots]:
+        for fraction, threshold in sorted(self._prefills(), key=lambda p: -p[0]):
+          for length in lengths if rows > 1 else lengths[:-1]:
+            prefix = self.engine.prefill_many(
+                [[0]] * rows, keys=[key] * rows, settings=[settings] * rows, fraction=fraction,
+                thresholds=None if threshold is None else [threshold] * rows, length=length)
+            scratch = self.engine.insert(prefix, scratch, 0)  # insert compiles per row count
       jax.block_until_ready(scratch.live)
       self.warming = False
     state = self.engine.set_width(state, 0, self.engine.fractions[-1])
@@ -520,6 +522,8 @@ def _define_flags():
                     '(experiments/router.py --save) instead of the narrow width\'s confidence.')
   flags.DEFINE_integer('steps_per_call', 4, 'Decode steps per round trip from the host (more: '
                        'less host overhead per token, new requests wait longer for a slot).')
+  flags.DEFINE_integer('prompt_pad', 16, 'The shortest padded prompt: prompts pad to it times '
+                       '1, 2, 4, .. up to the context (a prefill program per padded length).')
 
 
 def main(argv):
@@ -529,13 +533,13 @@ def main(argv):
   for name, ok in (('slots', f.slots >= 1), ('max_queue', f.max_queue >= 0),
                    ('max_tokens', f.max_tokens >= 1), ('port', 0 <= f.port < 65536),
                    ('slo_ms', f.slo_ms is None or f.slo_ms > 0),
-                   ('steps_per_call', f.steps_per_call >= 1)):
+                   ('steps_per_call', f.steps_per_call >= 1), ('prompt_pad', f.prompt_pad >= 1)):
     if not ok:
       sys.exit(f'error: --{name}={getattr(f, name)} is out of range.')
   try:
     server = Server(f.workdir, f.slots, f.slo_ms, f.min_fraction, f.max_queue, f.max_tokens,
                     f.steps_per_call, cli.run_overrides(), draft_fraction=f.draft_fraction,
-                    threshold=f.threshold, router=f.router)
+                    threshold=f.threshold, router=f.router, prompt_pad=f.prompt_pad)
   except cli.ERRORS as e:
     sys.exit(f'error: {e}')
   seconds = server.warm_up()

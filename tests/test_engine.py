@@ -225,6 +225,49 @@ def test_the_scheduler_prefills_waiting_requests_in_batches_already_compiled(mod
   assert (one_by_one, together) == ([1, 1, 1], [3]) and firsts == same
 
 
+def test_prompts_pad_to_powers_of_two_and_a_longer_compiled_prefill_takes_them(model_params):
+  """Padded lengths are prompt_pad x 1, 2, 4, .. and the context; waiting prompts of one width
+  go through the compiled prefill that takes the most of them (a longer one than their own
+  padded length if it is there), the shortest of those; the first tokens do not change."""
+  model, params = model_params  # context 12
+  engine = engine_lib.Engine(params, model, ACT, slots=4, prompt_pad=2)
+  assert engine.lengths() == [2, 4, 8, 12]
+  assert [engine.padded_length([0] * n) for n in (1, 2, 3, 5, 9, 12)] == [2, 2, 4, 8, 12, 12]
+  assert engine_lib.Engine(params, model, ACT, slots=1, prompt_pad=16).lengths() == [12]
+  with pytest.raises(ValueError, match='prompt_pad must be a positive integer'):
+    engine_lib.Engine(params, model, ACT, slots=1, prompt_pad=0)
+  calls = []
+  prefill_many = engine.prefill_many
+  engine.prefill_many = lambda prompts, **kw: calls.append(
+      (len(prompts), kw.get('length'))) or prefill_many(prompts, **kw)
+  greedy = engine_lib.Settings.make(greedy=True, max_tokens=4)
+
+  def admit():
+    firsts = [[] for _ in range(3)]
+    sched = scheduler.Scheduler(engine, scheduler.WidthController(engine.fractions))
+    for i, prompt in enumerate([[1, 2], [3], [4, 5, 6]]):  # padded to 2, 2 and 4
+      sched.submit(scheduler.Request(np.asarray(prompt), 4, greedy, jax.random.key(i), 0.5,
+                                     lambda t, f, c, i=i: firsts[i].append(t) or True,
+                                     lambda reason: None))
+    calls.clear()
+    sched._admit()  # pylint: disable=protected-access
+    return list(calls), firsts
+
+  first, firsts = admit()
+  assert first == [(1, None), (1, 2), (1, None)]  # one at a time, each compiling or compiled
+  engine.prefill_many([[1]] * 2, keys=[jax.random.key(0)] * 2, settings=[greedy] * 2,
+                      fraction=0.5, length=8)
+  with pytest.raises(ValueError, match='length 2 is not a padded length of at least 4'):
+    engine.prefill_many([[1, 2, 3]], keys=[jax.random.key(0)], settings=[greedy], length=2)
+  second, same = admit()
+  assert second == [(2, 8), (1, 4)] and firsts == same
+  program = scheduler._program  # pylint: disable=protected-access
+  assert program([], 3) == (1, None)
+  assert program([(1, 16), (4, 16), (4, 64)], 3) == (3, 16)
+  assert program([(1, 16), (2, 64)], 5) == (2, 64)
+  assert program([(1, 64), (1, 16)], 1) == (1, 16)
+
+
 def test_bad_engine_input_is_refused_with_one_message(model_params):
   model, params = model_params
   random_act = ml_collections.FrozenConfigDict({**ACT.to_dict(), 'structure': 'random'})
