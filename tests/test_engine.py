@@ -196,33 +196,38 @@ def test_prompts_prefilled_together_decode_as_one_by_one(model_params):
   assert out == alone
 
 
+def admit_three(engine):
+  """Three greedy requests of 1-3 tokens submitted to a fresh scheduler on `engine` at width
+  0.5 and admitted: ([(prompts, length) of each prefill_many call], each one's first tokens)."""
+  calls, firsts = [], [[] for _ in range(3)]
+  prefill_many = engine.prefill_many
+  engine.prefill_many = lambda prompts, **kw: calls.append(
+      (len(prompts), kw.get('length'))) or prefill_many(prompts, **kw)
+  greedy = engine_lib.Settings.make(greedy=True, max_tokens=4)
+  sched = scheduler.Scheduler(engine, scheduler.WidthController(engine.fractions))
+  for i, prompt in enumerate([[1, 2], [3], [4, 5, 6]]):
+    sched.submit(scheduler.Request(np.asarray(prompt), 4, greedy, jax.random.key(i), 0.5,
+                                   lambda t, f, c, i=i: firsts[i].append(t) or True,
+                                   lambda reason: None))
+  try:
+    sched._admit()  # pylint: disable=protected-access
+  finally:
+    engine.prefill_many = prefill_many
+  return calls, firsts
+
+
 def test_the_scheduler_prefills_waiting_requests_in_batches_already_compiled(model_params):
   """Three requests waiting at one width: prefilled one by one while only the one-prompt
   program has run, in one call once the 4-row one has; their first tokens are the same."""
   model, params = model_params
   engine = engine_lib.Engine(params, model, ACT, slots=4, prompt_pad=12)
-  calls = []
-  prefill_many = engine.prefill_many
-  engine.prefill_many = lambda prompts, **kw: calls.append(len(prompts)) or prefill_many(
-      prompts, **kw)
+  one_by_one, firsts = admit_three(engine)
   greedy = engine_lib.Settings.make(greedy=True, max_tokens=4)
-
-  def admit():
-    firsts = [[] for _ in range(3)]
-    sched = scheduler.Scheduler(engine, scheduler.WidthController(engine.fractions))
-    for i, prompt in enumerate([[1, 2], [3], [4, 5, 6]]):
-      sched.submit(scheduler.Request(np.asarray(prompt), 4, greedy, jax.random.key(i), 0.5,
-                                     lambda t, f, c, i=i: firsts[i].append(t) or True,
-                                     lambda reason: None))
-    calls.clear()
-    sched._admit()  # pylint: disable=protected-access
-    return list(calls), firsts
-
-  one_by_one, firsts = admit()
   engine.prefill_many([[1]] * 4, keys=[jax.random.key(0)] * 4, settings=[greedy] * 4,
                       fraction=0.5)
-  together, same = admit()
-  assert (one_by_one, together) == ([1, 1, 1], [3]) and firsts == same
+  together, same = admit_three(engine)
+  assert [n for n, _ in one_by_one] == [1, 1, 1] and [n for n, _ in together] == [3]
+  assert firsts == same
 
 
 def test_prompts_pad_to_powers_of_two_and_a_longer_compiled_prefill_takes_them(model_params):
@@ -236,30 +241,14 @@ def test_prompts_pad_to_powers_of_two_and_a_longer_compiled_prefill_takes_them(m
   assert engine_lib.Engine(params, model, ACT, slots=1, prompt_pad=16).lengths() == [12]
   with pytest.raises(ValueError, match='prompt_pad must be a positive integer'):
     engine_lib.Engine(params, model, ACT, slots=1, prompt_pad=0)
-  calls = []
-  prefill_many = engine.prefill_many
-  engine.prefill_many = lambda prompts, **kw: calls.append(
-      (len(prompts), kw.get('length'))) or prefill_many(prompts, **kw)
-  greedy = engine_lib.Settings.make(greedy=True, max_tokens=4)
-
-  def admit():
-    firsts = [[] for _ in range(3)]
-    sched = scheduler.Scheduler(engine, scheduler.WidthController(engine.fractions))
-    for i, prompt in enumerate([[1, 2], [3], [4, 5, 6]]):  # padded to 2, 2 and 4
-      sched.submit(scheduler.Request(np.asarray(prompt), 4, greedy, jax.random.key(i), 0.5,
-                                     lambda t, f, c, i=i: firsts[i].append(t) or True,
-                                     lambda reason: None))
-    calls.clear()
-    sched._admit()  # pylint: disable=protected-access
-    return list(calls), firsts
-
-  first, firsts = admit()
+  first, firsts = admit_three(engine)  # padded to 2, 2 and 4
   assert first == [(1, None), (1, 2), (1, None)]  # one at a time, each compiling or compiled
+  greedy = engine_lib.Settings.make(greedy=True, max_tokens=4)
   engine.prefill_many([[1]] * 2, keys=[jax.random.key(0)] * 2, settings=[greedy] * 2,
                       fraction=0.5, length=8)
   with pytest.raises(ValueError, match='length 2 is not a padded length of at least 4'):
     engine.prefill_many([[1, 2, 3]], keys=[jax.random.key(0)], settings=[greedy], length=2)
-  second, same = admit()
+  second, same = admit_three(engine)
   assert second == [(2, 8), (1, 4)] and firsts == same
   program = scheduler._program  # pylint: disable=protected-access
   assert program([], 3) == (1, None)
