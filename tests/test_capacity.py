@@ -93,6 +93,18 @@ def test_teacher_runs_fine_tune_the_main_sweeps_parents(capacity):
     assert run.name.startswith('init_from=path-')
 
 
+def test_continued_runs_train_each_dense_model_on_for_the_longest_fine_tunes_steps(capacity):
+  main = {r.name: r for r in sweeps.expand(f'{CAPACITY}:main')}
+  continued = sweeps.expand(f'{CAPACITY}:continued')
+  assert len(continued) == 12
+  for run in continued:
+    parent = main[os.path.basename(run.config.init_from)]
+    assert not parent.random_activation and not run.random_activation
+    assert run.config.model == parent.config.model and run.config.seed == parent.config.seed
+    assert not run.config.init_reorder and run.config.num_steps == 2000
+    assert run.config.opt.warmup_steps == 200  # the 2000-step fine-tune's schedule
+
+
 def test_mixed_runs_fine_tune_the_seed_0_ra_run_with_and_without_the_mixed_pass(capacity):
   main = {r.name: r for r in sweeps.expand(f'{CAPACITY}:main')}
   mixed = sweeps.expand(f'{CAPACITY}:mixed')

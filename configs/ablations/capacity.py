@@ -24,9 +24,11 @@ width alone); `:equal` is the equal-FLOPs dense runs; ''
 is main, teacher, gap and equal in that order.
 
 Variants: `:scan` (dense models of three widths at four step counts, and of two other shapes:
-the table that chose the recipe; its own sweep_dir), `:mixed` (the seed-0 RA run fine-tuned
-with and without `activation.mixed_share`, for the learned router; after `:main`; its own
-sweep_dir), `:smoke` (a tiny model, one seed, budgets 1 and 0.5, for the tests).
+the table that chose the recipe; its own sweep_dir), `:continued` (each dense model of `:main`
+trained on for the longest fine-tune's steps, on its schedule: how much of the teacher path's
+gain extra steps alone give; after `:main`; its own sweep_dir), `:mixed` (the seed-0 RA run
+fine-tuned with and without `activation.mixed_share`, for the learned router; after `:main`;
+its own sweep_dir), `:smoke` (a tiny model, one seed, budgets 1 and 0.5, for the tests).
 
     make corpus   # python -m rag_jax.data.sotu --out=data/sotu
     python experiments/sweep.py --config=configs/ablations/capacity.py --sweep_dir=runs/capacity
@@ -41,7 +43,7 @@ import ml_collections
 from rag_jax import configuration
 from rag_jax import sweeps
 
-VARIANTS_ = ('', 'main', 'teacher', 'gap', 'equal', 'scan', 'mixed', 'smoke')
+VARIANTS_ = ('', 'main', 'teacher', 'gap', 'equal', 'continued', 'scan', 'mixed', 'smoke')
 BUDGETS = (1.0, 0.75, 0.5, 0.25)
 SEEDS = (0, 1, 2)
 VOCAB = 2048  # the BPE of `make corpus` (the FLOPs of the output head)
@@ -162,6 +164,16 @@ def teacher(config, seed: int, fraction: float) -> dict:
           'opt.warmup_steps': min(config.opt.warmup_steps, steps // 10), 'seed': seed}
 
 
+def continued(config, seed: int, a: float) -> dict:
+  """`:continued`, the control for the teacher path's extra steps: seed `seed`'s dense model at
+  a trained on, dense, for the longest fine-tune's steps (TEACHER_FRACTIONS[-1] of its own) on
+  the fine-tune's schedule. Its own sweep_dir: these are not models trained alone."""
+  steps = int(round(config.num_steps * TEACHER_FRACTIONS[-1]))
+  parent = sweeps.run_name({**dense_at(config, a), 'seed': seed})
+  return {**dense_at(config, a), 'init_from': os.path.join(PARENTS, parent), 'num_steps': steps,
+          'opt.warmup_steps': min(config.opt.warmup_steps, steps // 10), 'seed': seed}
+
+
 def mixed(share: float) -> dict:
   """The `:mixed` fine-tune of the seed-0 RA run at `mixed_share` = `share`."""
   parent = sweeps.run_name({**RULE, 'seed': 0})
@@ -182,6 +194,11 @@ def sweep(arg=None):
   if arg == 'mixed':
     for share in MIXED_SHARES:
       yield mixed(share)
+    return
+  if arg == 'continued':
+    for seed in SEEDS:
+      for a in BUDGETS:
+        yield continued(config, seed, a)
     return
   smoke = arg == 'smoke'
   seeds, budgets = ((0,), (1.0, 0.5)) if smoke else (SEEDS, BUDGETS)
