@@ -172,12 +172,15 @@ class TrainStep:
     self.pipelined_ms.append(1e3 * (time.perf_counter() - t0) / steps)
 
 
-def engine_decoding(run, slots: int, steps: int, fraction: float = 1.0):
+def engine_decoding(run, slots: int, steps: int, fraction: float = 1.0, policy=None,
+                    adaptive: bool = True):
   """A slot engine on `run` with every slot live and greedy at `fraction` (the prompt 'The '),
   and a function that runs `steps` decode steps in one call (returning its tokens, which the
-  caller times)."""
+  caller times). `policy`: the engine's adaptive policy (no slot uses it); `adaptive`:
+  generate_steps' argument (False: the step without that policy's passes)."""
   act = run.config.activation
-  engine = engine_lib.Engine(run.params, run.model, act if act.enabled else None, slots=slots)
+  engine = engine_lib.Engine(run.params, run.model, act if act.enabled else None, slots=slots,
+                             adaptive=policy)
   state = engine.init_state()
   settings = engine_lib.Settings.make(greedy=True, max_tokens=1 << 30)
   prompt = run.tokenizer.encode('The ')
@@ -187,6 +190,6 @@ def engine_decoding(run, slots: int, steps: int, fraction: float = 1.0):
   box = [state]
 
   def call():
-    box[0], tokens, _, _ = engine.generate_steps(box[0], steps)
+    box[0], tokens, _, _ = engine.generate_steps(box[0], steps, adaptive)
     return tokens
   return engine, call

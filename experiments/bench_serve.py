@@ -129,7 +129,7 @@ async def concurrent(url, model, n, max_tokens) -> dict:
 
 async def engine_seconds(client, url) -> dict[str, float]:
   """The server's counters: rag_engine_seconds ({'decode': s, 'prefill': s}), the decode
-  steps run ('steps') and their sum of occupied slots ('slot_steps')."""
+  steps run ('steps') and the tokens they chose over all slots ('slot_steps')."""
   text = (await client.get(f'{url}/metrics')).text
   out = {'decode': 0.0, 'prefill': 0.0, 'steps': 0.0, 'slot_steps': 0.0}
   for line in text.splitlines():

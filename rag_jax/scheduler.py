@@ -209,7 +209,6 @@ class Scheduler:
     is live, as finished ones leave at once); the width of unpinned slots adjusted after."""
     start = time.perf_counter()
     adaptive = any(r is not None and r.threshold is not None for r in self._slots)
-    occupied = sum(r is not None for r in self._slots)
     self.state, tokens_KxS, live_KxS, escalated_KxS = self.engine.generate_steps(
         self.state, self.steps, adaptive)
     tokens_KxS, live_KxS, escalated_KxS, live_after = jax.device_get(
@@ -233,7 +232,7 @@ class Scheduler:
     waiting, _ = self.busy()
     if self.metrics:
       self.metrics.step(step_ms / 1000, sum(r is not None for r in self._slots), self.steps,
-                        occupied)
+                        int(live_KxS.sum()))
     target = self.controller.observe(step_ms, waiting)
     for slot, request in enumerate(self._slots):
       if request is not None and request.fraction is None and request.threshold is None and (

@@ -99,8 +99,8 @@ class Metrics:
         registry=r)
     self.steps = prom.Counter('rag_decode_steps', 'Decode steps run (each over every slot).',
                               registry=r)
-    self.slot_steps = prom.Counter('rag_decode_slot_steps', 'Decode steps x the slots holding '
-                                   'a request then (over rag_decode_steps: the mean batch).',
+    self.slot_steps = prom.Counter('rag_decode_slot_steps', 'Tokens the decode steps chose, '
+                                   'summed over slots (over rag_decode_steps: the mean batch).',
                                    registry=r)
 
   def first_token(self, seconds: float):
@@ -109,13 +109,13 @@ class Metrics:
   def token(self, fraction: float):
     self.tokens.labels(width=f'{fraction:g}').inc()
 
-  def step(self, seconds: float, busy: int, steps: int = 1, occupied: int | None = None):
-    """`steps` decode steps of `seconds` each, `occupied` slots holding a request as they ran
-    (`busy`: after them)."""
+  def step(self, seconds: float, busy: int, steps: int = 1, slot_steps: int | None = None):
+    """`steps` decode steps of `seconds` each, which chose `slot_steps` tokens in all (default:
+    `busy` a step; `busy`: the slots holding a request after them)."""
     self.tpot.observe(seconds)
     self.busy.set(busy)
     self.steps.inc(steps)
-    self.slot_steps.inc(steps * (busy if occupied is None else occupied))
+    self.slot_steps.inc(steps * busy if slot_steps is None else slot_steps)
 
   def engine(self, call: str, seconds: float):
     self.engine_seconds.labels(call=call).inc(seconds)

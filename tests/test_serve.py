@@ -133,7 +133,7 @@ def test_openai_client_round_trip_and_greedy_equals_sample_under_mixed_widths(se
     assert seconds and float(seconds.group(1)) > 0, call
   steps, slot_steps = (float(re.search(rf'^{name}_total (\S+)', metrics, re.M).group(1))
                        for name in ('rag_decode_steps', 'rag_decode_slot_steps'))
-  assert steps >= 1 and steps <= slot_steps <= steps * 4  # each step carried 1 to 4 requests
+  assert steps >= 1 and 0 < slot_steps <= steps * 4  # a step chooses a token in 0 to 4 slots
 
 
 @pytest.mark.slow
