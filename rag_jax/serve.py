@@ -234,7 +234,7 @@ class Server:
     start = time.perf_counter()
     state = self.engine.init_state()
     settings = engine_lib.Settings.make(max_tokens=2)
-    key = jax.random.key(0)
+    key = self.request_key(0, np.zeros(1, np.int32))  # compiles the key's operations too
     lengths = self.engine.lengths()
     prompt = [0] * lengths[-1]  # the longest padded length takes every prompt
     for fraction, threshold in self._prefills():
@@ -360,11 +360,15 @@ class Server:
     return dict(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
                 seed=seed, stop=stop, stream=bool(body.get('stream', False)))
 
+  def request_key(self, seed: int, prompt: np.ndarray) -> jax.Array:
+    """A request's sampling key: `rag_jax.sample`'s for the same seed and prompt (sample 0)."""
+    key = jax.random.split(jax.random.fold_in(self.sample_key, seed))[0]
+    return jax.random.fold_in(key, decode.sample_id(prompt, 0))
+
   def submit(self, spec: dict, prompt: np.ndarray, loop) -> Completion:
     """Queues one prompt; its key is `rag_jax.sample`'s for the same seed (sample 0)."""
     completion = Completion(loop, self.tokenizer, spec['stop'], spec['stream'])
-    key = jax.random.split(jax.random.fold_in(self.sample_key, spec['seed']))[0]
-    key = jax.random.fold_in(key, decode.sample_id(prompt, 0))
+    key = self.request_key(spec['seed'], prompt)
     settings = engine_lib.Settings.make(
         temperature=spec['temperature'] or 1.0, top_p=spec['top_p'],
         greedy=spec['temperature'] == 0, max_tokens=spec['max_tokens'])
