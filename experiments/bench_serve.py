@@ -123,7 +123,7 @@ async def concurrent(url, model, n, max_tokens) -> dict:
           'relative_flops': float(np.mean(flops)),
           # The share of each round's wall time the scheduler spent inside engine calls.
           'engine_share': median(shares),
-          # Decode steps a round ran, the engine's time per step and the slots it carried.
+          # Decode steps a round ran, the engine's time per step and the tokens a step chose.
           'decode_steps': median(steps)}
 
 
