@@ -218,6 +218,8 @@ class Server:
                                              self.metrics, steps)
     self.max_tokens = max_tokens
     self.warming = False  # batched prefills still compiling (warm_up)
+    self._closing = threading.Event()
+    self._warm_thread: threading.Thread | None = None
     self.sample_key = workdir_lib.root_keys(run.config.seed)['sample']
 
   def _prefills(self):
@@ -247,6 +249,8 @@ class Server:
                    if 1 << k < 2 * self.engine.slots]:
         for fraction, threshold in sorted(self._prefills(), key=lambda p: -p[0]):
           for length in lengths if rows > 1 else lengths[:-1]:
+            if self._closing.is_set():  # close(): stop between two programs
+              return
             prefix = self.engine.prefill_many(
                 [[0]] * rows, keys=[key] * rows, settings=[settings] * rows, fraction=fraction,
                 thresholds=None if threshold is None else [threshold] * rows, length=length)
@@ -259,8 +263,17 @@ class Server:
     jax.block_until_ready(self.engine.free(state, 0).live)
     seconds = time.perf_counter() - start
     self.warming = True
-    threading.Thread(target=batches, name='rag_jax-compile', daemon=True).start()
+    self._warm_thread = threading.Thread(target=batches, name='rag_jax-compile', daemon=True)
+    self._warm_thread.start()
     return seconds
+
+  def close(self) -> None:
+    """Stops the background compilation (after the program compiling now) and waits for it:
+    a process that exits while XLA compiles in another thread aborts (SIGABRT), where a
+    drained server must exit 0."""
+    self._closing.set()
+    if self._warm_thread is not None:
+      self._warm_thread.join()
 
   def model_ids(self) -> list[str]:
     return [self.name] + [f'{self.name}@{f:g}' for f in self.engine.fractions] + (
@@ -562,6 +575,7 @@ def main(argv):
   config = uvicorn.Config(make_app(server), log_level='warning',
                           timeout_graceful_shutdown=int(f.drain_s))
   _Uvicorn(config).run(sockets=[sock])  # SIGTERM/SIGINT: stop accepting, drain, then return
+  server.close()
   print('stopped', flush=True)
 
 
