@@ -125,6 +125,10 @@ class Engine:
     if not isinstance(prompt_pad, int) or prompt_pad < 1:
       raise ValueError(f'prompt_pad must be a positive integer, got {prompt_pad!r}.')
     self.prompt_pad = prompt_pad  # the shortest padded prompt: one prefill per padded length
+    T, pads = cfg.block_size, []
+    while prompt_pad << len(pads) < T:
+      pads.append(prompt_pad << len(pads))
+    self._lengths = (*pads, T)
     key = jax.random.key(0)  # nested widths: the key chooses no units
     self.plans = tuple(None if f == 1.0 else activation.make_plan(key, act, cfg, fraction=f)
                        for f in fractions)
@@ -228,14 +232,11 @@ class Engine:
   def lengths(self) -> list[int]:
     """The padded prompt lengths: `prompt_pad` times 1, 2, 4, .. below the context, and the
     context (a prefill's cost grows with its padded length, its programs with their number)."""
-    T, out = self.model.cfg.block_size, []
-    while self.prompt_pad << len(out) < T:
-      out.append(self.prompt_pad << len(out))
-    return out + [T]
+    return list(self._lengths)
 
   def padded_length(self, prompt: Sequence[int]) -> int:
     """The length a prompt is padded to: the shortest of `lengths` that holds it."""
-    return next(P for P in self.lengths() if P >= len(prompt) or P == self.lengths()[-1])
+    return next((P for P in self._lengths if P >= len(prompt)), self._lengths[-1])
 
   def ready(self, fraction: float, adaptive: bool, length: int) -> list[tuple[int, int]]:
     """(rows, padded length) of the prefills at this width (policy) that have compiled and
@@ -447,13 +448,12 @@ class Engine:
         i = jnp.argmax(need_S)
         row = lambda x: jax.lax.dynamic_index_in_dim(x, i, 0)  # keeps a leading axis of 1
         tokens_1xK = row(recent_SxK)
-        _, fresh, _ = self._forward(variables, tokens_1xK, gpt.init_cache(self.model.cfg, 1),
-                                    jnp.zeros((1,), jnp.int32), row(state.width),
-                                    jnp.ones((1,), bool))
-        if adaptive:
-          fresh = jax.lax.cond(
-              state.adaptive[i], lambda: self._adaptive_decoder(
-                  variables, state.threshold[i]).prefill(tokens_1xK, 0)[1], lambda: fresh)
+        fixed = lambda: self._forward(variables, tokens_1xK, gpt.init_cache(self.model.cfg, 1),
+                                      jnp.zeros((1,), jnp.int32), row(state.width),
+                                      jnp.ones((1,), bool))[1]
+        fresh = jax.lax.cond(state.adaptive[i], lambda: self._adaptive_decoder(
+            variables, state.threshold[i]).prefill(tokens_1xK, 0)[1], fixed) if adaptive else (
+                fixed())
         cache = jax.tree.map(lambda c, f: jax.lax.dynamic_update_index_in_dim(c, f[0], i, 0),
                              cache, fresh)
         return need_S.at[i].set(False), cache
