@@ -283,6 +283,7 @@ class Server:
     """The request's settings, or BadRequest naming the problem."""
     if not isinstance(body, dict):
       raise BadRequest('the body must be a JSON object.')
+    body = {k: v for k, v in body.items() if v is not None}  # null: the default (as OpenAI's)
     model = body.get('model', self.name)
     name, _, budget = str(model).partition('@')
     if name != self.name:

@@ -164,6 +164,9 @@ def test_bad_requests_get_their_status_and_the_server_goes_on(served_run):
     err = response.json()['error']
     assert message in err['message'] and err['type'], (body, err)
   assert server.client.completions.create(model='ra', prompt='a', max_tokens=3).usage
+  nulls = server.post({'prompt': 'a', 'max_tokens': 3, 'seed': None, 'stop': None, 'n': None,
+                       'temperature': None, 'top_p': None, 'stream': None, 'policy': None})
+  assert nulls.status_code == 200, nulls.text  # null means the default, as in OpenAI's API
   metrics = httpx.get(f'{server.url}/metrics').text
   assert 'rag_requests_total{outcome="400"}' in metrics
   assert 'rag_time_per_output_token_seconds_bucket' in metrics
@@ -208,6 +211,34 @@ def test_a_full_queue_answers_429_and_sigterm_drains(served_run, tfds_env):
   finally:
     pool.shutdown(wait=False)
     server.stop()
+
+
+@pytest.mark.slow
+def test_replicas_answer_a_request_alike_whatever_ran_before(served_run, tfds_env):
+  """Two replicas of one run (different slots and steps per call), a client spreading requests
+  over them round-robin as a load balancer would: each request's text, greedy or sampled with a
+  seed, at each budget, is the same from either replica and from one replica again after other
+  requests: a server keeps no state between requests, so replicas scale out."""
+  workdir, first = served_run
+  second = Served(workdir, tfds_env, '--slots=2', '--steps_per_call=1')
+  jobs = [('ROMEO:', 'ra', 0.0, None), ('JULIET:', 'ra@0.5', 0.9, 7), ('KING:', 'ra@0.25', 0.0,
+          None), ('Nurse:', 'ra', 0.8, 11), ('ROMEO:', 'ra@0.75', 1.0, 5)]
+  replicas = [first, second]
+
+  def complete(i):  # round i // 5, job i % 5: each job meets both replicas
+    prompt, model, temperature, seed = jobs[i % len(jobs)]
+    server = replicas[(i // len(jobs) + i % len(jobs)) % 2]
+    return server.client.completions.create(model=model, prompt=prompt, max_tokens=20,
+                                            temperature=temperature, seed=seed).choices[0].text
+  try:
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+      texts = list(pool.map(complete, range(3 * len(jobs))))
+  finally:
+    second.stop()
+  for j in range(len(jobs)):
+    assert texts[j] == texts[j + len(jobs)] == texts[j + 2 * len(jobs)], jobs[j]
+  sampled = [text for text, job in zip(texts, jobs) if job[2] > 0]
+  assert len(set(sampled)) == len(sampled)  # seeded sampling, not one degenerate text
 
 
 @pytest.mark.slow
