@@ -95,6 +95,7 @@ class Scheduler:
     self._waiting: collections.deque[Request] = collections.deque()
     self._slots: list[Request | None] = [None] * engine.slots
     self._width = [0] * engine.slots  # each slot's width (an index into engine.fractions)
+    self._delivered: collections.Counter[float] = collections.Counter()  # tokens by width
     self._wake = threading.Condition()
     self._stop = False
     self._thread: threading.Thread | None = None
@@ -202,6 +203,7 @@ class Scheduler:
         self._release(slot, 'stop')
       elif not live[i]:
         self._release(slot, 'length')
+    self._count_delivered()
 
   def _step(self) -> None:
     """`steps` decode steps over every slot in one program, then their tokens delivered (one
@@ -229,6 +231,7 @@ class Scheduler:
         self._release(slot, 'stop')
       elif not live_after[slot]:
         self._release(slot, 'length')
+    self._count_delivered()
     waiting, _ = self.busy()
     if self.metrics:
       self.metrics.step(step_ms / 1000, sum(r is not None for r in self._slots), self.steps,
@@ -243,9 +246,15 @@ class Scheduler:
   def _deliver(self, slot: int, token: int, fraction: float, escalated: bool) -> bool:
     flops = self.relative_flops[fraction] + escalated
     fraction = 1.0 if escalated else fraction
-    if self.metrics:
-      self.metrics.token(fraction)
+    self._delivered[fraction] += 1
     return self._slots[slot].emit(token, fraction, flops)
+
+  def _count_delivered(self) -> None:
+    """The tokens delivered since the last call, by width, to the metrics at once (one labelled
+    increment per token: 2.8 us on 2 CPU cores, 4% of a token's share of a 16-slot step)."""
+    if self.metrics and self._delivered:
+      self.metrics.tokens_by_width(self._delivered)
+    self._delivered.clear()
 
   def _release(self, slot: int, reason: str) -> None:
     request, self._slots[slot] = self._slots[slot], None

@@ -106,8 +106,9 @@ class Metrics:
   def first_token(self, seconds: float):
     self.ttft.observe(seconds)
 
-  def token(self, fraction: float):
-    self.tokens.labels(width=f'{fraction:g}').inc()
+  def tokens_by_width(self, counts: dict[float, int]):
+    for fraction, n in counts.items():
+      self.tokens.labels(width=f'{fraction:g}').inc(n)
 
   def step(self, seconds: float, busy: int, steps: int = 1, slot_steps: int | None = None):
     """`steps` decode steps of `seconds` each, which chose `slot_steps` tokens in all (default:

@@ -134,6 +134,7 @@ def test_openai_client_round_trip_and_greedy_equals_sample_under_mixed_widths(se
   steps, slot_steps = (float(re.search(rf'^{name}_total (\S+)', metrics, re.M).group(1))
                        for name in ('rag_decode_steps', 'rag_decode_slot_steps'))
   assert steps >= 1 and 0 < slot_steps <= steps * 4  # a step chooses a token in 0 to 4 slots
+  assert re.search(r'^rag_tokens_total{width="0.25"} 40.0$', metrics, re.M)  # JULIET's
 
 
 @pytest.mark.slow
