@@ -250,8 +250,8 @@ class Scheduler:
     return self._slots[slot].emit(token, fraction, flops)
 
   def _count_delivered(self) -> None:
-    """The tokens delivered since the last call, by width, to the metrics at once (one labelled
-    increment per token: 2.8 us on 2 CPU cores, 4% of a token's share of a 16-slot step)."""
+    """The tokens delivered since the last call, by width, to the metrics at once: a labelled
+    increment takes microseconds, a few percent of a token's share of a batched step."""
     if self.metrics and self._delivered:
       self.metrics.tokens_by_width(self._delivered)
     self._delivered.clear()
