@@ -451,9 +451,11 @@ class Engine:
         fixed = lambda: self._forward(variables, tokens_1xK, gpt.init_cache(self.model.cfg, 1),
                                       jnp.zeros((1,), jnp.int32), row(state.width),
                                       jnp.ones((1,), bool))[1]
-        fresh = jax.lax.cond(state.adaptive[i], lambda: self._adaptive_decoder(
-            variables, state.threshold[i]).prefill(tokens_1xK, 0)[1], fixed) if adaptive else (
-                fixed())
+        if adaptive:  # an adaptive slot's context is rebuilt by its own policy's prefill
+          fresh = jax.lax.cond(state.adaptive[i], lambda: self._adaptive_decoder(
+              variables, state.threshold[i]).prefill(tokens_1xK, 0)[1], fixed)
+        else:
+          fresh = fixed()
         cache = jax.tree.map(lambda c, f: jax.lax.dynamic_update_index_in_dim(c, f[0], i, 0),
                              cache, fresh)
         return need_S.at[i].set(False), cache
