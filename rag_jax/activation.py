@@ -56,6 +56,7 @@ TRAIN_MODES = ('single', 'sandwich', 'sandwich_rule')
 # `fixed` and `random` (a dense run at fraction 1 is the dense model); `sample` takes all three.
 POLICIES = ('dense', 'fixed', 'random')
 LAYER_SCHEDULES = ('structure', 'spaced', 'rising')
+MIXED_ROUTINGS = ('random', 'gain')  # which positions the mixed pass escalates (mixed_routing)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -86,13 +87,18 @@ def default_config() -> ml_collections.ConfigDict:
   # positions (drawn per row and position) at the full width, so the model learns the mixed
   # contexts that policy `adaptive` decodes. It computes every unit (masks): a full pass's cost.
   c.mixed_share = 0.0
+  # Which positions the mixed pass runs at the full width: 'random' (each with probability
+  # mixed_share) or 'gain' (in each window the mixed_share of positions with the largest
+  # expected gain KL(full || smallest) of this step's two passes, detached: top-k routing as in
+  # Mixture-of-Depths, by the signal a learned router is fitted to; `sandwich_rule` only).
+  c.mixed_routing = 'random'
   return c
 
 
 # Fields added after runs were saved without them (configuration.ADDED_FIELDS completes a loaded
 # config with these defaults: the behaviour those runs had).
 ADDED = ('sandwich_random', 'distill_weight', 'distill_temperature', 'narrow_weight',
-         'full_warmup_steps', 'layer_schedule', 'mixed_share')
+         'full_warmup_steps', 'layer_schedule', 'mixed_share', 'mixed_routing')
 DEFAULTS = ml_collections.FrozenConfigDict(default_config())
 
 
@@ -170,6 +176,15 @@ def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -
     raise ConfigError('config.activation.mixed_share adds a pass at the smallest width with some '
                       "positions at the full width, beside the full width's own pass, which a "
                       "`single` step does not have: use train_mode='sandwich' or 'sandwich_rule'.")
+  routing = setting(act, 'mixed_routing')
+  if routing not in MIXED_ROUTINGS:
+    raise ConfigError('config.activation.mixed_routing must be one of '
+                      f'{", ".join(MIXED_ROUTINGS)}, got {routing!r}.')
+  if routing == 'gain' and not (mixed and act.train_mode == 'sandwich_rule'):
+    raise ConfigError("config.activation.mixed_routing='gain' escalates the positions where the "
+                      'full width gains most over the smallest width, which needs a mixed pass '
+                      "(mixed_share > 0) and the smallest width's own pass "
+                      "(train_mode='sandwich_rule').")
   if w > 0 and act.train_mode == 'single':
     raise ConfigError('config.activation.distill_weight > 0 distils the full width into the narrow '
                       "ones, which needs the full width in the step: use train_mode='sandwich' or "

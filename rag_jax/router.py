@@ -11,7 +11,7 @@ paid for.
 
 Post hoc: the RA model is frozen and only the router learns (a two-layer MLP on standardised
 features, squared error), on positions of the training split. Its target is the expected gain
-KL(p_full || p_narrow) (`expected_gain`), not the realised one: the realised gain depends on
+KL(p_full || p_narrow) (`losses.expected_gain`), not the realised one: the realised gain depends on
 the next token, which the router cannot see, and is mostly noise to it. `fit` returns the
 router as a dict of float32 arrays; `save`/`load` keep it in the workdir (ROUTER_FILE, with the
 width it routes from).
@@ -28,6 +28,7 @@ import optax
 
 from rag_jax import activation
 from rag_jax import files
+from rag_jax import losses
 from rag_jax import weights
 
 ROUTER_FILE = 'router.safetensors'
@@ -93,30 +94,17 @@ def apply_with_hidden(model, variables, tokens, **kwargs):
 def scorer(model, params, act, fraction: float):
   """A jitted function of a batch of windows (tokens_Bx(T+1)) giving, per position: the
   router's features (hidden state, top-1 log-probability, entropy of the narrow pass at
-  `fraction`), the narrow loss, the full loss and the expected gain (`expected_gain`)."""
+  `fraction`), the narrow loss, the full loss and the expected gain (`losses.expected_gain`)."""
   narrow = activation.make_plan(jax.random.key(0), act, model.cfg, fraction=fraction)
-
-  def losses(logits, y):
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
 
   @jax.jit
   def score(tokens):
     x, y = tokens[:, :-1], tokens[:, 1:]
     (logits, _), hidden = apply_with_hidden(model, {'params': params}, x, plan=narrow)
     full = model.apply({'params': params}, x)[0]
-    return (features(hidden, logits), losses(logits, y), losses(full, y),
-            expected_gain(full, logits))
+    return (features(hidden, logits), losses.token_losses(logits, y),
+            losses.token_losses(full, y), losses.expected_gain(full, logits))
   return score
-
-
-def expected_gain(full_logits: jax.Array, narrow_logits: jax.Array) -> jax.Array:
-  """KL(p_full || p_narrow) per position: the gain of the full width over the narrow one that
-  the context alone can tell, the expected `loss_narrow - loss_full` when the next token is
-  drawn from the full model. The target the router learns (the realised gain also depends on
-  the next token, which no causal router sees)."""
-  full = jax.nn.log_softmax(full_logits.astype(jnp.float32), axis=-1)
-  narrow = jax.nn.log_softmax(narrow_logits.astype(jnp.float32), axis=-1)
-  return (jnp.exp(full) * (full - narrow)).sum(-1)
 
 
 def features(hidden: jax.Array, logits: jax.Array) -> jax.Array:

@@ -101,15 +101,28 @@ def train_plans(act_key: jax.Array, act: ml_collections.ConfigDict,
 
 
 def mixed_plan(act_key: jax.Array, act: ml_collections.ConfigDict, model_cfg,
-               shape: tuple[int, int]) -> plan_lib.Plan:
-  """The `mixed_share` pass's plan: the smallest width, as masks, with each (row, position) of
-  windows of `shape` (B, T + 1) at the full width with probability `act.mixed_share` (a key
-  folded from the step's activation key, apart from the drawn widths')."""
+               shape: tuple[int, int], gain_BxT: jax.Array | None = None) -> plan_lib.Plan:
+  """The `mixed_share` pass's plan: the smallest width, as masks, with some (row, position) of
+  windows of `shape` (B, T + 1) at the full width. `mixed_routing='random'`: each with
+  probability `act.mixed_share` (a key folded from the step's activation key, apart from the
+  drawn widths'); 'gain': in each row the round(mixed_share * T) positions (at least one) with
+  the largest `gain_BxT` (top_share)."""
   smallest = activation.make_plan(act_key, act, model_cfg, activation.smallest_fraction(act))
-  escalate = jax.random.bernoulli(jax.random.fold_in(act_key, MIXED_KEY),
-                                  activation.setting(act, 'mixed_share'),
-                                  (shape[0], shape[1] - 1))
+  share = activation.setting(act, 'mixed_share')
+  if activation.setting(act, 'mixed_routing') == 'gain':
+    escalate = top_share(gain_BxT, share)
+  else:
+    escalate = jax.random.bernoulli(jax.random.fold_in(act_key, MIXED_KEY), share,
+                                    (shape[0], shape[1] - 1))
   return plan_lib.escalate(plan_lib.as_masks(smallest), escalate)
+
+
+def top_share(scores_BxT: jax.Array, share: float) -> jax.Array:
+  """Per row, True at the round(share * T) positions (at least one) of highest score, as
+  Mixture-of-Depths' per-sequence capacity (ties at the k-th score escalate together)."""
+  k = max(1, int(round(share * scores_BxT.shape[1])))
+  kth_Bx1 = jax.lax.top_k(scores_BxT, k)[0][:, -1:]
+  return scores_BxT >= kth_Bx1
 
 
 def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
@@ -122,7 +135,8 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
   adds the full and the smallest widths to `act.sandwich_random` drawn ones (the drawn widths
   of one step use keys folded from its activation key). Losses of the passes are summed, the
   narrow ones weighted by `act.narrow_weight`; `act.mixed_share` adds the smallest width with
-  some positions at the full width (mixed_plan), weighted as the narrow ones. The first
+  some positions at the full width (mixed_plan: random ones, or those where the full width gains
+  most, `act.mixed_routing`), weighted as the narrow ones. The first
   `act.full_warmup_steps` steps train the full width alone.
   """
   use_dropout = model.cfg.dropout > 0
@@ -147,14 +161,18 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
           return drawn, (drawn, drawn)
         full_logits = logits_fn(params, model, batch, dropout_key)
         full = cross_entropy(full_logits, batch)
-        total, narrow_ce = full, []
+        total, narrow_ce, narrow_logits = full, [], []
         for plan in plans:
-          objective, ce = narrow_loss(logits_fn(params, model, batch, dropout_key, plan),
-                                      full_logits, batch, weight, temperature)
+          narrow_logits.append(logits_fn(params, model, batch, dropout_key, plan))
+          objective, ce = narrow_loss(narrow_logits[-1], full_logits, batch, weight, temperature)
           total, narrow_ce = total + narrow_weight * objective, narrow_ce + [ce]
         if mixed_share:
+          gain = None  # mixed_routing 'gain': KL(full || smallest) of this step, detached
+          if activation.setting(act, 'mixed_routing') == 'gain':
+            gain = jax.lax.stop_gradient(losses.expected_gain(full_logits, narrow_logits[0]))
           objective, _ = narrow_loss(logits_fn(params, model, batch, dropout_key, mixed_plan(
-              act_key, act, model.cfg, batch.shape)), full_logits, batch, weight, temperature)
+              act_key, act, model.cfg, batch.shape, gain)), full_logits, batch, weight,
+              temperature)
           total = total + narrow_weight * objective
         return total, (full, sum(narrow_ce) / len(narrow_ce))
 

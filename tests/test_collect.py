@@ -179,6 +179,12 @@ def test_frontier_sweep_expands_to_dense_models_at_the_sub_models_flops():
   assert len(sweeps.expand(f'{FRONTIER}:smoke')) == 6  # one seed, a = 1 and 0.5, 4 RA
   large = sweeps.expand(f'{FRONTIER}:large')  # 3 seeds x (4 dense, distill, rule)
   assert len(large) == 18 and {r.config.model.num_heads for r in large} == {8, 6, 4, 2}
+  routed = sweeps.expand(f'{FRONTIER}:routed')  # the large `rule` run with a mixed pass
+  rule = next(r for r in large if r.config.activation.train_mode == 'sandwich_rule')
+  assert len(routed) == 6 and {r.config.model.to_dict() == rule.config.model.to_dict()
+                               for r in routed} == {True}
+  assert {(r.config.activation.mixed_routing, r.config.activation.mixed_share, r.config.seed)
+          for r in routed} == {(m, 0.2, s) for m in ('random', 'gain') for s in (0, 1, 2)}
   big = runs.make_model(large[0].config, 65).cfg
   params = big.num_layers * (4 * big.embed_dim * big.attn_dim + 2 * big.embed_dim * big.mlp_dim)
   assert params + (65 + big.block_size) * big.embed_dim >= 5_000_000  # the second size

@@ -9,6 +9,7 @@ import pytest
 from rag_jax import activation
 from rag_jax import configuration
 from rag_jax import flops
+from rag_jax import losses
 from rag_jax import plan as plan_lib
 from rag_jax import runs
 from rag_jax import train
@@ -145,6 +146,11 @@ def test_training_flops_of_each_mode():
     ({'train_mode': 'sandwich_rule', 'mixed_share': -0.1}, 'mixed_share must be in'),
     ({'train_mode': 'sandwich_rule', 'mixed_share': float('nan')}, 'mixed_share must be in'),
     ({'mixed_share': 0.3}, 'mixed_share adds a pass'),  # single: no full pass beside it
+    ({'train_mode': 'sandwich_rule', 'mixed_share': 0.3, 'mixed_routing': 'oracle'},
+     'mixed_routing must be one of random, gain'),
+    ({'train_mode': 'sandwich_rule', 'mixed_routing': 'gain'}, 'needs a mixed pass'),
+    ({'train_mode': 'sandwich', 'mixed_share': 0.3, 'mixed_routing': 'gain'},
+     "smallest width's own pass"),
 ])
 def test_bad_training_modes_are_refused(overrides, match):
   model = CFG
@@ -235,6 +241,54 @@ def test_mixed_plan_escalates_a_share_of_positions_per_row():
   np.testing.assert_array_equal(heads, escalated)  # every site of a position: one width
   other = train.mixed_plan(jax.random.key(4), act, CFG, (64, CFG.block_size + 1))
   assert (np.asarray(other[0].mlp.mask).min(axis=-1) == 1).tolist() != escalated.tolist()
+
+
+def test_gain_routing_escalates_each_rows_top_share():
+  """mixed_routing='gain': in every row exactly round(share * T) positions run at the full width,
+  those of largest gain, whatever the key."""
+  act = act_config(train_mode='sandwich_rule', mixed_share=0.25, mixed_routing='gain')
+  gain = jax.random.uniform(jax.random.key(5), (16, CFG.block_size))
+  plan = train.mixed_plan(jax.random.key(3), act, CFG, (16, CFG.block_size + 1), gain)
+  escalated = np.asarray(plan[0].mlp.mask).min(axis=-1) == 1
+  top = np.argsort(-np.asarray(gain), axis=1)[:, :2]  # round(0.25 * 8) = 2 per row
+  want = np.zeros_like(escalated)
+  np.put_along_axis(want, top, True, axis=1)
+  np.testing.assert_array_equal(escalated, want)
+  again = train.mixed_plan(jax.random.key(4), act, CFG, (16, CFG.block_size + 1), gain)
+  np.testing.assert_array_equal(np.asarray(again[0].mlp.mask), np.asarray(plan[0].mlp.mask))
+  np.testing.assert_array_equal(train.top_share(jnp.zeros((2, 8)) + jnp.arange(8), 0.01),
+                                np.arange(8)[None].repeat(2, 0) == 7)  # at least one
+
+
+@pytest.mark.slow
+def test_gain_routing_escalates_where_this_steps_full_width_gains_most(setup):
+  """A step with mixed_routing='gain' adds the gradient of the mixed pass whose escalated
+  positions are the top share of KL(full || smallest) of the step's own passes (SGD at rate 1:
+  the update is minus the gradient), and differs from a step with random positions."""
+  model, _, state, tokens = setup
+  sgd = optax.sgd(1.0)
+  state = runs.TrainState(step=state.step, params=state.params, opt_state=sgd.init(state.params))
+  key = jax.random.key(12)
+  rule = act_config(train_mode='sandwich_rule', distill_weight=0.5)
+  routed = act_config(train_mode='sandwich_rule', distill_weight=0.5, mixed_share=0.25,
+                      mixed_routing='gain')
+  after_rule, _ = jax.jit(train.make_train_step(model, sgd, rule))(state, tokens, key)
+  after_routed, _ = jax.jit(train.make_train_step(model, sgd, routed))(state, tokens, key)
+  after_random, _ = jax.jit(train.make_train_step(
+      model, sgd, act_config(train_mode='sandwich_rule', distill_weight=0.5,
+                             mixed_share=0.25)))(state, tokens, key)
+  _, act_key = jax.random.split(jax.random.fold_in(key, state.step))
+  full = train.logits_fn(state.params, model, tokens, None)
+  smallest = train.logits_fn(state.params, model, tokens, None,
+                             train.train_plans(act_key, routed, CFG)[0])
+  plan = train.mixed_plan(act_key, routed, CFG, tokens.shape, losses.expected_gain(full, smallest))
+  grad = jax.grad(lambda p: train.narrow_loss(train.logits_fn(p, model, tokens, None, plan),
+                                              full, tokens, 0.5, 1.0)[0])(state.params)
+  for r, m, g in zip(jax.tree.leaves(after_rule.params), jax.tree.leaves(after_routed.params),
+                     jax.tree.leaves(grad)):
+    np.testing.assert_allclose(m, r - g, rtol=1e-4, atol=1e-6)
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(after_routed.params),
+                                                   jax.tree.leaves(after_random.params)))
 
 
 @pytest.mark.slow

@@ -20,6 +20,10 @@ model, one seed, budgets 1 and 0.5, no equal-FLOPs runs. `:large` repeats the ma
 the 6.0M-parameter model (configs/shakespeare_char.py:large, 8 heads of 36, 1152 MLP units): the
 dense models at the four budgets and the `distill` and `rule` RA runs, three seeds, no
 equal-FLOPs runs (18 runs; about 13 minutes for a full-width dense run on 2 CPU cores).
+`:routed` trains the large model's `rule` run for the learned router (rag_jax/router.py) with a
+mixed pass (`activation.mixed_share` 0.2) whose full-width positions are drawn at random or are
+the step's largest expected gains (`mixed_routing` 'random' | 'gain', Mixture-of-Depths' top-k),
+three seeds (6 runs; about 31 minutes each on 2 CPU cores).
 
     python experiments/sweep.py --config=configs/ablations/frontier.py[:smoke] \
         --sweep_dir=runs/frontier
@@ -33,8 +37,14 @@ from rag_jax import runs
 from rag_jax import sweeps
 from rag_jax.models import gpt
 
-# Every run starts from configs/ra_shakespeare_char.py[:ARG] ('' or 'smoke').
-get_config = configuration.config_from(__file__, '../ra_shakespeare_char.py')
+_base = configuration.config_from(__file__, '../ra_shakespeare_char.py')
+
+
+def get_config(arg=None):
+  """Every run starts from configs/ra_shakespeare_char.py[:ARG] ('', 'smoke' or 'large';
+  `:routed` is the large model)."""
+  return _base('large' if arg == 'routed' else arg)
+
 
 BUDGETS = (1.0, 0.75, 0.5, 0.25)
 SEEDS = (0, 1, 2)
@@ -96,9 +106,20 @@ def equal_flops_steps(config, a: float, variant: str | dict = 'single',
 
 
 LARGE_VARIANTS = ('distill', 'rule')  # `:large`: the best modes of the default model
+ROUTED_SHARE = 0.2  # `:routed`: the mixed pass's share of full-width positions
+
+
+def routed_sweep():
+  for seed in SEEDS:
+    for routing in ('random', 'gain'):
+      yield {**VARIANTS['rule'], 'activation.mixed_share': ROUTED_SHARE,
+             'activation.mixed_routing': routing, 'seed': seed}
 
 
 def sweep(arg=None):
+  if arg == 'routed':
+    yield from routed_sweep()
+    return
   config = get_config(arg)
   smoke, large = arg == 'smoke', arg == 'large'
   seeds, budgets = ((0,), (1.0, 0.5)) if smoke else (SEEDS, BUDGETS)
