@@ -39,7 +39,7 @@ from rag_jax.data import tokenizers
 ACTIVATION_COLUMNS = ('alpha', 'beta', 'lam', 'sites', 'structure', 'buckets', 'per_layer',
                       'rescale', 'min_active', 'train_mode', 'sandwich_random', 'distill_weight',
                       'distill_temperature', 'layer_schedule', 'narrow_weight',
-                      'full_warmup_steps')
+                      'full_warmup_steps', 'mixed_share', 'mixed_routing')
 MODEL_COLUMNS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim')
 ENTRY_COLUMNS = ('policy', 'split', 'active_fraction', 'loss', 'bits_per_token',
                  'flops_per_token', 'step', 'tokens')
@@ -348,7 +348,7 @@ def variant(row) -> str:
     name += f' warm-up {int(warm)}'
   mixed = row.get('mixed_share')
   if mixed is not None and not pd.isna(mixed) and mixed > 0:
-    name += f' mixed {mixed:g}'
+    name += f' mixed {mixed:g}' + (' by gain' if row.get('mixed_routing') == 'gain' else '')
   if row.get('init_from'):  # the teacher path: a fine-tune of a trained parent
     name += f" from dense, {row['num_steps']} steps"
   if 'layers' in str(row.get('sites')):  # which blocks it keeps: '[nested]', '[rising]', ...

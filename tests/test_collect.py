@@ -306,3 +306,17 @@ def test_variant_names_each_training_change():
   assert collect.variant({**rule, 'init_from': 'runs/x', 'num_steps': 400}) == \
       'sandwich_rule+distill from dense, 400 steps'
   assert collect.variant({'dense': True}) == 'dense'
+
+
+def test_the_routed_runs_are_told_apart(tmp_path):
+  """collect's rows of frontier.py:routed name the mixed pass and how it routes (the random
+  and the gain-routed runs are two variants, not one)."""
+  names = set()
+  for run in sweeps.expand(f'{FRONTIER}:routed'):
+    workdir = tmp_path / run.name
+    workdir.mkdir()
+    (workdir / 'config.json').write_text(json.dumps(run.config.to_dict()))
+    (workdir / 'eval_curve.json').write_text(json.dumps([
+        {'active_fraction': 1.0, 'policy': 'fixed', 'loss': 1.7, 'flops_per_token': 1e6}]))
+    names |= {collect.variant(row) for row in collect.run_rows(str(workdir))}
+  assert names == {'sandwich_rule+distill mixed 0.2', 'sandwich_rule+distill mixed 0.2 by gain'}
