@@ -161,10 +161,10 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
           return drawn, (drawn, drawn)
         full_logits = logits_fn(params, model, batch, dropout_key)
         full = cross_entropy(full_logits, batch)
-        total, narrow_ce, narrow_logits = full, [], []
-        for plan in plans:
-          narrow_logits.append(logits_fn(params, model, batch, dropout_key, plan))
-          objective, ce = narrow_loss(narrow_logits[-1], full_logits, batch, weight, temperature)
+        total, narrow_ce = full, []
+        narrow_logits = [logits_fn(params, model, batch, dropout_key, plan) for plan in plans]
+        for logits in narrow_logits:  # (plans[0]: the smallest width in sandwich_rule)
+          objective, ce = narrow_loss(logits, full_logits, batch, weight, temperature)
           total, narrow_ce = total + narrow_weight * objective, narrow_ce + [ce]
         if mixed_share:
           gain = None  # mixed_routing 'gain': KL(full || smallest) of this step, detached
