@@ -49,7 +49,8 @@ def _define_flags():
                     'Fixed active fractions each run is evaluated at.')
   flags.DEFINE_enum('split', 'validation', ['train', 'validation', 'test'],
                     'Split the runs are evaluated on.')
-  flags.DEFINE_multi_string('only', None, 'Only this run (a name from --list); repeatable.')
+  flags.DEFINE_multi_string('only', None, 'Only this run: its name or index in --list (or its '
+                            'whole name where --list shortens it); repeatable.')
 
 
 def commands(run: sweeps.Run, spec: str, workdir: str, fractions: list[str], split: str,
@@ -153,6 +154,26 @@ def emit_script(path: str, runs: list[sweeps.Run], spec: str, sweep_dir: str,
   os.chmod(path, 0o755)
 
 
+def select(runs: list[sweeps.Run], only: list[str]) -> list[sweeps.Run]:
+  """The runs `--only` names, in the sweep's order: each entry is a run's index in --list,
+  its listed name or its whole name (--list shortens a name over 120 characters to its start
+  and a digest: sweeps.run_name)."""
+  chosen, unknown = set(), []
+  for entry in only:
+    if entry.isdigit():
+      hits = [int(entry)] if int(entry) < len(runs) else []
+    else:
+      hits = [i for i, r in enumerate(runs)
+              if entry in (r.name, sweeps.full_run_name(r.overrides))]
+    chosen.update(hits)
+    if not hits:
+      unknown.append(entry)
+  if unknown:
+    raise ValueError(f'--only names no run of this sweep ({len(runs)} runs): {unknown}; '
+                     'give a name or an index from --list.')
+  return [r for i, r in enumerate(runs) if i in chosen]
+
+
 def prepare(spec: str, sweep_dir: str | None, fractions: list[str],
             only: list[str] | None = None) -> list[sweeps.Run]:
   """The runs to consider, every one checked before anything runs (ValueError if not)."""
@@ -161,10 +182,7 @@ def prepare(spec: str, sweep_dir: str | None, fractions: list[str],
       raise ValueError(f'--active_fractions must be in (0, 1], got {a}.')
   runs = sweeps.expand(spec)
   if only:
-    unknown = sorted(set(only) - {r.name for r in runs})
-    if unknown:
-      raise ValueError(f'--only names no run of this sweep: {unknown}; see --list.')
-    runs = [r for r in runs if r.name in only]
+    runs = select(runs, only)
   for run in runs:  # what `train` checks before it builds anything (the same function)
     try:
       train.check_config(run.config, run.overrides)

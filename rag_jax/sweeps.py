@@ -65,20 +65,23 @@ def _name_value(value) -> str:
   return _UNSAFE.sub('-', text.replace(',', '+'))
 
 
-def run_name(overrides: dict[str, Any]) -> str:
-  """Stable, filesystem-safe name of a run: `key=value` pairs sorted by dotted key, joined by
-  commas; a key is its last component unless two keys of the run share it. Lists in string
-  values ('mlp,heads') are written with '+', paths over 40 characters as `path-` and a digest.
-  Floats and ints of equal value name alike."""
+def full_run_name(overrides: dict[str, Any]) -> str:
+  """`run_name` before it is shortened: every `key=value` pair, however long."""
   if not overrides:
     return 'base'
   keys = sorted(overrides)
   last = [k.rsplit('.', 1)[-1] for k in keys]
-  parts = []
-  for key, short in zip(keys, last):
-    label = short if last.count(short) == 1 else key
-    parts.append(f'{label}={_name_value(overrides[key])}')
-  name = ','.join(parts)
+  return ','.join(f'{short if last.count(short) == 1 else key}={_name_value(overrides[key])}'
+                  for key, short in zip(keys, last))
+
+
+def run_name(overrides: dict[str, Any]) -> str:
+  """Stable, filesystem-safe name of a run: `key=value` pairs sorted by dotted key, joined by
+  commas; a key is its last component unless two keys of the run share it. Lists in string
+  values ('mlp,heads') are written with '+', paths over 40 characters as `path-` and a digest.
+  Floats and ints of equal value name alike. A name over _MAX_NAME characters keeps its start
+  and ends in `~` and a digest of the whole (`full_run_name`)."""
+  name = full_run_name(overrides)
   if len(name) > _MAX_NAME:  # keep it readable and under filesystem limits; still unique.
     digest = hashlib.sha1(name.encode()).hexdigest()[:10]
     name = f'{name[:_MAX_NAME - 11]}~{digest}'

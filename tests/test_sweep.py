@@ -236,3 +236,19 @@ def test_notebook_executes_on_the_smoke_sweep(smoke_sweep, monkeypatch):
   text = ''.join(o.get('text', '') for o in outputs)
   assert 'best at a = 0.5: alpha=' in text
   assert text.count('ROMEO:') >= 2 and ', a = 0.5:' in text and ', a = 1:' in text
+
+
+def test_only_takes_an_index_a_listed_name_or_a_whole_name():
+  """`--only` picks runs by their index in --list, their listed name, or, where --list shortens
+  a long name to its start and a digest, the whole name a user would write."""
+  runs = sweeps.expand('configs/ablations/frontier.py:routed')
+  long = [r for r in runs if r.name != sweeps.full_run_name(r.overrides)]
+  assert long, 'the routed sweep has shortened names'
+  whole = sweeps.full_run_name(long[0].overrides)
+  assert whole.endswith(f'seed={long[0].config.seed}') and '~' not in whole
+  assert sweep_lib.select(runs, [whole]) == [long[0]]
+  assert sweep_lib.select(runs, [long[0].name]) == [long[0]]
+  assert sweep_lib.select(runs, ['2', runs[0].name]) == [runs[0], runs[2]]
+  with pytest.raises(ValueError, match=r"--only names no run of this sweep \(6 runs\): "
+                                       r"\['6', 'seed=9'\]; give a name or an index"):
+    sweep_lib.select(runs, ['6', 'seed=9', '1'])
