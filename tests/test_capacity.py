@@ -1,6 +1,7 @@
 """The capacity experiment (configs/ablations/capacity.py): its sweeps expand to the intended runs
 at the intended FLOPs, and the teacher path's fine-tune starts from its parent's exact, reordered
 parameters. Data: a small BPE corpus of prepared token arrays made here."""
+import json
 import os
 
 import jax
@@ -194,3 +195,56 @@ def test_teacher_fine_tune_starts_from_the_reordered_parent(small_corpus, tmp_pa
   with pytest.raises(runs.WorkdirError, match=r'has not finished \(its newest checkpoint is '
                                               r'step 20 of 40\)'):
     runs.load_init(_smoke(small_corpus, init_from=parent_dir, num_steps=4, eval_every=4))
+
+
+def _fake_run(root, name, config, evals):
+  """A workdir as train leaves it, for the report: config.json and metrics.jsonl."""
+  workdir = root / name
+  workdir.mkdir(parents=True)
+  (workdir / 'config.json').write_text(config.to_json())
+  (workdir / 'metrics.jsonl').write_text(''.join(
+      json.dumps({'step': s, 'train_loss': 9.0, **({'eval_loss': v} if v else {})}) + '\n'
+      for s, v in evals))
+
+
+def test_gap_curves_pair_each_run_with_the_dense_full_width_of_its_seed(capacity, tmp_path):
+  """curves.md's numbers: per step, each narrower dense model's and each from-scratch RA run's
+  loss relative to the dense a = 1 model of the same seed, averaged over seeds; runs of another
+  step count (the scan) or from a parent (the teacher path) are not in it."""
+  report = configuration.load_module(str(ROOT / 'experiments' / 'capacity_report.py'))
+  base = capacity.get_config()
+
+  def config(seed, a=None, **overrides):
+    c = configuration.load_config(str(CAPACITY))
+    for key, value in {**(capacity.dense_at(base, a) if a else capacity.RULE), 'seed': seed,
+                       **overrides}.items():
+      node = c
+      *parents, leaf = key.split('.')
+      for part in parents:
+        node = node[part]
+      node[leaf] = value
+    return c
+
+  runs_dir = tmp_path / 'runs'
+  for seed, full in ((0, 4.0), (1, 5.0)):
+    _fake_run(runs_dir, f'dense1_{seed}', config(seed, 1.0), [(250, full), (500, full / 2)])
+    _fake_run(runs_dir, f'ra_{seed}', config(seed), [(250, full * 1.1), (500, full * 0.6)])
+  _fake_run(runs_dir, 'dense05_0', config(0, 0.5), [(250, 4.4), (400, None), (500, 2.2)])
+  _fake_run(runs_dir, 'warm_1', config(1, **{'activation.full_warmup_steps': 100}),
+            [(250, 5.0)])  # unfinished: counts up to where it got
+  _fake_run(runs_dir, 'scan', config(0, 0.5, num_steps=2000), [(250, 1.0)])
+  _fake_run(runs_dir, 'teacher', config(0, init_from='runs/x'), [(250, 1.0)])
+  curves = report.gap_curves([str(runs_dir)])
+  assert curves['steps'] == [250, 500]
+  assert curves['dense_loss'] == pytest.approx([4.5, 2.25])
+  columns = curves['columns']
+  assert list(columns) == ['dense a = 0.5', 'RA sandwich_rule+distill',
+                           'RA sandwich_rule+distill warm-up 100']
+  assert columns['dense a = 0.5'] == {'seeds': 1, 'gap': pytest.approx([0.1, 0.1])}
+  assert columns['RA sandwich_rule+distill'] == {'seeds': 2, 'gap': pytest.approx([0.1, 0.2])}
+  assert columns['RA sandwich_rule+distill warm-up 100'] == {'seeds': 1, 'gap': [0.0, None]}
+  table = report.curves_markdown(curves)
+  assert '| 500 | 2.2500 | +10.00% | +20.00% |  |' in table
+  assert 'RA sandwich_rule+distill (2 seeds)' in table and '(1 seed)' in table
+  assert report.gap_curves([str(tmp_path / 'none')]) == {'steps': [], 'dense_loss': [],
+                                                         'columns': {}}
