@@ -39,7 +39,7 @@ from rag_jax.data import tokenizers
 ACTIVATION_COLUMNS = ('alpha', 'beta', 'lam', 'sites', 'structure', 'buckets', 'per_layer',
                       'rescale', 'min_active', 'train_mode', 'sandwich_random', 'distill_weight',
                       'distill_temperature', 'layer_schedule', 'narrow_weight',
-                      'full_warmup_steps', 'mixed_share', 'mixed_routing')
+                      'full_warmup_steps', 'warmup_reorder', 'mixed_share', 'mixed_routing')
 MODEL_COLUMNS = ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim')
 ENTRY_COLUMNS = ('policy', 'split', 'active_fraction', 'loss', 'bits_per_token',
                  'flops_per_token', 'step', 'tokens')
@@ -345,7 +345,7 @@ def variant(row) -> str:
     name += f' narrow×{narrow:g}'
   warm = row.get('full_warmup_steps')
   if warm is not None and not pd.isna(warm) and warm > 0:
-    name += f' warm-up {int(warm)}'
+    name += f' warm-up {int(warm)}' + (' reordered' if row.get('warmup_reorder') is True else '')
   mixed = row.get('mixed_share')
   if mixed is not None and not pd.isna(mixed) and mixed > 0:
     name += f' mixed {mixed:g}' + (' by gain' if row.get('mixed_routing') == 'gain' else '')

@@ -83,6 +83,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.narrow_weight = 1.0
   # Steps at the start that train the full width alone (a dense warm-up), before any draw.
   c.full_warmup_steps = 0
+  # At the warm-up's end, order every layer's MLP units and heads by importance (the parameters
+  # and the optimizer's moments alike: the same function), so the nested widths start from the
+  # best prefix, as the teacher path's config.init_reorder does for a trained parent.
+  c.warmup_reorder = False
   # Sandwich modes: one more pass per step at the smallest width with this share of the
   # positions (drawn per row and position) at the full width, so the model learns the mixed
   # contexts that policy `adaptive` decodes. It computes every unit (masks): a full pass's cost.
@@ -98,7 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
 # Fields added after runs were saved without them (configuration.ADDED_FIELDS completes a loaded
 # config with these defaults: the behaviour those runs had).
 ADDED = ('sandwich_random', 'distill_weight', 'distill_temperature', 'narrow_weight',
-         'full_warmup_steps', 'layer_schedule', 'mixed_share', 'mixed_routing')
+         'full_warmup_steps', 'layer_schedule', 'mixed_share', 'mixed_routing', 'warmup_reorder')
 DEFAULTS = ml_collections.FrozenConfigDict(default_config())
 
 
@@ -169,6 +173,13 @@ def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -
   if not isinstance(warm, int) or isinstance(warm, bool) or warm < 0:
     raise ConfigError('config.activation.full_warmup_steps must be a non-negative integer, got '
                       f'{warm!r}.')
+  reorder = setting(act, 'warmup_reorder')
+  if not isinstance(reorder, bool):
+    raise ConfigError(f'config.activation.warmup_reorder must be True or False, got {reorder!r}.')
+  if reorder and not (warm and act.structure == 'nested'):
+    raise ConfigError('config.activation.warmup_reorder orders the units by importance at the end '
+                      'of the full-width warm-up, for the nested widths that start there: set '
+                      "full_warmup_steps > 0 and structure='nested'.")
   mixed = setting(act, 'mixed_share')
   if (not isinstance(mixed, (int, float)) or isinstance(mixed, bool) or not 0 <= mixed < 1):
     raise ConfigError(f'config.activation.mixed_share must be in [0, 1), got {mixed!r}.')

@@ -51,16 +51,35 @@ def importance(model: gpt.GPT, params: Any, batches: Iterable[np.ndarray]) -> di
 
 def permute(params: Any, order: dict[str, np.ndarray]) -> dict:
   """`params` with layer i's MLP units in order `order['mlp'][i]` and its heads in order
-  `order['heads'][i]` (unit order[j] becomes unit j): the same function."""
-  out = dict(jax.tree.map(np.asarray, jax.device_get(params)))
+  `order['heads'][i]` (unit order[j] becomes unit j): the same function. Arrays of any kind
+  (host, device, traced under jit) come back as the same kind."""
+  out = dict(params)
   for i, (units, heads) in enumerate(zip(order['mlp'], order['heads'])):
     out[f'block_{i}'] = gpt.take_units(out[f'block_{i}'], heads, units)
   return out
+
+
+def permute_like_params(tree: Any, params: Any, order: dict[str, np.ndarray]) -> Any:
+  """`tree` (an optimizer state) with every subtree shaped like `params` (Adam's moments)
+  permuted as `permute` permutes the parameters; everything else (step counts) unchanged."""
+  structure = jax.tree.structure(params)
+  return jax.tree.map(
+      lambda node: permute(node, order) if jax.tree.structure(node) == structure else node,
+      tree, is_leaf=lambda node: jax.tree.structure(node) == structure)
+
+
+def importance_order(model: gpt.GPT, params: Any, batches: Iterable[np.ndarray]
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """(every layer's units and heads, most important first: `permute`'s order, their importances
+  in that order)."""
+  scores = importance(model, params, batches)
+  order = {k: np.argsort(-v, axis=1, kind='stable') for k, v in scores.items()}
+  return order, {k: np.take_along_axis(v, order[k], 1) for k, v in scores.items()}
+
 
 def by_importance(model: gpt.GPT, params: Any, batches: Iterable[np.ndarray]
                   ) -> tuple[dict, dict[str, np.ndarray]]:
   """(the parameters with every layer's units and heads most important first, the importances
   in the new order)."""
-  scores = importance(model, params, batches)
-  order = {k: np.argsort(-v, axis=1, kind='stable') for k, v in scores.items()}
-  return permute(params, order), {k: np.take_along_axis(v, order[k], 1) for k, v in scores.items()}
+  order, scores = importance_order(model, params, batches)
+  return permute(params, order), scores

@@ -310,16 +310,39 @@ def _exclusive(workdir: str):
 REORDER_BATCHES = 8
 
 
+def _reorder_batches(dataset: data_lib.Dataset, config) -> list[np.ndarray]:
+  T, B = config.model.block_size, config.batch_size
+  return [data_lib.train_batch(dataset.splits['train'], B, T, config.seed + 1, i)
+          for i in range(REORDER_BATCHES)]
+
+
 def reordered(source: runs.Run, dataset: data_lib.Dataset, config) -> runs.Run:
   """`source` with every layer's MLP units and heads most important first (rag_jax/reorder.py),
   scored on windows of `dataset`'s train split; `config.init_from` names it."""
-  T, B = config.model.block_size, config.batch_size
-  batches = [data_lib.train_batch(dataset.splits['train'], B, T, config.seed + 1, i)
-             for i in range(REORDER_BATCHES)]
-  params, _ = reorder.by_importance(source.model, source.params, batches)
+  params, _ = reorder.by_importance(source.model, jax.device_get(source.params),
+                                    _reorder_batches(dataset, config))
   workdir_lib.notice(f'reordered the MLP units and heads of {config.init_from} by importance '
-                     f'({REORDER_BATCHES * B} windows of the train split).')
+                     f'({REORDER_BATCHES * config.batch_size} windows of the train split).')
   return source._replace(params=params)
+
+
+def warmup_reordered(state: runs.TrainState, model: gpt.GPT, dataset: data_lib.Dataset, config,
+                     shard: sharding.Shardings) -> runs.TrainState:
+  """`state` after the full-width warm-up's last step with every layer's MLP units and heads
+  most important first (`config.activation.warmup_reorder`): the parameters and the optimizer's
+  moments permuted alike, so training goes on from the same function, and the nested widths
+  that start to train now start from the best prefix."""
+  params = multihost_utils.process_allgather(state.params, tiled=True)
+  order, _ = reorder.importance_order(model, params, _reorder_batches(dataset, config))
+
+  def permute(s: runs.TrainState) -> runs.TrainState:
+    return runs.TrainState(step=s.step, params=reorder.permute(s.params, order),
+                           opt_state=reorder.permute_like_params(s.opt_state, s.params, order))
+
+  workdir_lib.notice(f'step {int(state.step)}: the full-width warm-up ends; reordered the MLP '
+                     'units and heads by importance (parameters and optimizer state, '
+                     f'{REORDER_BATCHES * config.batch_size} windows of the train split).')
+  return jax.jit(permute, out_shardings=shard.state)(state)
 
 
 def check_config(config: ml_collections.ConfigDict, given=()) -> None:
@@ -453,8 +476,12 @@ def _train(config, workdir, mesh, allow_config_change):
     bar = tqdm.tqdm(total=config.num_steps, initial=resume, desc='train', unit='step',
                     disable=jax.process_index() != 0, dynamic_ncols=True)
     with jax.set_mesh(mesh), StopSignals(mngr) as signals:
+      warmup_end = None
+      if config.activation.enabled and activation.setting(config.activation, 'warmup_reorder'):
+        warmup_end = functools.partial(warmup_reordered, model=model, dataset=inputs['dataset'],
+                                       config=config, shard=shard)
       last = _run_steps(config, workdir, state, resume, inputs['dataset'], shard, keys['train'],
-                        train_step, eval_step, mngr, log, profiler, bar, signals)
+                        train_step, eval_step, mngr, log, profiler, bar, signals, warmup_end)
     mngr.wait_until_finished()
     return last
   finally:
@@ -471,9 +498,11 @@ def _train(config, workdir, mesh, allow_config_change):
 
 
 def _run_steps(config, workdir, state, resume, dataset, shard, train_key, train_step, eval_step,
-               mngr, log, profiler, bar, signals) -> dict[str, float]:
+               mngr, log, profiler, bar, signals, warmup_end=None) -> dict[str, float]:
   """Steps resume + 1 .. num_steps: metrics logged, evaluated and saved on their schedules, a
-  stop signal saving first. Returns the last logged metrics."""
+  stop signal saving first; `warmup_end(state)` replaces the state after the full-width
+  warm-up's last step (before that step's evaluation and save). Returns the last logged
+  metrics."""
   train_tokens, eval_tokens = dataset.splits['train'], dataset.splits[config.data.eval_split]
   T, B, N = config.model.block_size, config.batch_size, config.num_steps
   rows = data_lib.process_rows(shard.batch, B)  # this process's rows of each batch
@@ -489,6 +518,9 @@ def _run_steps(config, workdir, state, resume, dataset, shard, train_key, train_
                          shard.batch, B)
     profiler.before(step)
     state, metrics = train_step(state, batch, train_key)
+    if warmup_end is not None and step == activation.setting(config.activation,
+                                                             'full_warmup_steps'):
+      state = warmup_end(state)
     profiler.after(step, metrics)
     pending.append(metrics)
     bar.update(1)

@@ -303,6 +303,8 @@ def test_variant_names_each_training_change():
   assert collect.variant({**rule, 'narrow_weight': 2.0}) == 'sandwich_rule+distill narrow×2'
   assert collect.variant({**rule, 'full_warmup_steps': 1000}) == \
       'sandwich_rule+distill warm-up 1000'
+  assert collect.variant({**rule, 'full_warmup_steps': 3000, 'warmup_reorder': True}) == \
+      'sandwich_rule+distill warm-up 3000 reordered'
   assert collect.variant({**rule, 'init_from': 'runs/x', 'num_steps': 400}) == \
       'sandwich_rule+distill from dense, 400 steps'
   assert collect.variant({'dense': True}) == 'dense'

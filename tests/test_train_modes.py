@@ -1,17 +1,23 @@
 """Training that closes the gap: in-place distillation and the sandwich rule (train.py), and the
 training FLOPs each mode costs (activation.train_flops_per_token)."""
+import types
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from rag_jax import activation
 from rag_jax import configuration
+from rag_jax.data import pipeline as data_lib
 from rag_jax import flops
 from rag_jax import losses
 from rag_jax import plan as plan_lib
+from rag_jax import reorder
 from rag_jax import runs
+from rag_jax import sharding
 from rag_jax import train
 from rag_jax.errors import ConfigError
 from rag_jax.models import gpt
@@ -151,6 +157,9 @@ def test_training_flops_of_each_mode():
     ({'train_mode': 'sandwich_rule', 'mixed_routing': 'gain'}, 'needs a mixed pass'),
     ({'train_mode': 'sandwich', 'mixed_share': 0.3, 'mixed_routing': 'gain'},
      "smallest width's own pass"),
+    ({'train_mode': 'sandwich_rule', 'warmup_reorder': True}, 'set full_warmup_steps > 0'),
+    ({'train_mode': 'sandwich_rule', 'full_warmup_steps': 5, 'structure': 'random',
+      'warmup_reorder': True}, "structure='nested'"),
 ])
 def test_bad_training_modes_are_refused(overrides, match):
   model = CFG
@@ -210,6 +219,61 @@ def test_full_width_warmup_trains_the_dense_model_first(setup):
   per_step = activation.train_flops_per_token(act, CFG)
   assert activation.run_train_flops_per_token(act, CFG, 100) == pytest.approx(
       30 * full + 70 * per_step)
+
+
+def test_a_warmup_reorder_that_is_not_a_bool_is_refused():
+  """As a config.json edited by hand gives it (a ConfigDict built from JSON takes any type)."""
+  act = ml_collections.ConfigDict({**act_config(train_mode='sandwich_rule',
+                                                full_warmup_steps=5).to_dict(),
+                                   'warmup_reorder': 'yes'})
+  with pytest.raises(ConfigError, match="warmup_reorder must be True or False, got 'yes'"):
+    activation.validate(act, CFG)
+
+
+@pytest.mark.slow
+def test_warmup_reorder_permutes_parameters_and_moments_alike(tfds_dir, capsys, tmp_path):
+  """At the warm-up's end `warmup_reorder` puts every layer's most important units and heads
+  first and changes nothing else: the same function, and the next step from the reordered
+  state is the next step from the old one, permuted (Adam's moments moved with their units).
+  In a run it happens once, after step full_warmup_steps."""
+  config = load_config('ra_shakespeare_char', 'smoke')
+  config.data.data_dir = tfds_dir
+  config.activation.update(train_mode='sandwich_rule', full_warmup_steps=2, warmup_reorder=True)
+  configuration.validate(config)
+  vocab = 65
+  model, tx = runs.make_model(config, vocab), runs.make_optimizer(config)
+  state = jax.jit(lambda key: runs.init_state(model, tx, key, config))(jax.random.key(0))
+  tokens = np.random.default_rng(0).integers(0, vocab, 4000).astype(np.int32)
+  B, T = config.batch_size, config.model.block_size
+  dense_step = jax.jit(train.make_train_step(model, tx, None))
+  key = jax.random.key(3)
+  for i in range(2):
+    state, _ = dense_step(state, data_lib.train_batch(tokens, B, T, 0, i), key)
+  dataset = types.SimpleNamespace(splits={'train': tokens})
+  mesh = sharding.make_mesh(config)
+  shard = sharding.Shardings.of(mesh, state, config.mesh.rules)
+  with jax.set_mesh(mesh):
+    new = train.warmup_reordered(state, model, dataset, config, shard)
+  batches = train._reorder_batches(dataset, config)  # pylint: disable=protected-access
+  order, _ = reorder.importance_order(model, jax.device_get(state.params), batches)
+  assert any((o != np.arange(o.shape[-1])).any() for o in order.values())  # it did move units
+  scores = reorder.importance(model, new.params, batches)
+  assert all((np.diff(v, axis=1) <= 1e-6).all() for v in scores.values())
+  x = jnp.asarray(batches[0][:, :-1])
+  np.testing.assert_allclose(model.apply({'params': new.params}, x)[0],
+                             model.apply({'params': state.params}, x)[0], rtol=1e-5, atol=1e-5)
+  batch = data_lib.train_batch(tokens, B, T, 0, 2)
+  after_old, _ = dense_step(state, batch, key)
+  after_new, _ = dense_step(new, batch, key)
+  expected = reorder.permute(jax.device_get(after_old.params), order)
+  for a, b in zip(jax.tree.leaves(after_new.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # In a run: once, after the warm-up's last step.
+  capsys.readouterr()
+  config.num_steps, config.eval_every, config.checkpoint_every = 4, 4, 4
+  config.opt.warmup_steps = 1
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert capsys.readouterr().err.count('step 2: the full-width warm-up ends; reordered') == 1
 
 
 @pytest.mark.parametrize('value', [-1, -20])

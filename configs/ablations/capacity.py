@@ -20,7 +20,8 @@ sub-model's shape (a·H heads, a·F units), so their FLOPs per token are equal. 
 `:teacher` fine-tunes each seed's dense a = 1 model into the RA model (reordered by importance,
 then 10%, 25% and 50% of its steps; after `:main`); `:gap` repeats the RA run with one training
 change each (GAP: the narrow passes weighted twice, or half; the first quarter, half or three
-quarters of the steps at the full width alone); `:equal` is the equal-FLOPs dense runs; ''
+quarters of the steps at the full width alone, the last also with the units ordered by
+importance where the narrow widths start); `:equal` is the equal-FLOPs dense runs; ''
 is main, teacher, gap and equal in that order.
 
 Variants: `:scan` (dense models of three widths at four step counts, and of two other shapes:
@@ -68,6 +69,9 @@ GAP = {
     # trade the narrow widths' training for the full width's (and cost less: 0.71x, 0.53x).
     'full_warmup=2000': {**RULE, 'activation.full_warmup_steps': 2000},
     'full_warmup=3000': {**RULE, 'activation.full_warmup_steps': 3000},
+    # ... and with the units and heads ordered by importance where the narrow widths start.
+    'full_warmup=3000+reorder': {**RULE, 'activation.full_warmup_steps': 3000,
+                                 'activation.warmup_reorder': True},
 }
 # The scan (`:scan`): shapes as model overrides, steps as multiples of the recipe's.
 SCAN_SHAPES = {
