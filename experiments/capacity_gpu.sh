@@ -6,7 +6,8 @@
 # Two chains run side by side until DEADLINE_S seconds have passed:
 #   A: the main comparison (3 seeds; 6 runs at a time), then the teacher path (fine-tunes of the
 #      main sweep's dense parents), then the dense models at equal training FLOPs;
-#   B: the scan that chose the recipe (3 runs at a time, its own sweep_dir).
+#   B: the training changes that might close the gap (`:gap`, 3 runs at a time), then the scan
+#      that chose the recipe (3 runs at a time, its own sweep_dir).
 # The small models leave one GPU mostly idle, so several processes share it (no preallocation);
 # seeds share compiled programs through JAX's persistent compilation cache. At the deadline every
 # training process is stopped (SIGTERM: it saves its step) and OUT_DIR/capacity_runs.tgz gets each
@@ -34,7 +35,7 @@ sweep() {  # sweep SPEC SWEEP_DIR JOBS
 }
 ( sweep main runs/capacity 6; sweep teacher runs/capacity 6; sweep equal runs/capacity 6 ) &
 chain_a=$!
-( sweep scan runs/capacity_scan 3 ) &
+( sweep gap runs/capacity 3; sweep scan runs/capacity_scan 3 ) &
 chain_b=$!
 
 while (( SECONDS - start < deadline )) && { kill -0 $chain_a 2>/dev/null || kill -0 $chain_b 2>/dev/null; }; do
