@@ -123,32 +123,9 @@ def parse_sites(sites: str) -> tuple[str, ...]:
   return tuple(s.strip() for s in sites.split(',') if s.strip())
 
 
-def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -> None:
-  for name in ('alpha', 'beta'):
-    value = act[name]
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-      raise ConfigError(f'config.activation.{name} must be > 0 (a Beta shape), got {value!r}.')
-  if not isinstance(act.lam, (int, float)) or not 0 <= act.lam <= 1:
-    raise ConfigError(f'config.activation.lam must be in [0, 1], got {act.lam!r}.')
-  if not isinstance(act.min_active, (int, float)) or not 0 <= act.min_active <= 1:
-    raise ConfigError(f'config.activation.min_active must be in [0, 1], got {act.min_active!r}.')
-  sites = parse_sites(act.sites)
-  unknown = [s for s in sites if s not in SITES]
-  if unknown or not sites:
-    raise ConfigError(f'config.activation.sites={act.sites!r}: unknown site(s) {unknown}; '
-                      f'use a comma-separated subset of {SITES}.')
-  if act.structure not in STRUCTURES:
-    raise ConfigError(f'config.activation.structure must be one of {STRUCTURES}, '
-                      f'got {act.structure!r}.')
-  schedule = setting(act, 'layer_schedule')
-  if schedule not in LAYER_SCHEDULES:
-    raise ConfigError(f'config.activation.layer_schedule must be one of {LAYER_SCHEDULES}, '
-                      f'got {schedule!r}.')
-  if schedule != 'structure' and act.structure == 'bernoulli':
-    raise ConfigError(f'config.activation.layer_schedule={schedule!r} chooses which whole blocks '
-                      "are skipped; structure='bernoulli' gates every block instead (nothing "
-                      "is skipped). Use structure 'nested' or 'random', or "
-                      "layer_schedule='structure'.")
+def _validate_training(act: ml_collections.ConfigDict) -> None:
+  """The training mode and the settings of the sandwich modes (distillation, narrow weight,
+  warm-up, mixed pass)."""
   if act.train_mode not in TRAIN_MODES:
     raise ConfigError(f'config.activation.train_mode must be one of {TRAIN_MODES}, '
                       f'got {act.train_mode!r}.')
@@ -200,6 +177,35 @@ def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -
     raise ConfigError('config.activation.distill_weight > 0 distils the full width into the narrow '
                       "ones, which needs the full width in the step: use train_mode='sandwich' or "
                       "'sandwich_rule'.")
+
+
+def validate(act: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -> None:
+  for name in ('alpha', 'beta'):
+    value = act[name]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+      raise ConfigError(f'config.activation.{name} must be > 0 (a Beta shape), got {value!r}.')
+  if not isinstance(act.lam, (int, float)) or not 0 <= act.lam <= 1:
+    raise ConfigError(f'config.activation.lam must be in [0, 1], got {act.lam!r}.')
+  if not isinstance(act.min_active, (int, float)) or not 0 <= act.min_active <= 1:
+    raise ConfigError(f'config.activation.min_active must be in [0, 1], got {act.min_active!r}.')
+  sites = parse_sites(act.sites)
+  unknown = [s for s in sites if s not in SITES]
+  if unknown or not sites:
+    raise ConfigError(f'config.activation.sites={act.sites!r}: unknown site(s) {unknown}; '
+                      f'use a comma-separated subset of {SITES}.')
+  if act.structure not in STRUCTURES:
+    raise ConfigError(f'config.activation.structure must be one of {STRUCTURES}, '
+                      f'got {act.structure!r}.')
+  schedule = setting(act, 'layer_schedule')
+  if schedule not in LAYER_SCHEDULES:
+    raise ConfigError(f'config.activation.layer_schedule must be one of {LAYER_SCHEDULES}, '
+                      f'got {schedule!r}.')
+  if schedule != 'structure' and act.structure == 'bernoulli':
+    raise ConfigError(f'config.activation.layer_schedule={schedule!r} chooses which whole blocks '
+                      "are skipped; structure='bernoulli' gates every block instead (nothing "
+                      "is skipped). Use structure 'nested' or 'random', or "
+                      "layer_schedule='structure'.")
+  _validate_training(act)
   b = act.buckets
   if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
     raise ConfigError(f'config.activation.buckets must be a positive integer, got {b!r}.')
