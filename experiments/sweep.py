@@ -236,9 +236,11 @@ def main(argv):
   done = {r.name for r in runs
           if sweep_dir and finished(r, os.path.join(sweep_dir, r.name), fractions, split)}
 
-  if f.list:
+  if f.list:  # each run's index in the whole sweep (what --only takes), also under --only
+    index = {r.name: i for i, r in enumerate(sweeps.expand(spec))}
     width = max(len(r.name) for r in runs)
-    for i, run in enumerate(runs):
+    for run in runs:
+      i = index[run.name]
       status = ('done' if run.name in done else 'todo') if sweep_dir else ''
       overrides = ' '.join(f'{k}={sweeps.flag_value(v)}' for k, v in sorted(run.overrides.items()))
       print(f'{i:3d}  {run.name:<{width}}  {overrides}  {status}'.rstrip())

@@ -98,6 +98,9 @@ def test_half_done_sweep_resumes_without_redoing_finished_runs(smoke_sweep, env)
   assert len(lines) == 3 and all(l.endswith('  done') for l in lines)
   assert lines[1].split()[1:] == [RA[0], 'activation.alpha=0.5', 'activation.beta=1.0',
                                   'activation.lam=0.5', 'done']
+  # Under --only each run keeps its index in the whole sweep (what --only takes).
+  only = launch(env, f'--config={SMOKE}', f'--sweep_dir={sweep_dir}', '--list', '--only=2')
+  assert only.stdout.split()[:2] == ['2', RA[1]]
 
 
 def test_every_run_is_trained_with_its_overrides_and_evaluated(smoke_sweep):
