@@ -84,9 +84,7 @@ def dense_rows(sweep_dirs: list[str]) -> list[dict]:
   for workdir, config in _workdirs(sweep_dirs):
     if _is_ra(config):
       continue
-    if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
-      continue
-    curve = [(m['step'], m['eval_loss']) for m in _read_metrics(workdir) if 'eval_loss' in m]
+    curve = sorted(_eval_curve(workdir).items())
     if not curve:
       continue
     total, blocks = param_counts(config)

@@ -511,6 +511,8 @@ def _run_steps(config, workdir, state, resume, dataset, shard, train_key, train_
   probe = data_lib.put(next(data_lib.eval_batches(eval_tokens, T, config.eval_batch_size, 1)),
                        shard.batch)
   lr = runs.make_lr_schedule(config)
+  warmup_last = (activation.setting(config.activation, 'full_warmup_steps')
+                 if warmup_end is not None else None)
   speed = Throughput(B * T)
   pending, last = [], {}
   for step in range(resume + 1, N + 1):
@@ -518,8 +520,7 @@ def _run_steps(config, workdir, state, resume, dataset, shard, train_key, train_
                          shard.batch, B)
     profiler.before(step)
     state, metrics = train_step(state, batch, train_key)
-    if warmup_end is not None and step == activation.setting(config.activation,
-                                                             'full_warmup_steps'):
+    if step == warmup_last:
       state = warmup_end(state)
     profiler.after(step, metrics)
     pending.append(metrics)
