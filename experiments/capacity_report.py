@@ -37,6 +37,7 @@ import matplotlib
 from matplotlib import figure
 import ml_collections
 
+from rag_jax import activation
 from rag_jax import configuration
 from rag_jax import runs
 
@@ -76,7 +77,7 @@ def _workdirs(sweep_dirs: list[str]):
 
 
 def _is_ra(config) -> bool:
-  return bool(config.activation.enabled and config.activation.lam > 0)
+  return activation.is_random(config.activation)
 
 
 def dense_rows(sweep_dirs: list[str]) -> list[dict]:

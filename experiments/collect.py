@@ -55,7 +55,7 @@ def run_rows(workdir: str) -> list[dict]:
   """One row per entry of a run's eval_curve.json, with the run's settings."""
   config = _read_json(os.path.join(workdir, 'config.json'))
   act = config['activation']
-  dense = not act['enabled'] or act['lam'] == 0
+  dense = not activation.is_random(act)
   settings = {k: act.get(k) for k in ACTIVATION_COLUMNS}
   if dense:  # alpha and beta mean nothing without random activation.
     settings.update(alpha=math.nan, beta=math.nan, lam=0.0)

@@ -86,7 +86,7 @@ def main(argv):
     workdir = os.path.dirname(config_path)
     config = workdir_lib.load_config(workdir)
     act = config.activation
-    if not (act.enabled and act.lam > 0 and 'layers' in activation.parse_sites(act.sites)
+    if not (activation.is_random(act) and 'layers' in activation.parse_sites(act.sites)
             and act.structure == 'nested'):
       continue
     if not os.path.exists(os.path.join(workdir, workdir_lib.EVAL_CURVE_FILE)):

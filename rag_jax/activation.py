@@ -422,6 +422,12 @@ def compute_fractions(act: ml_collections.ConfigDict, model_cfg,
           'layers': expected(model_cfg.num_layers) if 'layers' in sites else 1.0}
 
 
+def is_random(act) -> bool:
+  """Whether a run draws its width: random activation enabled with lam > 0 (`act` is a
+  ConfigDict or a config.json's 'activation' dict; None is dense)."""
+  return act is not None and bool(act['enabled']) and act['lam'] > 0
+
+
 def smallest_fraction(act: ml_collections.ConfigDict) -> float:
   """The narrowest fraction a draw can give: max(1 - lam, min_active)."""
   return max(1.0 - act.lam, act.min_active)
@@ -430,7 +436,7 @@ def smallest_fraction(act: ml_collections.ConfigDict) -> float:
 def train_passes(act: ml_collections.ConfigDict) -> list[float | None]:
   """The forward passes of one training step: a fixed fraction (1.0 = the full width) or None
   (a drawn width)."""
-  if not (act.enabled and act.lam > 0):
+  if not is_random(act):
     return [1.0]
   mixed = [1.0] if setting(act, 'mixed_share') else []  # masks: every unit computed
   if act.train_mode == 'sandwich':
@@ -443,7 +449,7 @@ def train_passes(act: ml_collections.ConfigDict) -> list[float | None]:
 def run_train_flops_per_token(act: ml_collections.ConfigDict, model_cfg, num_steps: int) -> float:
   """Forward FLOPs per token position of a whole run of `num_steps` steps: the first
   `full_warmup_steps` at the full width alone, the rest at train_flops_per_token."""
-  warm = min(setting(act, 'full_warmup_steps'), num_steps) if act.enabled and act.lam > 0 else 0
+  warm = min(setting(act, 'full_warmup_steps'), num_steps) if is_random(act) else 0
   return (warm * flops.flops_per_token(model_cfg)
           + (num_steps - warm) * train_flops_per_token(act, model_cfg))
 

@@ -26,6 +26,7 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from rag_jax import activation
 from rag_jax import configuration
 from rag_jax.errors import ConfigError
 
@@ -46,8 +47,7 @@ class Run:
 
   @property
   def random_activation(self) -> bool:
-    act = self.config.activation
-    return bool(act.enabled and act.lam > 0)
+    return activation.is_random(self.config.activation)
 
 
 def flag_value(value) -> str:

@@ -140,7 +140,7 @@ def make_train_step(model: gpt.GPT, tx: optax.GradientTransformation,
   `act.full_warmup_steps` steps train the full width alone.
   """
   use_dropout = model.cfg.dropout > 0
-  random_activation = act is not None and act.enabled and act.lam > 0
+  random_activation = activation.is_random(act)
 
   def train_step(state: runs.TrainState, batch: jax.Array, key: jax.Array):
     step_key = jax.random.fold_in(key, state.step)

@@ -472,3 +472,19 @@ def test_evaluation_random_policy_draws_per_row(model_params):
     alone = apply(model, params, tokens[b:b + 1],
                   activation.per_position_plan(row_key, act, CFG, tokens.shape[1]))
     np.testing.assert_allclose(batched[b:b + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_is_random_reads_a_config_dict_and_a_config_json_alike():
+  """One rule for 'this run draws its width' (train, sweeps, collect, the capacity report):
+  enabled with lam > 0; a JSON dict reads as its ConfigDict; no activation config is dense."""
+  assert activation.is_random(act_config())
+  assert not activation.is_random(act_config(lam=0.0))
+  assert not activation.is_random(act_config(enabled=False))
+  assert not activation.is_random(None)
+  for act in (act_config(), act_config(lam=0.0), act_config(enabled=False)):
+    assert activation.is_random(act.to_dict()) == activation.is_random(act)
+  # A run with warm-up counts its warm-up only when it draws (train_passes and the run's FLOPs).
+  dense = act_config(enabled=False, full_warmup_steps=30)
+  assert activation.train_passes(dense) == [1.0]
+  assert activation.run_train_flops_per_token(dense, CFG, 100) == pytest.approx(
+      100 * flops.flops_per_token(CFG))
