@@ -76,10 +76,11 @@ def test_main_sweep_runs_and_equal_flops(capacity, monkeypatch):
                                      [r.name for r in sweeps.expand(f'{CAPACITY}:gap')] +
                                      [r.name for r in equal])
   gap = sweeps.expand(f'{CAPACITY}:gap')
-  assert len(gap) == 18
+  assert len(gap) == 21
   assert sorted((r.config.activation.narrow_weight, r.config.activation.full_warmup_steps,
                  r.config.activation.warmup_reorder) for r in gap) == (
-      [(0.5, 0, False)] * 3 + [(1.0, 1000, False)] * 3 + [(1.0, 2000, False)] * 3 +
+      [(0.5, 0, False)] * 3 + [(1.0, 1000, False)] * 3 + [(1.0, 1000, True)] * 3 +
+      [(1.0, 2000, False)] * 3 +
       [(1.0, 3000, False)] * 3 + [(1.0, 3000, True)] * 3 + [(2.0, 0, False)] * 3)
 
 

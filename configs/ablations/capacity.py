@@ -20,8 +20,8 @@ sub-model's shape (a·H heads, a·F units), so their FLOPs per token are equal. 
 `:teacher` fine-tunes each seed's dense a = 1 model into the RA model (reordered by importance,
 then 10%, 25% and 50% of its steps; after `:main`); `:gap` repeats the RA run with one training
 change each (GAP: the narrow passes weighted twice, or half; the first quarter, half or three
-quarters of the steps at the full width alone, the last also with the units ordered by
-importance where the narrow widths start); `:equal` is the equal-FLOPs dense runs; ''
+quarters of the steps at the full width alone, the first and the last also with the units
+ordered by importance where the narrow widths start); `:equal` is the equal-FLOPs dense runs; ''
 is main, teacher, gap and equal in that order.
 
 Variants: `:scan` (dense models of three widths at four step counts, and of two other shapes:
@@ -71,6 +71,10 @@ GAP = {
     'full_warmup=3000': {**RULE, 'activation.full_warmup_steps': 3000},
     # ... and with the units and heads ordered by importance where the narrow widths start.
     'full_warmup=3000+reorder': {**RULE, 'activation.full_warmup_steps': 3000,
+                                 'activation.warmup_reorder': True},
+    # The reorder let a late start keep its full width; at a quarter of the steps it gives the
+    # narrow widths, which the plain 1000-step warm-up cost 0.01, the most important units.
+    'full_warmup=1000+reorder': {**RULE, 'activation.full_warmup_steps': 1000,
                                  'activation.warmup_reorder': True},
 }
 # The scan (`:scan`): shapes as model overrides, steps as multiples of the recipe's.
