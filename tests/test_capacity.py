@@ -62,7 +62,7 @@ def test_main_sweep_runs_and_equal_flops(capacity, monkeypatch):
   # The equal-FLOPs dense runs cost what the RA run costs to train, within the rounding of their
   # steps to tens (training FLOPs = 3 x forward, over steps x batch x context tokens).
   equal = sweeps.expand(f'{CAPACITY}:equal')
-  assert len(equal) == 9
+  assert len(equal) == 12
   ra_cost = 3 * capacity._frontier.ra_train_flops(base, capacity.RULE, capacity.VOCAB) * 4000
   for run in equal:
     cfg = runs.make_model(run.config, capacity.VOCAB).cfg

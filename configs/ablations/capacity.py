@@ -14,7 +14,7 @@ As in configs/ablations/frontier.py, the dense model matched to budget a has exa
 sub-model's shape (a·H heads, a·F units), so their FLOPs per token are equal. Per seed (0, 1, 2):
 
   dense at a = 1, 0.75, 0.5, 0.25           (num_steps)
-  dense at a = 0.75, 0.5, 0.25, more steps  (equal training FLOPs: as many as the `rule` run costs)
+  dense at a = 1, 0.75, 0.5, 0.25, more steps  (equal training FLOPs: what the `rule` run costs)
   RA `rule`: the sandwich rule (smallest, full and 2 drawn widths) + in-place distillation
 
 `:teacher` fine-tunes each seed's dense a = 1 model into the RA model (reordered by importance,
@@ -234,5 +234,5 @@ def sweep(arg=None):
         yield {**overrides, 'seed': seed}
   if arg in ('', 'equal'):
     for seed in seeds:
-      for a in budgets[1:]:
+      for a in budgets:  # a = 1 too: the RA run's full width against a dense model given its cost
         yield {**dense_at(config, a), 'num_steps': equal_flops_steps(config, a), 'seed': seed}
