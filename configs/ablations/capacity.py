@@ -13,7 +13,7 @@ a = 1 - 0.75 B, B ~ Beta(1, 1) per step and block over nested MLP units and head
 As in configs/ablations/frontier.py, the dense model matched to budget a has exactly the
 sub-model's shape (a·H heads, a·F units), so their FLOPs per token are equal. Per seed (0, 1, 2):
 
-  dense at a = 1, 0.75, 0.5, 0.25           (num_steps)
+  dense at a = 1, 0.75, 0.5, 0.25              (num_steps)
   dense at a = 1, 0.75, 0.5, 0.25, more steps  (equal training FLOPs: what the `rule` run costs)
   RA `rule`: the sandwich rule (smallest, full and 2 drawn widths) + in-place distillation
 
@@ -72,8 +72,9 @@ GAP = {
     # ... and with the units and heads ordered by importance where the narrow widths start.
     'full_warmup=3000+reorder': {**RULE, 'activation.full_warmup_steps': 3000,
                                  'activation.warmup_reorder': True},
-    # The reorder let a late start keep its full width; at a quarter of the steps it gives the
-    # narrow widths, which the plain 1000-step warm-up cost 0.01, the most important units.
+    # The reorder lets a late start keep its full width. After a quarter of the steps it may
+    # also spare the narrow widths what the plain warm-up cost them (a = 0.5: about 0.01):
+    # they start from the most important units, not the first ones.
     'full_warmup=1000+reorder': {**RULE, 'activation.full_warmup_steps': 1000,
                                  'activation.warmup_reorder': True},
 }
