@@ -76,14 +76,10 @@ def _workdirs(sweep_dirs: list[str]):
                configuration.complete(ml_collections.ConfigDict(json.load(f))))
 
 
-def _is_ra(config) -> bool:
-  return activation.is_random(config.activation)
-
-
 def dense_rows(sweep_dirs: list[str]) -> list[dict]:
   rows = []
   for workdir, config in _workdirs(sweep_dirs):
-    if _is_ra(config):
+    if activation.is_random(config.activation):
       continue
     curve = sorted(_eval_curve(workdir).items())
     if not curve:
@@ -141,7 +137,7 @@ def gap_curves(sweep_dirs: list[str], embed_dim: int = 64) -> dict:
   """
   found = [(w, c) for w, c in _workdirs(sweep_dirs)
            if c.model.embed_dim == embed_dim and not c.get('init_from')]
-  ra_steps = [c.num_steps for _, c in found if _is_ra(c)]
+  ra_steps = [c.num_steps for _, c in found if activation.is_random(c.activation)]
   empty = {'steps': [], 'dense_loss': [], 'columns': {}}
   if not ra_steps:
     return empty
@@ -150,7 +146,7 @@ def gap_curves(sweep_dirs: list[str], embed_dim: int = 64) -> dict:
   for workdir, c in found:
     if c.num_steps != steps:
       continue
-    if _is_ra(c):
+    if activation.is_random(c.activation):
       name = collect.variant({**c.activation.to_dict(), 'dense': False, 'init_from': '',
                               'num_steps': c.num_steps})
       groups.setdefault(f'RA {name}', {})[c.seed] = _eval_curve(workdir)
