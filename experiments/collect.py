@@ -159,10 +159,12 @@ def best_at(table: pd.DataFrame, fraction: float = 0.5, split: str = 'validation
     raise ValueError(f'no random-activation run was evaluated at a = {fraction:g}.')
   run = ra.idxmin()
   dense = fixed[fixed.dense]
-  if not dense.empty:  # several dense sizes (a frontier sweep): the largest is the baseline
-    largest = dense[np.isclose(dense.active_fraction, 1.0)].sort_values(
-        'flops_per_token', ascending=False, kind='stable').run.iloc[0]
-    dense = dense[dense.run == largest]
+  if not dense.empty:  # several dense sizes (a frontier sweep): the largest is the baseline,
+    # trained for the recipe's steps (the dense runs' usual count), not an equal-FLOPs run's
+    full = dense[np.isclose(dense.active_fraction, 1.0)]
+    full = full[full.flops_per_token == full.flops_per_token.max()]
+    usual = full.num_steps == dense.drop_duplicates('run').num_steps.mode().iloc[0]
+    dense = dense[dense.run == (full[usual] if usual.any() else full).run.iloc[0]]
   first_dense = lambda a: float(loss_at(dense, a).iloc[0]) if len(loss_at(dense, a)) else math.nan
   this = fixed[fixed.run == run]
   return {'run': run, 'fraction': fraction, 'loss': float(ra[run]),

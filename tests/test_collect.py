@@ -118,6 +118,20 @@ def test_summary_and_best(abl_dir):
   assert best['flops_per_token'] == 500.0
 
 
+def test_best_at_compares_with_the_dense_model_of_the_recipes_steps():
+  """A dense model of the full width trained for more steps (an equal-FLOPs run, named first)
+  is not the baseline: the one trained for the recipe's steps is."""
+  rows = []
+  for run, dense, steps, loss in [('a_long', True, 9000, 1.2), ('b_recipe', True, 4000, 1.5),
+                                  ('c_recipe_s1', True, 4000, 1.51), ('ra', False, 4000, 1.6)]:
+    for a in FRACTIONS:
+      rows.append({'run': run, 'dense': dense, 'num_steps': steps, 'split': 'validation',
+                   'policy': 'fixed', 'active_fraction': a, 'flops_per_token': 1000.0 * a,
+                   'loss': loss + (1 - a) * (0.1 if not dense else 1.0)})
+  best = collect.best_at(pd.DataFrame(rows), 0.5)
+  assert best['run'] == 'ra' and best['dense_loss@1'] == 1.5 and best['dense_loss'] == 2.0
+
+
 def test_heatmap_grids(abl_dir):
   table = collect.load_table(abl_dir)
   grids = collect.heatmap_grids(table, 0.5)
