@@ -72,9 +72,9 @@ GAP = {
     # ... and with the units and heads ordered by importance where the narrow widths start.
     'full_warmup=3000+reorder': {**RULE, 'activation.full_warmup_steps': 3000,
                                  'activation.warmup_reorder': True},
-    # The reorder lets a late start keep its full width. After a quarter of the steps it may
-    # also spare the narrow widths what the plain warm-up cost them (a = 0.5: about 0.01):
-    # they start from the most important units, not the first ones.
+    # The reorder lets a late start keep its full width. After a quarter of the steps it also
+    # spares the narrow widths what the plain warm-up cost them: they start from the most
+    # important units, not the first ones (the best from-scratch run; docs/capacity.md).
     'full_warmup=1000+reorder': {**RULE, 'activation.full_warmup_steps': 1000,
                                  'activation.warmup_reorder': True},
 }
