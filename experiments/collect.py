@@ -149,6 +149,14 @@ def summary(table: pd.DataFrame, split: str = 'validation') -> pd.DataFrame:
   return out.sort_values(['dense', 'run'], ascending=[False, True])
 
 
+def recipe_steps(rows: pd.DataFrame) -> int:
+  """The recipe's step count: the random-activation runs' most common one, fine-tunes of a
+  parent (the teacher path, fewer steps) left out when runs from scratch exist."""
+  ra = rows[~rows.dense]
+  scratch = ra[ra.init_from == ''] if 'init_from' in ra else ra
+  return int((scratch if len(scratch) else ra).num_steps.mode().iloc[0])
+
+
 def best_at(table: pd.DataFrame, fraction: float = 0.5, split: str = 'validation') -> dict:
   """The random-activation run with the lowest loss at a fixed `fraction`, what it gives at
   a = 1, and the dense baseline at both (truncated to `fraction` for the dense model)."""
@@ -160,11 +168,11 @@ def best_at(table: pd.DataFrame, fraction: float = 0.5, split: str = 'validation
   run = ra.idxmin()
   dense = fixed[fixed.dense]
   if not dense.empty:  # several dense sizes (a frontier sweep): the largest is the baseline,
-    # trained for the recipe's steps (the dense runs' usual count), not an equal-FLOPs run's
+    # trained for the recipe's steps, not an equal-FLOPs run's
     full = dense[np.isclose(dense.active_fraction, 1.0)]
     full = full[full.flops_per_token == full.flops_per_token.max()]
-    usual = full.num_steps == dense.drop_duplicates('run').num_steps.mode().iloc[0]
-    dense = dense[dense.run == (full[usual] if usual.any() else full).run.iloc[0]]
+    at_steps = full.num_steps == recipe_steps(fixed)
+    dense = dense[dense.run == (full[at_steps] if at_steps.any() else full).run.iloc[0]]
   first_dense = lambda a: float(loss_at(dense, a).iloc[0]) if len(loss_at(dense, a)) else math.nan
   this = fixed[fixed.run == run]
   return {'run': run, 'fraction': fraction, 'loss': float(ra[run]),
@@ -380,9 +388,7 @@ def frontier(table: pd.DataFrame, split: str = 'validation') -> dict:
   if dense.empty or rows[~rows.dense].empty:
     raise ValueError('a frontier needs dense runs and random-activation runs.')
   full_mlp, full_layers = dense.mlp_dim.max(), dense.num_layers.max()
-  scratch = rows[~rows.dense & (rows.get('init_from', '') == '')]
-  steps = int((scratch if len(scratch) else rows[~rows.dense]).num_steps.mode().iloc[0])  # the
-  # RA runs' (the recipe's) steps; fine-tunes of a parent (the teacher path) take fewer
+  steps = recipe_steps(rows)
   trained = dense[np.isclose(dense.active_fraction, 1.0)].copy()
   trained['budget'] = trained.mlp_dim / full_mlp * trained.num_layers / full_layers
   full = dense[(dense.mlp_dim == full_mlp) & (dense.num_layers == full_layers)]
